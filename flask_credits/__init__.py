@@ -1,0 +1,36 @@
+"""flask_credits: sell prepaid credits through Stripe Checkout and spend them on costly endpoints."""
+
+from __future__ import annotations
+
+from . import signals
+from .decorators import requires_credits
+from .errors import (
+    CreditsError,
+    EntryNotFound,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidAmount,
+    InvalidArgument,
+    InvalidWallet,
+    NotRefundable,
+)
+from .extension import FlaskCredits
+from .records import Entry, Wallet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CreditsError",
+    "Entry",
+    "EntryNotFound",
+    "FlaskCredits",
+    "IdempotencyConflict",
+    "InsufficientCredits",
+    "InvalidAmount",
+    "InvalidArgument",
+    "InvalidWallet",
+    "NotRefundable",
+    "Wallet",
+    "requires_credits",
+    "signals",
+]

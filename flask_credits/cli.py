@@ -1,0 +1,120 @@
+"""``flask credits ...``: look at and adjust wallets from the command line."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, cast
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .errors import CreditsError
+
+if TYPE_CHECKING:
+    from .extension import FlaskCredits
+
+credits_cli = AppGroup("credits", help="Look at and adjust credit wallets.")
+
+_key = click.option("--key", "key_id", default=None, help="An API key's wallet instead of the user's.")
+
+
+def _ext() -> FlaskCredits:
+    return cast("FlaskCredits", current_app.extensions["credits"])
+
+
+def _known(user_id: str, key_id: str | None) -> None:
+    if not _ext().wallet_exists(user_id, key_id):
+        who = f"user {user_id!r}" + (f" with key {key_id!r}" if key_id else "")
+        raise click.ClickException(f"unknown {who}")
+
+
+def _iso(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 date or time", param_hint="--expires"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+@credits_cli.command("balance")
+@click.argument("user")
+@_key
+def balance_command(user: str, key_id: str | None) -> None:
+    """Print USER's balance."""
+    _known(user, key_id)
+    try:
+        click.echo(_ext().balance(user, key_id))
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@credits_cli.command("grant")
+@click.argument("user")
+@click.argument("amount", type=int)
+@click.option("--reason", required=True, help="Shown in the user's history.")
+@click.option("--expires", default=None, help="ISO 8601 time the credits expire (UTC if no zone).")
+@click.option("--idempotency-key", default=None, help="Run twice, grant once.")
+@_key
+def grant_command(
+    user: str,
+    amount: int,
+    reason: str,
+    expires: str | None,
+    idempotency_key: str | None,
+    key_id: str | None,
+) -> None:
+    """Give USER AMOUNT credits."""
+    _known(user, key_id)
+    try:
+        entry = _ext().grant(
+            user,
+            amount,
+            key_id=key_id,
+            reason=reason,
+            expires_at=_iso(expires),
+            idempotency_key=idempotency_key,
+        )
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"granted {entry.amount} credits (entry {entry.id}); balance {entry.balance_after}")
+
+
+@credits_cli.command("history")
+@click.argument("user")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--before", type=int, default=None, help="Entries older than this entry id.")
+@_key
+def history_command(user: str, limit: int, before: int | None, key_id: str | None) -> None:
+    """List USER's entries, newest first."""
+    _known(user, key_id)
+    try:
+        entries = _ext().history(user, key_id, limit=limit, before=before)
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    for e in entries:
+        click.echo(
+            f"{e.id}\t{e.created_at.isoformat(timespec='seconds')}\t{e.kind}\t{e.amount:+d}"
+            f"\t{e.balance_after}\t{e.reason}"
+        )
+
+
+@credits_cli.command("audit")
+def audit_command() -> None:
+    """Check every wallet's balance against its entries and lots; exit 1 on any mismatch."""
+    problems = _ext().audit()
+    for line in problems:
+        click.echo(line, err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("audit passed: every balance equals its entries and its lots")
+
+
+@credits_cli.command("expire")
+def expire_command() -> None:
+    """Expire every lot whose time has passed (spends do it lazily; run this from cron)."""
+    click.echo(f"checked {_ext().expire()} wallets with expired credits")

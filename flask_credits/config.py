@@ -1,0 +1,60 @@
+"""Configuration keys and their defaults. ``docs/configuration.md`` is the table for users."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+#: Every key this extension reads, with its default. Set with ``app.config.setdefault``.
+DEFAULTS: dict[str, Any] = {
+    # Where the blueprint is mounted.
+    "CREDITS_URL_PREFIX": "/credits",
+    # Entries shown per page on the credits page and by ``GET {prefix}/transactions``.
+    "CREDITS_HISTORY_PAGE_SIZE": 20,
+    # Default product: ``CREDITS_UNIT_AMOUNT`` minor units of ``CREDITS_CURRENCY`` buy
+    # ``CREDITS_PER_UNIT`` credits; a checkout may ask for 1 to ``CREDITS_MAX_QUANTITY`` units.
+    "CREDITS_PER_UNIT": 100,
+    "CREDITS_UNIT_AMOUNT": 100,
+    "CREDITS_CURRENCY": "usd",
+    "CREDITS_PRODUCT_NAME": "Credits",
+    "CREDITS_MAX_QUANTITY": 100,
+    # Named packs: {"starter": {"credits": 500, "amount": 400, "currency": "usd", "name": "..."}} or
+    # {"pro": {"credits": 5000, "price": "price_123", "amount": 3000, "currency": "usd"}}.
+    "CREDITS_PACKS": {},
+    # Purchased credits expire this long after purchase: seconds, a timedelta, or None (never).
+    "CREDITS_PURCHASE_EXPIRES_AFTER": None,
+    # "live" calls Stripe; "simulated" runs an offline checkout (only in debug or testing).
+    "CREDITS_STRIPE_MODE": "live",
+    # Seconds stripe-python waits for Stripe, and how often it retries a failed network call.
+    "CREDITS_STRIPE_TIMEOUT": 20,
+    "CREDITS_STRIPE_MAX_RETRIES": 2,
+    # Oldest webhook signature timestamp accepted, in seconds.
+    "CREDITS_WEBHOOK_TOLERANCE": 300,
+    # Largest webhook body accepted, in bytes.
+    "CREDITS_WEBHOOK_MAX_BYTES": 256 * 1024,
+    # Stripe keys. The webhook secret may be a list (or comma-separated) while rotating secrets.
+    "STRIPE_SECRET_KEY": None,
+    "STRIPE_PUBLISHABLE_KEY": None,
+    "STRIPE_WEBHOOK_SECRET": None,
+}
+
+#: Config key -> environment variables read when the key is not set, in order: ours, then the
+#: names of the TypeScript service this extension generalises.
+ENVIRONMENT = {
+    "STRIPE_SECRET_KEY": ("STRIPE_SECRET_KEY", "StripeSecretKey"),
+    "STRIPE_PUBLISHABLE_KEY": ("STRIPE_PUBLISHABLE_KEY", "StripePublishableKey"),
+    "STRIPE_WEBHOOK_SECRET": ("STRIPE_WEBHOOK_SECRET", "StripeWebhookSecret"),
+}
+
+
+def apply_defaults(app: Flask) -> None:
+    for name, names in ENVIRONMENT.items():
+        if app.config.get(name) is None:
+            for env in names:
+                if os.environ.get(env):
+                    app.config[name] = os.environ[env]
+                    break
+    for key, value in DEFAULTS.items():
+        app.config.setdefault(key, value)

@@ -1,0 +1,103 @@
+"""The exceptions flask_credits raises: one small hierarchy under :class:`CreditsError`."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from flask import request
+from werkzeug.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+    from werkzeug.sansio.response import Response
+
+
+class CreditsError(Exception):
+    """Root of every error this extension raises on purpose."""
+
+
+class InvalidArgument(CreditsError, ValueError):
+    """An argument the ledger cannot accept; nothing was written."""
+
+
+class InvalidAmount(InvalidArgument):
+    """A credit amount that is not a positive whole number (bools and floats included)."""
+
+
+class InvalidWallet(InvalidArgument):
+    """A user id or API-key id that cannot name a wallet (empty, too long, wrong type)."""
+
+
+class IdempotencyConflict(CreditsError):
+    """An idempotency key was reused for a different operation (other kind or amount).
+
+    A true replay returns the original entry; a key reused for something else is a bug in the caller,
+    and silently returning the first result would hide it.
+    """
+
+
+class EntryNotFound(CreditsError, LookupError):
+    """The ledger entry named does not exist in that wallet."""
+
+
+class NotRefundable(CreditsError):
+    """Only a spend can be refunded, and only once."""
+
+
+class InsufficientCredits(CreditsError, HTTPException):
+    """The wallet cannot pay: HTTP 402 Payment Required. Nothing was written.
+
+    Attributes: ``required`` (credits asked for), ``balance`` (what the wallet holds now) and
+    ``purchase_url`` (where to buy more, or ``None`` outside a request).
+
+    The default response is JSON for clients that prefer it::
+
+        {"error": "insufficient_credits", "required": 5, "balance": 2, "purchase_url": "/credits/"}
+
+    and otherwise the ``credits/insufficient.html`` template. Apps replace both with
+    ``@app.errorhandler(InsufficientCredits)``.
+    """
+
+    code = 402
+    description = "This needs more credits than the wallet holds."
+
+    def __init__(self, required: int, balance: int, purchase_url: str | None = None) -> None:
+        self.required = required
+        self.balance = balance
+        self.purchase_url = purchase_url
+        super().__init__(
+            f"This needs {required} credits; the wallet holds {balance}.",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.required, self.balance, self.purchase_url))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": "insufficient_credits",
+            "message": self.description,
+            "required": self.required,
+            "balance": self.balance,
+            "purchase_url": self.purchase_url,
+        }
+
+    def get_response(  # type: ignore[override]
+        self,
+        environ: WSGIEnvironment | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> Response:
+        from flask import current_app, render_template
+
+        from .views import wants_json
+
+        if wants_json():
+            response = current_app.response_class(
+                json.dumps(self.to_dict()), status=402, mimetype="application/json"
+            )
+        else:
+            html = render_template("credits/insufficient.html", error=self)
+            response = current_app.response_class(html, status=402, mimetype="text/html")
+        if request:  # keep werkzeug's contract: the response is complete on its own
+            response.headers["Cache-Control"] = "no-store"
+        return response

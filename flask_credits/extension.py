@@ -1,0 +1,239 @@
+"""The FlaskCredits extension object: registration, the current wallet, and the ledger methods."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flask import Flask, current_app, has_request_context, url_for
+
+from . import cli, config, views
+from .ledger import Ledger, make_wallet
+from .models import Tables, tables_for
+from .records import Entry, Wallet
+
+if TYPE_CHECKING:
+    from blinker import NamedSignal
+    from flask_sqlalchemy import SQLAlchemy
+    from sqlalchemy.engine import Engine
+
+log = logging.getLogger("flask_credits")
+
+WalletLoader = Callable[[], "tuple[Any, Any] | Wallet | None"]
+WalletChecker = Callable[[str, "str | None"], bool]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FlaskCredits:
+    """Prepaid credits for a Flask app: a ledger, a blueprint, signals and a CLI.
+
+    ``FlaskCredits(app)`` is enough when the app already has Flask-SQLAlchemy; pass ``db=`` to name the
+    instance explicitly, or to call :meth:`init_app` later from an app factory. One instance may serve
+    several apps. The extension's tables are defined on ``db.metadata``, so ``db.create_all()`` and the
+    host's ``flask db migrate`` include them.
+
+    Config keys (each set with ``setdefault``; see ``docs/configuration.md``): ``CREDITS_URL_PREFIX``,
+    ``CREDITS_HISTORY_PAGE_SIZE``, ``CREDITS_PER_UNIT``, ``CREDITS_UNIT_AMOUNT``, ``CREDITS_CURRENCY``,
+    ``CREDITS_PRODUCT_NAME``, ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``,
+    ``CREDITS_PURCHASE_EXPIRES_AFTER``, ``CREDITS_STRIPE_MODE``, ``CREDITS_STRIPE_TIMEOUT``,
+    ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
+    ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``, ``STRIPE_WEBHOOK_SECRET`` (the last three also
+    from environment variables of those names or ``StripeSecretKey``, ``StripePublishableKey``,
+    ``StripeWebhookSecret``).
+    """
+
+    def __init__(self, app: Flask | None = None, *, db: SQLAlchemy | None = None) -> None:
+        self._db = db
+        self._wallet_loader: WalletLoader | None = None
+        self._wallet_checker: WalletChecker | None = None
+        self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
+        if db is not None:
+            tables_for(db.metadata)
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register on ``app``: config defaults, ``app.extensions["credits"]``, the ``credits``
+        blueprint and the ``flask credits`` commands. Raises ``RuntimeError`` if already registered
+        on this app or if no Flask-SQLAlchemy instance can be found."""
+        if "credits" in app.extensions:
+            raise RuntimeError(
+                "A 'FlaskCredits' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        db = self._db if self._db is not None else app.extensions.get("sqlalchemy")
+        if db is None:
+            raise RuntimeError(
+                "FlaskCredits needs Flask-SQLAlchemy: call db.init_app(app) before"
+                " FlaskCredits(app), or pass FlaskCredits(app, db=db)."
+            )
+        tables_for(db.metadata)
+        config.apply_defaults(app)
+        app.extensions["credits"] = self
+        app.register_blueprint(views.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
+        app.cli.add_command(cli.credits_cli)
+
+    # -- wallets -----------------------------------------------------------------------------------
+
+    def wallet_loader(self, callback: F) -> F:
+        """Decorate a function returning the request's wallet as ``(user_id, key_id_or_None)`` (or
+        ``None`` for no wallet). Without one, the wallet is the Flask-Login user's own."""
+        self._wallet_loader = callback
+        return callback
+
+    def wallet_checker(self, callback: F) -> F:
+        """Decorate a function ``(user_id, key_id) -> bool`` telling whether that wallet's owner exists;
+        the CLI refuses unknown ones. Without one, the Flask-Login ``user_loader`` decides users."""
+        self._wallet_checker = callback
+        return callback
+
+    def current_wallet(self) -> Wallet | None:
+        """The wallet of the current request, or ``None`` when nobody is logged in."""
+        if self._wallet_loader is not None:
+            found = self._wallet_loader()
+            if found is None:
+                return None
+            return make_wallet(*found)
+        if not hasattr(current_app, "login_manager"):
+            return None
+        from flask_login import current_user
+
+        if current_user is None or not current_user.is_authenticated:
+            return None
+        return make_wallet(current_user.get_id())
+
+    def wallet_exists(self, user_id: str, key_id: str | None = None) -> bool:
+        """Whether the app knows this user (and key): used by the CLI to refuse typos."""
+        if self._wallet_checker is not None:
+            return bool(self._wallet_checker(user_id, key_id))
+        manager = getattr(current_app, "login_manager", None)
+        callback = getattr(manager, "_user_callback", None)
+        if callback is None:
+            return True
+        return callback(user_id) is not None
+
+    # -- the ledger --------------------------------------------------------------------------------
+
+    def balance(self, user_id: str, key_id: str | None = None) -> int:
+        """Credits the wallet can spend now (expired lots no longer count)."""
+        return self.ledger.balance(make_wallet(user_id, key_id))
+
+    def grant(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        key_id: str | None = None,
+        reason: str,
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Entry:
+        """Add ``amount`` credits as a new lot, expiring at ``expires_at`` (aware datetime) or never.
+        Atomic and committed on return. Replaying a committed ``idempotency_key`` returns the original
+        entry and writes nothing. Sends ``credits_granted``."""
+        return self.ledger.grant(
+            make_wallet(user_id, key_id),
+            amount,
+            reason=reason,
+            expires_at=expires_at,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+
+    def spend(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        key_id: str | None = None,
+        reason: str,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Entry:
+        """Debit ``amount`` credits, drawing the soonest-expiring lots first. Atomic and committed on
+        return. Raises :class:`InsufficientCredits` (HTTP 402) when the wallet cannot pay, writing
+        nothing, so the same ``idempotency_key`` may succeed later. Sends ``credits_spent`` or
+        ``credits_insufficient``."""
+        return self.ledger.spend(
+            make_wallet(user_id, key_id),
+            amount,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            purchase_url=self.purchase_url(),
+        )
+
+    def refund(
+        self, user_id: str, entry_id: int, *, key_id: str | None = None, reason: str = "refund"
+    ) -> Entry:
+        """Return a spend's credits to the lots it drew from. Refunding the same spend again returns
+        the first refund. Sends ``credits_refunded``."""
+        return self.ledger.refund(make_wallet(user_id, key_id), entry_id, reason=reason)
+
+    def history(
+        self,
+        user_id: str,
+        key_id: str | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[Entry]:
+        """The wallet's entries, newest first. Pass the last entry's ``id`` as ``before`` for the next
+        page (keyset pagination: a page costs the same however long the history)."""
+        return self.ledger.history(make_wallet(user_id, key_id), limit=limit, before=before)
+
+    def expire(self) -> int:
+        """Expire the due lots of every wallet (spends and balances also do it lazily); returns how
+        many wallets were visited. Run it from cron with ``flask credits expire``."""
+        return self.ledger.expire_all()
+
+    def audit(self) -> list[str]:
+        """Check every wallet: balance = sum of entries = credits left in lots, and more. Returns one
+        line per problem (empty when all is well)."""
+        return self.ledger.audit()
+
+    def purchase_url(self) -> str | None:
+        """Where a user buys credits: the credits page, when inside a request."""
+        if not has_request_context():
+            return None
+        return url_for("credits.index")
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @property
+    def db(self) -> SQLAlchemy:
+        """The Flask-SQLAlchemy instance of the current app."""
+        db: SQLAlchemy | None = self._db or current_app.extensions.get("sqlalchemy")
+        if db is None:
+            raise RuntimeError("FlaskCredits is not initialised on this app")
+        return db
+
+    @property
+    def tables(self) -> Tables:
+        return tables_for(self.db.metadata)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger of the current app's database (one per engine)."""
+        db = self.db
+        engine = db.engine
+        ledger = self._ledgers.get(engine)
+        if ledger is None:
+            ledger = self._ledgers[engine] = Ledger(engine, tables_for(db.metadata), self.emit)
+        return ledger
+
+    def emit(self, signal: NamedSignal, **kwargs: Any) -> None:
+        """Send ``signal`` from the current app to each receiver in turn. A receiver that raises is
+        logged: the ledger change it reports is already committed and must stay so."""
+        if not signal.receivers:
+            return
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        for receiver in signal.receivers_for(app):
+            try:
+                receiver(app, **kwargs)
+            except Exception:
+                log.exception("receiver %r of signal %s failed", receiver, signal.name)

@@ -1,0 +1,723 @@
+"""The ledger: the only module that writes balances.
+
+Every change of a balance is one short transaction on its own connection that
+
+1. locks the wallet row by changing it with one conditional ``UPDATE`` (for a debit:
+   ``... SET balance = balance - :n WHERE ... AND balance >= :n``, checking the row count),
+2. moves credits in or out of the wallet's lots and records which lots it touched (``credits_draws``),
+3. appends one entry with the balance after it.
+
+The wallet row lock taken in step 1 serialises every writer of that wallet, on SQLite (database lock),
+PostgreSQL (READ COMMITTED re-checks the ``WHERE`` after waiting) and MariaDB/MySQL (locking read),
+so steps 2 and 3 never race. Unique keys turn a replayed idempotency key or a second refund of the same
+spend into an ``IntegrityError``, which this module answers with the original entry. Signals are handed
+to ``emit`` only after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, Row
+
+from . import signals
+from .errors import (
+    EntryNotFound,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidAmount,
+    InvalidArgument,
+    InvalidWallet,
+    NotRefundable,
+)
+from .models import ID_LENGTH, Tables
+from .records import Entry, Wallet
+
+log = logging.getLogger("flask_credits")
+
+T = TypeVar("T")
+Emit = Callable[..., None]
+
+#: Largest amount one call may move; keeps every sum far from BIGINT overflow.
+MAX_AMOUNT = 10**15
+#: How often a transaction that lost a deadlock or serialization race is tried again.
+RETRIES = 4
+#: Lots fetched per round while drawing a debit.
+_LOT_BATCH = 16
+
+
+def utcnow() -> datetime:
+    """The ledger's clock (tests replace it)."""
+    return datetime.now(timezone.utc)
+
+
+def check_amount(amount: object, name: str = "amount") -> int:
+    """Return ``amount`` if it is a whole number of credits between 1 and ``MAX_AMOUNT``."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidAmount(f"{name} must be a whole number of credits, not {amount!r}")
+    if amount < 1:
+        raise InvalidAmount(f"{name} must be at least 1, not {amount}")
+    if amount > MAX_AMOUNT:
+        raise InvalidAmount(f"{name} must be at most {MAX_AMOUNT}, not {amount}")
+    return amount
+
+
+def make_wallet(user_id: object, key_id: object = None) -> Wallet:
+    """Validate and normalise a wallet's owner: ids are non-empty strings of at most 64 characters."""
+    return Wallet(
+        _check_id(user_id, "user_id"), None if key_id in (None, "") else _check_id(key_id, "key_id")
+    )
+
+
+def _check_id(value: object, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidWallet(f"{name} must be a string, not {type(value).__name__}")
+    text = str(value)
+    if not text or len(text) > ID_LENGTH or text != text.strip():
+        raise InvalidWallet(
+            f"{name} must be 1 to {ID_LENGTH} characters without surrounding spaces, not {text!r}"
+        )
+    return text
+
+
+def _check_text(value: object, name: str, limit: int, *, optional: bool) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or (not optional and not value) or len(value) > limit:
+        raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+@dataclass
+class _Draw:
+    lot_id: int
+    amount: int  # signed, as stored
+
+
+class Ledger:
+    """Balance arithmetic for one engine and one set of tables. Each public method is one atomic,
+    committed operation; ``emit(signal, **kwargs)`` is called after the commit."""
+
+    def __init__(self, engine: Engine, tables: Tables, emit: Emit) -> None:
+        self.engine = engine
+        self.t = tables
+        self.emit = emit
+        self._returning = bool(engine.dialect.update_returning)
+        self._lock_rows = engine.dialect.name != "sqlite"
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def balance(self, wallet: Wallet) -> int:
+        w = self.t.wallets
+        now = utcnow()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*self._owner(wallet))
+            ).first()
+        if row is None:
+            return 0
+        if row.next_expiry is not None and row.next_expiry <= now:
+            return self.expire(wallet, now=now)
+        return int(row.balance)
+
+    def history(self, wallet: Wallet, *, limit: int = 50, before: int | None = None) -> list[Entry]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+            raise InvalidArgument(f"before must be an entry id, not {before!r}")
+        e, w = self.t.entries, self.t.wallets
+        query = (
+            sa.select(e)
+            .join(w, w.c.id == e.c.wallet_id)
+            .where(*self._owner(wallet))
+            .order_by(e.c.id.desc())
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(e.c.id < before)
+        with self.engine.connect() as conn:
+            return [self._entry(row, wallet) for row in conn.execute(query)]
+
+    def entry(self, wallet: Wallet, entry_id: int) -> Entry:
+        e, w = self.t.entries, self.t.wallets
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(e).join(w, w.c.id == e.c.wallet_id).where(e.c.id == entry_id, *self._owner(wallet))
+            ).first()
+        if row is None:
+            raise EntryNotFound(f"no entry {entry_id} in the wallet of {wallet}")
+        return self._entry(row, wallet)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def grant(
+        self,
+        wallet: Wallet,
+        amount: int,
+        *,
+        reason: str,
+        kind: str = "grant",
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Entry:
+        """Add ``amount`` credits as a new lot. A replayed ``idempotency_key`` returns the original."""
+        amount = check_amount(amount)
+        _check_text(reason, "reason", 255, optional=False)
+        _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        now = utcnow()
+        if expires_at is not None:
+            if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+                raise InvalidArgument("expires_at must be a timezone-aware datetime")
+            if expires_at <= now:
+                raise InvalidArgument(f"expires_at {expires_at.isoformat()} is not in the future")
+        if idempotency_key is not None:
+            done = self._replay(wallet, idempotency_key, kind, amount)
+            if done is not None:
+                return done
+
+        def tx(conn: Connection) -> Entry | None:
+            w = self.t.wallets
+            found = self._update_wallet(
+                conn,
+                sa.update(w)
+                .where(*self._owner(wallet))
+                .values(
+                    balance=w.c.balance + amount,
+                    next_expiry=_sooner(w.c.next_expiry, expires_at),
+                    updated_at=now,
+                ),
+                wallet,
+            )
+            if found is None:
+                return None
+            wallet_id, balance_after = found
+            entry = self._insert_entry(
+                conn,
+                wallet,
+                wallet_id,
+                amount,
+                balance_after,
+                kind,
+                reason,
+                idempotency_key,
+                metadata,
+                now,
+            )
+            conn.execute(
+                sa.insert(self.t.lots).values(
+                    wallet_id=wallet_id,
+                    entry_id=entry.id,
+                    amount=amount,
+                    remaining=amount,
+                    expires_at=expires_at,
+                    created_at=now,
+                )
+            )
+            return entry
+
+        entry = self._write(tx, wallet, idempotency_key, kind, amount, create_wallet=True)
+        if entry is None:  # pragma: no cover - the wallet was just created
+            raise RuntimeError(f"could not create the wallet of {wallet}")
+        self.emit(signals.credits_granted, wallet=wallet, amount=amount, entry=entry)
+        return entry
+
+    def spend(
+        self,
+        wallet: Wallet,
+        amount: int,
+        *,
+        reason: str,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        purchase_url: str | None = None,
+    ) -> Entry:
+        """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits."""
+        amount = check_amount(amount)
+        _check_text(reason, "reason", 255, optional=False)
+        _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        if idempotency_key is not None:
+            done = self._replay(wallet, idempotency_key, "spend", amount)
+            if done is not None:
+                return done
+        now = utcnow()
+
+        def tx(conn: Connection) -> Entry | None:
+            w = self.t.wallets
+            found = self._update_wallet(
+                conn,
+                sa.update(w)
+                .where(
+                    *self._owner(wallet),
+                    w.c.balance >= amount,
+                    sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
+                )
+                .values(balance=w.c.balance - amount, updated_at=now),
+                wallet,
+            )
+            if found is None:
+                return None
+            wallet_id, balance_after = found
+            draws = self._draw(conn, wallet_id, amount)
+            entry = self._insert_entry(
+                conn,
+                wallet,
+                wallet_id,
+                -amount,
+                balance_after,
+                "spend",
+                reason,
+                idempotency_key,
+                metadata,
+                now,
+            )
+            self._insert_draws(conn, entry.id, draws)
+            return entry
+
+        entry = self._write(tx, wallet, idempotency_key, "spend", amount)
+        if entry is None and self._expiry_due(wallet, now):
+            self.expire(wallet, now=now)
+            entry = self._write(tx, wallet, idempotency_key, "spend", amount)
+        if entry is None:
+            balance = self.balance(wallet)
+            self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
+            raise InsufficientCredits(amount, balance, purchase_url)
+        self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
+        return entry
+
+    def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:
+        """Return a spend's credits to the very lots it drew from. Refunding twice returns the first
+        refund; only spends can be refunded."""
+        _check_text(reason, "reason", 255, optional=False)
+        spend = self.entry(wallet, spend_id)
+        if spend.kind != "spend":
+            raise NotRefundable(f"entry {spend_id} is a {spend.kind}, only a spend can be refunded")
+        existing = self._refund_of(spend.id)
+        if existing is not None:
+            return self._entry(existing, wallet)
+        amount = -spend.amount
+        now = utcnow()
+        d, lt, w = self.t.draws, self.t.lots, self.t.wallets
+
+        def tx(conn: Connection) -> Entry | None:
+            taken = conn.execute(
+                sa.select(d.c.lot_id, d.c.amount, lt.c.expires_at)
+                .join(lt, lt.c.id == d.c.lot_id)
+                .where(d.c.entry_id == spend.id)
+                .order_by(d.c.lot_id)
+            ).all()
+            soonest = min((r.expires_at for r in taken if r.expires_at is not None), default=None)
+            found = self._update_wallet(
+                conn,
+                sa.update(w)
+                .where(*self._owner(wallet))
+                .values(
+                    balance=w.c.balance + amount,
+                    next_expiry=_sooner(w.c.next_expiry, soonest),
+                    updated_at=now,
+                ),
+                wallet,
+            )
+            if found is None:  # pragma: no cover - the spend proves the wallet exists
+                return None
+            wallet_id, balance_after = found
+            returned = [_Draw(r.lot_id, -int(r.amount)) for r in taken]
+            for draw in returned:
+                conn.execute(
+                    sa.update(lt).where(lt.c.id == draw.lot_id).values(remaining=lt.c.remaining + draw.amount)
+                )
+            entry = self._insert_entry(
+                conn,
+                wallet,
+                wallet_id,
+                amount,
+                balance_after,
+                "refund",
+                reason,
+                None,
+                {"spend_id": spend.id},
+                now,
+                reverses_id=spend.id,
+            )
+            self._insert_draws(conn, entry.id, returned)
+            return entry
+
+        try:
+            entry = self._run(tx)
+        except sa.exc.IntegrityError:
+            existing = self._refund_of(spend.id)
+            if existing is None:
+                raise
+            return self._entry(existing, wallet)
+        assert entry is not None
+        self.emit(signals.credits_refunded, wallet=wallet, amount=amount, entry=entry, spend=spend)
+        return entry
+
+    def expire(self, wallet: Wallet, *, now: datetime | None = None) -> int:
+        """Remove the credits of lots whose expiry has passed; return the balance after."""
+        now = now or utcnow()
+        w, lt = self.t.wallets, self.t.lots
+
+        def tx(conn: Connection) -> tuple[int, Entry | None]:
+            found = self._update_wallet(
+                conn, sa.update(w).where(*self._owner(wallet)).values(updated_at=now), wallet
+            )
+            if found is None:
+                return 0, None
+            wallet_id, balance = found
+            due = self._lock(
+                sa.select(lt.c.id, lt.c.remaining)
+                .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0, lt.c.expires_at <= now)
+                .order_by(lt.c.id)
+            )
+            draws = [_Draw(r.id, -int(r.remaining)) for r in conn.execute(due)]
+            for draw in draws:
+                conn.execute(sa.update(lt).where(lt.c.id == draw.lot_id).values(remaining=0))
+            total = -sum(d.amount for d in draws)
+            next_expiry = (
+                sa.select(sa.func.min(lt.c.expires_at))
+                .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+                .scalar_subquery()
+            )
+            conn.execute(
+                sa.update(w)
+                .where(w.c.id == wallet_id)
+                .values(balance=w.c.balance - total, next_expiry=next_expiry)
+            )
+            if not total:
+                return balance, None
+            entry = self._insert_entry(
+                conn,
+                wallet,
+                wallet_id,
+                -total,
+                balance - total,
+                "expire",
+                "credits expired",
+                None,
+                None,
+                now,
+            )
+            self._insert_draws(conn, entry.id, draws)
+            return balance - total, entry
+
+        balance, entry = self._run(tx)
+        if entry is not None:
+            self.emit(signals.credits_expired, wallet=wallet, amount=-entry.amount, entry=entry)
+        return balance
+
+    def expire_all(self, *, now: datetime | None = None) -> int:
+        """Expire every wallet whose soonest lot expiry has passed; return how many were visited."""
+        now = now or utcnow()
+        w = self.t.wallets
+        with self.engine.connect() as conn:
+            due = conn.execute(sa.select(w.c.user_id, w.c.key_id).where(w.c.next_expiry <= now)).all()
+        for row in due:
+            self.expire(Wallet(row.user_id, row.key_id or None), now=now)
+        return len(due)
+
+    # -- audit -------------------------------------------------------------------------------------
+
+    def audit(self) -> list[str]:
+        """Check every wallet's invariants; return one line per problem, naming the wallet."""
+        w, e, lt, d = self.t.wallets, self.t.entries, self.t.lots, self.t.draws
+        problems: list[str] = []
+        with self.engine.connect() as conn:
+            wallets = {r.id: r for r in conn.execute(sa.select(w))}
+            sums = {
+                r.wallet_id: r
+                for r in conn.execute(
+                    sa.select(
+                        e.c.wallet_id,
+                        sa.func.sum(e.c.amount).label("total"),
+                        sa.func.max(e.c.id).label("last_id"),
+                    ).group_by(e.c.wallet_id)
+                )
+            }
+            last_after = dict(
+                conn.execute(
+                    sa.select(e.c.wallet_id, e.c.balance_after).where(
+                        e.c.id.in_([s.last_id for s in sums.values()] or [-1])
+                    )
+                ).all()
+            )
+            lots = {
+                r.wallet_id: r
+                for r in conn.execute(
+                    sa.select(
+                        lt.c.wallet_id,
+                        sa.func.sum(lt.c.remaining).label("remaining"),
+                        sa.func.min(sa.case((lt.c.remaining > 0, lt.c.expires_at), else_=None)).label(
+                            "soonest"
+                        ),
+                    ).group_by(lt.c.wallet_id)
+                )
+            }
+            drawn = sa.func.coalesce(sa.func.sum(d.c.amount), 0)
+            bad_draws = conn.execute(
+                sa.select(e.c.id, e.c.wallet_id, e.c.amount, drawn.label("drawn"))
+                .outerjoin(d, d.c.entry_id == e.c.id)
+                .where(e.c.kind.in_(("spend", "refund", "expire", "revoke", "reinstate", "debt")))
+                .group_by(e.c.id, e.c.wallet_id, e.c.amount)
+                .having(drawn != e.c.amount)
+            ).all()
+            bad_lots = conn.execute(
+                sa.select(lt.c.id, lt.c.wallet_id, lt.c.amount, e.c.amount.label("entry_amount"))
+                .join(e, e.c.id == lt.c.entry_id)
+                .where(lt.c.amount != e.c.amount)
+            ).all()
+        for wid, row in wallets.items():
+            name = f"wallet {Wallet(row.user_id, row.key_id or None)}"
+            total = int(sums[wid].total) if wid in sums else 0
+            remaining = int(lots[wid].remaining) if wid in lots else 0
+            if row.balance != total:
+                problems.append(f"{name}: balance {row.balance} != sum of entries {total}")
+            if row.balance != remaining:
+                problems.append(f"{name}: balance {row.balance} != credits left in lots {remaining}")
+            if wid in last_after and last_after[wid] != row.balance:
+                problems.append(
+                    f"{name}: balance {row.balance} != last entry's balance_after {last_after[wid]}"
+                )
+            soonest = lots[wid].soonest if wid in lots else None
+            if soonest is not None and (row.next_expiry is None or row.next_expiry > soonest):
+                problems.append(f"{name}: next_expiry {row.next_expiry} is after a lot's expiry")
+        for r in bad_draws:
+            problems.append(
+                f"wallet id {r.wallet_id}: entry {r.id} moved {r.amount} but its lots moved {r.drawn}"
+            )
+        for r in bad_lots:
+            problems.append(
+                f"wallet id {r.wallet_id}: lot {r.id} holds {r.amount}, its entry {r.entry_amount}"
+            )
+        return problems
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _owner(self, wallet: Wallet) -> tuple[sa.ColumnElement[bool], ...]:
+        w = self.t.wallets
+        return (w.c.user_id == wallet.user_id, w.c.key_id == (wallet.key_id or ""))
+
+    def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        # SQLite locks the whole database for the writer already; elsewhere lock the rows read.
+        return query.with_for_update() if self._lock_rows else query
+
+    def _update_wallet(self, conn: Connection, stmt: sa.Update, wallet: Wallet) -> tuple[int, int] | None:
+        """Run an UPDATE of one wallet row; return (wallet id, balance after) or None if no row
+        matched. The row stays locked until the transaction ends."""
+        w = self.t.wallets
+        if self._returning:
+            row = conn.execute(stmt.returning(w.c.id, w.c.balance)).first()
+            return None if row is None else (int(row.id), int(row.balance))
+        if conn.execute(stmt).rowcount != 1:
+            return None
+        row = conn.execute(sa.select(w.c.id, w.c.balance).where(*self._owner(wallet))).one()
+        return int(row.id), int(row.balance)
+
+    def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
+        """Take ``amount`` credits from the wallet's lots, soonest expiry first, no-expiry last."""
+        lt = self.t.lots
+        need = amount
+        draws: list[_Draw] = []
+        while need > 0:
+            batch = conn.execute(
+                self._lock(
+                    sa.select(lt.c.id, lt.c.remaining)
+                    .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+                    .order_by(sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
+                    .limit(_LOT_BATCH)
+                )
+            ).all()
+            if not batch:
+                raise RuntimeError(
+                    f"credits ledger is inconsistent: wallet id {wallet_id} has a balance its lots"
+                    " do not hold; run `flask credits audit`"
+                )
+            for lot in batch:
+                take = min(need, int(lot.remaining))
+                result = conn.execute(
+                    sa.update(lt)
+                    .where(lt.c.id == lot.id, lt.c.remaining >= take)
+                    .values(remaining=lt.c.remaining - take)
+                )
+                if result.rowcount != 1:  # pragma: no cover - the wallet lock rules this out
+                    raise RuntimeError(f"credits lot {lot.id} changed under a held wallet lock")
+                draws.append(_Draw(int(lot.id), -take))
+                need -= take
+                if need == 0:
+                    break
+        return draws
+
+    def _insert_entry(
+        self,
+        conn: Connection,
+        wallet: Wallet,
+        wallet_id: int,
+        amount: int,
+        balance_after: int,
+        kind: str,
+        reason: str,
+        idempotency_key: str | None,
+        metadata: dict[str, Any] | None,
+        now: datetime,
+        *,
+        reverses_id: int | None = None,
+    ) -> Entry:
+        values = {
+            "wallet_id": wallet_id,
+            "amount": amount,
+            "balance_after": balance_after,
+            "kind": kind,
+            "reason": reason,
+            "idempotency_key": idempotency_key,
+            "reverses_id": reverses_id,
+            "meta": metadata,
+            "created_at": now,
+        }
+        result = conn.execute(sa.insert(self.t.entries).values(values))
+        assert result.inserted_primary_key is not None
+        return Entry(
+            id=int(result.inserted_primary_key[0]),
+            wallet=wallet,
+            amount=amount,
+            balance_after=balance_after,
+            kind=kind,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            created_at=now,
+            reverses_id=reverses_id,
+        )
+
+    def _insert_draws(self, conn: Connection, entry_id: int, draws: Sequence[_Draw]) -> None:
+        if draws:
+            conn.execute(
+                sa.insert(self.t.draws),
+                [{"entry_id": entry_id, "lot_id": d.lot_id, "amount": d.amount} for d in draws],
+            )
+
+    def _entry(self, row: Row[Any], wallet: Wallet) -> Entry:
+        return Entry(
+            id=int(row.id),
+            wallet=wallet,
+            amount=int(row.amount),
+            balance_after=int(row.balance_after),
+            kind=row.kind,
+            reason=row.reason,
+            idempotency_key=row.idempotency_key,
+            metadata=row.meta,
+            created_at=row.created_at,
+            reverses_id=row.reverses_id,
+        )
+
+    def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
+        """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""
+        e, w = self.t.entries, self.t.wallets
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(e)
+                .join(w, w.c.id == e.c.wallet_id)
+                .where(e.c.idempotency_key == key, *self._owner(wallet))
+            ).first()
+        if row is None:
+            return None
+        entry = self._entry(row, wallet)
+        if entry.kind != kind or abs(entry.amount) != amount:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for a {entry.kind} of {abs(entry.amount)},"
+                f" not a {kind} of {amount}"
+            )
+        return entry
+
+    def _refund_of(self, spend_id: int) -> Row[Any] | None:
+        e = self.t.entries
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(e).where(e.c.reverses_id == spend_id)).first()
+
+    def _expiry_due(self, wallet: Wallet, now: datetime) -> bool:
+        w = self.t.wallets
+        with self.engine.connect() as conn:
+            due = conn.execute(sa.select(w.c.next_expiry).where(*self._owner(wallet))).scalar_one_or_none()
+        return due is not None and due <= now
+
+    def _create_wallet(self, wallet: Wallet) -> None:
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(self.t.wallets).values(
+                        user_id=wallet.user_id,
+                        key_id=wallet.key_id or "",
+                        balance=0,
+                        debt=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # created at the same moment by another request: just as good
+
+    def _write(
+        self,
+        tx: Callable[[Connection], Entry | None],
+        wallet: Wallet,
+        idempotency_key: str | None,
+        kind: str,
+        amount: int,
+        *,
+        create_wallet: bool = False,
+    ) -> Entry | None:
+        """Run a write; create the wallet first if needed; answer a lost idempotency race with the
+        winner's entry."""
+        try:
+            entry = self._run(tx)
+            if entry is None and create_wallet:
+                self._create_wallet(wallet)
+                entry = self._run(tx)
+        except sa.exc.IntegrityError:
+            if idempotency_key is None:
+                raise
+            done = self._replay(wallet, idempotency_key, kind, amount)
+            if done is None:
+                raise
+            return done
+        return entry
+
+    def _run(self, tx: Callable[[Connection], T]) -> T:
+        """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim."""
+        for attempt in range(RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    return tx(conn)
+            except sa.exc.OperationalError as exc:
+                if attempt == RETRIES - 1 or not _retryable(exc):
+                    raise
+                log.warning("credits transaction retried after %s", type(exc.orig).__name__)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retryable(exc: sa.exc.DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return False  # the commit may have happened: never guess
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1213, 1205):  # MySQL/MariaDB deadlock, lock wait timeout
+        return True
+    return "database is locked" in str(orig)
+
+
+def _sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnElement[Any]:
+    """``LEAST(column, when)`` where NULL means "never", portable to SQLite and MySQL."""
+    if when is None:
+        return column
+    bound = sa.literal(when, column.type)
+    return sa.case((sa.or_(column.is_(None), column > bound), bound), else_=column)
+
+
+__all__ = ["MAX_AMOUNT", "Ledger", "check_amount", "make_wallet", "utcnow"]

@@ -1,0 +1,52 @@
+"""The read-only values the ledger hands back: a wallet's name and its entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+
+class Wallet(NamedTuple):
+    """Who owns credits: a user, or one of the user's API keys (``key_id``), as in Stripe metadata
+    ``userId`` / ``keyId``. A user's own wallet and each key's wallet have separate balances."""
+
+    user_id: str
+    key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the append-only ledger: a change of one wallet's balance.
+
+    ``amount`` is signed (credits in are positive), ``balance_after`` is the wallet's balance once this
+    entry applied, ``kind`` is one of ``grant``, ``purchase``, ``spend``, ``refund``, ``expire``,
+    ``revoke``, ``reinstate``, ``debt``.
+    """
+
+    id: int
+    wallet: Wallet
+    amount: int
+    balance_after: int
+    kind: str
+    reason: str
+    idempotency_key: str | None
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    reverses_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, as the ``/transactions`` endpoint returns it."""
+        return {
+            "id": self.id,
+            "user_id": self.wallet.user_id,
+            "key_id": self.wallet.key_id,
+            "amount": self.amount,
+            "balance_after": self.balance_after,
+            "kind": self.kind,
+            "reason": self.reason,
+            "idempotency_key": self.idempotency_key,
+            "metadata": self.metadata,
+            "created_at": self.created_at.isoformat(),
+            "reverses_id": self.reverses_id,
+        }
