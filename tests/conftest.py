@@ -1,0 +1,203 @@
+"""Fixtures shared by every test module.
+
+Database tests run on SQLite always, and on PostgreSQL and MariaDB/MySQL when these are set:
+
+    CREDITS_TEST_POSTGRES_URL=postgresql+psycopg://root@127.0.0.1:5432/test
+    CREDITS_TEST_MARIADB_URL=mysql+pymysql://root@127.0.0.1:3306/test
+
+Each run creates a fresh database of its own on those servers and drops it afterwards. Without a URL
+those cases skip with a reason; with CREDITS_TEST_REQUIRE_DATABASES=1 (as in CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_login import LoginManager, UserMixin, login_user
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_credits import FlaskCredits, ledger
+
+BACKENDS = {
+    "sqlite": None,
+    "postgresql": "CREDITS_TEST_POSTGRES_URL",
+    "mariadb": "CREDITS_TEST_MARIADB_URL",
+}
+REQUIRE_ALL = os.environ.get("CREDITS_TEST_REQUIRE_DATABASES") == "1"
+
+
+def server_url(backend: str) -> str:
+    """The admin URL for a server backend, or skip (fail in CI) when it is not configured."""
+    env = BACKENDS[backend]
+    assert env is not None
+    url = os.environ.get(env)
+    if not url:
+        message = f"{backend} not configured: set {env} to run these cases against it"
+        if REQUIRE_ALL:
+            pytest.fail(message + " (CREDITS_TEST_REQUIRE_DATABASES=1)")
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty database on each backend, for the whole test session."""
+    backend = request.param
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'credits.sqlite3'}"
+        return
+    url = sa.make_url(server_url(backend))
+    name = f"fc_test_{secrets.token_hex(4)}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    create = f"CREATE DATABASE {name}"
+    if backend == "mariadb":
+        create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    with admin.connect() as conn:
+        conn.execute(sa.text(create))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            if backend == "postgresql":
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture
+def backend(database_url: str) -> str:
+    return sa.make_url(database_url).get_backend_name()
+
+
+@dataclass
+class User(UserMixin):  # type: ignore[misc]
+    id: str
+
+
+USERS = {"alice": User("alice"), "bob": User("bob"), "42": User("42")}
+
+
+def make_app(database_url: str, **config: object) -> tuple[Flask, SQLAlchemy, FlaskCredits]:
+    app = Flask(__name__)
+    app.config.update(
+        TESTING=True,
+        SECRET_KEY="test-secret",
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url),
+        **config,
+    )
+    db = SQLAlchemy(app)
+    manager = LoginManager(app)
+    manager.user_loader(USERS.get)
+    credits = FlaskCredits(app)
+
+    @app.post("/_login/<user_id>")
+    def _login(user_id: str) -> str:
+        login_user(USERS[user_id])
+        return "ok"
+
+    return app, db, credits
+
+
+def engine_options(database_url: str) -> dict[str, object]:
+    if database_url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30}}
+    return {"pool_size": 10, "max_overflow": 20, "pool_pre_ping": True}
+
+
+def clear(db: SQLAlchemy) -> None:
+    with db.engine.begin() as conn:
+        if "credits_entries" in db.metadata.tables:  # MariaDB checks the self-reference row by row
+            entries = db.metadata.tables["credits_entries"]
+            conn.execute(entries.update().values(reverses_id=None))
+        for table in reversed(db.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def app_db_credits(database_url: str) -> Iterator[tuple[Flask, SQLAlchemy, FlaskCredits]]:
+    app, db, credits = make_app(database_url)
+    with app.app_context():
+        db.create_all()
+        clear(db)
+        try:
+            yield app, db, credits
+        finally:
+            clear(db)
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(app_db_credits: tuple[Flask, SQLAlchemy, FlaskCredits]) -> Flask:
+    return app_db_credits[0]
+
+
+@pytest.fixture
+def db(app_db_credits: tuple[Flask, SQLAlchemy, FlaskCredits]) -> SQLAlchemy:
+    return app_db_credits[1]
+
+
+@pytest.fixture
+def credits(app_db_credits: tuple[Flask, SQLAlchemy, FlaskCredits]) -> FlaskCredits:
+    return app_db_credits[2]
+
+
+@pytest.fixture
+def client(app: Flask):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+@pytest.fixture
+def login(client):  # type: ignore[no-untyped-def]
+    def log_in(user_id: str = "alice") -> None:
+        assert client.post(f"/_login/{user_id}").status_code == 200
+
+    return log_in
+
+
+class Clock:
+    """Replaces the ledger's clock so expiry can be tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(ledger, "utcnow", fake)
+    return fake
+
+
+@pytest.fixture
+def received():  # type: ignore[no-untyped-def]
+    """Record every flask_credits signal sent: a list of (signal name, sender, kwargs)."""
+    from flask_credits import signals
+
+    log: list[tuple[str, object, dict[str, object]]] = []
+    receivers = []
+    for name in signals.__all__:
+        signal = getattr(signals, name)
+
+        def receiver(sender: object, _name: str = name, **kwargs: object) -> None:
+            log.append((_name, sender, kwargs))
+
+        signal.connect(receiver)
+        receivers.append((signal, receiver))
+    yield log
+    for signal, receiver in receivers:
+        signal.disconnect(receiver)
