@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -91,6 +91,28 @@ def _check_text(value: object, name: str, limit: int, *, optional: bool) -> str 
     if not isinstance(value, str) or (not optional and not value) or len(value) > limit:
         raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
     return value
+
+
+#: Purchase statuses from which a payment may still be credited.
+FULFILLABLE = ("creating", "open", "unpaid")
+
+InTx = Callable[[Connection], None]
+
+
+@dataclass(frozen=True)
+class Fulfilment:
+    wallet: Wallet
+    entry: Entry
+    debt_paid: int
+
+
+@dataclass(frozen=True)
+class Revocation:
+    wallet: Wallet
+    entry: Entry | None  # None when no credits moved (all went to or came from debt)
+    credits_taken: int  # out of the wallet; negative when given back
+    debt_added: int  # negative when debt was cancelled
+    change: int  # how much the clawed-back total moved
 
 
 @dataclass
@@ -420,6 +442,209 @@ class Ledger:
         for row in due:
             self.expire(Wallet(row.user_id, row.key_id or None), now=now)
         return len(due)
+
+    # -- purchases ---------------------------------------------------------------------------------
+
+    def fulfil_purchase(
+        self,
+        purchase_id: int,
+        *,
+        payment_intent: str | None,
+        in_tx: InTx | None = None,
+    ) -> Fulfilment | None:
+        """Credit a paid purchase exactly once: the conditional status change
+        ``open/unpaid -> fulfilled`` and the credit are one transaction, so however many webhooks and
+        success pages race, one wins and the rest get ``None``. The new lot pays the wallet's debt
+        first. ``in_tx(conn)`` runs first inside the same transaction (the webhook records its event
+        there, so both commit or neither does)."""
+        p, w, lt = self.t.purchases, self.t.wallets, self.t.lots
+        now = utcnow()
+
+        def tx(conn: Connection) -> Fulfilment | None:
+            if in_tx is not None:
+                in_tx(conn)
+            won = conn.execute(
+                sa.update(p)
+                .where(p.c.id == purchase_id, p.c.status.in_(FULFILLABLE))
+                .values(status="fulfilled", payment_intent=payment_intent, updated_at=now)
+            )
+            if won.rowcount != 1:
+                return None
+            purchase = conn.execute(sa.select(p).where(p.c.id == purchase_id)).one()
+            owner = conn.execute(self._lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
+            wallet = Wallet(owner.user_id, owner.key_id or None)
+            credits = int(purchase.credits)
+            paid = min(int(owner.debt), credits)
+            expires_at = (
+                None
+                if purchase.expires_after_seconds is None
+                else now + timedelta(seconds=int(purchase.expires_after_seconds))
+            )
+            changed = conn.execute(
+                sa.update(w)
+                .where(w.c.id == owner.id, w.c.debt >= paid)
+                .values(
+                    balance=w.c.balance + (credits - paid),
+                    debt=w.c.debt - paid,
+                    next_expiry=_sooner(w.c.next_expiry, expires_at),
+                    updated_at=now,
+                )
+            )
+            if changed.rowcount != 1:  # pragma: no cover - the wallet row is locked
+                raise RuntimeError(f"wallet {wallet} changed under its lock")
+            balance = int(owner.balance) + credits
+            meta = {"purchase_id": purchase_id, "session_id": purchase.session_id}
+            entry = self._insert_entry(
+                conn,
+                wallet,
+                owner.id,
+                credits,
+                balance,
+                "purchase",
+                "credits purchased",
+                None,
+                meta,
+                now,
+            )
+            lot_id = conn.execute(
+                sa.insert(lt).values(
+                    wallet_id=owner.id,
+                    entry_id=entry.id,
+                    amount=credits,
+                    remaining=credits - paid,
+                    expires_at=expires_at,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
+            if paid:
+                debt_entry = self._insert_entry(
+                    conn,
+                    wallet,
+                    owner.id,
+                    -paid,
+                    balance - paid,
+                    "debt",
+                    "paid credits owed after a refund or dispute",
+                    None,
+                    meta,
+                    now,
+                )
+                self._insert_draws(conn, debt_entry.id, [_Draw(int(lot_id), -paid)])
+            conn.execute(sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id))
+            return Fulfilment(wallet, entry, paid)
+
+        result = self._run(tx)
+        if result is not None:
+            self.emit(
+                signals.credits_granted,
+                wallet=result.wallet,
+                amount=result.entry.amount,
+                entry=result.entry,
+            )
+        return result
+
+    def revoke_purchase(
+        self,
+        purchase_id: int,
+        *,
+        refund_target: int | None = None,
+        dispute_target: int | None = None,
+        in_tx: InTx | None = None,
+    ) -> Revocation | None:
+        """Set how many of a fulfilled purchase's credits are clawed back for refunds and for a dispute
+        (absolute, cumulative targets, so replays and out-of-order events converge). Credits still in
+        the purchase's lot go first, then credits of it that expired (nothing owed), and credits
+        already spent become the wallet's debt; the balance never goes below zero. Lowering a target
+        (a dispute won) gives back in the reverse order. Returns ``None`` when the purchase is not
+        fulfilled (yet)."""
+        p, w, lt, d, e = self.t.purchases, self.t.wallets, self.t.lots, self.t.draws, self.t.entries
+        now = utcnow()
+
+        def tx(conn: Connection) -> Revocation | None:
+            if in_tx is not None:
+                in_tx(conn)
+            purchase = conn.execute(self._lock(sa.select(p).where(p.c.id == purchase_id))).one()
+            if purchase.status != "fulfilled" or purchase.lot_id is None:
+                return None
+            credits = int(purchase.credits)
+            old_refund, old_dispute = int(purchase.refund_revoked), int(purchase.dispute_revoked)
+            refund = old_refund if refund_target is None else min(max(refund_target, 0), credits)
+            dispute = old_dispute if dispute_target is None else max(dispute_target, 0)
+            dispute = min(dispute, credits - refund)
+            total, old_total = refund + dispute, old_refund + old_dispute
+            from_lot, as_debt = int(purchase.revoked_from_lot), int(purchase.revoked_as_debt)
+            owner = conn.execute(self._lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
+            wallet = Wallet(owner.user_id, owner.key_id or None)
+            lot = conn.execute(self._lock(sa.select(lt).where(lt.c.id == purchase.lot_id))).one()
+            expired = -int(
+                conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(d.c.amount), 0))
+                    .join(e, e.c.id == d.c.entry_id)
+                    .where(d.c.lot_id == lot.id, e.c.kind == "expire")
+                ).scalar_one()
+            )
+            # The clawed-back total is covered by credits taken from the lot, by the lot's expired
+            # credits (nothing owed for those) and by debt for credits already spent.
+            take = debt_change = 0  # credits out of the wallet (negative: back in); debt added
+            if total > old_total:
+                take = min(total - old_total, int(lot.remaining))
+                uncovered = total - (from_lot + take)
+                new_debt = max(as_debt, uncovered - min(uncovered, expired))
+                debt_change = new_debt - as_debt
+                from_lot, as_debt = from_lot + take, new_debt
+            elif total < old_total:
+                back = old_total - total
+                debt_back = min(back, as_debt)
+                covered_by_expiry = old_total - from_lot - as_debt
+                lot_back = min(back - debt_back - min(back - debt_back, covered_by_expiry), from_lot)
+                cancel = min(debt_back, int(owner.debt))
+                # Debt the wallet has already paid off comes back as credits.
+                give = min(lot_back + debt_back - cancel, int(lot.amount) - int(lot.remaining))
+                take, debt_change = -give, -cancel
+                from_lot, as_debt = from_lot - lot_back, as_debt - debt_back
+            conn.execute(
+                sa.update(p)
+                .where(p.c.id == purchase_id)
+                .values(
+                    refund_revoked=refund,
+                    dispute_revoked=dispute,
+                    revoked_from_lot=from_lot,
+                    revoked_as_debt=as_debt,
+                    updated_at=now,
+                )
+            )
+            entry = None
+            if take or debt_change:
+                conn.execute(
+                    sa.update(w)
+                    .where(w.c.id == owner.id)
+                    .values(
+                        balance=w.c.balance - take,
+                        debt=w.c.debt + debt_change,
+                        next_expiry=_sooner(w.c.next_expiry, lot.expires_at if take < 0 else None),
+                        updated_at=now,
+                    )
+                )
+            if take:
+                conn.execute(sa.update(lt).where(lt.c.id == lot.id).values(remaining=lt.c.remaining - take))
+                kind = "revoke" if take > 0 else "reinstate"
+                reason = "credits clawed back" if take > 0 else "clawed-back credits returned"
+                entry = self._insert_entry(
+                    conn,
+                    wallet,
+                    owner.id,
+                    -take,
+                    int(owner.balance) - take,
+                    kind,
+                    reason,
+                    None,
+                    {"purchase_id": purchase_id, "refund": refund, "dispute": dispute},
+                    now,
+                )
+                self._insert_draws(conn, entry.id, [_Draw(int(lot.id), -take)])
+            return Revocation(wallet, entry, take, debt_change, total - old_total)
+
+        return self._run(tx)
 
     # -- audit -------------------------------------------------------------------------------------
 

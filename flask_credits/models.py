@@ -154,11 +154,13 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("expires_after_seconds", sa.BigInteger(), nullable=True),
         sa.Column("payment_intent", sa.String(255), nullable=True),
         sa.Column("lot_id", _ID, sa.ForeignKey("credits_lots.id"), nullable=True),
-        # Money refunded and credits clawed back so far, cumulative over partial refunds.
-        sa.Column("amount_refunded", sa.BigInteger(), nullable=False, server_default="0"),
+        # Credits clawed back so far: for refunds (cumulative over partial refunds) and for a
+        # dispute (given back if it is won). Together they are covered by credits taken from the
+        # purchase's lot, by its expired credits, and by debt for credits already spent.
         sa.Column("refund_revoked", sa.BigInteger(), nullable=False, server_default="0"),
-        # Credits taken back while a dispute is open or lost; given back if it is won.
         sa.Column("dispute_revoked", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("revoked_from_lot", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("revoked_as_debt", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.Column("updated_at", UtcDateTime(), nullable=False),
         sa.UniqueConstraint("session_id", name="uq_credits_purchases_session_id"),
@@ -167,8 +169,9 @@ def _define(md: sa.MetaData) -> Tables:
         sa.CheckConstraint("credits > 0", name="ck_credits_purchases_credits"),
         sa.CheckConstraint("amount >= 0", name="ck_credits_purchases_amount"),
         sa.CheckConstraint(
-            "amount_refunded >= 0 AND refund_revoked >= 0 AND dispute_revoked >= 0"
-            " AND refund_revoked + dispute_revoked <= credits",
+            "refund_revoked >= 0 AND dispute_revoked >= 0 AND revoked_from_lot >= 0"
+            " AND revoked_as_debt >= 0 AND refund_revoked + dispute_revoked <= credits"
+            " AND revoked_from_lot + revoked_as_debt <= refund_revoked + dispute_revoked",
             name="ck_credits_purchases_revoked",
         ),
         sa.Index("ix_credits_purchases_wallet_id", "wallet_id", "id"),
@@ -179,7 +182,10 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("id", sa.String(255), primary_key=True),
         sa.Column("type", sa.String(128), nullable=False),
         sa.Column("outcome", sa.String(32), nullable=False),
-        sa.Column("purchase_id", _ID, sa.ForeignKey("credits_purchases.id"), nullable=True),
+        # No foreign key on purpose: on InnoDB it would share-lock the purchase row that the same
+        # transaction then updates, turning concurrent deliveries into deadlocks.
+        sa.Column("purchase_id", _ID, nullable=True),
         sa.Column("received_at", UtcDateTime(), nullable=False),
+        sa.Index("ix_credits_stripe_events_purchase_id", "purchase_id"),
     )
     return Tables(wallets, lots, entries, draws, purchases, stripe_events)

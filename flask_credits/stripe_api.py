@@ -1,0 +1,181 @@
+"""Everything that talks to Stripe: the only module that imports ``stripe``.
+
+It hands the rest of the package plain dicts and its own exceptions, so no other module needs to know
+stripe-python's types, and the simulated (offline) Stripe can stand in for it behind the same
+:class:`Gateway` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+import stripe
+
+from .errors import CreditsError
+
+log = logging.getLogger("flask_credits")
+
+
+class PaymentProviderError(CreditsError):
+    """Stripe refused or could not be reached. ``user_message`` is safe to show to the user (no
+    secrets, no internals); ``kind`` is one of ``card``, ``auth``, ``rate_limit``, ``network``,
+    ``invalid_request``, ``stripe``."""
+
+    def __init__(self, kind: str, user_message: str) -> None:
+        super().__init__(user_message)
+        self.kind = kind
+        self.user_message = user_message
+
+
+class WebhookError(CreditsError):
+    """A webhook body that must be refused with 400: bad or missing signature, stale or future
+    timestamp, not JSON, or not a Stripe event. Nothing was written."""
+
+
+class Gateway(Protocol):
+    """What the rest of the package needs from Stripe."""
+
+    def create_checkout_session(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """Create a Checkout Session; returns it with at least ``id`` and ``url``."""
+        ...
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        """Fetch a Checkout Session afresh (never trust what the browser says about it)."""
+        ...
+
+    def find_checkout_session(self, payment_intent: str) -> dict[str, Any] | None:
+        """The Checkout Session that created ``payment_intent``, if any."""
+        ...
+
+
+class LiveStripe:
+    """The real Stripe API through stripe-python's ``StripeClient``."""
+
+    def __init__(self, secret_key: str, *, timeout: float, max_network_retries: int) -> None:
+        self._client = stripe.StripeClient(
+            secret_key,
+            max_network_retries=max_network_retries,
+            http_client=stripe.RequestsClient(timeout=timeout),
+        )
+
+    def create_checkout_session(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        with _translated("create a checkout session"):
+            session = self._client.v1.checkout.sessions.create(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key},
+            )
+        return session.to_dict()
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        with _translated("retrieve a checkout session"):
+            session = self._client.v1.checkout.sessions.retrieve(session_id)
+        return session.to_dict()
+
+    def find_checkout_session(self, payment_intent: str) -> dict[str, Any] | None:
+        with _translated("look up a checkout session"):
+            found = self._client.v1.checkout.sessions.list(
+                params={"payment_intent": payment_intent, "limit": 1}
+            )
+        data = found.to_dict().get("data") or []
+        return dict(data[0]) if data else None
+
+
+class _translated:
+    """Turn stripe-python's errors into PaymentProviderError, logging them without secrets."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or not isinstance(exc, stripe.StripeError):
+            return
+        kind, message = _describe(exc)
+        # The error's own text and request id help operators; the API key never appears in them.
+        log.warning(
+            "Stripe could not %s: %s (%s, request %s)",
+            self.action,
+            type(exc).__name__,
+            getattr(exc, "code", None) or getattr(exc, "http_status", None),
+            getattr(exc, "request_id", None),
+        )
+        raise PaymentProviderError(kind, message) from None
+
+
+def _describe(exc: stripe.StripeError) -> tuple[str, str]:
+    if isinstance(exc, stripe.CardError):
+        return "card", exc.user_message or "The card was declined."
+    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)):
+        return "auth", "Payments are not configured correctly on this site. Please try again later."
+    if isinstance(exc, stripe.RateLimitError):
+        return "rate_limit", "The payment service is busy. Please try again in a moment."
+    if isinstance(exc, stripe.APIConnectionError):
+        return "network", "The payment service could not be reached. Please try again."
+    if isinstance(exc, stripe.InvalidRequestError):
+        return "invalid_request", "The payment service refused this purchase."
+    return "stripe", "The payment service had a problem. Please try again."
+
+
+def verify_event(payload: bytes, header: str | None, secrets: list[str], tolerance: int) -> dict[str, Any]:
+    """Check ``Stripe-Signature`` over the raw body against each secret (rotation), then parse it.
+
+    Too old timestamps are refused as Stripe's library does; so are timestamps further in the future
+    than the tolerance, which no honest sender produces.
+    """
+    if not secrets:
+        raise WebhookError("no webhook secret is configured (STRIPE_WEBHOOK_SECRET)")
+    if not header:
+        raise WebhookError("missing Stripe-Signature header")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookError("body is not UTF-8") from None
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
+        except stripe.SignatureVerificationError as exc:
+            reason = str(exc.user_message or exc)
+            if "tolerance" in reason:
+                raise WebhookError("signature timestamp is too old") from None
+            continue
+        break
+    else:
+        raise WebhookError("no valid signature for this body")
+    timestamp = _timestamp(header)
+    if timestamp is not None and timestamp > time.time() + tolerance:
+        raise WebhookError("signature timestamp is in the future")
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise WebhookError("body is not JSON") from None
+    if (
+        not isinstance(event, dict)
+        or event.get("object") != "event"
+        or not isinstance(event.get("id"), str)
+        or not isinstance(event.get("type"), str)
+        or not isinstance(event.get("data"), dict)
+        or not isinstance(event["data"].get("object"), dict)
+    ):
+        raise WebhookError("body is not a Stripe event")
+    return event
+
+
+def _timestamp(header: str) -> int | None:
+    for item in header.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "t":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def sign(payload: str, secret: str, timestamp: int | None = None) -> str:
+    """A ``Stripe-Signature`` header for ``payload``, as Stripe would send it."""
+    return str(stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp))
