@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_request_context, url_for
 
-from . import cli, config, views
+from . import cli, config, simulated, views
 from .ledger import Ledger, make_wallet
 from .models import Tables, tables_for
 from .records import Entry, Wallet
+from .stripe_api import Gateway, LiveStripe, PaymentProviderError
 
 if TYPE_CHECKING:
     from blinker import NamedSignal
@@ -50,6 +51,7 @@ class FlaskCredits:
         self._wallet_loader: WalletLoader | None = None
         self._wallet_checker: WalletChecker | None = None
         self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
+        self._gateways: dict[tuple[str, float, int], Gateway] = {}
         if db is not None:
             tables_for(db.metadata)
         if app is not None:
@@ -72,9 +74,14 @@ class FlaskCredits:
             )
         tables_for(db.metadata)
         config.apply_defaults(app)
+        if app.config["CREDITS_STRIPE_MODE"] not in ("live", "simulated"):
+            raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
+        if app.config["CREDITS_STRIPE_MODE"] == "simulated":
+            simulated.check_allowed(app)
         app.extensions["credits"] = self
         app.register_blueprint(views.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
         app.cli.add_command(cli.credits_cli)
+        _exempt_webhook_from_csrf(app)
 
     # -- wallets -----------------------------------------------------------------------------------
 
@@ -89,6 +96,13 @@ class FlaskCredits:
         the CLI refuses unknown ones. Without one, the Flask-Login ``user_loader`` decides users."""
         self._wallet_checker = callback
         return callback
+
+    def owns_key(self, user_id: str, key_id: str) -> bool:
+        """Whether ``key_id`` is one of the user's API keys, by the app's ``wallet_checker``. Without
+        one the app has not said it sells credits for keys, so the answer is no."""
+        if self._wallet_checker is None:
+            return False
+        return bool(self._wallet_checker(user_id, key_id))
 
     def current_wallet(self) -> Wallet | None:
         """The wallet of the current request, or ``None`` when nobody is logged in."""
@@ -217,6 +231,26 @@ class FlaskCredits:
         return tables_for(self.db.metadata)
 
     @property
+    def gateway(self) -> Gateway:
+        """Stripe for the current app: live (``StripeClient`` with the configured key, timeout and
+        retries) or the simulated one."""
+        cfg = current_app.config
+        if cfg["CREDITS_STRIPE_MODE"] == "simulated":
+            simulated.check_allowed(current_app._get_current_object())  # type: ignore[attr-defined]
+            return simulated.SimulatedStripe(self)
+        key = cfg["STRIPE_SECRET_KEY"]
+        if not key:
+            log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")
+            raise PaymentProviderError("auth", "Payments are not configured on this site yet.")
+        options = (str(key), float(cfg["CREDITS_STRIPE_TIMEOUT"]), int(cfg["CREDITS_STRIPE_MAX_RETRIES"]))
+        gateway = self._gateways.get(options)
+        if gateway is None:
+            gateway = self._gateways[options] = LiveStripe(
+                options[0], timeout=options[1], max_network_retries=options[2]
+            )
+        return gateway
+
+    @property
     def ledger(self) -> Ledger:
         """The ledger of the current app's database (one per engine)."""
         db = self.db
@@ -237,3 +271,18 @@ class FlaskCredits:
                 receiver(app, **kwargs)
             except Exception:
                 log.exception("receiver %r of signal %s failed", receiver, signal.name)
+
+
+def _exempt_webhook_from_csrf(app: Flask) -> None:
+    """Stripe cannot send a CSRF token: exempt the webhook from Flask-WTF's CSRFProtect, whether it
+    was set up before this extension or after it."""
+    name = f"{views.stripe_webhook.__module__}.{views.stripe_webhook.__name__}"
+
+    def exempt() -> None:
+        csrf = app.extensions.get("csrf")
+        if csrf is not None and name not in getattr(csrf, "_exempt_views", {name}):
+            csrf.exempt(views.stripe_webhook)
+
+    exempt()
+    # CSRFProtect set up later checks requests in a before_request hook registered after this one.
+    app.before_request(exempt)

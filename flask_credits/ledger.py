@@ -165,6 +165,18 @@ class Ledger:
         with self.engine.connect() as conn:
             return [self._entry(row, wallet) for row in conn.execute(query)]
 
+    def wallet_id(self, wallet: Wallet, *, create: bool = False) -> int | None:
+        """The wallet's row id; with ``create``, make the (empty) wallet if it does not exist."""
+        w = self.t.wallets
+        query = sa.select(w.c.id).where(*self._owner(wallet))
+        with self.engine.connect() as conn:
+            found = conn.execute(query).scalar_one_or_none()
+        if found is None and create:
+            self._create_wallet(wallet)
+            with self.engine.connect() as conn:
+                found = conn.execute(query).scalar_one()
+        return None if found is None else int(found)
+
     def entry(self, wallet: Wallet, entry_id: int) -> Entry:
         e, w = self.t.entries, self.t.wallets
         with self.engine.connect() as conn:
@@ -533,15 +545,7 @@ class Ledger:
             conn.execute(sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id))
             return Fulfilment(wallet, entry, paid)
 
-        result = self._run(tx)
-        if result is not None:
-            self.emit(
-                signals.credits_granted,
-                wallet=result.wallet,
-                amount=result.entry.amount,
-                entry=result.entry,
-            )
-        return result
+        return self._run(tx)
 
     def revoke_purchase(
         self,

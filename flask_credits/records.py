@@ -50,3 +50,43 @@ class Entry:
             "created_at": self.created_at.isoformat(),
             "reverses_id": self.reverses_id,
         }
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """One Stripe Checkout purchase of credits, as stored before redirecting to Stripe.
+
+    ``status`` is ``creating`` (before Stripe answered), ``open`` (waiting for the customer),
+    ``unpaid`` (completed with a delayed payment method), ``fulfilled`` (credited), ``failed``,
+    ``expired``, ``error`` (Stripe refused to create it) or ``mismatch`` (Stripe reported another
+    amount than this app asked for: never credited).
+    """
+
+    id: int
+    wallet: Wallet
+    session_id: str | None
+    pack: str | None
+    quantity: int | None
+    credits: int
+    amount: int
+    currency: str
+    status: str
+    payment_intent: str | None
+    refund_revoked: int
+    dispute_revoked: int
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user_id": self.wallet.user_id,
+            "key_id": self.wallet.key_id,
+            "session_id": self.session_id,
+            "pack": self.pack,
+            "quantity": self.quantity,
+            "credits": self.credits,
+            "amount": self.amount,
+            "currency": self.currency,
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+        }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import (
     Blueprint,
@@ -10,16 +10,19 @@ from flask import (
     current_app,
     has_request_context,
     jsonify,
+    redirect,
     render_template,
     request,
 )
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import InvalidArgument
+from .ledger import make_wallet
 
 if TYPE_CHECKING:
     from .extension import FlaskCredits
-    from .records import Wallet
+    from .records import Purchase, Wallet
 
 blueprint = Blueprint("credits", __name__, template_folder="templates")
 
@@ -99,3 +102,174 @@ def transactions() -> ResponseReturnValue:
         transactions=[e.to_dict() for e in entries],
         next_before=entries[-1].id if len(entries) == limit else None,
     )
+
+
+def _checkout_data() -> dict[str, Any]:
+    if request.is_json:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            abort(400, "the body must be a JSON object")
+        return data
+    return request.form.to_dict()
+
+
+def _error(status: int, code: str, message: str) -> ResponseReturnValue:
+    if wants_json():
+        return jsonify(error=code, message=message), status
+    wallet = current_wallet_or_401()
+    ledger = extension().ledger
+    return (
+        render_template(
+            "credits/index.html",
+            wallet=wallet,
+            balance=ledger.balance(wallet),
+            entries=ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"]),
+            next_before=None,
+            error=message,
+        ),
+        status,
+    )
+
+
+@blueprint.post("/checkout")
+def checkout() -> ResponseReturnValue:
+    """Start a Stripe Checkout for ``pack`` or ``quantity``: a browser form gets a 303 redirect to
+    Stripe, a JSON client gets ``{"id", "url"}``. A form may name one of the user's API keys in
+    ``key_id`` to buy credits for that key's wallet."""
+    from . import purchases
+    from .stripe_api import PaymentProviderError
+
+    ext = extension()
+    wallet = current_wallet_or_401()
+    data = _checkout_data()
+    key_id = data.get("key_id")
+    if key_id not in (None, "") and wallet.key_id is None:
+        if not isinstance(key_id, str) or not ext.owns_key(wallet.user_id, key_id):
+            return _error(400, "bad_request", "unknown API key")
+        wallet = make_wallet(wallet.user_id, key_id)
+    try:
+        offer = purchases.offer_for(current_app, data)
+    except purchases.BadCheckout as exc:
+        return _error(400, "bad_request", str(exc))
+    try:
+        session = purchases.start_checkout(ext, wallet, offer)
+    except PaymentProviderError as exc:
+        return _error(502, "payment_provider_error", exc.user_message)
+    if wants_json():
+        return jsonify(id=session["id"], url=session["url"])
+    return redirect(session["url"], 303)
+
+
+@blueprint.post("/stripe-webhook")
+def stripe_webhook() -> ResponseReturnValue:
+    """Stripe's webhook endpoint: no login, no CSRF; the signature is the authentication."""
+    from . import webhooks
+    from .stripe_api import PaymentProviderError, WebhookError
+
+    limit = int(current_app.config["CREDITS_WEBHOOK_MAX_BYTES"])
+    if (request.content_length or 0) > limit:
+        return jsonify(error="bad_request", message="body too large"), 413
+    payload = request.get_data(cache=False)
+    if len(payload) > limit:
+        return jsonify(error="bad_request", message="body too large"), 413
+    try:
+        answer = webhooks.process(extension(), payload, request.headers.get("Stripe-Signature"))
+    except WebhookError as exc:
+        return jsonify(error="bad_request", message=str(exc)), 400
+    except PaymentProviderError as exc:
+        return jsonify(error="payment_provider_error", message=exc.user_message), 502
+    except SQLAlchemyError:
+        current_app.logger.exception("Stripe webhook failed; Stripe will retry it")
+        return jsonify(error="temporarily_unavailable", message="try again later"), 503
+    return jsonify(answer)
+
+
+def _own_purchase(session_id: str | None) -> Purchase:
+    from . import purchases
+
+    wallet = current_wallet_or_401()
+    if not session_id or len(session_id) > 255:
+        abort(400, "session_id is missing")
+    purchase = purchases.find(extension(), session_id=session_id)
+    if purchase is None or purchase.wallet.user_id != wallet.user_id:
+        abort(404)
+    return purchase
+
+
+@blueprint.get("/success")
+def success() -> ResponseReturnValue:
+    """Where Stripe sends the customer back: fulfils at once (the webhook may be late), idempotently,
+    from the session fetched afresh from Stripe, then shows what happened."""
+    from . import purchases
+    from .ledger import FULFILLABLE
+    from .stripe_api import PaymentProviderError
+
+    ext = extension()
+    purchase = _own_purchase(request.args.get("session_id"))
+    problem = None
+    if purchase.status in FULFILLABLE:
+        try:
+            assert purchase.session_id is not None
+            purchases.fulfil(ext, ext.gateway.retrieve_checkout_session(purchase.session_id))
+        except PaymentProviderError as exc:
+            problem = exc.user_message
+        found = purchases.find(ext, id=purchase.id)
+        assert found is not None
+        purchase = found
+    if wants_json():
+        return jsonify(purchase=purchase.to_dict(), balance=ext.ledger.balance(purchase.wallet))
+    return render_template(
+        "credits/result.html",
+        purchase=purchase,
+        balance=ext.ledger.balance(purchase.wallet),
+        problem=problem,
+    )
+
+
+@blueprint.get("/cancel")
+def cancel() -> ResponseReturnValue:
+    """Where Stripe sends a customer who gave up: nothing was charged."""
+    current_wallet_or_401()
+    if wants_json():
+        return jsonify(status="cancelled")
+    return render_template("credits/cancel.html")
+
+
+#: Currencies Stripe counts in whole units (no minor unit).
+ZERO_DECIMAL = frozenset(
+    [
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    ]
+)
+
+
+@blueprint.app_template_global("format_money")
+def format_money(amount: int, currency: str) -> str:
+    """``format_money(1250, "usd")`` -> ``"12.50 USD"`` (minor units, as Stripe counts them)."""
+    code = currency.upper()
+    if currency.lower() in ZERO_DECIMAL:
+        return f"{amount} {code}"
+    return f"{amount // 100}.{amount % 100:02d} {code}"
+
+
+@blueprint.app_template_global("credits_packs")
+def credits_packs() -> list[Any]:
+    """The configured packs (``CREDITS_PACKS``), checked, for purchase forms."""
+    from .purchases import packs
+
+    return packs(current_app._get_current_object())  # type: ignore[attr-defined]

@@ -1,0 +1,476 @@
+"""Buying credits: what a checkout sells, the pending purchase row, and fulfilment from a Checkout
+Session. Balances themselves change only in :mod:`flask_credits.ledger`.
+
+Fulfilment trusts the purchase row written before the customer was sent to Stripe (wallet, credits,
+amount, currency), never the event's metadata: a session this app did not create, or whose amount or
+currency differ from the row, is recorded and not credited.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from flask import url_for
+
+from . import signals
+from .errors import InvalidArgument
+from .ledger import FULFILLABLE, InTx, check_amount, utcnow
+from .records import Purchase, Wallet
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from sqlalchemy.engine import Connection, Row
+
+    from .extension import FlaskCredits
+
+log = logging.getLogger("flask_credits")
+
+PAID = ("paid", "no_payment_required")
+
+
+class BadCheckout(InvalidArgument):
+    """A checkout request the server refuses (unknown pack, bad quantity...): HTTP 400."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What one checkout sells, decided by the server alone."""
+
+    credits: int
+    amount: int | None  # minor units; None for a Stripe Price whose amount Stripe reports
+    currency: str
+    pack: str | None
+    quantity: int | None
+    line_item: dict[str, Any]
+    expires_after: int | None  # seconds
+
+
+@dataclass(frozen=True)
+class Pack:
+    id: str
+    name: str
+    credits: int
+    amount: int | None
+    currency: str
+    price: str | None
+    expires_after: int | None
+
+
+def _seconds(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = int(value.total_seconds())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuntimeError(f"{name} must be a number of seconds >= 1, a timedelta, or None")
+    return value
+
+
+def packs(app: Flask) -> list[Pack]:
+    """``CREDITS_PACKS`` checked and in order; a misconfigured pack is a RuntimeError naming it."""
+    result = []
+    default_currency = app.config["CREDITS_CURRENCY"]
+    for pack_id, spec in (app.config["CREDITS_PACKS"] or {}).items():
+        where = f"CREDITS_PACKS[{pack_id!r}]"
+        if not isinstance(spec, Mapping):
+            raise RuntimeError(f"{where} must be a dict")
+        try:
+            credits = check_amount(spec.get("credits"), f"{where}['credits']")
+        except InvalidArgument as exc:
+            raise RuntimeError(str(exc)) from None
+        price, amount = spec.get("price"), spec.get("amount")
+        if price is None and amount is None:
+            raise RuntimeError(f"{where} needs a Stripe 'price' id or an 'amount' in minor units")
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int) or amount < 0):
+            raise RuntimeError(f"{where}['amount'] must be a whole number of minor units")
+        currency = str(spec.get("currency", default_currency)).lower()
+        if len(currency) != 3 or not currency.isalpha():
+            raise RuntimeError(f"{where}['currency'] must be a three-letter ISO code")
+        result.append(
+            Pack(
+                id=str(pack_id),
+                name=str(spec.get("name") or f"{credits} credits"),
+                credits=credits,
+                amount=amount,
+                currency=currency,
+                price=price,
+                expires_after=_seconds(
+                    spec.get("expires_after", app.config["CREDITS_PURCHASE_EXPIRES_AFTER"]),
+                    f"{where}['expires_after']",
+                ),
+            )
+        )
+    return result
+
+
+def offer_for(app: Flask, data: Mapping[str, Any]) -> Offer:
+    """Turn a checkout request (``pack`` or ``quantity``) into an Offer, or raise BadCheckout.
+
+    Anything else the client sends about credits or prices is ignored.
+    """
+    pack_id, quantity = data.get("pack"), data.get("quantity")
+    if pack_id not in (None, "") and quantity not in (None, ""):
+        raise BadCheckout("choose a pack or a quantity, not both")
+    if pack_id not in (None, ""):
+        found = {p.id: p for p in packs(app)}.get(str(pack_id))
+        if found is None:
+            raise BadCheckout(f"unknown pack {str(pack_id)[:64]!r}")
+        if found.price:
+            item: dict[str, Any] = {"price": found.price, "quantity": 1}
+        else:
+            item = {
+                "price_data": {
+                    "currency": found.currency,
+                    "product_data": {"name": found.name, "description": f"{found.credits} credits"},
+                    "unit_amount": found.amount,
+                },
+                "quantity": 1,
+            }
+        return Offer(found.credits, found.amount, found.currency, found.id, None, item, found.expires_after)
+    if quantity in (None, ""):
+        raise BadCheckout("choose a pack or a quantity")
+    units = _quantity(quantity, int(app.config["CREDITS_MAX_QUANTITY"]))
+    per_unit = int(app.config["CREDITS_PER_UNIT"])
+    unit_amount = int(app.config["CREDITS_UNIT_AMOUNT"])
+    currency = str(app.config["CREDITS_CURRENCY"]).lower()
+    item = {
+        "price_data": {
+            "currency": currency,
+            "product_data": {
+                "name": app.config["CREDITS_PRODUCT_NAME"],
+                "description": f"{per_unit} credits",
+            },
+            "unit_amount": unit_amount,
+        },
+        "quantity": units,
+    }
+    return Offer(
+        units * per_unit,
+        units * unit_amount,
+        currency,
+        None,
+        units,
+        item,
+        _seconds(app.config["CREDITS_PURCHASE_EXPIRES_AFTER"], "CREDITS_PURCHASE_EXPIRES_AFTER"),
+    )
+
+
+def _quantity(value: object, maximum: int) -> int:
+    if isinstance(value, bool):
+        raise BadCheckout("quantity must be a whole number")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isdecimal() or len(text) > 9:
+            raise BadCheckout("quantity must be a whole number")
+        value = int(text)
+    if not isinstance(value, int):
+        raise BadCheckout("quantity must be a whole number")
+    if not 1 <= value <= maximum:
+        raise BadCheckout(f"quantity must be between 1 and {maximum}")
+    return value
+
+
+def start_checkout(ext: FlaskCredits, wallet: Wallet, offer: Offer) -> dict[str, Any]:
+    """Store the pending purchase, then create its Checkout Session; returns ``{"id", "url"}``.
+
+    The row is committed before Stripe is called, with a fresh key that is both Stripe's idempotency
+    key and the session's ``client_reference_id``; a webhook that overtakes this function still finds
+    its purchase. If Stripe fails the row becomes ``error`` and can never be credited.
+    """
+    from .stripe_api import PaymentProviderError
+
+    ledger_ = ext.ledger
+    p = ext.tables.purchases
+    wallet_id = ledger_.wallet_id(wallet, create=True)
+    attempt = "chk_" + secrets.token_hex(16)
+    now = utcnow()
+    with ext.db.engine.begin() as conn:
+        purchase_id = conn.execute(
+            sa.insert(p).values(
+                wallet_id=wallet_id,
+                attempt_key=attempt,
+                pack=offer.pack,
+                quantity=offer.quantity,
+                credits=offer.credits,
+                amount=offer.amount or 0,
+                currency=offer.currency,
+                status="creating",
+                expires_after_seconds=offer.expires_after,
+                created_at=now,
+                updated_at=now,
+            )
+        ).inserted_primary_key[0]  # type: ignore[index]
+    metadata = {"userId": wallet.user_id, "credits": str(offer.credits), "purchaseId": str(purchase_id)}
+    if wallet.key_id:
+        metadata["keyId"] = wallet.key_id
+    success = url_for("credits.success", _external=True) + "?session_id={CHECKOUT_SESSION_ID}"
+    params = {
+        "mode": "payment",
+        "line_items": [offer.line_item],
+        "client_reference_id": attempt,
+        "metadata": metadata,
+        "payment_intent_data": {"metadata": metadata},
+        "success_url": success,
+        "cancel_url": url_for("credits.cancel", _external=True),
+    }
+    try:
+        session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
+    except PaymentProviderError:
+        _set_status(ext, purchase_id, "error", ("creating",))
+        raise
+    values: dict[str, Any] = {"session_id": session["id"], "status": "open", "updated_at": utcnow()}
+    if offer.amount is None and isinstance(session.get("amount_total"), int):
+        values["amount"] = session["amount_total"]
+    with ext.db.engine.begin() as conn:
+        conn.execute(sa.update(p).where(p.c.id == purchase_id, p.c.status == "creating").values(values))
+        # A webhook may have adopted the row already (status moved on): the session id is then set.
+    return {"id": session["id"], "url": session["url"]}
+
+
+def find(ext: FlaskCredits, **where: Any) -> Purchase | None:
+    """The purchase with the given ``session_id``, ``payment_intent`` or ``id``."""
+    row = _row(ext, **where)
+    return None if row is None else _purchase(ext, row)
+
+
+def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
+    p, w = ext.tables.purchases, ext.tables.wallets
+    query = sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id")).join(w, w.c.id == p.c.wallet_id)
+    for column, value in where.items():
+        query = query.where(p.c[column] == value)
+    with ext.db.engine.connect() as conn:
+        return conn.execute(query).first()
+
+
+def _purchase(ext: FlaskCredits, row: Row[Any]) -> Purchase:
+    return Purchase(
+        id=int(row.id),
+        wallet=Wallet(row.user_id, row.wallet_key_id or None),
+        session_id=row.session_id,
+        pack=row.pack,
+        quantity=row.quantity,
+        credits=int(row.credits),
+        amount=int(row.amount),
+        currency=row.currency,
+        status=row.status,
+        payment_intent=row.payment_intent,
+        refund_revoked=int(row.refund_revoked),
+        dispute_revoked=int(row.dispute_revoked),
+        created_at=row.created_at,
+    )
+
+
+def _set_status(
+    ext: FlaskCredits,
+    purchase_id: int,
+    status: str,
+    from_statuses: tuple[str, ...],
+    in_tx: InTx | None = None,
+) -> bool:
+    p = ext.tables.purchases
+    with ext.db.engine.begin() as conn:
+        if in_tx is not None:
+            in_tx(conn)
+        changed = conn.execute(
+            sa.update(p)
+            .where(p.c.id == purchase_id, p.c.status.in_(from_statuses))
+            .values(status=status, updated_at=utcnow())
+        )
+        return changed.rowcount == 1
+
+
+def _object_id(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+def purchase_for_session(ext: FlaskCredits, session: Mapping[str, Any]) -> Purchase | None:
+    """The purchase behind a Checkout Session: by session id, or (when the webhook overtook the
+    checkout view) by ``client_reference_id``, adopting the session id once."""
+    session_id = session.get("id")
+    if not isinstance(session_id, str):
+        return None
+    found = find(ext, session_id=session_id)
+    if found is not None:
+        return found
+    reference = session.get("client_reference_id")
+    if not isinstance(reference, str) or not reference.startswith("chk_"):
+        return None
+    p = ext.tables.purchases
+    with ext.db.engine.begin() as conn:
+        conn.execute(
+            sa.update(p)
+            .where(p.c.attempt_key == reference, p.c.session_id.is_(None), p.c.status == "creating")
+            .values(session_id=session_id, status="open", updated_at=utcnow())
+        )
+    return find(ext, session_id=session_id)
+
+
+def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
+    """Credit the purchase of a Checkout Session if it is paid, exactly once; idempotent and safe to
+    run concurrently from webhooks and the success page. Returns what happened."""
+    purchase = purchase_for_session(ext, session)
+    if purchase is None:
+        log.warning("Checkout Session %s is not one of this app's purchases", session.get("id"))
+        record_only(ext, record, "unknown_session", None)
+        return "unknown_session"
+    in_tx = record.bind("processed", purchase.id) if record else None
+    amount, currency = session.get("amount_total"), str(session.get("currency") or "").lower()
+    if amount != purchase.amount or currency != purchase.currency:
+        log.error(
+            "Checkout Session %s reports %s %s, but purchase %s was for %s %s: not credited",
+            session.get("id"),
+            amount,
+            currency,
+            purchase.id,
+            purchase.amount,
+            purchase.currency,
+        )
+        _set_status(
+            ext,
+            purchase.id,
+            "mismatch",
+            FULFILLABLE,
+            record.bind("mismatch", purchase.id) if record else None,
+        )
+        return "amount_mismatch"
+    payment_status = session.get("payment_status")
+    if payment_status in PAID:
+        done = ext.ledger.fulfil_purchase(
+            purchase.id, payment_intent=_object_id(session.get("payment_intent")), in_tx=in_tx
+        )
+        if done is None:
+            now = find(ext, id=purchase.id)
+            if now is not None and now.status != "fulfilled":
+                log.error(
+                    "paid Checkout Session %s arrived for %s purchase %s: not credited",
+                    session.get("id"),
+                    now.status,
+                    purchase.id,
+                )
+                return "not_fulfillable"
+            return "already_fulfilled"
+        fulfilled = find(ext, id=purchase.id)
+        ext.emit(
+            signals.credits_purchased,
+            wallet=done.wallet,
+            amount=done.entry.amount,
+            entry=done.entry,
+            purchase=fulfilled,
+        )
+        return "fulfilled"
+    if payment_status == "unpaid":
+        _set_status(ext, purchase.id, "unpaid", ("creating", "open"), in_tx)
+        return "awaiting_payment"
+    record_only(ext, record, "ignored", purchase.id)
+    return "ignored"
+
+
+def mark_failed(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
+    purchase = purchase_for_session(ext, session)
+    if purchase is None:
+        record_only(ext, record, "unknown_session", None)
+        return "unknown_session"
+    in_tx = record.bind("processed", purchase.id) if record else None
+    if _set_status(ext, purchase.id, "failed", FULFILLABLE, in_tx):
+        ext.emit(signals.credits_payment_failed, wallet=purchase.wallet, purchase=find(ext, id=purchase.id))
+        return "failed"
+    return "unchanged"
+
+
+def mark_expired(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
+    purchase = purchase_for_session(ext, session)
+    if purchase is None:
+        record_only(ext, record, "unknown_session", None)
+        return "unknown_session"
+    in_tx = record.bind("processed", purchase.id) if record else None
+    return "expired" if _set_status(ext, purchase.id, "expired", ("creating", "open"), in_tx) else "unchanged"
+
+
+def purchase_for_payment(ext: FlaskCredits, payment_intent: str | None) -> Purchase | None:
+    """The fulfilled purchase paid by ``payment_intent``. When a refund or dispute overtakes the
+    checkout events, the session is fetched from Stripe and fulfilled first."""
+    if not payment_intent:
+        return None
+    found = find(ext, payment_intent=payment_intent)
+    if found is not None and found.status == "fulfilled":
+        return found
+    session = ext.gateway.find_checkout_session(payment_intent)
+    if session is None:
+        return None
+    fulfil(ext, session)
+    found = find(ext, payment_intent=payment_intent)
+    return found if found is not None and found.status == "fulfilled" else None
+
+
+def revoke(
+    ext: FlaskCredits,
+    purchase: Purchase,
+    *,
+    cause: str,
+    refund_target: int | None = None,
+    dispute_target: int | None = None,
+    record: Recorder | None = None,
+) -> str:
+    done = ext.ledger.revoke_purchase(
+        purchase.id,
+        refund_target=refund_target,
+        dispute_target=dispute_target,
+        in_tx=record.bind("processed", purchase.id) if record else None,
+    )
+    if done is None:
+        return "not_fulfilled"
+    if done.change == 0:
+        return "unchanged"
+    ext.emit(
+        signals.credits_revoked,
+        wallet=done.wallet,
+        amount=done.credits_taken + done.debt_added,
+        entry=done.entry,
+        purchase=find(ext, id=purchase.id),
+        cause=cause,
+    )
+    return "revoked" if done.change > 0 else "reinstated"
+
+
+def credits_for(purchase: Purchase, amount: object) -> int:
+    """Credits in proportion to ``amount`` of the purchase's price (floor), capped at its credits."""
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0 or purchase.amount <= 0:
+        return 0
+    return min(purchase.credits, purchase.credits * amount // purchase.amount)
+
+
+class Recorder:
+    """Writes a webhook event's row inside the transaction that acts on it."""
+
+    def __init__(self, ext: FlaskCredits, event_id: str, event_type: str) -> None:
+        self.ext, self.event_id, self.event_type = ext, event_id, event_type
+
+    def bind(self, outcome: str, purchase_id: int | None) -> InTx:
+        def insert(conn: Connection) -> None:
+            conn.execute(
+                sa.insert(self.ext.tables.stripe_events).values(
+                    id=self.event_id,
+                    type=self.event_type,
+                    outcome=outcome,
+                    purchase_id=purchase_id,
+                    received_at=utcnow(),
+                )
+            )
+
+        return insert
+
+
+def record_only(ext: FlaskCredits, record: Recorder | None, outcome: str, purchase_id: int | None) -> None:
+    if record is not None:
+        with ext.db.engine.begin() as conn:
+            record.bind(outcome, purchase_id)(conn)

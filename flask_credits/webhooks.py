@@ -1,0 +1,149 @@
+"""Stripe webhooks: verify, de-duplicate, then one small handler per event type.
+
+The signature is checked on the raw body before the database is touched. Each event's id is written
+in the same transaction as its effect, under a unique key, so a duplicate delivery (even at the same
+moment as the first) changes nothing, and a failed attempt leaves nothing behind for the retry to
+trip over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from flask import current_app
+
+from . import purchases
+from .purchases import Recorder
+from .stripe_api import verify_event
+
+if TYPE_CHECKING:
+    from .extension import FlaskCredits
+
+log = logging.getLogger("flask_credits")
+
+Handler = Callable[["FlaskCredits", Mapping[str, Any], Recorder], str]
+
+#: Event type -> handler. Apps may add their own with :func:`handles`.
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*event_types: str) -> Callable[[Handler], Handler]:
+    """Register a handler ``(ext, data_object, record) -> outcome`` for these event types."""
+
+    def register(handler: Handler) -> Handler:
+        for event_type in event_types:
+            HANDLERS[event_type] = handler
+        return handler
+
+    return register
+
+
+def secrets_for(ext: FlaskCredits) -> list[str]:
+    """Every webhook secret accepted now: several while rotating (a list, or comma-separated)."""
+    configured = current_app.config["STRIPE_WEBHOOK_SECRET"]
+    if isinstance(configured, str):
+        found = [s.strip() for s in configured.split(",") if s.strip()]
+    else:
+        found = [str(s) for s in configured or () if s]
+    if current_app.config["CREDITS_STRIPE_MODE"] == "simulated":
+        from .simulated import webhook_secret
+
+        found.append(webhook_secret())
+    return found
+
+
+def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[str, Any]:
+    """Verify and handle one delivery; returns the JSON answer. Raises WebhookError (answer 400);
+    database or Stripe errors propagate (answer 5xx so Stripe retries)."""
+    event = verify_event(
+        payload, signature, secrets_for(ext), int(current_app.config["CREDITS_WEBHOOK_TOLERANCE"])
+    )
+    event_id, event_type = event["id"], event["type"]
+    if _seen(ext, event_id):
+        return {"received": True, "id": event_id, "outcome": "duplicate"}
+    record = Recorder(ext, event_id, event_type)
+    handler = HANDLERS.get(event_type, _ignore)
+    try:
+        outcome = handler(ext, event["data"]["object"], record)
+    except sa.exc.IntegrityError:
+        if not _seen(ext, event_id):
+            raise
+        outcome = "duplicate"  # delivered twice at once: the other delivery did the work
+    log.info("Stripe event %s (%s): %s", event_id, event_type, outcome)
+    return {"received": True, "id": event_id, "outcome": outcome}
+
+
+def _seen(ext: FlaskCredits, event_id: str) -> bool:
+    t = ext.tables.stripe_events
+    with ext.db.engine.connect() as conn:
+        return conn.execute(sa.select(t.c.id).where(t.c.id == event_id)).first() is not None
+
+
+def _ignore(ext: FlaskCredits, obj: Mapping[str, Any], record: Recorder) -> str:
+    purchases.record_only(ext, record, "ignored", None)
+    return "ignored"
+
+
+@handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
+def _session_paid(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    return purchases.fulfil(ext, session, record=record)
+
+
+@handles("checkout.session.async_payment_failed")
+def _session_failed(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    return purchases.mark_failed(ext, session, record=record)
+
+
+@handles("checkout.session.expired")
+def _session_expired(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    return purchases.mark_expired(ext, session, record=record)
+
+
+def _payment_intent(obj: Mapping[str, Any]) -> str | None:
+    value = obj.get("payment_intent")
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) else None
+
+
+@handles("charge.refunded")
+def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recorder) -> str:
+    purchase = purchases.purchase_for_payment(ext, _payment_intent(charge))
+    if purchase is None:
+        purchases.record_only(ext, record, "unmatched", None)
+        return "unmatched"
+    target = purchases.credits_for(purchase, charge.get("amount_refunded"))
+    return purchases.revoke(ext, purchase, cause="refund", refund_target=target, record=record)
+
+
+def _dispute(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder, *, lost: bool | None) -> str:
+    """``lost`` True: claw back in proportion to the disputed amount; False: give it all back;
+    None: nothing moved (for example closed as ``warning_closed``)."""
+    purchase = purchases.purchase_for_payment(ext, _payment_intent(dispute))
+    if purchase is None:
+        purchases.record_only(ext, record, "unmatched", None)
+        return "unmatched"
+    if lost is None:
+        purchases.record_only(ext, record, "ignored", purchase.id)
+        return "ignored"
+    target = purchases.credits_for(purchase, dispute.get("amount")) if lost else 0
+    return purchases.revoke(ext, purchase, cause="dispute", dispute_target=target, record=record)
+
+
+@handles("charge.dispute.funds_withdrawn")
+def _dispute_withdrawn(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
+    return _dispute(ext, dispute, record, lost=True)
+
+
+@handles("charge.dispute.funds_reinstated")
+def _dispute_reinstated(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
+    return _dispute(ext, dispute, record, lost=False)
+
+
+@handles("charge.dispute.closed")
+def _dispute_closed(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
+    status = dispute.get("status")
+    return _dispute(ext, dispute, record, lost={"lost": True, "won": False}.get(str(status)))
