@@ -182,14 +182,14 @@ def mock_create_session(
     error: dict[str, Any] | None = None,
 ) -> None:
     """Answer ``POST /v1/checkout/sessions`` with an open session (or with ``error`` and ``status``).
-    Without ``amount_total`` the answer echoes the requested line items' total."""
+    Without ``session_id`` each call gets a new id; without ``amount_total`` the answer echoes the
+    requested line items' total."""
     import responses as responses_lib
 
     url = f"{STRIPE_API}/v1/checkout/sessions"
     if error is not None:
         rsps.add(responses_lib.POST, url, json={"error": error}, status=status)
         return
-    session_id = session_id or _id("cs")
 
     def reply(request: Any) -> tuple[int, dict[str, str], str]:
         from urllib.parse import parse_qs

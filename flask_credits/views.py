@@ -28,14 +28,18 @@ blueprint = Blueprint("credits", __name__, template_folder="templates")
 
 
 def wants_json() -> bool:
-    """JSON for API clients; HTML only for clients that ask for it (browsers always do)."""
+    """JSON for API clients; HTML for browsers (they ask for text/html) and for plain form posts."""
     if not has_request_context():
         return True
     if request.is_json:
         return True
     accept = request.accept_mimetypes
-    explicit_html = any(value == "text/html" for value, _ in accept)
-    return not explicit_html or accept["application/json"] > accept["text/html"]
+    if any(value == "text/html" for value, _ in accept):
+        return accept["application/json"] > accept["text/html"]
+    if any(value == "application/json" for value, _ in accept):
+        return True
+    # No say either way: a submitted form came from a page, anything else is an API client.
+    return request.mimetype not in ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def extension() -> FlaskCredits:

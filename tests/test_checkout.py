@@ -1,0 +1,251 @@
+"""POST /credits/checkout: what is sent to Stripe, the pending purchase, and every error path."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+import responses
+import sqlalchemy as sa
+
+from flask_credits import testing
+
+SECRET = "sk_test_51SecretKeyThatMustNeverBeLogged"
+PACKS = {
+    "starter": {"credits": 500, "amount": 400, "name": "Starter"},
+    "pro": {"credits": 5000, "price": "price_pro_123", "amount": 3000, "currency": "usd"},
+    "mystery": {"credits": 70, "price": "price_mystery"},
+}
+
+
+@pytest.fixture(autouse=True)
+def stripe_config(app):
+    app.config.update(
+        STRIPE_SECRET_KEY=SECRET,
+        STRIPE_WEBHOOK_SECRET="whsec_test_1",
+        CREDITS_PACKS=PACKS,
+        CREDITS_STRIPE_MAX_RETRIES=0,
+        SERVER_NAME="shop.test",
+    )
+
+
+@pytest.fixture
+def stripe():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def sent_form(rsps):
+    (call,) = [c for c in rsps.calls if c.request.method == "POST"]
+    return parse_qs(call.request.body), call.request.headers
+
+
+def purchases(credits):
+    p = credits.tables.purchases
+    with credits.db.engine.connect() as conn:
+        return conn.execute(sa.select(p).order_by(p.c.id)).all()
+
+
+def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(
+    client, login, credits, stripe
+):
+    testing.mock_create_session(stripe, "cs_test_q1")
+    login("alice")
+    response = client.post("/credits/checkout", data={"quantity": "3", "credits": "999999"})
+    assert response.status_code == 303
+    assert response.headers["Location"] == "https://checkout.stripe.com/c/pay/cs_test_q1"
+    form, headers = sent_form(stripe)
+    (row,) = purchases(credits)
+    assert form == {
+        "mode": ["payment"],
+        "line_items[0][price_data][currency]": ["usd"],
+        "line_items[0][price_data][product_data][name]": ["Credits"],
+        "line_items[0][price_data][product_data][description]": ["100 credits"],
+        "line_items[0][price_data][unit_amount]": ["100"],
+        "line_items[0][quantity]": ["3"],
+        "client_reference_id": [row.attempt_key],
+        "metadata[userId]": ["alice"],
+        "metadata[credits]": ["300"],
+        "metadata[purchaseId]": [str(row.id)],
+        "payment_intent_data[metadata][userId]": ["alice"],
+        "payment_intent_data[metadata][credits]": ["300"],
+        "payment_intent_data[metadata][purchaseId]": [str(row.id)],
+        "success_url": ["http://shop.test/credits/success?session_id={CHECKOUT_SESSION_ID}"],
+        "cancel_url": ["http://shop.test/credits/cancel"],
+    }
+    assert headers["Idempotency-Key"] == row.attempt_key
+    assert headers["Authorization"] == f"Bearer {SECRET}"
+    assert (row.session_id, row.status, row.credits, row.amount, row.currency, row.quantity) == (
+        "cs_test_q1", "open", 300, 300, "usd", 3,
+    )
+    assert credits.balance("alice") == 0
+
+
+def test_each_checkout_attempt_has_its_own_idempotency_key(client, login, credits, stripe):
+    testing.mock_create_session(stripe)
+    login("alice")
+    client.post("/credits/checkout", data={"quantity": "1"})
+    client.post("/credits/checkout", data={"quantity": "1"})
+    keys = [c.request.headers["Idempotency-Key"] for c in stripe.calls]
+    assert len(set(keys)) == 2
+
+
+def test_pack_with_an_amount_uses_price_data(client, login, credits, stripe):
+    testing.mock_create_session(stripe, "cs_test_p1")
+    login("alice")
+    assert client.post("/credits/checkout", data={"pack": "starter"}).status_code == 303
+    form, _ = sent_form(stripe)
+    assert form["line_items[0][price_data][unit_amount]"] == ["400"]
+    assert form["line_items[0][price_data][product_data][name]"] == ["Starter"]
+    assert form["line_items[0][quantity]"] == ["1"]
+    assert form["metadata[credits]"] == ["500"]
+    assert purchases(credits)[0].pack == "starter"
+
+
+def test_pack_with_a_stripe_price_sends_the_price_id(client, login, credits, stripe):
+    testing.mock_create_session(stripe, "cs_test_p2", amount_total=3000)
+    login("alice")
+    response = client.post("/credits/checkout", json={"pack": "pro"})
+    assert response.json == {"id": "cs_test_p2", "url": "https://checkout.stripe.com/c/pay/cs_test_p2"}
+    form, _ = sent_form(stripe)
+    assert form["line_items[0][price]"] == ["price_pro_123"]
+    assert "line_items[0][price_data][unit_amount]" not in form
+    assert (purchases(credits)[0].credits, purchases(credits)[0].amount) == (5000, 3000)
+
+
+def test_pack_price_without_amount_takes_the_amount_stripe_reports(client, login, credits, stripe):
+    testing.mock_create_session(stripe, "cs_test_p3", amount_total=999)
+    login("alice")
+    assert client.post("/credits/checkout", json={"pack": "mystery"}).status_code == 200
+    assert purchases(credits)[0].amount == 999
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"pack": "gold"}, "unknown pack 'gold'"),
+        ({"quantity": "0"}, "quantity must be between 1 and 100"),
+        ({"quantity": "101"}, "quantity must be between 1 and 100"),
+        ({"quantity": "-2"}, "quantity must be a whole number"),
+        ({"quantity": "1.5"}, "quantity must be a whole number"),
+        ({"quantity": "ten"}, "quantity must be a whole number"),
+        ({"quantity": "99999999999999999999"}, "quantity must be a whole number"),
+        ({}, "choose a pack or a quantity"),
+        ({"pack": "starter", "quantity": "2"}, "not both"),
+    ],
+)
+def test_bad_form_input_is_400_and_nothing_reaches_stripe(client, login, credits, stripe, data, message):
+    login("alice")
+    response = client.post("/credits/checkout", data=data, headers={"Accept": "application/json"})
+    assert response.status_code == 400
+    assert message in response.json["message"]
+    assert len(stripe.calls) == 0
+    assert purchases(credits) == []
+
+
+@pytest.mark.parametrize(
+    "body", [{"quantity": 2.5}, {"quantity": True}, {"quantity": [1]}, {"pack": ["starter"]}, [1, 2], "3"]
+)
+def test_bad_json_input_is_400(client, login, credits, stripe, body):
+    login("alice")
+    response = client.post("/credits/checkout", json=body)
+    assert response.status_code == 400
+    assert len(stripe.calls) == 0
+    assert purchases(credits) == []
+
+
+def test_browser_gets_the_credits_page_with_the_message_on_bad_input(client, login, stripe):
+    login("alice")
+    response = client.post("/credits/checkout", data={"quantity": "0"}, headers={"Accept": "text/html"})
+    assert response.status_code == 400
+    assert "quantity must be between 1 and 100" in response.get_data(as_text=True)
+
+
+def test_anonymous_checkout_is_refused(client, credits, stripe):
+    assert client.post("/credits/checkout", data={"quantity": "1"}).status_code == 401
+    assert len(stripe.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "kind_text"),
+    [
+        (402, {"type": "card_error", "code": "card_declined", "message": "Your card was declined."}, "declined"),
+        # Stripe masks the key in this message, as here; the full key must not appear anywhere.
+        (401, {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****ged"}, "not configured"),
+        (429, {"type": "invalid_request_error", "code": "rate_limit", "message": "Too many"}, "busy"),
+        (400, {"type": "invalid_request_error", "message": "bad param"}, "refused"),
+        (500, {"type": "api_error", "message": "boom"}, "problem"),
+    ],
+)
+def test_stripe_errors_give_a_clear_502_and_leave_no_creditable_purchase(
+    client, login, credits, stripe, caplog, status, error, kind_text
+):
+    testing.mock_create_session(stripe, status=status, error=error)
+    login("alice")
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/credits/checkout", json={"quantity": 1})
+    assert response.status_code == 502
+    assert response.json["error"] == "payment_provider_error"
+    assert kind_text in response.json["message"]
+    (row,) = purchases(credits)
+    assert (row.status, row.session_id) == ("error", None)
+    assert SECRET not in caplog.text
+    assert SECRET not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("failure", [requests.exceptions.ConnectionError("down"), requests.exceptions.Timeout("slow")])
+def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, stripe, failure):
+    stripe.add(responses.POST, f"{testing.STRIPE_API}/v1/checkout/sessions", body=failure)
+    login("alice")
+    response = client.post("/credits/checkout", json={"quantity": 1})
+    assert response.status_code == 502
+    assert "could not be reached" in response.json["message"]
+    assert purchases(credits)[0].status == "error"
+
+
+def test_missing_secret_key_is_a_clear_502_without_calling_stripe(app, client, login, credits, stripe):
+    app.config["STRIPE_SECRET_KEY"] = None
+    login("alice")
+    response = client.post("/credits/checkout", json={"quantity": 1})
+    assert (response.status_code, response.json["message"]) == (502, "Payments are not configured on this site yet.")
+    assert len(stripe.calls) == 0
+
+
+def test_buying_for_an_api_key_needs_the_apps_say_so(client, login, credits, stripe):
+    testing.mock_create_session(stripe, "cs_test_k1")
+    login("alice")
+    refused = client.post("/credits/checkout", json={"quantity": 1, "key_id": "key-1"})
+    assert (refused.status_code, refused.json["message"]) == (400, "unknown API key")
+
+    @credits.wallet_checker
+    def owns(user_id, key_id):
+        return (user_id, key_id) in {("alice", None), ("alice", "key-1")}
+
+    assert client.post("/credits/checkout", json={"quantity": 1, "key_id": "key-2"}).status_code == 400
+    assert client.post("/credits/checkout", json={"quantity": 1, "key_id": "key-1"}).status_code == 200
+    form, _ = sent_form(stripe)
+    assert form["metadata[keyId]"] == ["key-1"]
+    assert form["payment_intent_data[metadata][keyId]"] == ["key-1"]
+    row = purchases(credits)[-1]
+    t = credits.tables.wallets
+    with credits.db.engine.connect() as conn:
+        owner = conn.execute(sa.select(t.c.user_id, t.c.key_id).where(t.c.id == row.wallet_id)).one()
+    assert tuple(owner) == ("alice", "key-1")
+
+
+def test_the_credits_page_shows_packs_and_prices(client, login):
+    login("alice")
+    page = client.get("/credits/").get_data(as_text=True)
+    assert "Starter: 500 credits for 4.00 USD" in page
+    assert "5000 credits for 30.00 USD" in page
+    assert "Units of 100 credits at 1.00 USD each" in page
+
+
+def test_a_misconfigured_pack_is_named_in_the_error(app, client, login):
+    app.config["CREDITS_PACKS"] = {"broken": {"credits": 0, "amount": 100}}
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    login("alice")
+    with pytest.raises(RuntimeError, match=r"CREDITS_PACKS\['broken'\]"):
+        client.post("/credits/checkout", json={"pack": "broken"})
