@@ -368,7 +368,7 @@ def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | 
             purchase=fulfilled,
         )
         return "fulfilled"
-    if payment_status == "unpaid":
+    if payment_status == "unpaid" and session.get("status") == "complete":
         _set_status(ext, purchase.id, "unpaid", ("creating", "open"), in_tx)
         return "awaiting_payment"
     record_only(ext, record, "ignored", purchase.id)

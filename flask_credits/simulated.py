@@ -82,12 +82,20 @@ class SimulatedStripe:
         return None if purchase is None else self._session(purchase)
 
     def _session(self, purchase: Purchase, payment_status: str | None = None) -> dict[str, Any]:
+        """The session as Stripe would report it now, or as an event about to report it (given
+        ``payment_status``, the customer has just completed the checkout)."""
         assert purchase.session_id is not None
-        status = payment_status or ("paid" if purchase.status == "fulfilled" else "unpaid")
+        paid = payment_status or ("paid" if purchase.status == "fulfilled" else "unpaid")
+        status = "complete"
+        if payment_status is None and purchase.status in ("creating", "open"):
+            status = "open"
+        elif payment_status is None and purchase.status in ("expired", "error"):
+            status = "expired"
         return testing.session_for(
             purchase.session_id,
-            payment_status=status,
+            payment_status=paid,
             payment_intent=purchase.payment_intent or "pi_sim_" + secrets.token_hex(12),
+            status=status,
         )
 
 

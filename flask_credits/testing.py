@@ -82,7 +82,11 @@ def checkout_session(
 
 
 def session_for(
-    session_id: str, *, payment_status: str = "paid", payment_intent: str | None = None
+    session_id: str,
+    *,
+    payment_status: str = "paid",
+    payment_intent: str | None = None,
+    status: str = "complete",
 ) -> dict[str, Any]:
     """The Checkout Session of a purchase this app started, with the amount, currency and references
     from its stored row (needs an app context)."""
@@ -104,6 +108,7 @@ def session_for(
         payment_status=payment_status,
         payment_intent=payment_intent or purchase.payment_intent or _id("pi"),
         metadata=metadata,
+        status=status,
     )
 
 
