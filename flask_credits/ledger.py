@@ -17,6 +17,8 @@ to ``emit`` only after the commit.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -317,6 +319,12 @@ class Ledger:
         if entry is None and self._expiry_due(wallet, now):
             self.expire(wallet, now=now)
             entry = self._write(tx, wallet, idempotency_key, "spend", amount)
+        if entry is None and idempotency_key is not None:
+            # A concurrent call with the same key may have taken the credits and committed while
+            # this one waited for the wallet lock: that is a replay, not a refusal.
+            entry = self._replay(wallet, idempotency_key, "spend", amount)
+            if entry is not None:
+                return entry
         if entry is None:
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
@@ -360,11 +368,8 @@ class Ledger:
             if found is None:  # pragma: no cover - the spend proves the wallet exists
                 return None
             wallet_id, balance_after = found
-            returned = [_Draw(r.lot_id, -int(r.amount)) for r in taken]
-            for draw in returned:
-                conn.execute(
-                    sa.update(lt).where(lt.c.id == draw.lot_id).values(remaining=lt.c.remaining + draw.amount)
-                )
+            # The entry goes first: its unique reverses_id stops a second refund that raced past
+            # the check above before it can overfill the lots.
             entry = self._insert_entry(
                 conn,
                 wallet,
@@ -378,6 +383,11 @@ class Ledger:
                 now,
                 reverses_id=spend.id,
             )
+            returned = [_Draw(r.lot_id, -int(r.amount)) for r in taken]
+            for draw in returned:
+                conn.execute(
+                    sa.update(lt).where(lt.c.id == draw.lot_id).values(remaining=lt.c.remaining + draw.amount)
+                )
             self._insert_draws(conn, entry.id, returned)
             return entry
 
@@ -404,7 +414,7 @@ class Ledger:
             if found is None:
                 return 0, None
             wallet_id, balance = found
-            due = self._lock(
+            due = (
                 sa.select(lt.c.id, lt.c.remaining)
                 .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0, lt.c.expires_at <= now)
                 .order_by(lt.c.id)
@@ -732,7 +742,8 @@ class Ledger:
         return (w.c.user_id == wallet.user_id, w.c.key_id == (wallet.key_id or ""))
 
     def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
-        # SQLite locks the whole database for the writer already; elsewhere lock the rows read.
+        """Lock the one row (by primary key) ``query`` reads. SQLite locks the whole database for
+        the writer already. Never used for range reads: see ``_draw``."""
         return query.with_for_update() if self._lock_rows else query
 
     def _update_wallet(self, conn: Connection, stmt: sa.Update, wallet: Wallet) -> tuple[int, int] | None:
@@ -753,13 +764,14 @@ class Ledger:
         need = amount
         draws: list[_Draw] = []
         while need > 0:
+            # A plain read: the wallet row lock already keeps every other writer out of these lots,
+            # and a locking range read would take InnoDB gap locks that collide with the
+            # neighbouring wallet's lots (deadlocks between unrelated wallets).
             batch = conn.execute(
-                self._lock(
-                    sa.select(lt.c.id, lt.c.remaining)
-                    .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
-                    .order_by(sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
-                    .limit(_LOT_BATCH)
-                )
+                sa.select(lt.c.id, lt.c.remaining)
+                .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+                .order_by(sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
+                .limit(_LOT_BATCH)
             ).all()
             if not batch:
                 raise RuntimeError(
@@ -926,6 +938,8 @@ class Ledger:
                 if attempt == RETRIES - 1 or not _retryable(exc):
                     raise
                 log.warning("credits transaction retried after %s", type(exc.orig).__name__)
+                # Randomised, growing pause so the transactions that collided do not collide again.
+                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - not cryptography
         raise AssertionError("unreachable")  # pragma: no cover
 
 
