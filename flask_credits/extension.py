@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +25,7 @@ log = logging.getLogger("flask_credits")
 
 WalletLoader = Callable[[], "tuple[Any, Any] | Wallet | None"]
 WalletChecker = Callable[[str, "str | None"], bool]
+KeysLoader = Callable[[str], "Iterable[tuple[str, str]]"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -50,6 +51,7 @@ class FlaskCredits:
         self._db = db
         self._wallet_loader: WalletLoader | None = None
         self._wallet_checker: WalletChecker | None = None
+        self._keys_loader: KeysLoader | None = None
         self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
         self._gateways: dict[tuple[str, float, int], Gateway] = {}
         if db is not None:
@@ -97,9 +99,23 @@ class FlaskCredits:
         self._wallet_checker = callback
         return callback
 
+    def keys_loader(self, callback: F) -> F:
+        """Decorate a function ``(user_id) -> [(key_id, label), ...]`` listing the user's live API
+        keys: the credits page then shows each key's balance and can buy credits for it."""
+        self._keys_loader = callback
+        return callback
+
+    def api_keys(self, user_id: str) -> list[tuple[str, str]]:
+        """The user's API keys as ``(key_id, label)``, from ``keys_loader`` (none without one)."""
+        if self._keys_loader is None:
+            return []
+        return [(str(key_id), str(label)) for key_id, label in self._keys_loader(user_id)]
+
     def owns_key(self, user_id: str, key_id: str) -> bool:
-        """Whether ``key_id`` is one of the user's API keys, by the app's ``wallet_checker``. Without
-        one the app has not said it sells credits for keys, so the answer is no."""
+        """Whether ``key_id`` is one of the user's API keys, by ``keys_loader`` or else
+        ``wallet_checker``. Without either the app has not said it sells credits for keys: no."""
+        if self._keys_loader is not None:
+            return key_id in dict(self.api_keys(user_id))
         if self._wallet_checker is None:
             return False
         return bool(self._wallet_checker(user_id, key_id))

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from .extension import FlaskCredits
     from .records import Purchase, Wallet
 
-blueprint = Blueprint("credits", __name__, template_folder="templates")
+blueprint = Blueprint(
+    "credits", __name__, template_folder="templates", static_folder="static", static_url_path="/static"
+)
 
 
 def wants_json() -> bool:
@@ -71,17 +73,26 @@ def index() -> ResponseReturnValue:
     """The credits page: balance, history (keyset-paginated) and the purchase form."""
     wallet = current_wallet_or_401()
     limit, before = _page_args()
-    ledger = extension().ledger
     try:
-        entries = ledger.history(wallet, limit=limit, before=before)
+        entries = extension().ledger.history(wallet, limit=limit, before=before)
     except InvalidArgument as exc:
         abort(400, str(exc))
+    return _page(wallet, entries, next_before=entries[-1].id if len(entries) == limit else None)
+
+
+def _page(wallet: Wallet, entries: list[Any], *, next_before: int | None, error: str | None = None) -> str:
+    ext = extension()
+    keys = ext.api_keys(wallet.user_id) if wallet.key_id is None else []
     return render_template(
         "credits/index.html",
         wallet=wallet,
-        balance=ledger.balance(wallet),
+        balance=ext.ledger.balance(wallet),
+        keys=[
+            (key_id, label, ext.ledger.balance(make_wallet(wallet.user_id, key_id))) for key_id, label in keys
+        ],
         entries=entries,
-        next_before=entries[-1].id if len(entries) == limit else None,
+        next_before=next_before,
+        error=error,
     )
 
 
@@ -121,18 +132,8 @@ def _error(status: int, code: str, message: str) -> ResponseReturnValue:
     if wants_json():
         return jsonify(error=code, message=message), status
     wallet = current_wallet_or_401()
-    ledger = extension().ledger
-    return (
-        render_template(
-            "credits/index.html",
-            wallet=wallet,
-            balance=ledger.balance(wallet),
-            entries=ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"]),
-            next_before=None,
-            error=message,
-        ),
-        status,
-    )
+    entries = extension().ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"])
+    return _page(wallet, entries, next_before=None, error=message), status
 
 
 @blueprint.post("/checkout")
@@ -277,3 +278,10 @@ def credits_packs() -> list[Any]:
     from .purchases import packs
 
     return packs(current_app._get_current_object())  # type: ignore[attr-defined]
+
+
+@blueprint.app_template_global("credits_balance")
+def credits_balance() -> int | None:
+    """The current wallet's balance, or ``None`` when nobody is logged in (for a balance badge)."""
+    wallet = extension().current_wallet()
+    return None if wallet is None else extension().ledger.balance(wallet)

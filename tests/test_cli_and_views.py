@@ -113,3 +113,44 @@ def test_credits_page_shows_balance_and_history(client, login, credits):
     page = client.get("/credits/").get_data(as_text=True)
     assert 'data-testid="balance">42<' in page
     assert "welcome bonus" in page
+
+
+def test_credits_page_lists_each_api_keys_balance_and_offers_to_buy_for_it(client, login, credits):
+    @credits.keys_loader
+    def keys(user_id):
+        return [("key-1", "laptop"), ("key-2", "ci")] if user_id == "alice" else []
+
+    credits.grant("alice", 3, key_id="key-1", reason="x")
+    login("alice")
+    page = client.get("/credits/", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert 'data-testid="key-balance-key-1">3<' in page
+    assert 'data-testid="key-balance-key-2">0<' in page
+    assert '<option value="key-2">API key ci</option>' in page
+    assert credits.owns_key("alice", "key-2")
+    assert not credits.owns_key("bob", "key-2")
+
+
+def test_template_helpers_render_a_badge_and_a_purchase_button(app, client, login, credits):
+    @app.get("/layout")
+    def layout():
+        from flask import render_template_string
+
+        return render_template_string(
+            '{% import "credits/macros.html" as ui %}{{ ui.balance_badge() }}{{ ui.purchase_button(quantity=5) }}'
+        )
+
+    assert client.get("/layout").get_data(as_text=True).count("credits-badge") == 0  # anonymous: no badge
+    credits.grant("alice", 12, reason="x")
+    login("alice")
+    html = client.get("/layout").get_data(as_text=True)
+    assert 'data-testid="credits-balance">12<' in html
+    assert 'action="/credits/checkout"' in html
+    assert 'name="quantity" value="5"' in html
+    assert "b.disabled=true" in html
+
+
+def test_the_stylesheet_is_served(client):
+    response = client.get("/credits/static/credits.css")
+    assert response.status_code == 200
+    assert b".credits-badge" in response.data
+    response.close()
