@@ -72,6 +72,28 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         admin.dispose()
 
 
+def drop_all_tables(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            found = sa.MetaData()
+            found.reflect(conn)
+            found.drop_all(conn)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def empty_database(database_url: str) -> Iterator[str]:
+    """The session's database with no table at all, before and after the test (other modules leave
+    their create_all() tables behind; a migration must start from nothing)."""
+    drop_all_tables(database_url)
+    try:
+        yield database_url
+    finally:
+        drop_all_tables(database_url)
+
+
 @pytest.fixture
 def backend(database_url: str) -> str:
     return sa.make_url(database_url).get_backend_name()

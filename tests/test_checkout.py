@@ -48,9 +48,7 @@ def purchases(credits):
         return conn.execute(sa.select(p).order_by(p.c.id)).all()
 
 
-def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(
-    client, login, credits, stripe
-):
+def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(client, login, credits, stripe):
     testing.mock_create_session(stripe, "cs_test_q1")
     login("alice")
     response = client.post("/credits/checkout", data={"quantity": "3", "credits": "999999"})
@@ -78,7 +76,12 @@ def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(
     assert headers["Idempotency-Key"] == row.attempt_key
     assert headers["Authorization"] == f"Bearer {SECRET}"
     assert (row.session_id, row.status, row.credits, row.amount, row.currency, row.quantity) == (
-        "cs_test_q1", "open", 300, 300, "usd", 3,
+        "cs_test_q1",
+        "open",
+        300,
+        300,
+        "usd",
+        3,
     )
     assert credits.balance("alice") == 0
 
@@ -171,9 +174,17 @@ def test_anonymous_checkout_is_refused(client, credits, stripe):
 @pytest.mark.parametrize(
     ("status", "error", "kind_text"),
     [
-        (402, {"type": "card_error", "code": "card_declined", "message": "Your card was declined."}, "declined"),
+        (
+            402,
+            {"type": "card_error", "code": "card_declined", "message": "Your card was declined."},
+            "declined",
+        ),
         # Stripe masks the key in this message, as here; the full key must not appear anywhere.
-        (401, {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****ged"}, "not configured"),
+        (
+            401,
+            {"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****ged"},
+            "not configured",
+        ),
         (429, {"type": "invalid_request_error", "code": "rate_limit", "message": "Too many"}, "busy"),
         (400, {"type": "invalid_request_error", "message": "bad param"}, "refused"),
         (500, {"type": "api_error", "message": "boom"}, "problem"),
@@ -195,7 +206,9 @@ def test_stripe_errors_give_a_clear_502_and_leave_no_creditable_purchase(
     assert SECRET not in response.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("failure", [requests.exceptions.ConnectionError("down"), requests.exceptions.Timeout("slow")])
+@pytest.mark.parametrize(
+    "failure", [requests.exceptions.ConnectionError("down"), requests.exceptions.Timeout("slow")]
+)
 def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, stripe, failure):
     stripe.add(responses.POST, f"{testing.STRIPE_API}/v1/checkout/sessions", body=failure)
     login("alice")
@@ -209,7 +222,10 @@ def test_missing_secret_key_is_a_clear_502_without_calling_stripe(app, client, l
     app.config["STRIPE_SECRET_KEY"] = None
     login("alice")
     response = client.post("/credits/checkout", json={"quantity": 1})
-    assert (response.status_code, response.json["message"]) == (502, "Payments are not configured on this site yet.")
+    assert (response.status_code, response.json["message"]) == (
+        502,
+        "Payments are not configured on this site yet.",
+    )
     assert len(stripe.calls) == 0
 
 

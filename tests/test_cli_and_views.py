@@ -136,7 +136,8 @@ def test_template_helpers_render_a_badge_and_a_purchase_button(app, client, logi
         from flask import render_template_string
 
         return render_template_string(
-            '{% import "credits/macros.html" as ui %}{{ ui.balance_badge() }}{{ ui.purchase_button(quantity=5) }}'
+            '{% import "credits/macros.html" as ui %}'
+            "{{ ui.balance_badge() }}{{ ui.purchase_button(quantity=5) }}"
         )
 
     assert client.get("/layout").get_data(as_text=True).count("credits-badge") == 0  # anonymous: no badge

@@ -23,9 +23,7 @@ def lots_of(credits, user, key=None):
     t = credits.tables
     with credits.db.engine.connect() as conn:
         wallet_id = conn.execute(
-            sa.select(t.wallets.c.id).where(
-                t.wallets.c.user_id == user, t.wallets.c.key_id == (key or "")
-            )
+            sa.select(t.wallets.c.id).where(t.wallets.c.user_id == user, t.wallets.c.key_id == (key or ""))
         ).scalar_one()
         return [
             (r.amount, r.remaining)
@@ -313,7 +311,10 @@ def test_database_refuses_a_zero_entry_and_a_duplicate_key(credits, db):
     grant = credits.grant("alice", 3, reason="x", idempotency_key="k")
     e = credits.tables.entries
     row = {
-        "wallet_id": None, "balance_after": 3, "kind": "grant", "reason": "x",
+        "wallet_id": None,
+        "balance_after": 3,
+        "kind": "grant",
+        "reason": "x",
         "created_at": grant.created_at,
     }
     with db.engine.connect() as conn:

@@ -76,6 +76,12 @@ def test_receivers_connected_via_another_app_are_not_called(app, credits):
 def test_signal_names_are_kebab_case_in_one_namespace():
     names = {getattr(signals, n).name for n in signals.__all__}
     assert names == {
-        "credits-granted", "credits-spent", "credits-refunded", "credits-insufficient",
-        "credits-expired", "credits-purchased", "credits-revoked", "credits-payment-failed",
+        "credits-granted",
+        "credits-spent",
+        "credits-refunded",
+        "credits-insufficient",
+        "credits-expired",
+        "credits-purchased",
+        "credits-revoked",
+        "credits-payment-failed",
     }

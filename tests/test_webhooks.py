@@ -116,7 +116,15 @@ def test_a_reserialised_body_fails_the_signature(client, credits, paid_payload):
     assert credits.balance("alice") == 0
 
 
-@pytest.mark.parametrize("body", ["not json", "[1, 2]", '{"object": "event"}', '{"id": "evt_1", "object": "event", "type": "x", "data": 5}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        "[1, 2]",
+        '{"object": "event"}',
+        '{"id": "evt_1", "object": "event", "type": "x", "data": 5}',
+    ],
+)
 def test_signed_bodies_that_are_not_stripe_events_are_400(client, credits, body):
     response = client.post("/credits/stripe-webhook", data=body, headers=signed(body))
     assert response.status_code == 400
@@ -190,7 +198,10 @@ def test_different_events_for_one_session_credit_once(app, client, credits, buy)
     sid = buy()
     paid = session(app, sid)
     assert deliver(client, "checkout.session.completed", paid).json["outcome"] == "fulfilled"
-    assert deliver(client, "checkout.session.async_payment_succeeded", paid).json["outcome"] == "already_fulfilled"
+    assert (
+        deliver(client, "checkout.session.async_payment_succeeded", paid).json["outcome"]
+        == "already_fulfilled"
+    )
     assert credits.balance("alice") == 200
     assert len(events(credits)) == 2
 
@@ -225,13 +236,20 @@ def test_amount_or_currency_mismatch_is_not_credited(app, client, credits, buy, 
     assert deliver(client, "checkout.session.completed", tampered).json["outcome"] == "amount_mismatch"
     assert credits.balance("alice") == 0
     assert purchase(credits, sid).status == "mismatch"
-    assert deliver(client, "checkout.session.completed", session(app, sid)).json["outcome"] == "not_fulfillable"
+    assert (
+        deliver(client, "checkout.session.completed", session(app, sid)).json["outcome"] == "not_fulfillable"
+    )
     assert credits.balance("alice") == 0
 
 
 def test_delayed_payment_waits_then_succeeds(app, client, credits, buy):
     sid = buy()
-    assert deliver(client, "checkout.session.completed", session(app, sid, payment_status="unpaid")).json["outcome"] == "awaiting_payment"
+    assert (
+        deliver(client, "checkout.session.completed", session(app, sid, payment_status="unpaid")).json[
+            "outcome"
+        ]
+        == "awaiting_payment"
+    )
     assert (purchase(credits, sid).status, credits.balance("alice")) == ("unpaid", 0)
     deliver(client, "checkout.session.async_payment_succeeded", session(app, sid))
     assert (purchase(credits, sid).status, credits.balance("alice")) == ("fulfilled", 200)
@@ -263,7 +281,9 @@ def test_other_event_types_are_recorded_as_ignored(client, credits):
     assert (response.status_code, response.json["outcome"]) == (200, "ignored")
 
 
-def test_webhook_arriving_before_the_checkout_view_saved_the_session_still_credits(app, client, credits, login, stripe):
+def test_webhook_arriving_before_the_checkout_view_saved_the_session_still_credits(
+    app, client, credits, login, stripe
+):
     """Stripe can deliver before POST /checkout has stored the session id: the client_reference_id
     (our attempt key) finds the pending row."""
     login("alice")
@@ -275,7 +295,9 @@ def test_webhook_arriving_before_the_checkout_view_saved_the_session_still_credi
         reference = parse_qs(request.body)["client_reference_id"][0]
         early = testing.checkout_session("cs_test_early", amount_total=200, client_reference_id=reference)
         assert deliver(client, "checkout.session.completed", early).json["outcome"] == "fulfilled"
-        body = testing.checkout_session("cs_test_early", amount_total=200, status="open", payment_status="unpaid")
+        body = testing.checkout_session(
+            "cs_test_early", amount_total=200, status="open", payment_status="unpaid"
+        )
         return 200, {}, json.dumps(body)
 
     stripe.add_callback(responses.POST, f"{testing.STRIPE_API}/v1/checkout/sessions", callback=reply)
@@ -320,7 +342,9 @@ def test_success_page_for_someone_elses_session_is_404(app, client, credits, buy
 
 def test_cancel_page(client, login):
     login("alice")
-    assert "Nothing was charged" in client.get("/credits/cancel", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert "Nothing was charged" in client.get("/credits/cancel", headers={"Accept": "text/html"}).get_data(
+        as_text=True
+    )
 
 
 # -- refunds and disputes -----------------------------------------------------------------------
@@ -337,7 +361,9 @@ def bought(app, client, credits, buy):
 
 
 def refund(client, pi, refunded, **kwargs):
-    return deliver(client, "charge.refunded", testing.charge(pi, amount=1000, amount_refunded=refunded), **kwargs)
+    return deliver(
+        client, "charge.refunded", testing.charge(pi, amount=1000, amount_refunded=refunded), **kwargs
+    )
 
 
 def test_full_refund_claws_back_every_credit(client, credits, bought, received):
@@ -369,7 +395,9 @@ def test_replayed_refund_event_changes_nothing(client, credits, bought):
     assert credits.balance("alice") == 500
 
 
-def test_refund_after_spending_leaves_debt_that_the_next_purchase_pays_first(app, client, credits, bought, buy):
+def test_refund_after_spending_leaves_debt_that_the_next_purchase_pays_first(
+    app, client, credits, bought, buy
+):
     _, pi = bought
     credits.spend("alice", 900, reason="big job")
     refund(client, pi, 1000)
@@ -400,7 +428,9 @@ def test_refund_before_the_purchase_event_arrives_fulfils_then_claws_back(app, c
 
 def test_refund_for_a_payment_this_app_does_not_know_is_recorded(client, credits, stripe):
     testing.mock_find_session(stripe, "pi_test_unknown", None)
-    response = deliver(client, "charge.refunded", testing.charge("pi_test_unknown", amount=100, amount_refunded=100))
+    response = deliver(
+        client, "charge.refunded", testing.charge("pi_test_unknown", amount=100, amount_refunded=100)
+    )
     assert (response.status_code, response.json["outcome"]) == (200, "unmatched")
 
 
@@ -432,7 +462,9 @@ def test_dispute_closed_won_after_withdrawal_gives_back(client, credits, bought)
 
 def test_dispute_warning_closed_moves_nothing(client, credits, bought):
     _, pi = bought
-    response = deliver(client, "charge.dispute.closed", testing.dispute(pi, amount=1000, status="warning_closed"))
+    response = deliver(
+        client, "charge.dispute.closed", testing.dispute(pi, amount=1000, status="warning_closed")
+    )
     assert response.json["outcome"] == "ignored"
     assert credits.balance("alice") == 1000
 
@@ -440,7 +472,9 @@ def test_dispute_warning_closed_moves_nothing(client, credits, bought):
 # -- failures and concurrency ---------------------------------------------------------------------
 
 
-def test_database_failure_mid_webhook_is_5xx_leaves_nothing_and_the_retry_credits(app, client, credits, db, buy):
+def test_database_failure_mid_webhook_is_5xx_leaves_nothing_and_the_retry_credits(
+    app, client, credits, db, buy
+):
     sid = buy()
     stripe_event = testing.event("checkout.session.completed", session(app, sid))
     fail = {"armed": True}

@@ -1,0 +1,74 @@
+"""An example app for flask_credits: sign up, buy credits, spend them generating personas.
+
+    flask --app example_app db upgrade      # create the tables (SQLite in instance/ by default)
+    flask --app example_app run --debug
+
+Environment: ``DATABASE_URL`` (e.g. ``postgresql+psycopg://user@host/db``; SQLite in the instance folder
+when unset), ``SECRET_KEY`` (set it anywhere but on your own machine), ``CREDITS_STRIPE_MODE``
+("simulated" by default in debug and testing: an offline checkout, no Stripe account needed; "live"
+otherwise, with the ``STRIPE_*`` keys). Config keys of its own: ``PERSONA_COST`` (credits per
+persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from . import auth, keys, notifications, views
+from .extensions import credits, csrf, login_manager, migrate
+from .models import db
+
+#: The top-level ``migrations/`` folder of this repository, whatever the working directory.
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app; ``config`` overrides the defaults and the environment (tests use it)."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(
+        SECRET_KEY=os.environ.get("SECRET_KEY", "dev-only-secret-key-change-me"),
+        SQLALCHEMY_DATABASE_URI=database_url(os.environ.get("DATABASE_URL")),
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERSONA_COST=5,
+        LOW_BALANCE_THRESHOLD=10,
+    )
+    app.config.update(config or {})
+    # flask_credits refuses the simulated Stripe outside debug and testing, so that a deployed app
+    # cannot fake payments: simulated under `flask run --debug` and in tests, live otherwise (which
+    # also lets `flask db upgrade` and `flask credits ...` run without --debug).
+    app.config.setdefault(
+        "CREDITS_STRIPE_MODE",
+        os.environ.get("CREDITS_STRIPE_MODE") or ("simulated" if app.debug or app.testing else "live"),
+    )
+    if not app.config["SQLALCHEMY_DATABASE_URI"]:
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{Path(app.instance_path) / 'example.sqlite3'}"
+
+    db.init_app(app)
+    # The schema comes from migrations/ (flask db upgrade), never from db.create_all().
+    migrate.init_app(app, db, directory=str(MIGRATIONS))
+    login_manager.init_app(app)
+    csrf.init_app(app)
+    credits.init_app(app)  # after db.init_app: the credits tables live in this app's database
+    notifications.connect(app)
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(views.main)
+    app.register_blueprint(views.api)
+    app.register_blueprint(keys.bp)
+    return app
+
+
+def database_url(url: str | None) -> str | None:
+    """``DATABASE_URL`` with the drivers this project installs (psycopg 3, PyMySQL) made explicit, since
+    hosting services hand out ``postgres://`` and ``mysql://`` URLs."""
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    drivers = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+    return f"{drivers.get(scheme, scheme)}{sep}{rest}"

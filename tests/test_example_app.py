@@ -1,0 +1,339 @@
+"""example_app end to end: accounts, personas paid with credits, API keys with wallets of their own,
+signals and CSRF, on the schema built by migrations/."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import flask_migrate
+import pytest
+import sqlalchemy as sa
+
+from example_app import create_app
+from example_app.extensions import credits
+from example_app.models import User, db
+from example_app.personas import generate_persona
+
+HTML = {"Accept": "text/html"}
+PASSWORD = "correct horse battery"
+
+
+def build_app(database_url: str, **config: object):
+    return create_app(
+        {"TESTING": True, "WTF_CSRF_ENABLED": False, "SQLALCHEMY_DATABASE_URI": database_url, **config}
+    )
+
+
+@pytest.fixture
+def app(empty_database):
+    app = build_app(empty_database)
+    with app.app_context():
+        flask_migrate.upgrade()
+    yield app  # no app context held: each request gets its own g and session
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def sign_up(client, username: str = "ada"):
+    form = {"username": username, "password": PASSWORD, "confirm": PASSWORD}
+    return client.post("/signup", data=form)
+
+
+def log_in(client, username: str = "ada", password: str = PASSWORD, next_url: str | None = None):
+    url = "/login" + (f"?next={next_url}" if next_url else "")
+    return client.post(url, data={"username": username, "password": password})
+
+
+def user_id(app, username: str = "ada") -> str:
+    with app.app_context():
+        return str(db.session.scalar(sa.select(User.id).where(User.username == username)))
+
+
+def balance(app, user: str, key_id: str | None = None) -> int:
+    with app.app_context():
+        return credits.balance(user, key_id)
+
+
+def grant(app, user: str, amount: int, key_id: str | None = None):
+    args = ["credits", "grant", user, str(amount), "--reason", "test"]
+    return app.test_cli_runner().invoke(args=[*args, "--key", key_id] if key_id else args)
+
+
+def new_key(response) -> tuple[str, str]:
+    """The id and the secret on the "key created" page, the only place the secret is shown."""
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    page = response.get_data(as_text=True)
+    key_id = re.search(r'data-testid="key-id">([^<]+)<', page)
+    secret = re.search(r'data-testid="secret">([^<]+)<', page)
+    assert key_id is not None
+    assert secret is not None
+    return key_id.group(1), secret.group(1)
+
+
+def create_key(client, name: str = "laptop") -> tuple[str, str]:
+    return new_key(client.post("/keys/", data={"name": name}))
+
+
+def csrf_token(client, path: str) -> str:
+    page = client.get(path).get_data(as_text=True)
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page)
+    assert token is not None
+    return token.group(1)
+
+
+def make_persona(client, seed: str = "lighthouse"):
+    return client.post("/personas", data={"seed": seed}, headers=HTML)
+
+
+def api_persona(client, secret: str | None, seed: str = "lighthouse"):
+    headers = {"X-API-Key": secret} if secret is not None else {}
+    return client.post("/api/personas", json={"seed": seed}, headers=headers)
+
+
+# -- accounts ---------------------------------------------------------------------------------------
+
+
+def test_sign_up_log_out_and_log_back_in(client):
+    assert client.get("/").status_code == 200
+    response = sign_up(client)
+    assert response.status_code == 302
+    assert "Log out" in client.get("/").get_data(as_text=True)  # signed up is logged in
+
+    assert client.post("/logout").status_code == 302
+    response = client.get("/personas")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login?next=")
+
+    assert log_in(client, password="wrong password").status_code == 400
+    response = log_in(client, "ADA", next_url="/personas")  # usernames are case-insensitive
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/personas"
+    assert client.get("/personas").status_code == 200
+
+
+def test_sign_up_refuses_a_taken_name_and_a_short_password(client):
+    assert sign_up(client).status_code == 302
+    client.post("/logout")
+    response = sign_up(client, "Ada")
+    assert response.status_code == 400
+    assert "That username is taken." in response.get_data(as_text=True)
+    response = client.post("/signup", data={"username": "bea", "password": "short", "confirm": "short"})
+    assert response.status_code == 400
+
+
+def test_log_in_never_redirects_to_another_site(client):
+    sign_up(client)
+    client.post("/logout")
+    response = log_in(client, next_url="//evil.example/")
+    assert response.headers["Location"] == "/"
+
+
+def test_password_is_stored_hashed(app, client):
+    sign_up(client)
+    with app.app_context():
+        user = db.session.scalar(sa.select(User))
+        assert user.password_hash != PASSWORD
+        assert user.check_password(PASSWORD)
+
+
+# -- personas paid with credits ---------------------------------------------------------------------
+
+
+def test_persona_costs_five_credits_and_needs_them(app, client):
+    sign_up(client)
+    uid = user_id(app)
+
+    response = make_persona(client)
+    assert response.status_code == 402
+    page = response.get_data(as_text=True)
+    assert '<a href="/credits/">Buy credits</a>' in page
+    assert "Persona Studio" in page  # the credits templates use the app's layout
+
+    result = grant(app, uid, 20)
+    assert result.exit_code == 0, result.output
+    response = make_persona(client)
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert generate_persona("lighthouse").name in page
+    assert 'data-testid="balance">15<' in page
+    assert balance(app, uid) == 15
+
+
+def test_an_invalid_seed_costs_nothing(app, client):
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 20)
+    assert make_persona(client, seed="   ").status_code == 400
+    assert balance(app, uid) == 20
+
+
+def test_the_price_comes_from_the_config(database_url, app):
+    client = build_app(database_url, PERSONA_COST=7).test_client()
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 10)
+    assert make_persona(client).status_code == 200
+    assert balance(app, uid) == 3
+
+
+def test_the_same_seed_gives_the_same_persona():
+    persona = generate_persona("lighthouse")
+    assert persona == generate_persona("lighthouse")
+    assert persona != generate_persona("lighthouses")
+    assert 18 <= persona.age < 78
+    assert persona.name.split()[0] in persona.bio
+
+
+# -- signals ----------------------------------------------------------------------------------------
+
+
+def test_low_balance_is_logged_and_shown(app, client, caplog):
+    caplog.set_level(logging.INFO, logger="example_app")
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 14)
+
+    page = make_persona(client).get_data(as_text=True)  # 9 left: below the threshold of 10
+    assert f"low balance: wallet user {uid} has 9 credits left" in caplog.text
+    assert "You have 9 credits left." in page
+
+    make_persona(client)  # 4 left
+    make_persona(client)  # refused
+    assert f"insufficient credits: wallet user {uid} needs 5, holds 4" in caplog.text
+
+
+# -- API keys ---------------------------------------------------------------------------------------
+
+
+def test_an_api_key_spends_from_its_own_wallet(app, client):
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 20)
+    key_id, secret = create_key(client)
+    assert key_id in client.get("/keys/").get_data(as_text=True)
+
+    response = api_persona(client, secret)
+    assert response.status_code == 402
+    body = response.get_json()
+    assert (body["error"], body["required"], body["balance"]) == ("insufficient_credits", 5, 0)
+    assert body["purchase_url"] == "/credits/"
+
+    result = grant(app, uid, 12, key_id)
+    assert result.exit_code == 0, result.output
+    response = api_persona(client, secret)
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "persona": generate_persona("lighthouse").to_dict(),
+        "cost": 5,
+        "balance": 7,
+    }
+    assert balance(app, uid, key_id) == 7
+    assert balance(app, uid) == 20  # the user's own wallet is untouched
+    response = client.get("/credits/balance", headers={"X-API-Key": secret})
+    assert response.get_json() == {"user_id": uid, "key_id": key_id, "balance": 7}
+
+
+def test_credits_bought_for_a_key_with_the_simulated_checkout_are_the_keys(app, client, caplog):
+    caplog.set_level(logging.INFO, logger="example_app")
+    sign_up(client)
+    uid = user_id(app)
+    key_id, secret = create_key(client)
+    assert f"key-balance-{key_id}" in client.get("/credits/", headers=HTML).get_data(as_text=True)
+
+    response = client.post("/credits/checkout", data={"quantity": "1", "key_id": key_id}, headers=HTML)
+    assert response.status_code == 303
+    assert client.post(response.headers["Location"], data={"action": "pay"}).status_code == 303
+    assert balance(app, uid, key_id) == 100
+    assert balance(app, uid) == 0
+    assert f"purchase: wallet user {uid} key {key_id} bought 100 credits" in caplog.text
+    assert api_persona(client, secret).status_code == 200
+
+
+def test_the_api_also_accepts_the_session(app, client):
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 5)
+    response = client.post("/api/personas", json={"seed": "harbour"})
+    assert response.status_code == 200
+    assert response.get_json()["balance"] == 0
+    assert balance(app, uid) == 0
+
+
+def test_a_bad_api_request_costs_nothing(app, client):
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 5)
+    assert client.post("/api/personas", json={"seed": ""}).status_code == 400
+    assert client.post("/api/personas", json=["lighthouse"]).status_code == 400
+    assert client.post("/api/personas", data={"seed": "lighthouse"}).status_code == 415
+    assert balance(app, uid) == 5
+
+
+def test_revoked_and_unknown_keys_get_401(app, client):
+    sign_up(client)
+    uid = user_id(app)
+    grant(app, uid, 20)
+    key_id, secret = create_key(client)
+    grant(app, uid, 20, key_id)
+
+    assert client.post(f"/keys/{key_id}/revoke").status_code == 302
+    assert "Revoked" in client.get("/keys/").get_data(as_text=True)
+    for key in (secret, "sk_not-a-key", ""):
+        response = api_persona(client, key)
+        assert response.status_code == 401
+        assert response.get_json()["error"] == "unauthorized"
+    # The session is still logged in: a bad key is refused, not charged to the user instead.
+    assert balance(app, uid) == 20
+    assert balance(app, uid, key_id) == 20
+    assert grant(app, uid, 5, key_id).exit_code != 0  # nor can it be topped up
+
+
+def test_without_a_key_or_a_session_the_api_answers_401(client):
+    response = api_persona(client, None)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "unauthorized"
+
+
+def test_keys_belong_to_their_owner(app, client):
+    sign_up(client)
+    key_id, _ = create_key(client)
+    client.post("/logout")
+    sign_up(client, "bea")
+
+    assert client.post(f"/keys/{key_id}/revoke").status_code == 404
+    assert key_id not in client.get("/keys/").get_data(as_text=True)
+    result = grant(app, user_id(app, "bea"), 5, key_id)
+    assert result.exit_code != 0
+    assert "unknown user" in result.output
+
+
+def test_pages_need_a_login(client):
+    for path in ("/keys/", "/personas", "/credits/"):
+        response = client.get(path, headers=HTML)
+        assert response.status_code == 302, path
+        assert response.headers["Location"].startswith("/login?next="), path
+
+
+# -- CSRF -------------------------------------------------------------------------------------------
+
+
+def test_forms_need_a_csrf_token_but_the_api_does_not(app, database_url):
+    client = build_app(database_url, WTF_CSRF_ENABLED=True).test_client()
+    form = {"username": "ada", "password": PASSWORD, "confirm": PASSWORD}
+
+    assert client.post("/signup", data=form).status_code == 400
+    form["csrf_token"] = csrf_token(client, "/signup")
+    assert client.post("/signup", data=form).status_code == 302
+    assert client.post("/keys/", data={"name": "no token"}).status_code == 400
+    token = csrf_token(client, "/keys/")
+    _, secret = new_key(client.post("/keys/", data={"name": "ci", "csrf_token": token}))
+
+    # No token, yet past CSRF: all this request lacks is credits.
+    assert api_persona(client, secret).status_code == 402

@@ -1,0 +1,161 @@
+"""Exact statement counts per ledger operation, so that a regression in round trips shows without timing.
+
+Statements are counted with SQLAlchemy's ``before_cursor_execute`` event on ``db.engine``, commits and
+rollbacks with its ``commit`` / ``rollback`` events. The ``BEGIN`` a driver sends by itself (psycopg
+before the first statement of a transaction, sqlite3 before the first write) is not an event and is not
+counted. MariaDB/MySQL cannot ``UPDATE ... RETURNING``, so every wallet update there is followed by a
+``SELECT`` of the row it changed. ``python -m bench`` prints the same counts next to the timings.
+
+If an intended change alters a count, update the table below (and say why in the commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import event
+
+from flask_credits import InsufficientCredits, requires_credits
+
+#: (statements, commits, rollbacks) per operation; "mysql" (MariaDB/MySQL) where it differs.
+EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
+    # UPDATE wallet RETURNING; SELECT lots FOR UPDATE; UPDATE lot; INSERT entry; INSERT draw
+    "spend": {"default": (5, 1, 0), "mysql": (6, 1, 0)},
+    # SELECT the key's entry; then the spend
+    "spend with a new idempotency key": {"default": (6, 1, 1), "mysql": (7, 1, 1)},
+    # SELECT the key's entry: nothing written
+    "replayed spend": {"default": (1, 0, 1), "mysql": (1, 0, 1)},
+    # UPDATE wallet (no row); SELECT next_expiry; SELECT balance
+    "refused spend": {"default": (3, 1, 2), "mysql": (3, 1, 2)},
+    # UPDATE wallet RETURNING; INSERT entry; INSERT lot
+    "grant to an existing wallet": {"default": (3, 1, 0), "mysql": (4, 1, 0)},
+    "balance": {"default": (1, 0, 1), "mysql": (1, 0, 1)},
+    "history page": {"default": (1, 0, 1), "mysql": (1, 0, 1)},
+}
+
+
+@dataclass
+class Counter:
+    statements: list[str] = field(default_factory=list)
+    commits: int = 0
+    rollbacks: int = 0
+
+    def reset(self) -> None:
+        self.statements.clear()
+        self.commits = self.rollbacks = 0
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        return len(self.statements), self.commits, self.rollbacks
+
+
+@pytest.fixture
+def counter(db) -> Iterator[Counter]:
+    found = Counter()
+
+    def statement(conn, cursor, sql, parameters, context, executemany) -> None:
+        found.statements.append(sql)
+
+    def commit(conn) -> None:
+        found.commits += 1
+
+    def rollback(conn) -> None:
+        found.rollbacks += 1
+
+    engine = db.engine
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    event.listen(engine, "rollback", rollback)
+    yield found
+    event.remove(engine, "before_cursor_execute", statement)
+    event.remove(engine, "commit", commit)
+    event.remove(engine, "rollback", rollback)
+
+
+def expected(operation: str, backend: str) -> tuple[int, int, int]:
+    table = EXPECTED[operation]
+    return table["mysql" if backend in ("mysql", "mariadb") else "default"]
+
+
+def count(counter: Counter, op: Callable[[], object], times: int = 3) -> list[tuple[int, int, int]]:
+    """The counts of ``times`` calls, each on its own (every call must send the same)."""
+    out = []
+    for _ in range(times):
+        counter.reset()
+        op()
+        out.append(counter.counts)
+    return out
+
+
+@pytest.fixture
+def funded(credits) -> str:
+    credits.grant("alice", 1_000, reason="test")
+    credits.spend("alice", 1, reason="warm-up")  # the pool holds a used connection, caches are warm
+    return "alice"
+
+
+def test_spend_fast_path(credits, counter, funded, backend):
+    results = count(counter, lambda: credits.spend(funded, 1, reason="test"))
+    assert results == [expected("spend", backend)] * 3
+    assert counter.statements[0].lstrip().upper().startswith("UPDATE CREDITS_WALLETS")
+
+
+def test_spend_with_a_new_idempotency_key(credits, counter, funded, backend):
+    keys = iter(["k1", "k2", "k3"])
+    results = count(counter, lambda: credits.spend(funded, 1, reason="test", idempotency_key=next(keys)))
+    assert results == [expected("spend with a new idempotency key", backend)] * 3
+
+
+def test_replayed_idempotent_spend_reads_once_and_writes_nothing(credits, counter, funded, backend):
+    first = credits.spend(funded, 2, reason="test", idempotency_key="job-1")
+    results = count(counter, lambda: credits.spend(funded, 2, reason="test", idempotency_key="job-1"))
+    assert results == [expected("replayed spend", backend)] * 3
+    assert all(s.lstrip().upper().startswith("SELECT") for s in counter.statements)
+    assert credits.history(funded, limit=1)[0].id == first.id
+
+
+def test_refused_spend(credits, counter, backend):
+    credits.grant("bob", 1, reason="test")
+    credits.spend("bob", 1, reason="test")
+
+    def refused() -> None:
+        with pytest.raises(InsufficientCredits):
+            credits.spend("bob", 1, reason="test")
+
+    assert count(counter, refused) == [expected("refused spend", backend)] * 3
+
+
+def test_grant_to_an_existing_wallet(credits, counter, funded, backend):
+    results = count(counter, lambda: credits.grant(funded, 5, reason="test"))
+    assert results == [expected("grant to an existing wallet", backend)] * 3
+
+
+def test_balance(credits, counter, funded, backend):
+    assert count(counter, lambda: credits.balance(funded)) == [expected("balance", backend)] * 3
+
+
+def test_history_page(credits, counter, funded, backend):
+    for _ in range(30):
+        credits.spend(funded, 1, reason="test")
+    page = credits.history(funded, limit=10)
+    results = count(counter, lambda: credits.history(funded, limit=10, before=page[-1].id))
+    assert results == [expected("history page", backend)] * 3
+
+
+def test_a_decorated_request_adds_exactly_one_spend(app, client, login, credits, counter, funded, backend):
+    @app.post("/free")
+    def free() -> str:
+        return "ok"
+
+    @app.post("/paid")
+    @requires_credits(1)
+    def paid() -> str:
+        return "ok"
+
+    login(funded)
+    free_counts = count(counter, lambda: client.post("/free"))
+    paid_counts = count(counter, lambda: client.post("/paid"))
+    assert free_counts == [(0, 0, 0)] * 3
+    assert paid_counts == [expected("spend", backend)] * 3
