@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import responses
@@ -548,4 +549,29 @@ def test_webhook_and_success_page_racing_credit_once(app, credits, buy, stripe):
         t.join(timeout=60)
     assert codes == [200] * 6
     assert credits.balance("alice") == 400
+    assert credits.audit() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "data", "lifetime"),
+    [
+        ({"CREDITS_PURCHASE_EXPIRES_AFTER": 3600}, {"quantity": 2}, timedelta(hours=1)),
+        ({"CREDITS_PURCHASE_EXPIRES_AFTER": timedelta(days=2)}, {"quantity": 2}, timedelta(days=2)),
+        (
+            {"CREDITS_PACKS": {"trial": {"credits": 200, "amount": 200, "expires_after": 60}}},
+            {"pack": "trial"},
+            timedelta(minutes=1),
+        ),
+    ],
+)
+def test_purchased_credits_expire_when_configured(app, client, credits, buy, clock, config, data, lifetime):
+    app.config.update(config)
+    sid = buy(**data)
+    deliver(client, "checkout.session.completed", session(app, sid))
+    assert credits.balance("alice") == 200
+    clock.advance(seconds=lifetime.total_seconds() - 1)
+    assert credits.balance("alice") == 200
+    clock.advance(seconds=2)
+    assert credits.balance("alice") == 0
+    assert credits.history("alice")[0].kind == "expire"
     assert credits.audit() == []
