@@ -318,10 +318,8 @@ def purchase_for_session(ext: FlaskCredits, session: Mapping[str, Any]) -> Purch
 def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
     """Credit the purchase of a Checkout Session if it is paid, exactly once; idempotent and safe to
     run concurrently from webhooks and the success page. Returns what happened."""
-    purchase = purchase_for_session(ext, session)
+    purchase = _purchase_of(ext, session, record)
     if purchase is None:
-        log.warning("Checkout Session %s is not one of this app's purchases", session.get("id"))
-        record_only(ext, record, "unknown_session", None)
         return "unknown_session"
     in_tx = record.bind("processed", purchase.id) if record else None
     amount, currency = session.get("amount_total"), str(session.get("currency") or "").lower()
@@ -375,25 +373,33 @@ def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | 
     return "ignored"
 
 
-def mark_failed(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
-    purchase = purchase_for_session(ext, session)
+def mark(
+    ext: FlaskCredits,
+    session: Mapping[str, Any],
+    status: str,
+    from_statuses: tuple[str, ...],
+    *,
+    record: Recorder | None = None,
+) -> str:
+    """Move a session's purchase to ``failed`` or ``expired`` (no credits move), once."""
+    purchase = _purchase_of(ext, session, record)
     if purchase is None:
-        record_only(ext, record, "unknown_session", None)
         return "unknown_session"
     in_tx = record.bind("processed", purchase.id) if record else None
-    if _set_status(ext, purchase.id, "failed", FULFILLABLE, in_tx):
+    if not _set_status(ext, purchase.id, status, from_statuses, in_tx):
+        return "unchanged"
+    if status == "failed":
         ext.emit(signals.credits_payment_failed, wallet=purchase.wallet, purchase=find(ext, id=purchase.id))
-        return "failed"
-    return "unchanged"
+    return status
 
 
-def mark_expired(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
+def _purchase_of(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder | None) -> Purchase | None:
+    """The session's purchase, or None after recording the event as about an unknown session."""
     purchase = purchase_for_session(ext, session)
     if purchase is None:
+        log.warning("Checkout Session %s is not one of this app's purchases", session.get("id"))
         record_only(ext, record, "unknown_session", None)
-        return "unknown_session"
-    in_tx = record.bind("processed", purchase.id) if record else None
-    return "expired" if _set_status(ext, purchase.id, "expired", ("creating", "open"), in_tx) else "unchanged"
+    return purchase
 
 
 def purchase_for_payment(ext: FlaskCredits, payment_intent: str | None) -> Purchase | None:

@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 
 from . import purchases, testing, webhooks
 from .stripe_api import sign
-from .views import blueprint, current_wallet_or_401, extension
+from .views import blueprint, extension, own_purchase
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -108,11 +108,7 @@ def _own_purchase(session_id: str) -> Purchase:
     if current_app.config["CREDITS_STRIPE_MODE"] != "simulated":
         abort(404)
     check_allowed(current_app)
-    wallet = current_wallet_or_401()
-    purchase = purchases.find(extension(), session_id=session_id)
-    if purchase is None or purchase.wallet.user_id != wallet.user_id:
-        abort(404)
-    return purchase
+    return own_purchase(session_id)
 
 
 @blueprint.route("/simulated-checkout/<session_id>", methods=["GET", "POST"])

@@ -189,7 +189,8 @@ def stripe_webhook() -> ResponseReturnValue:
     return jsonify(answer)
 
 
-def _own_purchase(session_id: str | None) -> Purchase:
+def own_purchase(session_id: str | None) -> Purchase:
+    """The current user's purchase with this Checkout Session id, or 400/401/404."""
     from . import purchases
 
     wallet = current_wallet_or_401()
@@ -210,7 +211,7 @@ def success() -> ResponseReturnValue:
     from .stripe_api import PaymentProviderError
 
     ext = extension()
-    purchase = _own_purchase(request.args.get("session_id"))
+    purchase = own_purchase(request.args.get("session_id"))
     problem = None
     if purchase.status in FULFILLABLE:
         try:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from . import purchases
+from .ledger import FULFILLABLE
 from .purchases import Recorder
 from .stripe_api import verify_event
 
@@ -94,12 +95,12 @@ def _session_paid(ext: FlaskCredits, session: Mapping[str, Any], record: Recorde
 
 @handles("checkout.session.async_payment_failed")
 def _session_failed(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
-    return purchases.mark_failed(ext, session, record=record)
+    return purchases.mark(ext, session, "failed", FULFILLABLE, record=record)
 
 
 @handles("checkout.session.expired")
 def _session_expired(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
-    return purchases.mark_expired(ext, session, record=record)
+    return purchases.mark(ext, session, "expired", ("creating", "open"), record=record)
 
 
 def _payment_intent(obj: Mapping[str, Any]) -> str | None:
