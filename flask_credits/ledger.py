@@ -523,7 +523,7 @@ class Ledger:
                 credits,
                 balance,
                 "purchase",
-                "credits purchased",
+                f"bought {credits} credits",
                 None,
                 meta,
                 now,

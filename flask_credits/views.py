@@ -80,7 +80,14 @@ def index() -> ResponseReturnValue:
     return _page(wallet, entries, next_before=entries[-1].id if len(entries) == limit else None)
 
 
-def _page(wallet: Wallet, entries: list[Any], *, next_before: int | None, error: str | None = None) -> str:
+def _page(
+    wallet: Wallet,
+    entries: list[Any],
+    *,
+    next_before: int | None,
+    error: str | None = None,
+    submitted: dict[str, Any] | None = None,
+) -> str:
     ext = extension()
     keys = ext.api_keys(wallet.user_id) if wallet.key_id is None else []
     return render_template(
@@ -93,6 +100,7 @@ def _page(wallet: Wallet, entries: list[Any], *, next_before: int | None, error:
         entries=entries,
         next_before=next_before,
         error=error,
+        submitted=submitted or {},
     )
 
 
@@ -128,12 +136,14 @@ def _checkout_data() -> dict[str, Any]:
     return request.form.to_dict()
 
 
-def _error(status: int, code: str, message: str) -> ResponseReturnValue:
+def _error(
+    status: int, code: str, message: str, submitted: dict[str, Any] | None = None
+) -> ResponseReturnValue:
     if wants_json():
         return jsonify(error=code, message=message), status
     wallet = current_wallet_or_401()
     entries = extension().ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"])
-    return _page(wallet, entries, next_before=None, error=message), status
+    return _page(wallet, entries, next_before=None, error=message, submitted=submitted), status
 
 
 @blueprint.post("/checkout")
@@ -150,16 +160,16 @@ def checkout() -> ResponseReturnValue:
     key_id = data.get("key_id")
     if key_id not in (None, "") and wallet.key_id is None:
         if not isinstance(key_id, str) or not ext.owns_key(wallet.user_id, key_id):
-            return _error(400, "bad_request", "unknown API key")
+            return _error(400, "bad_request", "unknown API key", data)
         wallet = make_wallet(wallet.user_id, key_id)
     try:
         offer = purchases.offer_for(current_app, data)
     except purchases.BadCheckout as exc:
-        return _error(400, "bad_request", str(exc))
+        return _error(400, "bad_request", str(exc), data)
     try:
         session = purchases.start_checkout(ext, wallet, offer)
     except PaymentProviderError as exc:
-        return _error(502, "payment_provider_error", exc.user_message)
+        return _error(502, "payment_provider_error", exc.user_message, data)
     if wants_json():
         return jsonify(id=session["id"], url=session["url"])
     return redirect(session["url"], 303)
@@ -286,3 +296,12 @@ def credits_balance() -> int | None:
     """The current wallet's balance, or ``None`` when nobody is logged in (for a balance badge)."""
     wallet = extension().current_wallet()
     return None if wallet is None else extension().ledger.balance(wallet)
+
+
+@blueprint.app_template_global("credits_wallet_name")
+def credits_wallet_name(wallet: Wallet) -> str:
+    """``"your account"`` or ``"API key <label>"`` (the label from ``keys_loader``)."""
+    if wallet.key_id is None:
+        return "your account"
+    labels = dict(extension().api_keys(wallet.user_id))
+    return f"API key {labels.get(wallet.key_id, wallet.key_id)}"

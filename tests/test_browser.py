@@ -1,0 +1,472 @@
+"""The example app end to end in a real browser: headless Chromium driven by Selenium against the app
+served by a real WSGI server, with real CSRF and the simulated (offline) Stripe Checkout.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``, ``/usr/bin/chromedriver``);
+without them the tests skip, or fail when ``CREDITS_TEST_REQUIRE_BROWSER=1`` (as in CI). Nothing is
+downloaded: both paths are given to Selenium, so Selenium Manager never runs.
+
+Screenshots go to ``CREDITS_SCREENSHOTS_DIR`` (a temporary directory when unset); the ones in
+``docs/screenshots/`` were made with ``CREDITS_SCREENSHOTS_DIR=docs/screenshots``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import flask_migrate
+import pytest
+import requests
+from _browser_server import live_server  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+from example_app import create_app
+from example_app.models import db
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:  # pragma: no cover - reported by the `browser` fixture
+    webdriver = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+REQUIRE_BROWSER = os.environ.get("CREDITS_TEST_REQUIRE_BROWSER") == "1"
+TIMEOUT = 15  # seconds, for any one page to load or element to appear
+WIDTH, HEIGHT = 1200, 900  # the viewport, and so the screenshots
+PASSWORD = "correct horse battery"
+COST = 5  # the example app's PERSONA_COST
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def browser_unavailable(reason: str) -> None:
+    if REQUIRE_BROWSER:
+        pytest.fail(f"{reason} (CREDITS_TEST_REQUIRE_BROWSER=1 turns this skip into a failure)")
+    pytest.skip(reason)
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    """The example app on SQLite, with real CSRF and the simulated Stripe, served on 127.0.0.1."""
+    database = tmp_path_factory.mktemp("browser-db") / "example.sqlite3"
+    app = create_app(
+        {
+            "TESTING": True,  # the simulated Stripe is refused outside debug and testing
+            "WTF_CSRF_ENABLED": True,
+            "SECRET_KEY": "browser-test-secret",
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{database}",
+            "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"timeout": 30}},
+            "CREDITS_STRIPE_MODE": "simulated",
+        }
+    )
+    with app.app_context():
+        flask_migrate.upgrade()
+    with live_server(app) as url:
+        yield url
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium from Debian, one per module; each test clears its cookies."""
+    if webdriver is None:
+        browser_unavailable("selenium is not installed: pip install -e '.[test]'")
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            browser_unavailable(
+                f"{path} not found (Debian package {package}): apt-get install chromium chromium-driver"
+            )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-quic",
+        "--no-proxy-server",
+        f"--window-size={WIDTH},{HEIGHT}",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(argument)
+    # An explicit driver path means Selenium Manager is never asked to find (or download) anything.
+    service = Service(executable_path=CHROMEDRIVER)
+    try:
+        driver = webdriver.Chrome(service=service, options=options)
+    except WebDriverException as exc:
+        browser_unavailable(f"Chromium did not start: {exc.msg}")
+    try:
+        # The exact viewport, whatever room the headless window keeps for its (invisible) toolbars.
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
+        driver.set_page_load_timeout(TIMEOUT)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser, base_url):
+    browser.delete_all_cookies()
+    return Page(browser, base_url)
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    configured = os.environ.get("CREDITS_SCREENSHOTS_DIR")
+    if not configured:
+        return tmp_path_factory.mktemp("screenshots")
+    directory = Path(configured)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+# -- driving the pages ------------------------------------------------------------------------------
+
+
+class Page:
+    """The browser on the app: navigate, fill, submit, read, each step waiting for the page it loads."""
+
+    def __init__(self, driver: WebDriver, base_url: str) -> None:
+        self.driver = driver
+        self.base_url = base_url
+
+    def wait(self) -> WebDriverWait:
+        return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.05)
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.base_url + path)
+        self.loaded()
+
+    def loaded(self) -> None:
+        self.wait().until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+    # Pages are server-rendered and fully loaded before anything is looked up (see `follow`), so
+    # presence is enough; a hidden or disabled element would make click() or send_keys() fail.
+
+    def find(self, css: str) -> WebElement:
+        return self.wait().until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+    def button(self, label: str) -> WebElement:
+        """The button in the main content whose text is ``label``."""
+        xpath = f"//main//button[normalize-space()='{label}']"
+        return self.wait().until(EC.presence_of_element_located((By.XPATH, xpath)))
+
+    def link(self, label: str) -> WebElement:
+        """The link in the main content (not the navigation) whose text is ``label``."""
+        xpath = f"//main//a[normalize-space()='{label}']"
+        return self.wait().until(EC.presence_of_element_located((By.XPATH, xpath)))
+
+    def nav(self, label: str) -> None:
+        xpath = f"//header//a[normalize-space()='{label}']"
+        self.follow(self.wait().until(EC.presence_of_element_located((By.XPATH, xpath))), label)
+
+    def follow_link(self, label: str) -> None:
+        self.follow(self.link(label), label)
+
+    def fill(self, css: str, value: str) -> None:
+        field = self.find(css)
+        field.clear()
+        field.send_keys(value)
+
+    def follow(self, element: WebElement, label: str) -> None:
+        """Click a button or link and wait until the next page has replaced this one and loaded.
+
+        The page about to go is marked with a property on its window; the next page's window has none.
+        (Selenium's staleness_of is racy here: chromedriver may answer a check on an element of a
+        document being replaced with a plain WebDriverException.)"""
+        self.driver.execute_script("window.__leaving = true")
+        element.click()
+        WebDriverWait(
+            self.driver, TIMEOUT, poll_frequency=0.05, ignored_exceptions=(WebDriverException,)
+        ).until(
+            lambda d: d.execute_script("return !window.__leaving && document.readyState === 'complete'"),
+            message=f"no new page within {TIMEOUT} s of clicking {label!r} on {self.path}",
+        )
+
+    def press(self, label: str) -> None:
+        self.follow(self.button(label), label)
+
+    def testid(self, name: str) -> str:
+        return self.find(f'[data-testid="{name}"]').text.strip()
+
+    def balance(self) -> int:
+        return int(self.testid("balance"))
+
+    @property
+    def title(self) -> str:
+        return self.driver.title
+
+    @property
+    def heading(self) -> str:
+        return self.find("main h1").text.strip()
+
+    @property
+    def text(self) -> str:
+        return self.find("main").text
+
+    @property
+    def path(self) -> str:
+        return self.driver.current_url.removeprefix(self.base_url)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the response this page came from (after redirects)."""
+        return int(
+            self.driver.execute_script("return performance.getEntriesByType('navigation')[0].responseStatus")
+        )
+
+    def flashes(self) -> list[str]:
+        return [e.text for e in self.driver.find_elements(By.CSS_SELECTOR, ".messages .flash")]
+
+    def summary(self) -> dict[str, Any]:
+        """Status, heading, balance and flash messages of this page in one round trip."""
+        return self.driver.execute_script(
+            """const text = (css) => document.querySelector(css)?.textContent.trim() ?? null;
+            return {
+              status: performance.getEntriesByType("navigation")[0].responseStatus,
+              heading: text("main h1"),
+              balance: text('[data-testid="balance"]'),
+              flashes: [...document.querySelectorAll(".messages .flash")].map((e) => e.textContent.trim()),
+            };"""
+        )
+
+    def screenshot(self, directory: Path, name: str) -> Path:
+        self.wait().until(lambda d: d.execute_script("return document.fonts.status") == "loaded")
+        self.driver.execute_script("window.scrollTo(0, 0); document.activeElement?.blur()")
+        path = directory / f"{name}.png"
+        assert self.driver.save_screenshot(str(path)), f"no screenshot written to {path}"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return path
+
+    # -- the app's own steps --
+
+    def sign_up(self, username: str) -> None:
+        self.open("/signup")
+        self.fill("#username", username)
+        self.fill("#password", PASSWORD)
+        self.fill("#confirm", PASSWORD)
+        self.press("Create my account")
+        assert self.path == "/", self.text
+        assert f"Welcome, {username}!" in " ".join(self.flashes())
+
+    def start_checkout(self, quantity: int = 1, key_label: str | None = None) -> str:
+        """On the credits page, buy ``quantity`` units (for the API key ``key_label``); returns the
+        simulated checkout's session id."""
+        assert self.heading == "Your credits"
+        self.fill("#credits-quantity", str(quantity))
+        if key_label is not None:
+            Select(self.find("#credits-quantity-for")).select_by_visible_text(f"API key {key_label}")
+        self.press("Purchase credits")
+        match = re.fullmatch(r"/credits/simulated-checkout/(cs_sim_\w+)", self.path)
+        assert match, self.path
+        assert self.heading == "Simulated Stripe Checkout"
+        return match.group(1)
+
+    def generate_persona(self, seed: str | None = None) -> None:
+        if seed is not None:
+            self.fill("#seed", seed)
+        self.press(f"Generate ({COST} credits)")
+
+
+def api_persona(base_url: str, secret: str | None, seed: str = "lighthouse") -> requests.Response:
+    headers = {"X-API-Key": secret} if secret is not None else {}
+    return requests.post(f"{base_url}/api/personas", json={"seed": seed}, headers=headers, timeout=TIMEOUT)
+
+
+def assert_insufficient(page: Page, balance: int) -> None:
+    assert page.status == 402
+    assert page.title.startswith("Not enough credits")
+    assert page.heading == "Not enough credits"
+    assert f"This needs {COST} credits; you have {balance}." in page.text
+
+
+# -- the tests --------------------------------------------------------------------------------------
+
+
+def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots):
+    # A new account starts with nothing.
+    page.sign_up("ada")
+    assert page.balance() == 0
+    page.nav("Buy credits")
+    assert page.path == "/credits/"
+    assert page.balance() == 0
+    assert "No credits yet." in page.text
+
+    # Too poor to generate a persona: 402, with a link to buy credits.
+    page.nav("Generate a persona")
+    page.generate_persona("lighthouse")
+    assert_insufficient(page, 0)
+    page.screenshot(screenshots, "insufficient-credits")
+    page.follow_link("Buy credits")
+    assert page.path == "/credits/"
+
+    # Buy 1 unit (100 credits) through the simulated Stripe Checkout.
+    page.start_checkout(quantity=1)
+    assert "100 credits for 1.00 USD" in page.text
+    page.screenshot(screenshots, "simulated-checkout")
+    page.press("Pay")
+    assert page.path.startswith("/credits/success?session_id=cs_sim_")
+    assert page.heading == "Thank you!"
+    assert page.testid("purchase-status") == "100 credits were added. Your balance is now 100."
+    assert page.balance() == 100
+    page.screenshot(screenshots, "purchase-success")
+
+    # Spend them, 5 at a time, until the balance is too low; the app warns below 10.
+    page.open("/personas")
+    page.fill("#seed", "lighthouse")  # the result page keeps the seed in the form for the next one
+    for expected in range(100 - COST, -1, -COST):
+        page.generate_persona()
+        shown = page.summary()
+        assert shown["status"] == 200, shown
+        assert shown["heading"] not in ("Not enough credits", "Generate a persona"), shown  # a persona
+        assert shown["balance"] == str(expected), shown
+        warning = f"You have {expected} credits left. Buy more before you run out."
+        assert (warning in shown["flashes"]) == (expected < 10), shown
+    page.generate_persona()
+    assert_insufficient(page, 0)
+
+    page.nav("Buy credits")
+    assert page.balance() == 0
+    history = page.find("main table tbody").text
+    assert history.count("Spend: generate persona") == 20  # a page of history: the 20 newest entries
+    page.follow_link("Older entries")
+    older = page.find("main table tbody").text.splitlines()
+    assert len(older) == 1
+    assert "Purchase: bought 100 credits" in older[0]
+    assert older[0].endswith("+100 100")
+
+    # An API key: the secret is shown once.
+    page.nav("API keys")
+    page.fill("#name", "laptop")
+    page.press("Create key")
+    assert page.heading == "Your new key “laptop”"
+    secret = page.testid("secret")
+    key_id = page.testid("key-id")
+    assert secret.startswith("sk_"), secret
+
+    # The new key has no credits of its own (the user's are not used for it): the API answers 402.
+    refused = api_persona(base_url, secret)
+    assert refused.status_code == 402
+    assert refused.json()["error"] == "insufficient_credits"
+    assert api_persona(base_url, None).status_code == 401
+    assert api_persona(base_url, secret + "x").status_code == 401
+
+    # Buy 2 units for the key: the "For" select on the credits page chooses its wallet.
+    page.follow_link("Buy credits for it")
+    assert page.testid(f"key-balance-{key_id}") == "0"
+    page.start_checkout(quantity=2, key_label="laptop")
+    assert "200 credits for 2.00 USD (for API key laptop)." in page.text
+    page.press("Pay")
+    assert page.heading == "Thank you!"
+    assert page.testid("purchase-status") == (
+        "200 credits were added to API key laptop. Its balance is now 200."
+    )
+
+    page.nav("Buy credits")
+    assert page.balance() == 0  # the user's own balance did not move
+    assert page.testid(f"key-balance-{key_id}") == "200"
+
+    # Spend from the key over the JSON API, against the same live server.
+    for expected in (195, 190, 185):
+        answer = api_persona(base_url, secret, seed=f"api-{expected}")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["cost"] == COST
+        assert answer.json()["balance"] == expected
+        assert answer.json()["persona"]["seed"] == f"api-{expected}"
+
+    page.open("/credits/")
+    assert page.testid(f"key-balance-{key_id}") == "185"
+    assert page.balance() == 0
+    page.screenshot(screenshots, "credits")
+
+    page.nav("API keys")
+    assert page.heading == "API keys"
+    row = page.find("main table tbody tr").text
+    assert "laptop" in row
+    assert key_id in row
+    assert "185" in row
+    page.screenshot(screenshots, "api-keys")
+
+
+def test_pay_later_settles_and_fail_and_cancel_add_nothing(page):
+    page.sign_up("grace")
+
+    # Pay later: pending, nothing added until the delayed payment succeeds.
+    page.nav("Buy credits")
+    session_id = page.start_checkout(quantity=3)
+    page.press("Pay later (delayed method)")
+    assert page.heading == "Payment pending"
+    assert page.testid("purchase-status") == (
+        "Your payment is being processed. 300 credits will be added as soon as it clears."
+    )
+    page.follow_link("Back to your credits")
+    assert page.balance() == 0
+
+    page.open(f"/credits/simulated-checkout/{session_id}")
+    assert "The delayed payment is pending." in page.text
+    page.press("Delayed payment succeeds")
+    assert page.heading == "Thank you!"
+    assert page.balance() == 300
+
+    # Fail: a failure message, nothing added.
+    page.nav("Buy credits")
+    failed_session_id = page.start_checkout(quantity=1)
+    page.press("Fail")
+    assert page.heading == "Payment failed"
+    assert "no credits were added and nothing was charged" in page.testid("purchase-status")
+    page.follow_link("Back to your credits")
+    assert page.balance() == 300
+
+    # Cancel: back from the checkout, nothing charged.
+    session_id = page.start_checkout(quantity=1)
+    page.press("Cancel")
+    assert page.heading == "Purchase cancelled"
+    assert page.testid("purchase-status") == "You cancelled the checkout. Nothing was charged."
+    page.follow_link("Back to your credits")
+    assert page.balance() == 300
+
+    # As on Stripe, a cancelled checkout stays open (until it expires); a failed one is over.
+    page.open(f"/credits/simulated-checkout/{session_id}")
+    assert page.button("Pay")
+    page.open(f"/credits/simulated-checkout/{failed_session_id}")
+    assert page.status == 200
+    assert "This payment failed." in page.text
+    assert not page.driver.find_elements(By.XPATH, "//main//button")
+
+    # Another user cannot even see it.
+    page.driver.delete_all_cookies()
+    page.sign_up("linus")
+    page.open(f"/credits/simulated-checkout/{failed_session_id}")
+    assert page.status == 404
+
+
+def test_a_missing_browser_skips_or_fails_when_required(monkeypatch):
+    """The skip/fail switch itself (needs no browser)."""
+    monkeypatch.setitem(globals(), "REQUIRE_BROWSER", False)
+    with pytest.raises(pytest.skip.Exception, match="chromium"):
+        browser_unavailable("/usr/bin/chromium not found")
+    monkeypatch.setitem(globals(), "REQUIRE_BROWSER", True)
+    with pytest.raises(pytest.fail.Exception, match="CREDITS_TEST_REQUIRE_BROWSER=1"):
+        browser_unavailable("/usr/bin/chromium not found")
