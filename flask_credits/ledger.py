@@ -154,11 +154,13 @@ class Ledger:
             raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
         if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
             raise InvalidArgument(f"before must be an entry id, not {before!r}")
-        e, w = self.t.entries, self.t.wallets
+        e = self.t.entries
+        # The wallet id as a scalar subquery, not a join: the planner then walks the
+        # (wallet_id, id) index backwards from a known wallet and stops after ``limit`` rows, however
+        # long the history (a join let PostgreSQL scan entries by id instead).
         query = (
             sa.select(e)
-            .join(w, w.c.id == e.c.wallet_id)
-            .where(*self._owner(wallet))
+            .where(e.c.wallet_id == self._wallet_id_of(wallet))
             .order_by(e.c.id.desc())
             .limit(limit)
         )
@@ -737,6 +739,9 @@ class Ledger:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _wallet_id_of(self, wallet: Wallet) -> sa.ScalarSelect[Any]:
+        return sa.select(self.t.wallets.c.id).where(*self._owner(wallet)).scalar_subquery()
+
     def _owner(self, wallet: Wallet) -> tuple[sa.ColumnElement[bool], ...]:
         w = self.t.wallets
         return (w.c.user_id == wallet.user_id, w.c.key_id == (wallet.key_id or ""))
@@ -857,12 +862,10 @@ class Ledger:
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
         """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""
-        e, w = self.t.entries, self.t.wallets
+        e = self.t.entries
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(e)
-                .join(w, w.c.id == e.c.wallet_id)
-                .where(e.c.idempotency_key == key, *self._owner(wallet))
+                sa.select(e).where(e.c.wallet_id == self._wallet_id_of(wallet), e.c.idempotency_key == key)
             ).first()
         if row is None:
             return None
