@@ -47,6 +47,8 @@ Emit = Callable[..., None]
 
 #: Largest amount one call may move; keeps every sum far from BIGINT overflow.
 MAX_AMOUNT = 10**15
+#: Largest row id any backend stores (signed 64-bit).
+MAX_ID = 2**63 - 1
 #: How often a transaction that lost a deadlock or serialization race is tried again.
 RETRIES = 4
 #: Lots fetched per round while drawing a debit.
@@ -152,7 +154,9 @@ class Ledger:
     def history(self, wallet: Wallet, *, limit: int = 50, before: int | None = None) -> list[Entry]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
-        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or not 1 <= before <= MAX_ID
+        ):
             raise InvalidArgument(f"before must be an entry id, not {before!r}")
         e = self.t.entries
         # The wallet id as a scalar subquery, not a join: the planner then walks the
@@ -584,7 +588,9 @@ class Ledger:
                 return None
             credits = int(purchase.credits)
             old_refund, old_dispute = int(purchase.refund_revoked), int(purchase.dispute_revoked)
-            refund = old_refund if refund_target is None else min(max(refund_target, 0), credits)
+            # Refunds only add up (Stripe's amount_refunded never shrinks): a late event carrying an
+            # older, smaller total must not give credits back.
+            refund = old_refund if refund_target is None else max(old_refund, min(refund_target, credits))
             dispute = old_dispute if dispute_target is None else max(dispute_target, 0)
             dispute = min(dispute, credits - refund)
             total, old_total = refund + dispute, old_refund + old_dispute

@@ -131,6 +131,8 @@ def verify_event(payload: bytes, header: str | None, secrets: list[str], toleran
         raise WebhookError("no webhook secret is configured (STRIPE_WEBHOOK_SECRET)")
     if not header:
         raise WebhookError("missing Stripe-Signature header")
+    if not header.isascii() or len(header) > 8192:
+        raise WebhookError("no valid signature for this body")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -151,7 +153,7 @@ def verify_event(payload: bytes, header: str | None, secrets: list[str], toleran
         raise WebhookError("signature timestamp is in the future")
     try:
         event = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WebhookError("body is not JSON") from None
     if (
         not isinstance(event, dict)

@@ -129,7 +129,10 @@ def transactions() -> ResponseReturnValue:
 
 def _checkout_data() -> dict[str, Any]:
     if request.is_json:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # absurdly deep nesting: not a checkout request
+            data = None
         if not isinstance(data, dict):
             abort(400, "the body must be a JSON object")
         return data

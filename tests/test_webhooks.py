@@ -388,6 +388,14 @@ def test_partial_refunds_add_up(client, credits, bought):
     assert credits.audit() == []
 
 
+def test_a_late_refund_event_with_a_smaller_total_gives_nothing_back(client, credits, bought):
+    _, pi = bought
+    refund(client, pi, 600)
+    assert refund(client, pi, 250).json["outcome"] == "unchanged"  # delivered out of order
+    assert credits.balance("alice") == 400
+    assert credits.audit() == []
+
+
 def test_replayed_refund_event_changes_nothing(client, credits, bought):
     _, pi = bought
     stripe_event = testing.event("charge.refunded", testing.charge(pi, amount=1000, amount_refunded=500))
