@@ -686,11 +686,11 @@ class Ledger:
                     ).group_by(e.c.wallet_id)
                 )
             }
+            # A join, not IN (ids...): a list of one id per wallet outgrows the bind-parameter limit.
+            last = sa.select(sa.func.max(e.c.id).label("id")).group_by(e.c.wallet_id).subquery()
             last_after = dict(
                 conn.execute(
-                    sa.select(e.c.wallet_id, e.c.balance_after).where(
-                        e.c.id.in_([s.last_id for s in sums.values()] or [-1])
-                    )
+                    sa.select(e.c.wallet_id, e.c.balance_after).join(last, last.c.id == e.c.id)
                 ).all()
             )
             lots = {

@@ -1,0 +1,448 @@
+"""The command: run every section on each database, print the tables, optionally write the report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import env, loads, profiling, queries, scale, web, webhooks
+from .app import BIG, build_app
+from .report import BackendReport, Check, Table, checks_table, ms, num, pct, text_table
+from .settings import FULL, QUICK, Settings
+from .timing import Measurement
+from .writer import write_report
+
+#: A balance or history page counts as flat when its median at the largest size is at most this
+#: multiple of its median at the smallest (a linear cost would be 100x from 10k to 1M entries).
+FLAT = 1.5
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes and short runs (CI smoke test)")
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "all"], default="all")
+    parser.add_argument(
+        "--write", metavar="PATH", help="write the report (markdown), e.g. docs/benchmarks.md"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile spend() and a decorated request (pyinstrument)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # A SIGTERM (a CI timeout) unwinds like Ctrl-C: the databases and gunicorn made by the run go away.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    settings = dataclasses.replace(QUICK if args.quick else FULL, profile=args.profile)
+    backends = ["sqlite", "postgresql"] if args.db == "all" else [args.db]
+    info = env.machine()
+    began = time.perf_counter()
+    reports = []
+    for backend in backends:
+        log(f"--- {backend}")
+        report = run_backend(backend, settings)
+        reports.append(report)
+        for table in report.tables:
+            print(text_table(table), end="\n\n", flush=True)
+    targets = checks_table(reports)
+    print(text_table(targets))
+    info["load average at end"] = env.loadavg()
+    info["duration"] = f"{time.perf_counter() - began:.0f} s" + (" (--quick)" if settings.quick else "")
+    if args.write:
+        command = (
+            "python -m bench"
+            + (" --quick" if args.quick else "")
+            + (f" --db {args.db}" if args.db != "all" else "")
+            + (" --profile" if args.profile else "")
+            + f" --write {args.write}"
+        )
+        write_report(Path(args.write), info, reports, targets, settings, command, FLAT)
+        log(f"wrote {args.write}")
+    return 0
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_backend(backend: str, settings: Settings) -> BackendReport:
+    target = env.create_target(backend)
+    try:
+        report = BackendReport(backend, env.database_version(target))
+        app, db, credits = build_app(target.url, pool_size=settings.threads + 2)
+        try:
+            with app.app_context():
+                db.create_all()
+            log("debits: limit and spend()")
+            wallet_ids = loads.prepare_wallets(app, credits, settings)
+            with app.app_context():
+                for i in range(settings.threads):
+                    credits.grant(f"web-{i}", BIG, reason="bench")
+            results = loads.run_loads(target, app, credits, settings, wallet_ids)
+            report.tables.extend(debit_tables(results))
+            log("requests: in process")
+            inproc = web.in_process(app, settings)
+            log("requests: gunicorn")
+            served = web.through_server(target, settings)
+            log("webhooks")
+            hooks = webhooks.run(app, credits, settings)
+            profile = None
+            if settings.profile:
+                log("profile")
+                profile = profiling.run(app, credits, backend)
+            problems = loads.audit_spend_wallets(app, credits, wallet_ids)
+            if problems:
+                raise RuntimeError("audit after the loads: " + "; ".join(problems[:5]))
+            log("queries per operation")
+            rows, mixed = queries.run(target, settings.query_repeat)
+        finally:
+            with app.app_context():
+                db.engine.dispose()
+        report.tables.append(request_table(inproc, served, results))
+        report.tables.append(webhook_table(hooks, rows, results[0]))
+        report.tables.append(queries_table(rows, mixed, backend, settings.query_repeat))
+        if profile is not None:
+            report.tables.append(profile)
+        log("scale")
+        grown = run_scale(backend, settings)
+        report.tables.extend(scale_tables(grown))
+        report.checks = checks(results, inproc, served, rows, grown)
+    finally:
+        target.drop()
+    return report
+
+
+def run_scale(backend: str, settings: Settings) -> scale.ScaleResult:
+    target = env.create_target(backend)
+    try:
+        app, db, credits = build_app(target.url, pool_size=2)
+        with app.app_context():
+            db.create_all()
+        try:
+            result = scale.run(target, app, credits, settings)
+        finally:
+            with app.app_context():
+                db.engine.dispose()
+    finally:
+        target.drop()
+    if result.audit:
+        raise RuntimeError("audit after the scale load: " + "; ".join(result.audit[:5]))
+    return result
+
+
+# -- tables ------------------------------------------------------------------------------------------
+
+
+def debit_tables(results: list[loads.LoadResult]) -> list[Table]:
+    main = Table(
+        "Debits: credits.spend() against the hand-written limit",
+        [
+            "load",
+            "limit ops/s",
+            "p50 ms",
+            "p99 ms",
+            "spend() ops/s",
+            "p50 ms",
+            "p99 ms",
+            "spend() / limit",
+            "per round",
+        ],
+    )
+    for r in results:
+        rounds = r.round_ratios
+        main.rows.append(
+            [
+                r.load.name,
+                num(r.limit.throughput),
+                ms(r.limit.p50),
+                ms(r.limit.p99),
+                num(r.spend.throughput),
+                ms(r.spend.p50),
+                ms(r.spend.p99),
+                pct(r.ratio),
+                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+            ]
+        )
+    main.notes.append(
+        "limit: UPDATE credits_wallets SET balance = balance - 1 WHERE id = ? AND balance >= 1 RETURNING"
+        " balance; INSERT INTO credits_entries (...); COMMIT, on one raw driver connection per thread"
+        " (psycopg 3 / sqlite3), same schema and database."
+    )
+    main.notes.append(
+        "spend(): credits.spend(user_id, 1, reason=...) through the pool; every wallet holds one lot."
+        " All contenders of both tables alternate, round by round, in the same database."
+    )
+    pg = results[0].single is not None
+    headers = ["load", "spend's SQL by hand ops/s", "/ limit", "prototype A ops/s", "/ limit", "p50 ms"]
+    if pg:
+        headers += ["prototype B ops/s", "/ limit", "p50 ms"]
+    gap = Table("Where the gap comes from, and what the proposed changes gain (same run)", headers)
+    for r in results:
+        row = [
+            r.load.name,
+            num(r.spend_sql.throughput),
+            pct(r.sql_ratio),
+            num(r.proposal.throughput),
+            pct(r.proposal_ratio),
+            ms(r.proposal.p50),
+        ]
+        if r.single is not None:
+            row += [num(r.single.throughput), pct(r.single.throughput / r.limit.throughput), ms(r.single.p50)]
+        gap.rows.append(row)
+    gap.notes.append(
+        "spend's SQL by hand: the five statements spend() sends on this path (UPDATE wallet RETURNING,"
+        " SELECT lots [FOR UPDATE], UPDATE lot, INSERT entry, INSERT draw) and COMMIT, with the raw driver:"
+        " the extension's SQL without its Python layer."
+    )
+    gap.notes.append(
+        "prototype A (bench/proposal.py, not the extension): statements built once with bind parameters,"
+        " and the lot drawn by one UPDATE ... WHERE id = (SELECT ... LIMIT 1) AND remaining >= n RETURNING"
+        " id: four statements; the same rows written, audit clean."
+    )
+    if pg:
+        gap.notes.append(
+            "prototype B (PostgreSQL): the whole debit as one statement, WITH w AS (UPDATE wallet ...),"
+            " l AS (UPDATE lot ...), e AS (INSERT entry ...), d AS (INSERT draw ...) SELECT ...; the wallet"
+            " row stays locked for one statement and the COMMIT."
+        )
+    one = results[0]
+    ladder = Table(
+        "The price of each write, one connection (same run)",
+        ["debit", "statements", *(["round trips"] if pg else []), "ops/s", "p50 ms", "/ limit"],
+    )
+    rungs: list[tuple[str, int, int, Measurement | None]] = [
+        ("limit: UPDATE wallet, INSERT entry", 2, 4, one.limit),
+        ("+ UPDATE the lot", 3, 5, one.ladder.get("ladder3")),
+        ("+ INSERT the draw", 4, 6, one.ladder.get("ladder4")),
+        ("+ SELECT the lots first (spend's SQL by hand)", 5, 7, one.spend_sql),
+        ("prototype A (prebuilt; lot drawn by one UPDATE)", 4, 6, one.proposal),
+        ("prototype B (one WITH statement)", 1, 3, one.single),
+        ("credits.spend()", 5, 7, one.spend),
+    ]
+    for name, statements, trips, m in rungs:
+        if m is None:
+            continue
+        ladder.rows.append(
+            [
+                name,
+                str(statements),
+                *([str(trips)] if pg else []),
+                num(m.throughput),
+                ms(m.p50),
+                pct(m.throughput / one.limit.throughput),
+            ]
+        )
+    ladder.notes.append(
+        "Each rung adds one write of the ledger's schema to the hand-written limit (raw driver), up to the"
+        " statements spend() sends; then the prototypes and spend() itself."
+        + (" Round trips include psycopg's BEGIN and the COMMIT." if pg else "")
+    )
+    return [main, gap, ladder]
+
+
+def request_table(inproc: web.WebResult, served: web.WebResult, results: list[loads.LoadResult]) -> Table:
+    table = Table(
+        "A trivial view with and without @requires_credits(1)",
+        [
+            "where",
+            "undecorated req/s",
+            "p50 ms",
+            "decorated req/s",
+            "p50 ms",
+            "added ms/request",
+            "decorated / undecorated",
+            "decorated / (undecorated + limit)",
+        ],
+    )
+    for result, limit in ((inproc, results[0].limit), (served, results[2].limit)):
+        table.rows.append(
+            [
+                result.where,
+                num(result.free.throughput),
+                ms(result.free.p50),
+                num(result.paid.throughput),
+                ms(result.paid.p50),
+                ms(result.added_ms),
+                pct(result.ratio),
+                pct(result.target_ratio(limit)),
+            ]
+        )
+    table.notes.append(
+        "undecorated + limit: the per-request time of the undecorated view plus that of one hand-written"
+        " debit at the same concurrency (one connection in process; N threads on N wallets via gunicorn)."
+    )
+    table.notes.append(
+        "added ms/request: mean latency decorated minus undecorated. gunicorn's sync workers close every"
+        " connection; the client threads share the machine's cores with the server."
+    )
+    return table
+
+
+def webhook_table(
+    hooks: webhooks.WebhookResult, rows: list[queries.QueryRow], one: loads.LoadResult
+) -> Table:
+    by_name = {row.name: row.counts for row in rows}
+    table = Table(
+        "Webhook fulfilment (in process, signed events, one thread)",
+        ["delivery", "events/s", "p50 ms", "p99 ms", "statements per event", "vs limit (one connection)"],
+    )
+    for name, m, key in (
+        ("checkout.session.completed (credited)", hooks.fulfil, "webhook checkout.session.completed"),
+        ("the same events again (duplicates)", hooks.duplicate, "webhook, duplicate delivery"),
+    ):
+        table.rows.append(
+            [
+                name,
+                num(m.throughput),
+                ms(m.p50),
+                ms(m.p99),
+                num(by_name[key].statements, 1),
+                pct(m.throughput / one.limit.throughput),
+            ]
+        )
+    table.notes.append(
+        f"{hooks.fulfil.ops} purchases started through POST /credits/checkout (Stripe mocked with responses);"
+        " each event verified (Stripe-Signature, HMAC), de-duplicated by event id, and credited; every"
+        " answer checked: " + ", ".join(f"{k} {v}" for k, v in sorted(hooks.outcomes.items())) + "."
+    )
+    return table
+
+
+def queries_table(
+    rows: list[queries.QueryRow], mixed: list[queries.QueryRow], backend: str, repeat: int
+) -> Table:
+    headers = ["operation", "statements", "commits", "rollbacks"]
+    if backend == "postgresql":
+        headers.append("round trips (libpq trace)")
+    headers.append("statements sent")
+    table = Table("Statements per operation", headers)
+    for row in rows + mixed:
+        c = row.counts
+        cells = [row.name, fmt(c.statements), fmt(c.commits), fmt(c.rollbacks)]
+        if backend == "postgresql":
+            cells.append("-" if c.round_trips is None else fmt(c.round_trips))
+        cells.append("; ".join(c.sql) if len(c.sql) <= 12 else f"{len(c.sql)} statements")
+        table.rows.append(cells)
+    if backend == "postgresql":
+        table.notes.append(
+            "statements: SQLAlchemy before_cursor_execute on the engine. psycopg sends BEGIN itself before"
+            " the first statement of each transaction (not an event, but a round trip): round trips are"
+            " counted from the libpq protocol trace (Query and Sync messages), BEGIN, COMMIT, ROLLBACK and"
+            " DEALLOCATE ALL included."
+        )
+        table.notes.append(
+            "psycopg prepares a statement on its 6th execution on a connection and forgets all of them"
+            " on ROLLBACK (sending DEALLOCATE ALL if it had any). Every read (balance, history, the"
+            " duplicate check) ends in ROLLBACK: with a read between two spends (last row) no statement"
+            " of spend() is ever prepared, so the server parses and plans each one every time."
+        )
+    else:
+        table.notes.append(
+            "statements: SQLAlchemy before_cursor_execute on the engine; sqlite3 issues BEGIN itself (in"
+            " process, not counted) before the first INSERT/UPDATE of a transaction."
+        )
+    table.notes.append(
+        f"Averages over {repeat} calls after {queries.WARMUP} warm-up calls; whole numbers mean every call"
+        " sent the same."
+    )
+    return table
+
+
+def fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.1f}"
+
+
+def scale_tables(result: scale.ScaleResult) -> list[Table]:
+    sizes = sorted(next(iter(result.big.values())))
+    wallets = result.steps[-1].wallets
+    entries = Table(
+        f"Scale: wallets of {', '.join(f'{n:,}' for n in sizes)} entries,"
+        f" in one database of {wallets:,} wallets",
+        ["operation (p50 ms)"] + [f"{n:,} entries" for n in sizes] + ["largest / smallest"],
+    )
+    for name, timings in result.big.items():
+        first, last = timings[sizes[0]].p50, timings[sizes[-1]].p50
+        entries.rows.append([name] + [ms(timings[n].p50) for n in sizes] + [f"{last / first:.2f}x"])
+    entries.notes.append(
+        f"{result.repeat} calls per cell, one thread, all sizes and operations taking turns in"
+        f" {scale.ROUNDS} rounds. Rows bulk-loaded with raw SQL (INSERT ... SELECT generate_series on"
+        " PostgreSQL, executemany on SQLite); every spend has its draw row. "
+        + (
+            f"credits.audit() found {len(result.audit)} problems afterwards."
+            if result.audit_error is None
+            else f"credits.audit() FAILED on this database ({result.audit_error}): it binds one"
+            f" parameter per wallet; the same invariants checked with set-based SQL (bench/scale.py"
+            f" AUDIT) found {len(result.audit)} problems."
+        )
+        + (" ANALYZE after each load (as autovacuum would)." if result.analyze else "")
+    )
+    steps = result.steps
+    growth = Table(
+        "Scale: the database grows (small wallets: one grant each)",
+        ["operation (p50 ms)"] + [f"{s.wallets:,} wallets" for s in steps] + ["largest / smallest"],
+    )
+    for name in steps[0].small:
+        first, last = steps[0].small[name].p50, steps[-1].small[name].p50
+        growth.rows.append([name] + [ms(s.small[name].p50) for s in steps] + [f"{last / first:.2f}x"])
+    growth.rows.append(["bulk load before the step (s)"] + [f"{s.load_seconds:.1f}" for s in steps] + [""])
+    growth.notes.append(
+        "Timed step by step as the database grows (so noise between steps shows); each step also adds the"
+        " next big wallet."
+    )
+    return [entries, growth]
+
+
+def checks(
+    results: list[loads.LoadResult],
+    inproc: web.WebResult,
+    served: web.WebResult,
+    rows: list[queries.QueryRow],
+    grown: scale.ScaleResult,
+) -> list[Check]:
+    one, hot, many = results
+    out = [
+        Check(f"spend >= 80% of limit, {one.load.name}", pct(one.ratio), one.ratio >= 0.8),
+        Check(f"spend >= 80% of limit, {hot.load.name}", pct(hot.ratio), hot.ratio >= 0.8),
+        Check(f"spend >= 70% of limit, {many.load.name}", pct(many.ratio), many.ratio >= 0.7),
+    ]
+    by_name = {row.name: row.counts for row in rows}
+    free, paid = (
+        by_name["request POST /free (undecorated)"],
+        by_name["request POST /paid (@requires_credits(1))"],
+    )
+    spend = by_name["spend (fast path)"]
+    added = (paid.statements - free.statements, paid.commits - free.commits)
+    out.append(
+        Check(
+            "decorated request adds at most one debit transaction",
+            f"+{fmt(added[0])} statements, +{fmt(added[1])} commit (spend: {fmt(spend.statements)})",
+            added == (spend.statements, spend.commits) and spend.commits == 1,
+        )
+    )
+    for label, result, limit in (("in process", inproc, one.limit), ("gunicorn", served, many.limit)):
+        ratio = result.target_ratio(limit)
+        out.append(Check(f"decorated >= 70% of undecorated + limit, {label}", pct(ratio), ratio >= 0.7))
+    for name, timings in grown.big.items():
+        if name.startswith("spend"):
+            continue
+        sizes = sorted(timings)
+        factor = timings[sizes[-1]].p50 / timings[sizes[0]].p50
+        out.append(
+            Check(f"flat {sizes[0]:,} -> {sizes[-1]:,} entries: {name}", f"{factor:.2f}x", factor <= FLAT)
+        )
+    steps = grown.steps
+    for name in steps[0].small:
+        factor = steps[-1].small[name].p50 / steps[0].small[name].p50
+        out.append(
+            Check(
+                f"flat {steps[0].wallets:,} -> {steps[-1].wallets:,} wallets: {name}",
+                f"{factor:.2f}x",
+                factor <= FLAT,
+            )
+        )
+    return out

@@ -1,0 +1,295 @@
+"""Sections 1 and 2: the hand-written limit and ``credits.spend()`` under the same three loads."""
+
+# The raw SQL here is assembled from constant fragments and driver placeholders only, never from input.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Flask
+
+from flask_credits import FlaskCredits
+from flask_credits.ledger import make_wallet
+
+from .app import BIG
+from .env import Target
+from .settings import Settings
+from .timing import Measurement, Worker, compare, run_threads
+
+
+@dataclass(frozen=True)
+class Load:
+    name: str
+    threads: int
+    kind: str  # "one", "hot" or "many"
+
+    def wallets(self, prefix: str) -> list[str]:
+        if self.kind == "one":
+            return [f"{prefix}-one"]
+        if self.kind == "hot":
+            return [f"{prefix}-hot"] * self.threads
+        return [f"{prefix}-{i}" for i in range(self.threads)]
+
+
+def loads(settings: Settings) -> list[Load]:
+    n = settings.threads
+    return [
+        Load("one connection", 1, "one"),
+        Load(f"{n} threads, one hot wallet", n, "hot"),
+        Load(f"{n} threads, {n} wallets", n, "many"),
+    ]
+
+
+def sql_now(target: Target) -> Any:
+    """``created_at`` as the extension stores it: naive UTC (SQLite: SQLAlchemy's text format)."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    return now.strftime("%Y-%m-%d %H:%M:%S.%f") if target.backend == "sqlite" else now
+
+
+def limit_statements(target: Target) -> tuple[str, str]:
+    """The cheapest correct debit: a conditional UPDATE (a row back = it matched) and one INSERT."""
+    p = "?" if target.backend == "sqlite" else "%s"
+    return (
+        f"UPDATE credits_wallets SET balance = balance - 1 WHERE id = {p} AND balance >= 1 RETURNING balance",
+        "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
+        f" VALUES ({p}, -1, {p}, 'spend', 'bench', {p})",
+    )
+
+
+def limit_worker(target: Target, wallet_id: int) -> Worker:
+    """One raw connection debiting ``wallet_id``: UPDATE, INSERT, COMMIT."""
+    update, insert = limit_statements(target)
+    conn = target.raw_connect()
+    cur = conn.cursor()
+
+    def debit() -> None:
+        cur.execute(update, (wallet_id,))
+        row = cur.fetchone()
+        if row is None:
+            conn.rollback()
+            raise RuntimeError("the limit's wallet ran out of credits")
+        cur.execute(insert, (wallet_id, row[0], sql_now(target)))
+        conn.commit()
+
+    return debit, conn.close
+
+
+def spend_worker(app: Flask, credits: FlaskCredits, user_id: str) -> Worker:
+    """``credits.spend(user_id, 1)`` in an app context pushed once for the thread."""
+    ctx = app.app_context()
+    ctx.push()
+
+    def spend() -> None:
+        credits.spend(user_id, 1, reason="bench")
+
+    return spend, ctx.pop
+
+
+def spend_sql_worker(target: Target, wallet_id: int, user_id: str) -> Worker:
+    """The statements ``credits.spend()`` sends on its fast path (one lot covers the debit), written by
+    hand with the raw driver: what the extension's SQL costs without its Python layer."""
+    pg = target.backend == "postgresql"
+    p = "%s" if pg else "?"
+    update_wallet = (
+        f"UPDATE credits_wallets SET balance = balance - 1, updated_at = {p}"
+        f" WHERE user_id = {p} AND key_id = '' AND balance >= 1"
+        f" AND (next_expiry IS NULL OR next_expiry > {p})"
+        " RETURNING id, balance"
+    )
+    select_lots = (
+        f"SELECT id, remaining FROM credits_lots WHERE wallet_id = {p} AND remaining > 0"
+        " ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, id LIMIT 16"
+        + (" FOR UPDATE" if pg else "")
+    )
+    update_lot = f"UPDATE credits_lots SET remaining = remaining - 1 WHERE id = {p} AND remaining >= 1"
+    insert_entry = (
+        "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, idempotency_key,"
+        f" reverses_id, meta, created_at) VALUES ({p}, -1, {p}, 'spend', 'bench', NULL, NULL, NULL, {p})"
+        + (" RETURNING id" if pg else "")
+    )
+    insert_draw = f"INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES ({p}, {p}, -1)"
+    conn = target.raw_connect()
+    cur = conn.cursor()
+
+    def spend() -> None:
+        now = sql_now(target)
+        cur.execute(update_wallet, (now, user_id, now))
+        row = cur.fetchone()
+        if row is None:
+            conn.rollback()
+            raise RuntimeError("the wallet ran out of credits")
+        cur.execute(select_lots, (row[0],))
+        lot_id = cur.fetchall()[0][0]
+        cur.execute(update_lot, (lot_id,))
+        if cur.rowcount != 1:
+            raise RuntimeError("lot changed under the wallet lock")
+        cur.execute(insert_entry, (row[0], row[1], now))
+        entry_id = cur.fetchone()[0] if pg else cur.lastrowid
+        cur.execute(insert_draw, (entry_id, lot_id))
+        conn.commit()
+
+    return spend, conn.close
+
+
+def ladder_worker(target: Target, wallet_id: int, statements: int) -> Worker:
+    """The limit plus the writes a lot-keeping ledger adds, one at a time, raw driver: 3 statements
+    (+ ``UPDATE credits_lots`` of the wallet's one lot) or 4 (+ ``INSERT INTO credits_draws``)."""
+    pg = target.backend == "postgresql"
+    p = "%s" if pg else "?"
+    conn = target.raw_connect()
+    cur = conn.cursor()
+    cur.execute(f"SELECT id FROM credits_lots WHERE wallet_id = {p}", (wallet_id,))
+    lot_id = cur.fetchone()[0]
+    conn.commit()
+    update = (
+        f"UPDATE credits_wallets SET balance = balance - 1 WHERE id = {p} AND balance >= 1 RETURNING balance"
+    )
+    update_lot = f"UPDATE credits_lots SET remaining = remaining - 1 WHERE id = {p} AND remaining >= 1"
+    insert = (
+        "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
+        f" VALUES ({p}, -1, {p}, 'spend', 'bench', {p})" + (" RETURNING id" if pg else "")
+    )
+    insert_draw = f"INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES ({p}, {p}, -1)"
+
+    def debit() -> None:
+        cur.execute(update, (wallet_id,))
+        row = cur.fetchone()
+        if row is None:
+            conn.rollback()
+            raise RuntimeError("the wallet ran out of credits")
+        cur.execute(update_lot, (lot_id,))
+        cur.execute(insert, (wallet_id, row[0], sql_now(target)))
+        if statements >= 4:
+            entry_id = cur.fetchone()[0] if pg else cur.lastrowid
+            cur.execute(insert_draw, (entry_id, lot_id))
+        conn.commit()
+
+    return debit, conn.close
+
+
+def proposal_worker(app: Flask, credits: FlaskCredits, user_id: str, *, single: bool = False) -> Worker:
+    """The prototype of the proposed ``spend()`` fast path (``bench/proposal.py``)."""
+    from .proposal import ProposedSpend
+
+    ctx = app.app_context()
+    ctx.push()
+    proposed = ProposedSpend(credits.ledger, single=single)
+
+    def spend() -> None:
+        if proposed.spend(make_wallet(user_id), 1, reason="bench") is None:
+            raise RuntimeError("the wallet ran out of credits")
+
+    return spend, ctx.pop
+
+
+@dataclass
+class LoadResult:
+    load: Load
+    limit: Measurement
+    spend: Measurement
+    spend_sql: Measurement
+    proposal: Measurement
+    single: Measurement | None  # PostgreSQL only
+    ladder: dict[str, Measurement]  # one connection only: the limit plus the lot's writes
+
+    @property
+    def sql_ratio(self) -> float:
+        return self.spend_sql.throughput / self.limit.throughput
+
+    @property
+    def proposal_ratio(self) -> float:
+        return self.proposal.throughput / self.limit.throughput
+
+    @property
+    def ratio(self) -> float:
+        return self.spend.throughput / self.limit.throughput
+
+    @property
+    def round_ratios(self) -> list[float]:
+        return [s / lim for s, lim in zip(self.spend.rounds, self.limit.rounds, strict=True) if lim]
+
+
+def prepare_wallets(app: Flask, credits: FlaskCredits, settings: Settings) -> dict[str, int]:
+    """Every wallet of the loads, with ``BIG`` credits in one lot; returns name -> row id."""
+    names = {
+        name
+        for load in loads(settings)
+        for prefix in ("limit", "spend", "sql", "proposal", "single", "ladder3", "ladder4")
+        for name in load.wallets(prefix)
+    }
+    ids = {}
+    with app.app_context():
+        for name in sorted(names):
+            credits.grant(name, BIG, reason="bench")
+            wallet_id = credits.ledger.wallet_id(make_wallet(name))
+            assert wallet_id is not None
+            ids[name] = wallet_id
+    return ids
+
+
+def run_loads(
+    target: Target, app: Flask, credits: FlaskCredits, settings: Settings, wallet_ids: dict[str, int]
+) -> list[LoadResult]:
+    results = []
+    pg = target.backend == "postgresql"
+    for load in loads(settings):
+
+        def contender(
+            prefix: str, make: Callable[[str], Worker], load: Load = load
+        ) -> Callable[[], Measurement]:
+            names = load.wallets(prefix)
+            return lambda: run_threads(
+                lambda i: make(names[i]), load.threads, settings.duration, settings.warmup
+            )
+
+        contenders = [
+            ("limit", contender("limit", lambda name: limit_worker(target, wallet_ids[name]))),
+            ("spend", contender("spend", lambda name: spend_worker(app, credits, name))),
+            ("sql", contender("sql", lambda name: spend_sql_worker(target, wallet_ids[name], name))),
+            ("proposal", contender("proposal", lambda name: proposal_worker(app, credits, name))),
+        ]
+        if pg:
+            contenders.append(
+                ("single", contender("single", lambda name: proposal_worker(app, credits, name, single=True)))
+            )
+        if load.kind == "one":
+            contenders += [
+                ("ladder3", contender("ladder3", lambda name: ladder_worker(target, wallet_ids[name], 3))),
+                ("ladder4", contender("ladder4", lambda name: ladder_worker(target, wallet_ids[name], 4))),
+            ]
+        pooled = compare(contenders, settings.rounds)
+        results.append(
+            LoadResult(
+                load,
+                pooled["limit"],
+                pooled["spend"],
+                pooled["sql"],
+                pooled["proposal"],
+                pooled.get("single"),
+                {name: m for name, m in pooled.items() if name.startswith("ladder")},
+            )
+        )
+    return results
+
+
+def audit_spend_wallets(app: Flask, credits: FlaskCredits, wallet_ids: dict[str, int]) -> list[str]:
+    """``credits.audit()`` problems outside the wallets that raw SQL debits without (all) the ledger's
+    rows: the limit's and the first rung of the ladder's."""
+    unaudited = ("limit-", "ladder3-")
+    limit_ids = {wid for name, wid in wallet_ids.items() if name.startswith(unaudited)}
+    with app.app_context():
+        problems = credits.audit()
+    kept = []
+    for line in problems:
+        found = re.match(r"wallet id (\d+):", line)
+        if any(f"user_id='{prefix}" in line for prefix in unaudited) or (
+            found and int(found.group(1)) in limit_ids
+        ):
+            continue
+        kept.append(line)
+    return kept
