@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+from flask import Flask, abort, request
 
 from . import auth, keys, notifications, views
 from .extensions import credits, csrf, login_manager, migrate
@@ -56,6 +56,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     credits.init_app(app)  # after db.init_app: the credits tables live in this app's database
     notifications.connect(app)
+
+    @app.before_request
+    def refuse_nul_bytes() -> None:
+        """No text field of this app may hold a NUL byte (PostgreSQL cannot store one): 400."""
+        values = [request.path, *request.args.values(), *request.form.values()]
+        if any("\x00" in value for value in values):
+            abort(400, "NUL bytes are not allowed in input")
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(views.main)

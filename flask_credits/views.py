@@ -208,7 +208,9 @@ def own_purchase(session_id: str | None) -> Purchase:
 
     wallet = current_wallet_or_401()
     if not session_id or len(session_id) > 255:
-        abort(400, "session_id is missing")
+        abort(400, "session_id is missing or too long")
+    if not session_id.replace("_", "").isalnum() or not session_id.isascii():
+        abort(404)  # no Checkout Session id looks like this (and a NUL byte would upset PostgreSQL)
     purchase = purchases.find(extension(), session_id=session_id)
     if purchase is None or purchase.wallet.user_id != wallet.user_id:
         abort(404)
