@@ -251,7 +251,7 @@ def moved(change: int) -> str:
 
 
 class Program(RuleBasedStateMachine):
-    """What both machines share: grants, spends, time passing, and the checks after every step.
+    """What both machines share: granting, spending, the model, and the checks after every step.
     ``bind`` hands the class the test's app; each program starts from empty tables."""
 
     app: Any
