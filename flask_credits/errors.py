@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from flask import request
 from werkzeug.exceptions import HTTPException
 
 if TYPE_CHECKING:
@@ -98,6 +97,5 @@ class InsufficientCredits(CreditsError, HTTPException):
         else:
             html = render_template("credits/insufficient.html", error=self)
             response = current_app.response_class(html, status=402, mimetype="text/html")
-        if request:  # keep werkzeug's contract: the response is complete on its own
-            response.headers["Cache-Control"] = "no-store"
+        response.headers["Cache-Control"] = "no-store"  # a balance-dependent answer
         return response
