@@ -16,6 +16,7 @@ to ``emit`` only after the commit.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -135,16 +136,19 @@ class Ledger:
         self.emit = emit
         self._returning = bool(engine.dialect.update_returning)
         self._lock_rows = engine.dialect.name != "sqlite"
+        self._pg = engine.dialect.name == "postgresql"
+        # Reads on PostgreSQL run in autocommit: one round trip instead of BEGIN, SELECT, ROLLBACK,
+        # and no ROLLBACK to make psycopg forget its prepared statements. Elsewhere, the engine.
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else engine
+        self._sql = _Statements(tables, returning=self._returning)
+        self._json: Callable[[Any], str] = getattr(engine.dialect, "_json_serializer", None) or json.dumps
 
     # -- reading ---------------------------------------------------------------------------------
 
     def balance(self, wallet: Wallet) -> int:
-        w = self.t.wallets
         now = utcnow()
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*self._owner(wallet))
-            ).first()
+        with self._reader.connect() as conn:
+            row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
         if row is None:
             return 0
         if row.next_expiry is not None and row.next_expiry <= now:
@@ -170,24 +174,24 @@ class Ledger:
         )
         if before is not None:
             query = query.where(e.c.id < before)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [self._entry(row, wallet) for row in conn.execute(query)]
 
     def wallet_id(self, wallet: Wallet, *, create: bool = False) -> int | None:
         """The wallet's row id; with ``create``, make the (empty) wallet if it does not exist."""
         w = self.t.wallets
         query = sa.select(w.c.id).where(*self._owner(wallet))
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             found = conn.execute(query).scalar_one_or_none()
         if found is None and create:
             self._create_wallet(wallet)
-            with self.engine.connect() as conn:
+            with self._reader.connect() as conn:
                 found = conn.execute(query).scalar_one()
         return None if found is None else int(found)
 
     def entry(self, wallet: Wallet, entry_id: int) -> Entry:
         e, w = self.t.entries, self.t.wallets
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             row = conn.execute(
                 sa.select(e).join(w, w.c.id == e.c.wallet_id).where(e.c.id == entry_id, *self._owner(wallet))
             ).first()
@@ -288,20 +292,25 @@ class Ledger:
             if done is not None:
                 return done
         now = utcnow()
+        if self._pg:
+            try:
+                fast = self._spend_in_one_statement(wallet, amount, reason, idempotency_key, metadata, now)
+            except sa.exc.IntegrityError:
+                # A concurrent call with the same key committed first: answer with its entry.
+                done = (
+                    None
+                    if idempotency_key is None
+                    else self._replay(wallet, idempotency_key, "spend", amount)
+                )
+                if done is None:
+                    raise
+                return done
+            if fast is not None:
+                self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=fast)
+                return fast
 
         def tx(conn: Connection) -> Entry | None:
-            w = self.t.wallets
-            found = self._update_wallet(
-                conn,
-                sa.update(w)
-                .where(
-                    *self._owner(wallet),
-                    w.c.balance >= amount,
-                    sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
-                )
-                .values(balance=w.c.balance - amount, updated_at=now),
-                wallet,
-            )
+            found = self._debit(conn, wallet, amount, now)
             if found is None:
                 return None
             wallet_id, balance_after = found
@@ -465,7 +474,7 @@ class Ledger:
         """Expire every wallet whose soonest lot expiry has passed; return how many were visited."""
         now = now or utcnow()
         w = self.t.wallets
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             due = conn.execute(sa.select(w.c.user_id, w.c.key_id).where(w.c.next_expiry <= now)).all()
         for row in due:
             self.expire(Wallet(row.user_id, row.key_id or None), now=now)
@@ -745,6 +754,65 @@ class Ledger:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _spend_in_one_statement(
+        self,
+        wallet: Wallet,
+        amount: int,
+        reason: str,
+        idempotency_key: str | None,
+        metadata: dict[str, Any] | None,
+        now: datetime,
+    ) -> Entry | None:
+        """PostgreSQL's fast path: the whole debit as one statement in autocommit (see ``_SPEND``), so
+        the wallet row is locked for one statement and its commit, and a debit costs one round trip.
+        ``None`` when it did not apply (not enough credits, expiry due, no wallet, the first lot does
+        not cover the amount, or a concurrent debit emptied that lot): the caller's transaction then
+        does it the long way. Nothing is written in any of those cases."""
+        params = {
+            "user_id": wallet.user_id,
+            "key_id": wallet.key_id or "",
+            "amount": amount,
+            "now": now.astimezone(timezone.utc).replace(tzinfo=None),
+            "reason": reason,
+            "key": idempotency_key,
+            "meta": None if metadata is None else self._json(metadata),
+        }
+
+        def run(conn: Connection) -> Row[Any] | None:
+            return conn.exec_driver_sql(_SPEND, params).first()
+
+        try:
+            row = self._run(run, autocommit=True)
+        except sa.exc.DataError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "22012":
+                raise
+            return None  # the guard fired: a concurrent debit emptied the lot; nothing was written
+        if row is None:
+            return None
+        return Entry(
+            id=int(row.entry_id),
+            wallet=wallet,
+            amount=-amount,
+            balance_after=int(row.balance),
+            kind="spend",
+            reason=reason,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            created_at=now,
+        )
+
+    def _debit(self, conn: Connection, wallet: Wallet, amount: int, now: datetime) -> tuple[int, int] | None:
+        """Take ``amount`` off the wallet's balance if it holds that much and no expiry is due; return
+        (wallet id, balance after), the row locked until the transaction ends, or None."""
+        params = {**self._sql.owner(wallet), "b_amount": amount, "b_now": now}
+        if self._returning:
+            row = conn.execute(self._sql.debit, params).first()
+            return None if row is None else (int(row.id), int(row.balance))
+        if conn.execute(self._sql.debit, params).rowcount != 1:
+            return None
+        row = conn.execute(self._sql.balance, self._sql.owner(wallet)).one()
+        return int(row.id), int(row.balance)
+
     def _wallet_id_of(self, wallet: Wallet) -> sa.ScalarSelect[Any]:
         return sa.select(self.t.wallets.c.id).where(*self._owner(wallet)).scalar_subquery()
 
@@ -772,18 +840,18 @@ class Ledger:
     def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
         """Take ``amount`` credits from the wallet's lots, soonest expiry first, no-expiry last."""
         lt = self.t.lots
+        if self._returning:
+            # Most debits fit in the first lot: one UPDATE of it, or nothing changed and the loop below.
+            row = conn.execute(self._sql.draw_first, {"b_wallet_id": wallet_id, "b_amount": amount}).first()
+            if row is not None:
+                return [_Draw(int(row.id), -amount)]
         need = amount
         draws: list[_Draw] = []
         while need > 0:
             # A plain read: the wallet row lock already keeps every other writer out of these lots,
             # and a locking range read would take InnoDB gap locks that collide with the
             # neighbouring wallet's lots (deadlocks between unrelated wallets).
-            batch = conn.execute(
-                sa.select(lt.c.id, lt.c.remaining)
-                .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
-                .order_by(sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
-                .limit(_LOT_BATCH)
-            ).all()
+            batch = conn.execute(self._sql.lots, {"b_wallet_id": wallet_id}).all()
             if not batch:
                 raise RuntimeError(
                     f"credits ledger is inconsistent: wallet id {wallet_id} has a balance its lots"
@@ -830,7 +898,7 @@ class Ledger:
             "meta": metadata,
             "created_at": now,
         }
-        result = conn.execute(sa.insert(self.t.entries).values(values))
+        result = conn.execute(self._sql.insert_entry, values)
         assert result.inserted_primary_key is not None
         return Entry(
             id=int(result.inserted_primary_key[0]),
@@ -848,7 +916,7 @@ class Ledger:
     def _insert_draws(self, conn: Connection, entry_id: int, draws: Sequence[_Draw]) -> None:
         if draws:
             conn.execute(
-                sa.insert(self.t.draws),
+                self._sql.insert_draws,
                 [{"entry_id": entry_id, "lot_id": d.lot_id, "amount": d.amount} for d in draws],
             )
 
@@ -868,11 +936,8 @@ class Ledger:
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
         """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""
-        e = self.t.entries
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(e).where(e.c.wallet_id == self._wallet_id_of(wallet), e.c.idempotency_key == key)
-            ).first()
+        with self._reader.connect() as conn:
+            row = conn.execute(self._sql.replay, {**self._sql.owner(wallet), "b_key": key}).first()
         if row is None:
             return None
         entry = self._entry(row, wallet)
@@ -885,14 +950,13 @@ class Ledger:
 
     def _refund_of(self, spend_id: int) -> Row[Any] | None:
         e = self.t.entries
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return conn.execute(sa.select(e).where(e.c.reverses_id == spend_id)).first()
 
     def _expiry_due(self, wallet: Wallet, now: datetime) -> bool:
-        w = self.t.wallets
-        with self.engine.connect() as conn:
-            due = conn.execute(sa.select(w.c.next_expiry).where(*self._owner(wallet))).scalar_one_or_none()
-        return due is not None and due <= now
+        with self._reader.connect() as conn:
+            row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
+        return row is not None and row.next_expiry is not None and row.next_expiry <= now
 
     def _create_wallet(self, wallet: Wallet) -> None:
         now = utcnow()
@@ -937,10 +1001,14 @@ class Ledger:
             return done
         return entry
 
-    def _run(self, tx: Callable[[Connection], T]) -> T:
-        """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim."""
+    def _run(self, tx: Callable[[Connection], T], *, autocommit: bool = False) -> T:
+        """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim. With
+        ``autocommit`` (PostgreSQL), ``tx`` sends one statement, which is its own transaction."""
         for attempt in range(RETRIES):
             try:
+                if autocommit:
+                    with self._reader.connect() as conn:
+                        return tx(conn)
                 with self.engine.begin() as conn:
                     return tx(conn)
             except sa.exc.OperationalError as exc:
@@ -950,6 +1018,106 @@ class Ledger:
                 # Randomised, growing pause so the transactions that collided do not collide again.
                 time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - not cryptography
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Statements:
+    """The statements of the hot paths, built once per ledger with bind parameters: building a
+    SQLAlchemy expression and its cache key on every call cost more than running it."""
+
+    def __init__(self, t: Tables, *, returning: bool) -> None:
+        w, lt = t.wallets, t.lots
+        # Bind names must differ from column names: SQLAlchemy reserves those in INSERT and UPDATE.
+        owner = (w.c.user_id == sa.bindparam("b_user_id"), w.c.key_id == sa.bindparam("b_key_id"))
+        amount = sa.bindparam("b_amount", type_=sa.BigInteger())
+        now = sa.bindparam("b_now", type_=w.c.updated_at.type)
+        wallet_id = sa.bindparam("b_wallet_id", type_=sa.BigInteger())
+        self.balance = sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*owner)
+        debit = (
+            sa.update(w)
+            .where(*owner, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
+            .values(balance=w.c.balance - amount, updated_at=now)
+        )
+        self.debit = debit.returning(w.c.id, w.c.balance) if returning else debit
+        # Soonest expiry first, lots that never expire last, then the oldest.
+        order = (sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
+        # A plain read: the wallet row lock already keeps every other writer out of these lots, and
+        # a locking range read would take InnoDB gap locks that collide with the neighbouring
+        # wallet's lots (deadlocks between unrelated wallets).
+        self.lots = (
+            sa.select(lt.c.id, lt.c.remaining)
+            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+            .order_by(*order)
+            .limit(_LOT_BATCH)
+        )
+        first = (
+            sa.select(lt.c.id)
+            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+            .order_by(*order)
+            .limit(1)
+            .scalar_subquery()
+        )
+        self.draw_first = (
+            sa.update(lt)
+            .where(lt.c.id == first, lt.c.remaining >= amount)
+            .values(remaining=lt.c.remaining - amount)
+            .returning(lt.c.id)
+        )
+        e = t.entries
+        self.replay = sa.select(e).where(
+            e.c.wallet_id == sa.select(w.c.id).where(*owner).scalar_subquery(),
+            e.c.idempotency_key == sa.bindparam("b_key"),
+        )
+        self.insert_entry = sa.insert(e)
+        self.insert_draws = sa.insert(t.draws)
+
+    @staticmethod
+    def owner(wallet: Wallet) -> dict[str, str]:
+        return {"b_user_id": wallet.user_id, "b_key_id": wallet.key_id or ""}
+
+
+#: PostgreSQL's one-statement debit (``Ledger._spend_in_one_statement``), run in autocommit. ``w``
+#: debits the wallet only if its soonest lot covers the amount (a plain read); ``l`` takes the amount
+#: from that lot; ``e`` and ``d`` write the entry and its draw. Every part of a ``WITH`` sees the
+#: snapshot taken when the statement began, but ``w`` and ``l`` re-check their own row's conditions
+#: after waiting for its lock (READ COMMITTED). So when ``w`` waited for a concurrent debit that
+#: emptied that lot meanwhile, ``l`` writes nothing; the division by the draw count then raises
+#: (SQLSTATE 22012) and the statement, its own transaction, is undone whole. No row back: nothing
+#: written either.
+_SPEND = """\
+WITH w AS (
+    UPDATE credits_wallets SET balance = balance - %(amount)s::bigint, updated_at = %(now)s
+    WHERE user_id = %(user_id)s AND key_id = %(key_id)s AND balance >= %(amount)s::bigint
+      AND (next_expiry IS NULL OR next_expiry > %(now)s)
+      AND (
+        SELECT soonest.remaining FROM credits_lots AS soonest
+        WHERE soonest.wallet_id = credits_wallets.id AND soonest.remaining > 0
+        ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
+        LIMIT 1
+      ) >= %(amount)s::bigint
+    RETURNING id, balance
+), l AS (
+    UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
+    WHERE id = (
+        SELECT lots.id FROM credits_lots AS lots, w
+        WHERE lots.wallet_id = w.id AND lots.remaining > 0
+        ORDER BY CASE WHEN lots.expires_at IS NULL THEN 1 ELSE 0 END, lots.expires_at, lots.id
+        LIMIT 1
+    ) AND remaining >= %(amount)s::bigint
+    RETURNING id
+), e AS (
+    INSERT INTO credits_entries
+        (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
+    SELECT w.id, -%(amount)s::bigint, w.balance, 'spend', %(reason)s, %(key)s, CAST(%(meta)s AS JSON),
+        %(now)s
+    FROM w, l
+    RETURNING id
+), d AS (
+    INSERT INTO credits_draws (entry_id, lot_id, amount)
+    SELECT e.id, l.id, -%(amount)s::bigint FROM e, l
+    RETURNING entry_id
+)
+SELECT w.id, w.balance, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
+"""
 
 
 def _retryable(exc: sa.exc.DBAPIError) -> bool:

@@ -126,7 +126,7 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.CheckConstraint("amount > 0", name="ck_credits_lots_amount"),
         sa.CheckConstraint("remaining >= 0 AND remaining <= amount", name="ck_credits_lots_remaining"),
-        sa.Index("ix_credits_lots_wallet_id", "wallet_id", "remaining"),
+        sa.Index("ix_credits_lots_wallet_expiry", "wallet_id", "expires_at", "id"),
     )
     draws = sa.Table(
         "credits_draws",

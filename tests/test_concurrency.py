@@ -451,3 +451,85 @@ def test_concurrent_grants_spends_refunds_and_expiry_keep_balance_entries_and_lo
     assert balance == sum(remaining for _, remaining in lots(credits, "mix"))
     assert all(remaining == 0 for (_, remaining) in lots(credits, "mix")[:3])  # all expired now
     assert credits.audit() == []
+
+
+def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit_writes_nothing_half(
+    app, db, credits, backend
+):
+    """PostgreSQL debits in one statement whose parts all see the snapshot taken when it began. Here a
+    concurrent debit empties the soonest lot while the statement waits for the wallet row: the lot's
+    own re-check then fails, the statement's guard undoes it whole, and the debit is completed from
+    the next lot the long way. Deterministic: the concurrent debit is a transaction held open here."""
+    if backend != "postgresql":
+        pytest.skip("the one-statement debit is PostgreSQL's")
+    soon = ledger.utcnow() + timedelta(days=1)
+    credits.grant("racer", 1, reason="soon", expires_at=soon)
+    credits.grant("racer", 10, reason="later")
+    t = credits.tables
+    with db.engine.connect() as conn:
+        wallet_id, soon_lot = conn.execute(
+            sa.select(t.lots.c.wallet_id, t.lots.c.id).where(t.lots.c.expires_at.is_not(None))
+        ).one()
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(statement.split(None, 1)[0].upper())
+
+    sa.event.listen(db.engine, "before_cursor_execute", record)
+    blocker = db.engine.connect()
+    try:
+        with blocker.begin():
+            # A debit of the soonest lot's only credit, written by hand, committed only after the
+            # ledger's statement is waiting for the wallet row.
+            balance = blocker.execute(
+                sa.update(t.wallets)
+                .where(t.wallets.c.id == wallet_id)
+                .values(balance=t.wallets.c.balance - 1)
+                .returning(t.wallets.c.balance)
+            ).scalar_one()
+            blocker.execute(sa.update(t.lots).where(t.lots.c.id == soon_lot).values(remaining=0))
+            entry_id = blocker.execute(
+                sa.insert(t.entries)
+                .values(
+                    wallet_id=wallet_id,
+                    amount=-1,
+                    balance_after=balance,
+                    kind="spend",
+                    reason="by hand",
+                    created_at=ledger.utcnow(),
+                )
+                .returning(t.entries.c.id)
+            ).scalar_one()
+            blocker.execute(sa.insert(t.draws).values(entry_id=entry_id, lot_id=soon_lot, amount=-1))
+            with ThreadPoolExecutor(max_workers=1) as pool:
+
+                def spend() -> object:
+                    with app.app_context():
+                        return credits.spend("racer", 2, reason="racing")
+
+                future = pool.submit(spend)
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                for _ in range(WAIT * 20):
+                    with db.engine.connect() as probe:
+                        if probe.execute(sa.text(waiting)).scalar_one():
+                            break
+                    threading.Event().wait(0.05)
+                else:
+                    pytest.fail("the spend never waited for the wallet row")
+                blocker.commit()
+                entry = future.result(timeout=WAIT)
+    finally:
+        blocker.close()
+        sa.event.remove(db.engine, "before_cursor_execute", record)
+    # The one statement ran and was undone by its guard; the long way (UPDATE the wallet ...) did it.
+    assert sent[0] == "WITH", sent
+    assert "UPDATE" in sent[1:], sent
+    assert (entry.amount, entry.balance_after) == (-2, 8)
+    assert credits.balance("racer") == 8
+    with db.engine.connect() as conn:
+        draws = conn.execute(
+            sa.select(t.draws.c.lot_id, t.draws.c.amount).where(t.draws.c.entry_id == entry.id)
+        ).all()
+    assert [tuple(row) for row in draws] == [(soon_lot + 1, -2)]
+    assert credits.audit() == []
