@@ -17,14 +17,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, abort, request
+import sqlalchemy as sa
+from flask import Flask, abort, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import ServiceUnavailable
 
 from . import auth, keys, notifications, views
+from .auth import API_KEY_HEADER
 from .extensions import credits, csrf, login_manager, migrate
 from .models import db
 
 #: The top-level ``migrations/`` folder of this repository, whatever the working directory.
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+#: The database cannot be reached or gave up (connection refused or dropped, lock wait timeout, pool
+#: exhausted): the request may succeed if tried again.
+DATABASE_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+RETRY_AFTER_SECONDS = 5
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -56,6 +64,30 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     credits.init_app(app)  # after db.init_app: the credits tables live in this app's database
     notifications.connect(app)
+
+    def database_unavailable(exc: Exception) -> ResponseReturnValue:
+        """503 with Retry-After, not a bare 500, when the database cannot answer: the API key or user
+        lookup is the first query of most requests, before flask_credits is reached."""
+        app.logger.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if request.blueprint == "api" or API_KEY_HEADER in request.headers or request.is_json:
+            message = "The service is briefly unavailable. Please try again in a few seconds."
+            return jsonify(error="temporarily_unavailable", message=message), 503, retry
+        return ServiceUnavailable(retry_after=RETRY_AFTER_SECONDS).get_response()
+
+    for error in DATABASE_UNAVAILABLE:
+        app.register_error_handler(error, database_unavailable)
+
+    @app.teardown_appcontext
+    def release_session(exc: BaseException | None) -> None:
+        """Runs before Flask-SQLAlchemy's own teardown. Rolling back a connection the database already
+        dropped raises, and raised there it would replace the finished response with a bare 500:
+        discard such a connection instead (the server rolled its transaction back when it went)."""
+        try:
+            db.session.remove()
+        except DATABASE_UNAVAILABLE:
+            db.session().invalidate()
+            db.session.remove()
 
     @app.before_request
     def refuse_nul_bytes() -> None:

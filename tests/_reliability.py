@@ -1,0 +1,852 @@
+"""Harness for the load and fault tests (tests/test_load.py, tests/test_faults.py); not collected.
+
+It runs the example app as it would be deployed, under gunicorn with several workers on loopback, and
+everything around it that the tests need to drive and to break it:
+
+* :class:`Gunicorn` starts ``_reliability:wsgi()`` (the example app, configured from a JSON
+  environment variable) against a database URL, and finds its workers, including the one that serves a
+  given database connection (so a test can SIGKILL exactly the worker stuck inside a transaction);
+* :class:`TcpProxy` is a loopback TCP proxy put between gunicorn and the database (or Stripe): ``down()``
+  cuts every connection and refuses new ones, ``up()`` accepts them again; the real database servers
+  are never touched, other tests use them;
+* :class:`FakeStripe` is a small Stripe on loopback (the live ``StripeClient`` is pointed at it): it
+  creates Checkout Sessions, answers lookups, and can fail on request (500, slow, dropped connection);
+* :class:`Shop` is the test process's own view of the same database: schema, users, API keys, grants,
+  signed webhook events, and :meth:`Shop.check`, which compares the database with what the clients
+  were told.
+
+Every wait is bounded; every process, thread and socket started here is stopped by its ``close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import queue
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WHSEC = "whsec_reliability_test"
+STRIPE_KEY = "sk_test_reliability"
+COST = 5  # PERSONA_COST of the app under test
+#: Bound on any single HTTP call the clients make.
+HTTP_TIMEOUT = 30.0
+#: Bound on waiting for something to happen (a worker to start, a lock wait to show up...).
+WAIT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def backend_of(url: str) -> str:
+    return sa.make_url(url).get_backend_name()
+
+
+def via(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by the loopback ``port`` (a :class:`TcpProxy`)."""
+    return sa.make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def engine_options(url: str, **connect_args: Any) -> dict[str, Any]:
+    """What a deployment should set: a checked pool (pre-ping replaces connections a database restart
+    or network cut left dead) and bounded connects."""
+    args = {"connect_timeout": 5, **connect_args}
+    return {
+        "pool_pre_ping": True,
+        "pool_size": 5,
+        "max_overflow": 5,
+        "pool_timeout": 10,
+        "connect_args": args,
+    }
+
+
+# -- the app under gunicorn ---------------------------------------------------------------------------
+
+
+def wsgi() -> Any:
+    """gunicorn's entry point (``_reliability:wsgi()``): the example app, configured by the JSON in
+    ``FC_RELIABILITY_APP``: ``{"config": {...}, "stripe_api": "http://127.0.0.1:PORT" | null}``."""
+    spec = json.loads(os.environ["FC_RELIABILITY_APP"])
+    if spec.get("stripe_api"):
+        # StripeClient takes its default API base from this module when it is created; flask_credits
+        # offers no setting for it (nobody but a test has a reason to point it elsewhere).
+        import stripe._stripe_client
+
+        stripe._stripe_client.DEFAULT_API_BASE = spec["stripe_api"]  # type: ignore[attr-defined]
+    from example_app import create_app
+
+    return create_app(spec["config"])
+
+
+def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
+    """The example app's config for these tests: live Stripe mode (with the fake Stripe behind it), a
+    known webhook secret, and CSRF off (clients here are API clients with X-API-Key)."""
+    return {
+        "SECRET_KEY": "reliability-secret-key",
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(database_url),
+        "WTF_CSRF_ENABLED": False,
+        "CREDITS_STRIPE_MODE": "live",
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_WEBHOOK_SECRET": WHSEC,
+        "CREDITS_STRIPE_TIMEOUT": 1.0,
+        "CREDITS_STRIPE_MAX_RETRIES": 1,
+        "PERSONA_COST": COST,
+        **overrides,
+    }
+
+
+class Gunicorn:
+    """``gunicorn _reliability:wsgi()`` on a free loopback port, as a subprocess (gthread workers)."""
+
+    def __init__(
+        self, config: dict[str, Any], *, stripe_api: str | None, workers: int = 3, threads: int = 4
+    ) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.log = tempfile.NamedTemporaryFile(prefix="fc_reliability_", suffix=".log", delete=False)  # noqa: SIM115
+        env = {
+            **os.environ,
+            "FC_RELIABILITY_APP": json.dumps({"config": config, "stripe_api": stripe_api}),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        for name in ("FLASK_DEBUG", "DATABASE_URL", "CREDITS_STRIPE_MODE"):
+            env.pop(name, None)
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "gunicorn"),
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--chdir",
+                str(ROOT),
+                "--timeout",
+                "60",
+                "--graceful-timeout",
+                "5",
+                "--log-level",
+                "warning",
+                "_reliability:wsgi()",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if (
+                    call(self.port, "GET", "/", timeout=5).status == 200
+                    and len(self.worker_pids()) == self.workers
+                ):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not answer within {WAIT} s:\n{self.output()}")
+
+    def worker_pids(self) -> list[int]:
+        """The live workers: children of the gunicorn master."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == self.proc.pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+        return sorted(found)
+
+    def worker_with_connection(self, local_port: int, remote_port: int) -> int | None:
+        """The worker holding the TCP connection ``127.0.0.1:local_port -> :remote_port``."""
+        inode = socket_inode(local_port, remote_port)
+        if inode is None:
+            return None
+        for pid in self.worker_pids():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) == f"socket:[{inode}]":
+                            return pid
+        return None
+
+    def kill_worker(self, pid: int) -> None:
+        """SIGKILL one worker and wait until the master has replaced it."""
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if pid not in pids and len(pids) == self.workers:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not replace worker {pid}:\n{self.output()}")
+
+    def output(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def close(self) -> None:
+        keep = os.environ.get("CREDITS_RELIABILITY_KEEP_LOGS")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        if keep:
+            print(f"\ngunicorn log kept: {self.log.name}")
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log.name)
+
+
+def socket_inode(local_port: int, remote_port: int) -> int | None:
+    """The inode of the established loopback TCP socket with these ports, from /proc/net/tcp."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local, remote, inode = parts[1], parts[2], int(parts[9])
+                if (
+                    int(local.rsplit(":", 1)[1], 16) == local_port
+                    and int(remote.rsplit(":", 1)[1], 16) == remote_port
+                ):
+                    return inode
+    return None
+
+
+# -- HTTP clients -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+def call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float = HTTP_TIMEOUT,
+) -> Reply:
+    """One request on a fresh connection. Raises OSError or HTTPException if the connection drops."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, (str, bytes)) or body is None else json.dumps(body)
+        sent = dict(headers or {})
+        if body is not None and "Content-Type" not in sent:
+            sent["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return Reply(response.status, parsed, {k.lower(): v for k, v in response.getheaders()})
+    finally:
+        conn.close()
+
+
+def spend(port: int, secret: str, seed: str = "reliability") -> Reply:
+    """POST /api/personas with an API key: costs ``COST`` credits."""
+    return call(port, "POST", "/api/personas", {"seed": seed}, {"X-API-Key": secret})
+
+
+def checkout(port: int, secret: str, quantity: int) -> Reply:
+    return call(port, "POST", "/credits/checkout", {"quantity": quantity}, {"X-API-Key": secret})
+
+
+def deliver(port: int, event: dict[str, Any], *, timeout: float = HTTP_TIMEOUT) -> Reply:
+    """Post a Stripe event to the webhook, signed with the app's secret, as Stripe would."""
+    from flask_credits import testing
+
+    payload = json.dumps(event)
+    headers = {"Stripe-Signature": testing.sign(payload, WHSEC), "Content-Type": "application/json"}
+    return call(port, "POST", "/credits/stripe-webhook", payload, headers, timeout=timeout)
+
+
+# -- a TCP proxy that can cut the line ----------------------------------------------------------------
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:port`` to ``127.0.0.1:target``. ``down()`` closes every open connection and
+    the listening socket (new connections are refused); ``up()`` listens on the same port again. One
+    thread with a selector does all the work; the other methods hand it commands."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self.accepted = 0
+        self.cuts = 0
+        self._listener: socket.socket | None = None
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._commands: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
+        self._closed = False
+        self._listen()
+        self._thread = threading.Thread(target=self._loop, name=f"proxy-{self.port}", daemon=True)
+        self._thread.start()
+
+    def down(self) -> None:
+        self._do(self._cut)
+
+    def up(self) -> None:
+        self._do(self._listen)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._do(self._shutdown)
+            self._thread.join(WAIT)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _do(self, command: Callable[[], None]) -> None:
+        done = threading.Event()
+        self._commands.put((command, done))
+        self._wake_w.send(b"!")
+        if not done.wait(WAIT):
+            raise RuntimeError("the proxy thread did not answer")
+
+    def _listen(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ)
+        self._listener = listener
+
+    def _cut(self) -> None:
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        for sock in list(self._peers):
+            self._drop(sock)
+        self.cuts += 1
+
+    def _shutdown(self) -> None:
+        self._cut()
+        self._closed = True
+
+    def _drop(self, sock: socket.socket) -> None:
+        peer = self._peers.pop(sock, None)
+        for s in (sock, peer):
+            if s is not None:
+                self._peers.pop(s, None)
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(s)
+                s.close()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            for key, _ in self._selector.select(timeout=1.0):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._wake_r:
+                    sock.recv(1024)
+                    while not self._commands.empty():
+                        command, done = self._commands.get()
+                        command()
+                        done.set()
+                    break  # the sockets of this round may be closed now
+                if sock is self._listener:
+                    self._accept()
+                elif sock in self._peers:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(sock)
+                        continue
+                    try:
+                        self._peers[sock].sendall(data)
+                    except OSError:
+                        self._drop(sock)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+        except OSError:
+            client.close()
+            return
+        for s in (client, upstream):
+            s.setblocking(True)
+            s.settimeout(10)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._selector.register(s, selectors.EVENT_READ)
+        self._peers[client], self._peers[upstream] = upstream, client
+        self.accepted += 1
+
+
+# -- a Stripe on loopback -----------------------------------------------------------------------------
+
+
+class FakeStripe:
+    """Enough of Stripe's API for flask_credits: create, retrieve and list Checkout Sessions.
+
+    ``mode`` decides how ``POST /v1/checkout/sessions`` answers: ``"ok"``, ``"error"`` (500 with a
+    Stripe error body), ``"slow"`` (answers after ``slow_seconds``, past the app's timeout) or
+    ``"drop"`` (closes the connection without an answer). ``on_create`` runs before a session is
+    created (a test cuts the database there). Every create request is kept in ``creates`` as
+    ``(idempotency key, mode)``.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.slow_seconds = 3.0
+        self.on_create: Callable[[], None] | None = None
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.creates: list[tuple[str | None, str]] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        stripe = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                if urlsplit(self.path).path != "/v1/checkout/sessions":
+                    return self.reply(404, {"error": {"type": "invalid_request_error", "message": "no"}})
+                return stripe._create(self, form)
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path == "/v1/checkout/sessions":
+                    intent = parse_qs(parts.query).get("payment_intent", [""])[0]
+                    with stripe._lock:
+                        found = [s for s in stripe.sessions.values() if s["payment_intent"] == intent]
+                    return self.reply(200, {"object": "list", "data": found[:1], "has_more": False})
+                session_id = parts.path.rsplit("/", 1)[-1]
+                with stripe._lock:
+                    session = stripe.sessions.get(session_id)
+                if session is None:
+                    return self.reply(404, {"error": {"type": "invalid_request_error", "message": "none"}})
+                return self.reply(200, session)
+
+            def reply(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Request-Id", "req_" + secrets.token_hex(6))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that timed out and left is expected here
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), daemon=True)
+        self._thread.start()
+
+    def _create(self, handler: Any, form: dict[str, str]) -> None:
+        mode = self.mode
+        with self._lock:
+            self.creates.append((handler.headers.get("Idempotency-Key"), mode))
+        if self.on_create is not None:
+            self.on_create()
+        if mode == "error":
+            return handler.reply(500, {"error": {"type": "api_error", "message": "Something went wrong."}})
+        if mode == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        if mode == "slow":
+            self._closing.wait(self.slow_seconds)
+        from flask_credits import testing
+
+        unit = int(form.get("line_items[0][price_data][unit_amount]", "0"))
+        session = testing.checkout_session(
+            "cs_test_" + secrets.token_hex(12),
+            amount_total=unit * int(form.get("line_items[0][quantity]", "1")),
+            currency=form.get("line_items[0][price_data][currency]", "usd"),
+            payment_status="unpaid",
+            status="open",
+            client_reference_id=form.get("client_reference_id"),
+            metadata={k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")},
+        )
+        session["payment_intent"] = None
+        with self._lock:
+            self.sessions[session["id"]] = session
+        return handler.reply(200, session)
+
+    def pay(self, session_id: str) -> dict[str, Any]:
+        """The customer paid: the session is complete and has a payment intent. Returns a copy."""
+        with self._lock:
+            session = self.sessions[session_id]
+            session.update(status="complete", payment_status="paid", url=None)
+            session["payment_intent"] = "pi_test_" + secrets.token_hex(12)
+            return dict(session)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(WAIT)
+
+
+# -- the test process's side: setup and checks -------------------------------------------------------
+
+
+@dataclass
+class Wallet:
+    user_id: str
+    key_id: str
+    secret: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.user_id}/{self.key_id}"
+
+
+@dataclass
+class Paid:
+    """A purchase the customer paid, and what Stripe later took back."""
+
+    wallet: str
+    session_id: str
+    payment_intent: str
+    credits: int
+    amount: int
+    refunded: int = 0  # highest cumulative amount_refunded sent
+    disputed: int = 0  # amount of a lost dispute sent
+
+
+@dataclass
+class Tally:
+    """What the clients were told, to compare with the database afterwards."""
+
+    granted: Counter[str] = field(default_factory=Counter)
+    spent_ok: Counter[str] = field(default_factory=Counter)  # 200 answers, per wallet
+    spent_unknown: Counter[str] = field(default_factory=Counter)  # dropped or 5xx: may or may not have spent
+    refused: Counter[str] = field(default_factory=Counter)  # 402 answers
+    late_402: list[tuple[str, datetime]] = field(default_factory=list)  # 402 showing a payable balance
+    statuses: Counter[str] = field(default_factory=Counter)  # "route status" -> count
+    paid: dict[str, Paid] = field(default_factory=dict)  # session id -> purchase
+    unpaid_sessions: set[str] = field(default_factory=set)
+    events: set[str] = field(default_factory=set)  # every event id acknowledged with 200
+    deliveries: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, route: str, status: int | str) -> None:
+        with self.lock:
+            self.statuses[f"{route} {status}"] += 1
+
+
+class Shop:
+    """The test process's own app on the same database (direct, no proxy)."""
+
+    def __init__(self, database_url: str) -> None:
+        from example_app import create_app
+
+        self.url = database_url
+        self.backend = backend_of(database_url)
+        self.app = create_app(
+            app_config(database_url, SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url))
+        )
+
+    def migrate(self) -> None:
+        import flask_migrate
+
+        with self.app.app_context():
+            flask_migrate.upgrade()
+
+    def close(self) -> None:
+        from example_app.models import db
+
+        with self.app.app_context():
+            db.engine.dispose()
+
+    @property
+    def credits(self) -> Any:
+        return self.app.extensions["credits"]
+
+    @property
+    def engine(self) -> sa.Engine:
+        with self.app.app_context():
+            return self.app.extensions["sqlalchemy"].engine  # type: ignore[no-any-return]
+
+    def wallets(self, users: int, keys_per_user: int) -> list[Wallet]:
+        """New users, each with API keys; returns the keys' wallets."""
+        from example_app.models import ApiKey, User, db
+
+        found = []
+        with self.app.app_context():
+            for _ in range(users):
+                user = User(username="u" + secrets.token_hex(6))
+                user.password_hash = "-"  # nobody logs in: the clients use API keys
+                db.session.add(user)
+                issued = [ApiKey.issue(user, f"key {k}") for k in range(keys_per_user)]
+                db.session.commit()
+                found += [Wallet(str(user.id), key.id, secret) for key, secret in issued]
+        return found
+
+    def grant(self, wallet: Wallet, amount: int, tally: Tally) -> None:
+        with self.app.app_context():
+            self.credits.grant(wallet.user_id, amount, key_id=wallet.key_id, reason="reliability stock")
+        tally.granted[wallet.name] += amount
+
+    def balance(self, wallet: Wallet) -> int:
+        with self.app.app_context():
+            return int(self.credits.balance(wallet.user_id, wallet.key_id))
+
+    def audit(self) -> list[str]:
+        with self.app.app_context():
+            return list(self.credits.audit())
+
+    def cli_audit(self) -> subprocess.CompletedProcess[str]:
+        """``flask --app example_app credits audit``, the operator's command, as a process of its own."""
+        env = {**os.environ, "DATABASE_URL": self.url, "CREDITS_STRIPE_MODE": "live"}
+        env.pop("FLASK_DEBUG", None)
+        return subprocess.run(
+            [str(BIN / "flask"), "--app", "example_app", "credits", "audit"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def rows(self, table: str) -> list[Any]:
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(getattr(t, table))).all())
+
+    def counts(self) -> dict[str, int]:
+        """Rows per credits table: "nothing was written" compares two of these."""
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            return {
+                name: int(conn.execute(sa.select(sa.func.count()).select_from(getattr(t, name))).scalar_one())
+                for name in ("wallets", "entries", "lots", "draws", "purchases", "stripe_events")
+            }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every row that changes when credits move (row counts, balances, lots, purchase statuses)."""
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            return {
+                "counts": self.counts(),
+                "wallets": sorted(
+                    tuple(r)
+                    for r in conn.execute(sa.select(t.wallets.c.id, t.wallets.c.balance, t.wallets.c.debt))
+                ),
+                "lots": sorted(tuple(r) for r in conn.execute(sa.select(t.lots.c.id, t.lots.c.remaining))),
+                "purchases": sorted(
+                    tuple(r)
+                    for r in conn.execute(
+                        sa.select(t.purchases.c.id, t.purchases.c.status, t.purchases.c.session_id)
+                    )
+                ),
+            }
+
+    def check(self, wallets: list[Wallet], tally: Tally, *, cli: bool = True) -> dict[str, int]:
+        """Compare the database with what the clients were told; raise AssertionError listing every
+        violation. Returns figures for the report."""
+        problems = list(tally.problems)
+        audit = self.audit()
+        problems += [f"audit: {line}" for line in audit]
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            wallet_rows = {
+                (r.user_id, r.key_id): r
+                for r in conn.execute(
+                    sa.select(
+                        t.wallets.c.id,
+                        t.wallets.c.user_id,
+                        t.wallets.c.key_id,
+                        t.wallets.c.balance,
+                        t.wallets.c.debt,
+                    )
+                )
+            }
+            by_id = {r.id: f"{r.user_id}/{r.key_id}" for r in wallet_rows.values()}
+            entries = conn.execute(
+                sa.select(
+                    t.entries.c.wallet_id,
+                    t.entries.c.kind,
+                    t.entries.c.amount,
+                    t.entries.c.balance_after,
+                    t.entries.c.meta,
+                    t.entries.c.created_at,
+                )
+            ).all()
+            purchases = {r.session_id: r for r in conn.execute(sa.select(t.purchases)) if r.session_id}
+            creating = conn.execute(
+                sa.select(sa.func.count()).select_from(t.purchases).where(t.purchases.c.status == "creating")
+            ).scalar_one()
+            recorded = set(conn.execute(sa.select(t.stripe_events.c.id)).scalars())
+        negative = [r for r in wallet_rows.values() if r.balance < 0 or r.debt < 0]
+        problems += [
+            f"wallet {r.user_id}/{r.key_id} below zero: {r.balance}, debt {r.debt}" for r in negative
+        ]
+
+        # Every paid purchase credited exactly once, and taken back exactly as far as Stripe said.
+        credited = Counter(e.meta["purchase_id"] for e in entries if e.kind == "purchase")
+        clawed = Counter[str]()
+        purchased = Counter[str]()
+        for session_id, paid in tally.paid.items():
+            row = purchases.get(session_id)
+            if row is None:
+                problems.append(f"paid session {session_id} has no purchase row")
+                continue
+            if row.status != "fulfilled" or credited[row.id] != 1:
+                problems.append(
+                    f"paid purchase {row.id}: status {row.status}, credited {credited[row.id]} times"
+                )
+            refund = paid.credits * paid.refunded // paid.amount
+            dispute = paid.credits * paid.disputed // paid.amount
+            if (row.refund_revoked, row.dispute_revoked) != (refund, dispute):
+                problems.append(
+                    f"purchase {row.id}: clawed back {row.refund_revoked}+{row.dispute_revoked},"
+                    f" expected {refund}+{dispute}"
+                )
+            purchased[paid.wallet] += paid.credits
+            clawed[paid.wallet] += refund + dispute
+        for session_id in tally.unpaid_sessions:
+            row = purchases.get(session_id)
+            if row is not None and (row.status == "fulfilled" or credited[row.id]):
+                problems.append(f"unpaid purchase {row.id} was credited")
+        ours = {w.name for w in wallets}
+        credited_here = {
+            e.meta["purchase_id"] for e in entries if e.kind == "purchase" and by_id[e.wallet_id] in ours
+        }
+        unexplained = credited_here - {purchases[s].id for s in tally.paid if s in purchases}
+        problems += [f"purchase {p} credited but never paid" for p in sorted(unexplained)]
+        missing = tally.events - recorded
+        problems += [f"event {e} acknowledged but not recorded" for e in sorted(missing)]
+
+        # Spends: the database holds exactly the spends the clients were told about (plus, at most, the
+        # ones whose answer was lost), and every balance is what the grants, purchases, spends and
+        # claw-backs leave.
+        spends = Counter[str]()
+        for e in entries:
+            if e.kind in ("spend", "refund"):
+                spends[by_id[e.wallet_id]] += -e.amount // COST
+        for w in wallets:
+            row = wallet_rows.get((w.user_id, w.key_id))
+            if row is None:
+                problems.append(f"wallet {w.name} missing")
+                continue
+            ok, unknown, db_spends = tally.spent_ok[w.name], tally.spent_unknown[w.name], spends[w.name]
+            if not ok <= db_spends <= ok + unknown:
+                problems.append(
+                    f"wallet {w.name}: {db_spends} spends stored, clients saw {ok} (+{unknown} unknown)"
+                )
+            expected = tally.granted[w.name] + purchased[w.name] - COST * db_spends - clawed[w.name]
+            if row.balance - row.debt != expected:
+                problems.append(f"wallet {w.name}: balance {row.balance} - debt {row.debt} != {expected}")
+        # A 402 whose answer showed enough credits: the wallet must have been unable to pay at some
+        # moment before the answer (the credits shown arrived after the refusal).
+        for name, answered in tally.late_402:
+            if not any(
+                by_id[e.wallet_id] == name
+                and e.balance_after < COST
+                and e.created_at <= answered + timedelta(seconds=1)
+                for e in entries
+            ):
+                problems.append(f"wallet {name} refused at {answered} but never fell below {COST}")
+        if cli:
+            result = self.cli_audit()
+            if result.returncode != 0 or "audit passed" not in result.stdout:
+                problems.append(
+                    f"flask credits audit exited {result.returncode}: {result.stdout}{result.stderr}"
+                )
+        if problems:
+            raise AssertionError(f"{len(problems)} violations:\n" + "\n".join(problems[:50]))
+        return {
+            "wallets": len(wallet_rows),
+            "entries": len(entries),
+            "purchases": len(purchases),
+            "creating": int(creating),
+            "events": len(recorded),
+            "spends": sum(spends.values()),
+        }
+
+
+@contextlib.contextmanager
+def closing_all(*things: Any) -> Iterator[None]:
+    """Close each thing (in reverse order) whatever happens."""
+    try:
+        yield
+    finally:
+        errors = []
+        for thing in reversed(things):
+            try:
+                thing.close()
+            except Exception as exc:  # close the rest first
+                errors.append(exc)
+        if errors:
+            raise errors[0]

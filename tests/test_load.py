@@ -1,0 +1,409 @@
+"""Load: the example app under gunicorn (3 workers x 4 threads) on PostgreSQL and MariaDB, with many
+clients spending from one hot wallet and from many others while they buy credits, and signed webhooks
+(purchases, duplicates of them, refunds and disputes) arrive at the same time, in any order.
+
+Afterwards the database must agree with what every client was told (``Shop.check``): no wallet below
+zero, ``audit()`` and ``flask credits audit`` pass, every paid purchase credited exactly once and
+clawed back exactly as far as its refunds and disputes say, the spends stored are exactly the ones
+answered 200, and each balance is what the grants, purchases, spends and claw-backs leave.
+
+By default each scenario runs for a few seconds (CI). ``CREDITS_RELIABILITY_SECONDS=N`` runs the
+load for N seconds per database (``make reliability``; docs/reliability.md has the figures).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from _reliability import (
+    COST,
+    FakeStripe,
+    Gunicorn,
+    Paid,
+    Shop,
+    Tally,
+    TcpProxy,
+    Wallet,
+    app_config,
+    checkout,
+    deliver,
+    spend,
+    via,
+)
+from conftest import drop_all_tables
+
+from flask_credits import testing
+
+SECONDS = float(os.environ.get("CREDITS_RELIABILITY_SECONDS") or 0)
+LOAD_SECONDS = SECONDS or 5.0
+CHAOS_SECONDS = SECONDS or 8.0
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True),
+    pytest.mark.timeout(240 + 4 * SECONDS),
+]
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    """Print the figures (shown with ``pytest -s``) and append them to ``CREDITS_RELIABILITY_REPORT``."""
+    line = json.dumps({"scenario": name, **figures}, sort_keys=True)
+    print(f"\n{line}")
+    path = os.environ.get("CREDITS_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+@dataclass
+class Stack:
+    shop: Shop
+    stripe: FakeStripe
+    url: str
+
+    @property
+    def backend(self) -> str:
+        return self.shop.backend
+
+    def server(self, database_url: str | None = None, **config: Any) -> Gunicorn:
+        url = database_url or self.url
+        return Gunicorn(app_config(url, **config), stripe_api=f"http://127.0.0.1:{self.stripe.port}")
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str) -> Iterator[Stack]:
+    drop_all_tables(database_url)
+    shop = Shop(database_url)
+    stripe = FakeStripe()
+    try:
+        shop.migrate()
+        yield Stack(shop, stripe, database_url)
+    finally:
+        stripe.close()
+        shop.close()
+        drop_all_tables(database_url)
+
+
+# -- the clients ------------------------------------------------------------------------------------
+
+
+class Webhooks:
+    """Stripe's side of the webhook: a few threads deliver queued events in whatever order they come,
+    and deliver again (later) any event not answered 200, as Stripe retries."""
+
+    def __init__(self, port: int, tally: Tally, *, threads: int, faults: bool) -> None:
+        self.port, self.tally, self.faults = port, tally, faults
+        self.queue: queue.Queue[tuple[dict[str, Any], int] | None] = queue.Queue()
+        self.pending = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def send(self, event: dict[str, Any], copies: int = 1) -> None:
+        """Queue ``copies`` deliveries of one event, next to each other: they go out at the same time."""
+        with self._lock:
+            self.pending += copies
+        for _ in range(copies):
+            self.queue.put((event, 0))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            event, attempt = item
+            try:
+                reply = deliver(self.port, event)
+                status: int | str = reply.status
+            except (OSError, http.client.HTTPException) as exc:  # a killed worker, an outage
+                status, reply = type(exc).__name__, None
+            self.tally.count("webhook", status)
+            with self.tally.lock:
+                self.tally.deliveries += 1
+            if reply is not None and status == 200:
+                with self.tally.lock:
+                    self.tally.events.add(event["id"])
+                    self.tally.outcomes[f"{event['type']} {reply.body['outcome']}"] += 1
+            elif not self.faults or attempt >= 100:
+                with self.tally.lock:
+                    self.tally.problems.append(f"webhook {event['id']} ({event['type']}) answered {status}")
+            else:
+                time.sleep(0.1)  # Stripe's retry comes later
+                self.queue.put((event, attempt + 1))
+                continue
+            with self._lock:
+                self.pending -= 1
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.pending == 0:
+                    break
+            time.sleep(0.05)
+        for _ in self._threads:
+            self.queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        if self.pending:
+            self.tally.problems.append(f"{self.pending} webhook deliveries never answered 200")
+
+
+SPEND_OK = {200, 402}
+FAULT_OK = {200, 402, 503}
+
+
+def spender(
+    port: int, wallets: list[Wallet], hot: Wallet, tally: Tally, deadline: float, faults: bool, seed: int
+) -> None:
+    """Spend until the deadline, half the time from the hot wallet."""
+    rng = random.Random(seed)
+    for n in range(100_000):
+        if time.monotonic() > deadline:
+            break
+        wallet = hot if rng.random() < 0.5 else rng.choice(wallets)
+        try:
+            reply = spend(port, wallet.secret, seed=f"s{seed}-{n}")
+            status: int | str = reply.status
+        except (OSError, http.client.HTTPException) as exc:
+            status, reply = type(exc).__name__, None
+        tally.count("spend", status)
+        with tally.lock:
+            if status == 200:
+                tally.spent_ok[wallet.name] += 1
+                if reply is None or reply.body["cost"] != COST:
+                    tally.problems.append(f"spend answered 200 with {reply and reply.body}")
+            elif status == 402:
+                tally.refused[wallet.name] += 1
+                body = reply.body if reply else {}
+                if body.get("required") != COST or body.get("balance", -1) < 0:
+                    tally.problems.append(f"402 with {body}")
+                elif body["balance"] >= COST:
+                    # The balance in the answer is read after the refusal: a purchase may have landed
+                    # in between. The check looks for the moment the wallet could not pay.
+                    tally.late_402.append((wallet.name, datetime.now(timezone.utc)))
+            else:
+                tally.spent_unknown[wallet.name] += 1
+                if not faults or (status not in FAULT_OK and not isinstance(status, str)):
+                    tally.problems.append(f"spend answered {status}: {str(reply and reply.body)[:300]}")
+
+
+def buyer(
+    port: int,
+    stripe: FakeStripe,
+    webhooks: Webhooks,
+    wallets: list[Wallet],
+    tally: Tally,
+    deadline: float,
+    faults: bool,
+    seed: int,
+) -> None:
+    """Buy credits until the deadline; the customer pays most sessions; Stripe then sends the events:
+    the completion (often twice or three times at once), and for some purchases partial then full
+    refunds, or a lost dispute."""
+    rng = random.Random(seed)
+    for _ in range(10_000):
+        if time.monotonic() > deadline:
+            break
+        wallet = rng.choice(wallets)
+        quantity = rng.randint(1, 3)
+        try:
+            reply = checkout(port, wallet.secret, quantity)
+            status: int | str = reply.status
+        except (OSError, http.client.HTTPException) as exc:
+            status, reply = type(exc).__name__, None
+        tally.count("checkout", status)
+        if status != 200 or reply is None:
+            if not faults or (status not in FAULT_OK and not isinstance(status, str)):
+                with tally.lock:
+                    tally.problems.append(f"checkout answered {status}: {str(reply and reply.body)[:300]}")
+            continue
+        session_id = reply.body["id"]
+        if rng.random() < 0.1:
+            continue  # the customer never pays
+        session = stripe.pay(session_id)
+        amount = int(session["amount_total"])
+        paid = Paid(wallet.name, session_id, session["payment_intent"], 100 * quantity, amount)
+        webhooks.send(testing.event("checkout.session.completed", session), copies=rng.choice((1, 2, 3)))
+        fate = rng.random()
+        if fate < 0.2:
+            for refunded in sorted({rng.randint(1, amount), amount} if rng.random() < 0.5 else {amount}):
+                refund = testing.charge(paid.payment_intent, amount=amount, amount_refunded=refunded)
+                webhooks.send(testing.event("charge.refunded", refund), copies=rng.choice((1, 2)))
+                paid.refunded = max(paid.refunded, refunded)
+        elif fate < 0.3:
+            dispute = testing.dispute(paid.payment_intent, amount=amount, status="lost")
+            webhooks.send(testing.event("charge.dispute.closed", dispute), copies=rng.choice((1, 2)))
+            paid.disputed = amount
+        with tally.lock:
+            tally.paid[session_id] = paid
+        time.sleep(0.02)  # a purchase is rarer than a spend
+
+
+def run_load(
+    stack: Stack,
+    port: int,
+    seconds: float,
+    *,
+    faults: bool = False,
+    chaos: Any = None,
+) -> tuple[list[Wallet], Tally, float]:
+    """Many spenders and a few buyers for ``seconds``, webhooks delivered meanwhile; ``chaos(deadline)``
+    runs in a thread of its own when given. Returns the wallets, the tally and the elapsed time."""
+    shop, tally = stack.shop, Tally()
+    wallets = shop.wallets(users=4, keys_per_user=2)
+    hot = wallets[0]
+    for w in wallets:
+        shop.grant(w, 200 if w is hot else 100, tally)
+    webhooks = Webhooks(port, tally, threads=3, faults=faults)
+    begin = time.monotonic()
+    deadline = begin + seconds
+    threads = [
+        threading.Thread(target=spender, args=(port, wallets, hot, tally, deadline, faults, i))
+        for i in range(8)
+    ]
+    threads += [
+        threading.Thread(
+            target=buyer, args=(port, stack.stripe, webhooks, wallets, tally, deadline, faults, 100 + i)
+        )
+        for i in range(2)
+    ]
+    if chaos is not None:
+        threads.append(threading.Thread(target=chaos, args=(deadline,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    webhooks.drain(120)
+    elapsed = time.monotonic() - begin
+    paid = set(tally.paid)
+    keys = {w.key_id for w in wallets}
+    tally.unpaid_sessions = {
+        sid for sid, s in list(stack.stripe.sessions.items()) if s["metadata"].get("keyId") in keys
+    } - paid
+    if tally.refused[hot.name] == 0:
+        tally.problems.append("the hot wallet was never refused: the load did not drain it")
+    return wallets, tally, elapsed
+
+
+def figures(tally: Tally, stored: dict[str, int], elapsed: float) -> dict[str, Any]:
+    requests = sum(tally.statuses.values())
+    return {
+        "seconds": round(elapsed, 1),
+        "requests": requests,
+        "requests_per_second": round(requests / elapsed),
+        "statuses": dict(sorted(tally.statuses.items())),
+        "spends_ok": sum(tally.spent_ok.values()),
+        "spends_refused": sum(tally.refused.values()),
+        "spends_unknown": sum(tally.spent_unknown.values()),
+        "purchases_paid": len(tally.paid),
+        "refunded": sum(1 for p in tally.paid.values() if p.refunded),
+        "disputed": sum(1 for p in tally.paid.values() if p.disputed),
+        "distinct_events": len(tally.events),
+        "deliveries": tally.deliveries,
+        "outcomes": dict(sorted(tally.outcomes.items())),
+        "db": stored,
+    }
+
+
+# -- the tests --------------------------------------------------------------------------------------
+
+
+def test_many_clients_spending_buying_and_webhooks_at_once_leave_every_credit_exact(stack):
+    server = stack.server()
+    try:
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS)
+    finally:
+        server.close()
+    stored = stack.shop.check(wallets, tally)
+    assert stored["creating"] == 0  # no checkout left half-done
+    assert set(tally.statuses) <= {"spend 200", "spend 402", "checkout 200", "webhook 200"}
+    assert sum(tally.spent_ok.values()) > 0
+    assert len(tally.paid) > 0
+    assert tally.deliveries > len(tally.events)  # duplicates were delivered
+    report(f"load {stack.backend}", figures(tally, stored, elapsed))
+
+
+def test_one_event_delivered_fifty_times_at_once_credits_once(stack):
+    shop = stack.shop
+    tally = Tally()
+    (wallet,) = shop.wallets(users=1, keys_per_user=1)
+    server = stack.server()
+    try:
+        reply = checkout(server.port, wallet.secret, 2)
+        assert reply.status == 200, reply.body
+        session = stack.stripe.pay(reply.body["id"])
+        event = testing.event("checkout.session.completed", session)
+        barrier = threading.Barrier(50, timeout=30)
+        answers: list[Any] = []
+
+        def post() -> None:
+            barrier.wait()
+            try:
+                answers.append(deliver(server.port, event))
+            except OSError as exc:
+                answers.append(exc)
+
+        threads = [threading.Thread(target=post) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        server.close()
+    outcomes = Counter(
+        a.body["outcome"] if not isinstance(a, Exception) and a.status == 200 else repr(a) for a in answers
+    )
+    assert outcomes["fulfilled"] == 1, outcomes
+    assert outcomes["fulfilled"] + outcomes["duplicate"] + outcomes["already_fulfilled"] == 50, outcomes
+    assert shop.balance(wallet) == 200
+    tally.paid[session["id"]] = Paid(wallet.name, session["id"], session["payment_intent"], 200, 200)
+    tally.events.add(event["id"])
+    shop.check([wallet], tally, cli=False)
+    report(f"duplicate storm {stack.backend}", {"deliveries": 50, "outcomes": dict(outcomes)})
+
+
+def test_load_with_database_outages_and_killed_workers_loses_nothing(stack):
+    """The same load, with the database cut off (every connection dropped, new ones refused) for a
+    second and a worker SIGKILLed, in turns, every couple of seconds. Answers lost with a killed
+    worker or cut off by the outage count as "unknown": the spend may or may not have happened, and the
+    check allows exactly that much; webhooks are retried until answered 200."""
+    proxy = TcpProxy(int(stack.shop.engine.url.port or 0))
+    server = stack.server(via(stack.url, proxy.port))
+    faults: Counter[str] = Counter()
+
+    def chaos(deadline: float) -> None:
+        rng = random.Random(7)
+        for n in range(10_000):
+            if time.monotonic() + 1.5 > deadline:
+                break
+            time.sleep(1.0)
+            if n % 2 == 0:
+                proxy.down()
+                time.sleep(rng.uniform(0.3, 1.0))
+                proxy.up()
+                faults["database outages"] += 1
+            else:
+                server.kill_worker(rng.choice(server.worker_pids()))
+                faults["workers killed"] += 1
+
+    try:
+        wallets, tally, elapsed = run_load(stack, server.port, CHAOS_SECONDS, faults=True, chaos=chaos)
+    finally:
+        server.close()
+        proxy.close()
+    stored = stack.shop.check(wallets, tally)
+    assert faults["database outages"] >= 1, faults
+    assert faults["workers killed"] >= 1, faults
+    assert not any(status.endswith(" 500") for status in tally.statuses), tally.statuses
+    report(f"load with faults {stack.backend}", {**figures(tally, stored, elapsed), "faults": dict(faults)})
