@@ -6,6 +6,7 @@ from . import signals
 from .decorators import requires_credits
 from .errors import (
     CreditsError,
+    CreditsUnavailable,
     EntryNotFound,
     IdempotencyConflict,
     InsufficientCredits,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CreditsError",
+    "CreditsUnavailable",
     "Entry",
     "EntryNotFound",
     "FlaskCredits",

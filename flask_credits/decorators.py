@@ -55,7 +55,7 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
                 amount,
                 reason=reason or request.endpoint or request.path,
                 metadata={"endpoint": request.endpoint, "method": request.method},
-                purchase_url=ext.purchase_url(),
+                purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
             )
             g.credits_spend = spend
             try:

@@ -99,3 +99,43 @@ class InsufficientCredits(CreditsError, HTTPException):
             response = current_app.response_class(html, status=402, mimetype="text/html")
         response.headers["Cache-Control"] = "no-store"  # a balance-dependent answer
         return response
+
+
+class CreditsUnavailable(CreditsError, HTTPException):
+    """The ledger's database could not be reached or gave up (connection refused or dropped, lock
+    wait timeout, a deadlock or serialization failure that outlived the retries, pool exhausted):
+    HTTP 503 with ``Retry-After``. The operation did not happen, or, when the connection dropped
+    during the commit, may have: retry with the same idempotency key to be sure it happens once.
+
+    The original error is chained (``__cause__``). The default response is JSON for clients that
+    prefer it, ``{"error": "temporarily_unavailable", "message": ...}``, and otherwise werkzeug's
+    error page.
+    """
+
+    code = 503
+    description = "Credits are temporarily unavailable. Please try again in a few seconds."
+    #: Seconds a client should wait before trying again (the ``Retry-After`` header).
+    retry_after = 5
+
+    def get_response(  # type: ignore[override]
+        self,
+        environ: WSGIEnvironment | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> Response:
+        from flask import current_app
+
+        from .views import wants_json
+
+        if wants_json():
+            body = json.dumps({"error": "temporarily_unavailable", "message": self.description})
+            mimetype = "application/json"
+        else:
+            body = (
+                "<!doctype html>\n<title>503 Service Unavailable</title>\n"
+                f"<h1>Service Unavailable</h1>\n<p>{self.description}</p>\n"
+            )
+            mimetype = "text/html"
+        response = current_app.response_class(body, status=503, mimetype=mimetype)
+        response.headers["Retry-After"] = str(self.retry_after)
+        response.headers["Cache-Control"] = "no-store"
+        return response

@@ -194,7 +194,7 @@ class FlaskCredits:
             reason=reason,
             idempotency_key=idempotency_key,
             metadata=metadata,
-            purchase_url=self.purchase_url(),
+            purchase_url=self.purchase_url,
         )
 
     def refund(

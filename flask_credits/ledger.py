@@ -16,6 +16,7 @@ to ``emit`` only after the commit.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -23,13 +24,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
 from . import signals
 from .errors import (
+    CreditsUnavailable,
     EntryNotFound,
     IdempotencyConflict,
     InsufficientCredits,
@@ -44,6 +46,7 @@ from .records import Entry, Wallet
 log = logging.getLogger("flask_credits")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 Emit = Callable[..., None]
 
 #: Largest amount one call may move; keeps every sum far from BIGINT overflow.
@@ -126,6 +129,28 @@ class _Draw:
     amount: int  # signed, as stored
 
 
+#: What a database that cannot be reached or gave up raises: connection refused or dropped, lock wait
+#: timeout, deadlock or serialization failure (after the retries), no connection left in the pool.
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def _unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """Raise :class:`CreditsUnavailable` (HTTP 503) instead of the driver's error when the database
+    cannot be reached or gave up; the original error is chained."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except UNAVAILABLE as exc:
+            log.warning(
+                "credits ledger: the database is unavailable (%s)", type(exc.__cause__ or exc).__name__
+            )
+            raise CreditsUnavailable() from exc
+
+    return wrapper
+
+
 class Ledger:
     """Balance arithmetic for one engine and one set of tables. Each public method is one atomic,
     committed operation; ``emit(signal, **kwargs)`` is called after the commit."""
@@ -137,17 +162,19 @@ class Ledger:
         self._returning = bool(engine.dialect.update_returning)
         self._lock_rows = engine.dialect.name != "sqlite"
         self._pg = engine.dialect.name == "postgresql"
-        # Reads on PostgreSQL run in autocommit: one round trip instead of BEGIN, SELECT, ROLLBACK,
-        # and no ROLLBACK to make psycopg forget its prepared statements. Elsewhere, the engine.
-        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else engine
+        #: The engine for reads (purchases and webhooks use it too). On PostgreSQL it runs them in
+        #: autocommit: one round trip instead of BEGIN, SELECT, ROLLBACK, and no ROLLBACK to make
+        #: psycopg forget its prepared statements. Elsewhere it is the engine itself.
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else engine
         self._sql = _Statements(tables, returning=self._returning)
         self._json: Callable[[Any], str] = getattr(engine.dialect, "_json_serializer", None) or json.dumps
 
     # -- reading ---------------------------------------------------------------------------------
 
+    @_unavailable_on_database_errors
     def balance(self, wallet: Wallet) -> int:
         now = utcnow()
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
         if row is None:
             return 0
@@ -155,6 +182,7 @@ class Ledger:
             return self.expire(wallet, now=now)
         return int(row.balance)
 
+    @_unavailable_on_database_errors
     def history(self, wallet: Wallet, *, limit: int = 50, before: int | None = None) -> list[Entry]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
@@ -174,24 +202,26 @@ class Ledger:
         )
         if before is not None:
             query = query.where(e.c.id < before)
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             return [self._entry(row, wallet) for row in conn.execute(query)]
 
+    @_unavailable_on_database_errors
     def wallet_id(self, wallet: Wallet, *, create: bool = False) -> int | None:
         """The wallet's row id; with ``create``, make the (empty) wallet if it does not exist."""
         w = self.t.wallets
         query = sa.select(w.c.id).where(*self._owner(wallet))
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             found = conn.execute(query).scalar_one_or_none()
         if found is None and create:
             self._create_wallet(wallet)
-            with self._reader.connect() as conn:
+            with self.reader.connect() as conn:
                 found = conn.execute(query).scalar_one()
         return None if found is None else int(found)
 
+    @_unavailable_on_database_errors
     def entry(self, wallet: Wallet, entry_id: int) -> Entry:
         e, w = self.t.entries, self.t.wallets
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(
                 sa.select(e).join(w, w.c.id == e.c.wallet_id).where(e.c.id == entry_id, *self._owner(wallet))
             ).first()
@@ -201,6 +231,7 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------------------------
 
+    @_unavailable_on_database_errors
     def grant(
         self,
         wallet: Wallet,
@@ -273,6 +304,7 @@ class Ledger:
         self.emit(signals.credits_granted, wallet=wallet, amount=amount, entry=entry)
         return entry
 
+    @_unavailable_on_database_errors
     def spend(
         self,
         wallet: Wallet,
@@ -281,9 +313,10 @@ class Ledger:
         reason: str,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
-        purchase_url: str | None = None,
+        purchase_url: str | Callable[[], str | None] | None = None,
     ) -> Entry:
-        """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits."""
+        """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits (whose
+        ``purchase_url`` is ``purchase_url``, called first if it is a function)."""
         amount = check_amount(amount)
         _check_text(reason, "reason", 255, optional=False)
         _check_text(idempotency_key, "idempotency_key", 255, optional=True)
@@ -343,10 +376,12 @@ class Ledger:
         if entry is None:
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
-            raise InsufficientCredits(amount, balance, purchase_url)
+            url = purchase_url() if callable(purchase_url) else purchase_url
+            raise InsufficientCredits(amount, balance, url)
         self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
         return entry
 
+    @_unavailable_on_database_errors
     def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:
         """Return a spend's credits to the very lots it drew from. Refunding twice returns the first
         refund; only spends can be refunded."""
@@ -417,6 +452,7 @@ class Ledger:
         self.emit(signals.credits_refunded, wallet=wallet, amount=amount, entry=entry, spend=spend)
         return entry
 
+    @_unavailable_on_database_errors
     def expire(self, wallet: Wallet, *, now: datetime | None = None) -> int:
         """Remove the credits of lots whose expiry has passed; return the balance after."""
         now = now or utcnow()
@@ -470,11 +506,12 @@ class Ledger:
             self.emit(signals.credits_expired, wallet=wallet, amount=-entry.amount, entry=entry)
         return balance
 
+    @_unavailable_on_database_errors
     def expire_all(self, *, now: datetime | None = None) -> int:
         """Expire every wallet whose soonest lot expiry has passed; return how many were visited."""
         now = now or utcnow()
         w = self.t.wallets
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             due = conn.execute(sa.select(w.c.user_id, w.c.key_id).where(w.c.next_expiry <= now)).all()
         for row in due:
             self.expire(Wallet(row.user_id, row.key_id or None), now=now)
@@ -482,6 +519,7 @@ class Ledger:
 
     # -- purchases ---------------------------------------------------------------------------------
 
+    @_unavailable_on_database_errors
     def fulfil_purchase(
         self,
         purchase_id: int,
@@ -572,6 +610,7 @@ class Ledger:
 
         return self._run(tx)
 
+    @_unavailable_on_database_errors
     def revoke_purchase(
         self,
         purchase_id: int,
@@ -679,6 +718,7 @@ class Ledger:
 
     # -- audit -------------------------------------------------------------------------------------
 
+    @_unavailable_on_database_errors
     def audit(self) -> list[str]:
         """Check every wallet's invariants; return one line per problem, naming the wallet."""
         w, e, lt, d = self.t.wallets, self.t.entries, self.t.lots, self.t.draws
@@ -936,7 +976,7 @@ class Ledger:
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
         """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(self._sql.replay, {**self._sql.owner(wallet), "b_key": key}).first()
         if row is None:
             return None
@@ -950,11 +990,11 @@ class Ledger:
 
     def _refund_of(self, spend_id: int) -> Row[Any] | None:
         e = self.t.entries
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             return conn.execute(sa.select(e).where(e.c.reverses_id == spend_id)).first()
 
     def _expiry_due(self, wallet: Wallet, now: datetime) -> bool:
-        with self._reader.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
         return row is not None and row.next_expiry is not None and row.next_expiry <= now
 
@@ -1007,7 +1047,7 @@ class Ledger:
         for attempt in range(RETRIES):
             try:
                 if autocommit:
-                    with self._reader.connect() as conn:
+                    with self.reader.connect() as conn:
                         return tx(conn)
                 with self.engine.begin() as conn:
                     return tx(conn)

@@ -244,7 +244,7 @@ def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
     query = sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id")).join(w, w.c.id == p.c.wallet_id)
     for column, value in where.items():
         query = query.where(p.c[column] == value)
-    with ext.db.engine.connect() as conn:
+    with ext.ledger.reader.connect() as conn:
         return conn.execute(query).first()
 
 

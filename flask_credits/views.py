@@ -17,8 +17,8 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import InvalidArgument
-from .ledger import make_wallet
+from .errors import CreditsUnavailable, InvalidArgument
+from .ledger import UNAVAILABLE, make_wallet
 
 if TYPE_CHECKING:
     from .extension import FlaskCredits
@@ -66,6 +66,17 @@ def _page_args() -> tuple[int, int | None]:
         return limit, None if before in (None, "") else int(before)
     except ValueError:
         abort(400, "limit and before must be whole numbers")
+
+
+def database_unavailable(exc: Exception) -> ResponseReturnValue:
+    """The blueprint's own queries (purchases, the credits page) when the database is unreachable: a
+    503 with ``Retry-After``, like the ledger's :class:`CreditsUnavailable`."""
+    current_app.logger.warning("credits: the database is unavailable (%s)", type(exc).__name__)
+    return CreditsUnavailable().get_response()
+
+
+for _error_class in UNAVAILABLE:
+    blueprint.register_error_handler(_error_class, database_unavailable)
 
 
 @blueprint.get("/")
@@ -196,7 +207,7 @@ def stripe_webhook() -> ResponseReturnValue:
         return jsonify(error="bad_request", message=str(exc)), 400
     except PaymentProviderError as exc:
         return jsonify(error="payment_provider_error", message=exc.user_message), 502
-    except SQLAlchemyError:
+    except (SQLAlchemyError, CreditsUnavailable):
         current_app.logger.exception("Stripe webhook failed; Stripe will retry it")
         return jsonify(error="temporarily_unavailable", message="try again later"), 503
     return jsonify(answer)

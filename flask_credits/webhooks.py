@@ -79,7 +79,7 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
 
 def _seen(ext: FlaskCredits, event_id: str) -> bool:
     t = ext.tables.stripe_events
-    with ext.db.engine.connect() as conn:
+    with ext.ledger.reader.connect() as conn:
         return conn.execute(sa.select(t.c.id).where(t.c.id == event_id)).first() is not None
 
 
