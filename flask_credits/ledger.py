@@ -247,16 +247,16 @@ class Ledger:
         amount = check_amount(amount)
         _check_text(reason, "reason", 255, optional=False)
         _check_text(idempotency_key, "idempotency_key", 255, optional=True)
-        now = utcnow()
-        if expires_at is not None:
-            if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
-                raise InvalidArgument("expires_at must be a timezone-aware datetime")
-            if expires_at <= now:
-                raise InvalidArgument(f"expires_at {expires_at.isoformat()} is not in the future")
+        if expires_at is not None and (not isinstance(expires_at, datetime) or expires_at.tzinfo is None):
+            raise InvalidArgument("expires_at must be a timezone-aware datetime")
         if idempotency_key is not None:
+            # Before the expiry check: a replay after the original's expiry passed still returns it.
             done = self._replay(wallet, idempotency_key, kind, amount)
             if done is not None:
                 return done
+        now = utcnow()
+        if expires_at is not None and expires_at <= now:
+            raise InvalidArgument(f"expires_at {expires_at.isoformat()} is not in the future")
 
         def tx(conn: Connection) -> Entry | None:
             w = self.t.wallets

@@ -164,7 +164,16 @@ def verify_event(payload: bytes, header: str | None, secrets: list[str], toleran
         or not isinstance(event["data"].get("object"), dict)
     ):
         raise WebhookError("body is not a Stripe event")
+    # Ids and types Stripe sends are short printable ASCII (evt_..., checkout.session.completed).
+    # Anything else, even signed, would fail at the database on every retry (an id too long for
+    # its column, a NUL byte PostgreSQL refuses): answer 400 once instead of 503 forever.
+    if not _printable(event["id"], 255) or not _printable(event["type"], 128):
+        raise WebhookError("event id or type is not one Stripe sends")
     return event
+
+
+def _printable(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit and value.isascii() and value.isprintable() and " " not in value
 
 
 def _timestamp(header: str) -> int | None:

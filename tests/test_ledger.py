@@ -135,6 +135,18 @@ def test_replayed_grant_returns_the_original_and_writes_nothing(credits, receive
     assert [name for name, _, _ in received].count("credits_granted") == 1
 
 
+def test_a_grant_replayed_after_its_expiry_passed_returns_the_original(credits, clock):
+    """A retried job may come back after the credits it granted expired: it gets its entry, not an
+    error about the expiry date it passed the first time."""
+    expires = clock.now + timedelta(hours=1)
+    first = credits.grant("alice", 10, reason="trial", expires_at=expires, idempotency_key="trial-1")
+    clock.advance(hours=2)
+    again = credits.grant("alice", 10, reason="trial", expires_at=expires, idempotency_key="trial-1")
+    assert again == first
+    with pytest.raises(InvalidArgument, match="not in the future"):
+        credits.grant("alice", 10, reason="trial", expires_at=expires, idempotency_key="trial-2")
+
+
 def test_replayed_spend_returns_the_original(credits):
     credits.grant("alice", 50, reason="promo")
     first = credits.spend("alice", 20, reason="job", idempotency_key="job-7")
