@@ -167,7 +167,11 @@ class Ledger:
         #: psycopg forget its prepared statements. Elsewhere it is the engine itself.
         self.reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else engine
         self._sql = _Statements(tables, returning=self._returning)
-        self._json: Callable[[Any], str] = getattr(engine.dialect, "_json_serializer", None) or json.dumps
+        # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
+        # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
+        self._json: Callable[[Any], str] = getattr(
+            engine.dialect, "_json_serializer", None
+        ) or functools.partial(json.dumps, allow_nan=False)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class Ledger:
         amount = check_amount(amount)
         _check_text(reason, "reason", 255, optional=False)
         _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        self._metadata_json(metadata)
         if expires_at is not None and (not isinstance(expires_at, datetime) or expires_at.tzinfo is None):
             raise InvalidArgument("expires_at must be a timezone-aware datetime")
         if idempotency_key is not None:
@@ -320,6 +325,7 @@ class Ledger:
         amount = check_amount(amount)
         _check_text(reason, "reason", 255, optional=False)
         _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        meta_json = self._metadata_json(metadata)
         if idempotency_key is not None:
             done = self._replay(wallet, idempotency_key, "spend", amount)
             if done is not None:
@@ -327,7 +333,9 @@ class Ledger:
         now = utcnow()
         if self._pg:
             try:
-                fast = self._spend_in_one_statement(wallet, amount, reason, idempotency_key, metadata, now)
+                fast = self._spend_in_one_statement(
+                    wallet, amount, reason, idempotency_key, metadata, meta_json, now
+                )
             except sa.exc.IntegrityError:
                 # A concurrent call with the same key committed first: answer with its entry.
                 done = (
@@ -801,6 +809,7 @@ class Ledger:
         reason: str,
         idempotency_key: str | None,
         metadata: dict[str, Any] | None,
+        meta_json: str | None,
         now: datetime,
     ) -> Entry | None:
         """PostgreSQL's fast path: the whole debit as one statement in autocommit (see ``_SPEND``), so
@@ -815,7 +824,7 @@ class Ledger:
             "now": now.astimezone(timezone.utc).replace(tzinfo=None),
             "reason": reason,
             "key": idempotency_key,
-            "meta": None if metadata is None else self._json(metadata),
+            "meta": meta_json,
         }
 
         def run(conn: Connection) -> Row[Any] | None:
@@ -840,6 +849,17 @@ class Ledger:
             metadata=metadata,
             created_at=now,
         )
+
+    def _metadata_json(self, metadata: object) -> str | None:
+        """``metadata`` as the JSON the database will store, or InvalidArgument if it has none."""
+        if metadata is None:
+            return None
+        if not isinstance(metadata, dict):
+            raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
+        try:
+            return self._json(metadata)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"metadata must be JSON-serialisable: {exc}") from None
 
     def _debit(self, conn: Connection, wallet: Wallet, amount: int, now: datetime) -> tuple[int, int] | None:
         """Take ``amount`` off the wallet's balance if it holds that much and no expiry is due; return

@@ -127,6 +127,25 @@ def test_reason_and_keys_are_checked(credits):
     assert count(credits, credits.tables.entries) == 0
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param({"when": datetime(2030, 1, 1)}, id="a datetime"),
+        pytest.param({"blob": b"bytes"}, id="bytes"),
+        pytest.param({"x": float("nan")}, id="NaN"),
+        pytest.param(["a", "list"], id="a list instead of a dict"),
+    ],
+)
+def test_metadata_that_is_not_a_json_object_is_refused_and_nothing_is_written(credits, metadata):
+    credits.grant("alice", 5, reason="seed")
+    with pytest.raises(InvalidArgument, match="metadata"):
+        credits.spend("alice", 1, reason="job", metadata=metadata)
+    with pytest.raises(InvalidArgument, match="metadata"):
+        credits.grant("alice", 1, reason="gift", metadata=metadata)
+    assert credits.balance("alice") == 5
+    assert count(credits, credits.tables.entries) == 1
+
+
 def test_replayed_grant_returns_the_original_and_writes_nothing(credits, received):
     first = credits.grant("alice", 50, reason="promo", idempotency_key="promo-1")
     again = credits.grant("alice", 50, reason="promo", idempotency_key="promo-1")
