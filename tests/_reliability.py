@@ -326,6 +326,9 @@ class TcpProxy:
         self.port = free_port()
         self.accepted = 0
         self.cuts = 0
+        #: Local port of each upstream connection -> port of the client it serves: the database sees
+        #: the first, :meth:`Gunicorn.worker_with_connection` needs the second.
+        self.routes: dict[int, int] = {}
         self._listener: socket.socket | None = None
         self._peers: dict[socket.socket, socket.socket] = {}
         self._selector = selectors.DefaultSelector()
@@ -435,6 +438,7 @@ class TcpProxy:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._selector.register(s, selectors.EVENT_READ)
         self._peers[client], self._peers[upstream] = upstream, client
+        self.routes[upstream.getsockname()[1]] = client.getpeername()[1]
         self.accepted += 1
 
 
@@ -456,6 +460,7 @@ class FakeStripe:
         self.slow_seconds = 3.0
         self.on_create: Callable[[], None] | None = None
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.by_key: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> session, as Stripe keeps them
         self.creates: list[tuple[str | None, str]] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -510,8 +515,9 @@ class FakeStripe:
 
     def _create(self, handler: Any, form: dict[str, str]) -> None:
         mode = self.mode
+        key = handler.headers.get("Idempotency-Key")
         with self._lock:
-            self.creates.append((handler.headers.get("Idempotency-Key"), mode))
+            self.creates.append((key, mode))
         if self.on_create is not None:
             self.on_create()
         if mode == "error":
@@ -522,6 +528,9 @@ class FakeStripe:
             return None
         if mode == "slow":
             self._closing.wait(self.slow_seconds)
+        with self._lock:
+            if key in self.by_key:  # a retry: Stripe answers with the session it created the first time
+                return handler.reply(200, self.by_key[key])
         from flask_credits import testing
 
         unit = int(form.get("line_items[0][price_data][unit_amount]", "0"))
@@ -537,6 +546,8 @@ class FakeStripe:
         session["payment_intent"] = None
         with self._lock:
             self.sessions[session["id"]] = session
+            if key:
+                self.by_key[key] = session
         return handler.reply(200, session)
 
     def pay(self, session_id: str) -> dict[str, Any]:
@@ -612,6 +623,8 @@ class Shop:
 
         self.url = database_url
         self.backend = backend_of(database_url)
+        #: For reports: this project runs MariaDB behind SQLAlchemy's "mysql" dialect.
+        self.label = "mariadb" if self.backend == "mysql" else self.backend
         self.app = create_app(
             app_config(database_url, SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url))
         )
@@ -683,6 +696,98 @@ class Shop:
         t = self.credits.tables
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(getattr(t, table))).all())
+
+    def wallet_id(self, wallet: Wallet) -> int:
+        w = self.credits.tables.wallets
+        with self.engine.connect() as conn:
+            query = sa.select(w.c.id).where(w.c.user_id == wallet.user_id, w.c.key_id == wallet.key_id)
+            return int(conn.execute(query).scalar_one())
+
+    def lot_ids(self, wallet: Wallet) -> list[int]:
+        lt = self.credits.tables.lots
+        with self.engine.connect() as conn:
+            query = sa.select(lt.c.id).where(lt.c.wallet_id == self.wallet_id(wallet)).order_by(lt.c.id)
+            return [int(i) for i in conn.execute(query).scalars()]
+
+    def purchases_of(self, wallet: Wallet) -> list[Any]:
+        p = self.credits.tables.purchases
+        with self.engine.connect() as conn:
+            query = sa.select(p).where(p.c.wallet_id == self.wallet_id(wallet)).order_by(p.c.id)
+            return list(conn.execute(query).all())
+
+    @contextlib.contextmanager
+    def holding(self, table: str, row_id: int) -> Iterator[sa.Connection]:
+        """Hold ``SELECT ... FOR UPDATE`` on one row of a credits table until the block ends (then roll
+        back): a writer of that row waits inside its transaction meanwhile. Yields the connection."""
+        t = getattr(self.credits.tables, table)
+        with self.engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                conn.execute(sa.select(t.c.id).where(t.c.id == row_id).with_for_update()).one()
+                yield conn
+            finally:
+                tx.rollback()
+
+    def lock_waiter(self, ended: Callable[[], object] | None = None) -> tuple[int, int]:
+        """The database session waiting for a row lock in this database: ``(session id, its client
+        port)``. Waits up to ``WAIT`` seconds for exactly one to show up; fails at once, showing it, if
+        ``ended()`` returns something (the request that should be waiting answered instead)."""
+        if self.backend == "postgresql":
+            query = (
+                "SELECT pid, client_port FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        else:
+            query = (
+                "SELECT p.ID, p.HOST FROM information_schema.INNODB_TRX t"
+                " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
+                " WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()"
+            )
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            with self.engine.connect() as conn:  # a new transaction each time: fresh statistics
+                rows = conn.execute(sa.text(query)).all()
+            if len(rows) == 1:
+                session, client = rows[0]
+                return int(session), int(str(client).rsplit(":", 1)[-1])
+            if len(rows) > 1:
+                raise AssertionError(f"more than one session waits for a lock: {rows}")
+            outcome = ended() if ended is not None else None
+            if outcome is not None:
+                raise AssertionError(f"the request ended instead of waiting for the lock: {outcome!r}")
+            # InnoDB refreshes INNODB_TRX only when nobody read it for 0.1 s: poll slower than that.
+            time.sleep(0.02 if self.backend == "postgresql" else 0.15)
+        with self.engine.connect() as conn:
+            if self.backend == "postgresql":
+                sessions = conn.execute(
+                    sa.text("SELECT * FROM pg_stat_activity WHERE datname = current_database()")
+                )
+            else:
+                sessions = conn.execute(
+                    sa.text("SELECT * FROM information_schema.PROCESSLIST WHERE DB = DATABASE()")
+                )
+            seen = "\n".join(str(tuple(r)) for r in sessions)
+            if self.backend != "postgresql":
+                trx = conn.execute(
+                    sa.text("SELECT trx_state, trx_mysql_thread_id FROM information_schema.INNODB_TRX")
+                )
+                seen += f"\ninnodb transactions: {trx.all()}"
+        raise AssertionError(f"no session waited for the lock within {WAIT} s; sessions:\n{seen}")
+
+    def wait_gone(self, session: int) -> None:
+        """Wait until the database has ended this session (a killed client's transaction is rolled back
+        or, for a statement already running in autocommit, finished)."""
+        if self.backend == "postgresql":
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = :id"
+        else:
+            query = "SELECT count(*) FROM information_schema.PROCESSLIST WHERE ID = :id"
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            with self.engine.connect() as conn:
+                if conn.execute(sa.text(query), {"id": session}).scalar_one() == 0:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"database session {session} still there after {WAIT} s")
 
     def counts(self) -> dict[str, int]:
         """Rows per credits table: "nothing was written" compares two of these."""
@@ -836,17 +941,11 @@ class Shop:
         }
 
 
-@contextlib.contextmanager
-def closing_all(*things: Any) -> Iterator[None]:
-    """Close each thing (in reverse order) whatever happens."""
-    try:
-        yield
-    finally:
-        errors = []
-        for thing in reversed(things):
-            try:
-                thing.close()
-            except Exception as exc:  # close the rest first
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+def report(name: str, figures: dict[str, Any]) -> None:
+    """Print the figures (shown with ``pytest -s``) and append them to ``CREDITS_RELIABILITY_REPORT``."""
+    line = json.dumps({"scenario": name, **figures}, sort_keys=True, default=str)
+    print(f"\n{line}")
+    path = os.environ.get("CREDITS_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")

@@ -1,0 +1,525 @@
+"""Faults: the example app under gunicorn on PostgreSQL and MariaDB, broken on purpose at the worst
+moments, made deterministic with row locks held by the test.
+
+* A worker SIGKILLed while its spend, or its webhook's fulfilment, waits inside the transaction for a
+  row lock the test holds: nothing half-written, the audit passes, Stripe's retry credits exactly once.
+* The database connection dropped (a loopback proxy cuts it) in the middle of a spend, a webhook and a
+  checkout, and the database unreachable for new requests: 503 (the webhook 503 too, so Stripe
+  retries), nothing half-written; when it is back everything resumes.
+* Lock wait timeouts and serialization failures (the app configured for them): 503 quickly, or
+  retried; every credit still adds up.
+* Stripe refusing connections, dropping them, too slow or answering 500 during checkout: a clear 502,
+  the purchase row is ``error`` and can never be credited.
+
+``CREDITS_RELIABILITY_SECONDS=N`` repeats the kill and drop scenarios (one round per 30 s of N).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from _reliability import (
+    COST,
+    WAIT,
+    FakeStripe,
+    Gunicorn,
+    Paid,
+    Reply,
+    Shop,
+    Tally,
+    TcpProxy,
+    Wallet,
+    app_config,
+    checkout,
+    deliver,
+    engine_options,
+    report,
+    spend,
+    via,
+)
+from conftest import drop_all_tables
+
+from flask_credits import testing
+
+SECONDS = float(os.environ.get("CREDITS_RELIABILITY_SECONDS") or 0)
+ROUNDS = max(1, int(SECONDS // 30))
+LOST = (OSError, http.client.HTTPException)  # the answer never came: a killed worker
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True),
+    pytest.mark.timeout(240 + 4 * SECONDS),
+]
+
+
+@dataclass
+class Faults:
+    """The app under gunicorn with a proxy between it and the database and another between it and
+    the fake Stripe, so a test can cut either line."""
+
+    shop: Shop
+    stripe: FakeStripe
+    stripe_line: TcpProxy
+    db_line: TcpProxy
+    server: Gunicorn
+    url: str
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def backend(self) -> str:
+        return self.shop.backend
+
+    def wallet(self, credits: int, tally: Tally | None = None) -> Wallet:
+        (wallet,) = self.shop.wallets(users=1, keys_per_user=1)
+        self.shop.grant(wallet, credits, tally or Tally())
+        return wallet
+
+    def paid(self, wallet: Wallet, quantity: int = 1, port: int | None = None) -> tuple[Paid, dict[str, Any]]:
+        """A checkout through the app, paid at Stripe: the purchase and its completion event."""
+        reply = checkout(port or self.port, wallet.secret, quantity)
+        assert reply.status == 200, reply.body
+        session = self.stripe.pay(reply.body["id"])
+        paid = Paid(wallet.name, session["id"], session["payment_intent"], 100 * quantity, 100 * quantity)
+        return paid, testing.event("checkout.session.completed", session)
+
+    def worker_behind(self, db_client_port: int) -> int:
+        """The gunicorn worker whose database connection the database sees coming from this port."""
+        pid = self.server.worker_with_connection(self.db_line.routes[db_client_port], self.db_line.port)
+        assert pid is not None, "no worker holds that connection"
+        return pid
+
+    def assert_no_bare_500(self) -> None:
+        """gunicorn answers a bare 500 when an exception escapes the app itself (e.g. its teardown)."""
+        assert "Error handling request" not in self.server.output(), self.server.output()[-5000:]
+
+
+@pytest.fixture(scope="module")
+def faults(database_url: str) -> Iterator[Faults]:
+    drop_all_tables(database_url)
+    shop = Shop(database_url)
+    stripe = FakeStripe()
+    stripe_line = TcpProxy(stripe.port)
+    db_line = TcpProxy(int(sa.make_url(database_url).port or 0))
+    server = None
+    try:
+        shop.migrate()
+        server = Gunicorn(
+            app_config(via(database_url, db_line.port)), stripe_api=f"http://127.0.0.1:{stripe_line.port}"
+        )
+        yield Faults(shop, stripe, stripe_line, db_line, server, database_url)
+    finally:
+        if server is not None:
+            server.close()
+        db_line.close()
+        stripe_line.close()
+        stripe.close()
+        shop.close()
+        drop_all_tables(database_url)
+
+
+class InFlight:
+    """A request running in a thread; ``result()`` is its Reply or the exception it raised."""
+
+    def __init__(self, request: Callable[[], Reply]) -> None:
+        self._outcome: Reply | BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._outcome = request()
+            except BaseException as exc:
+                self._outcome = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def done(self) -> Reply | BaseException | None:
+        return self._outcome
+
+    def result(self) -> Reply | BaseException:
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "the request did not end"
+        assert self._outcome is not None
+        return self._outcome
+
+
+def answered(outcome: Reply | BaseException, status: int) -> Reply:
+    assert isinstance(outcome, Reply), f"expected {status}, the request raised {outcome!r}"
+    assert outcome.status == status, (outcome.status, outcome.body)
+    return outcome
+
+
+def assert_unavailable(outcome: Reply | BaseException) -> None:
+    """A clear 503 that says when to come back."""
+    reply = answered(outcome, 503)
+    assert reply.headers.get("retry-after"), reply.headers
+    assert reply.body["error"] == "temporarily_unavailable", reply.body
+
+
+# -- a worker SIGKILLed inside its transaction -----------------------------------------------------------
+
+
+def test_a_worker_killed_mid_spend_leaves_all_or_nothing_and_spending_goes_on(faults):
+    shop, tally, seen = faults.shop, Tally(), Counter[str]()
+    wallets = []
+    for _ in range(ROUNDS):
+        wallet = faults.wallet(100, tally)
+        wallets.append(wallet)
+        with shop.holding("lots", shop.lot_ids(wallet)[0]):
+            request = InFlight(lambda w=wallet: spend(faults.port, w.secret))
+            session, client_port = shop.lock_waiter(request.done)
+            faults.server.kill_worker(faults.worker_behind(client_port))
+            outcome = request.result()
+        assert isinstance(outcome, LOST), outcome
+        tally.spent_unknown[wallet.name] += 1
+        shop.wait_gone(session)
+        assert shop.audit() == []
+        # The kill came while the debit waited for the lot: it either never happened or happened whole
+        # (PostgreSQL's one-statement debit runs to its commit once the lock is free).
+        balance = shop.balance(wallet)
+        assert balance in (100, 100 - COST)
+        seen["committed after the kill" if balance < 100 else "rolled back"] += 1
+        assert answered(spend(faults.port, wallet.secret), 200).body["balance"] == balance - COST
+        tally.spent_ok[wallet.name] += 1
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"worker killed mid-spend {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
+def test_a_worker_killed_mid_fulfilment_commits_nothing_and_the_retried_webhook_credits_once(faults):
+    shop, tally = faults.shop, Tally()
+    wallets = []
+    for _ in range(ROUNDS):
+        wallet = faults.wallet(10, tally)
+        wallets.append(wallet)
+        paid, event = faults.paid(wallet, quantity=2)
+        before = shop.snapshot()
+        # The fulfilment has recorded the event and claimed the purchase when it asks for the wallet.
+        with shop.holding("wallets", shop.wallet_id(wallet)):
+            request = InFlight(lambda e=event: deliver(faults.port, e))
+            session, client_port = shop.lock_waiter(request.done)
+            faults.server.kill_worker(faults.worker_behind(client_port))
+            outcome = request.result()
+        assert isinstance(outcome, LOST), outcome
+        shop.wait_gone(session)
+        assert shop.snapshot() == before  # no event row, purchase still open, not a credit moved
+        assert answered(deliver(faults.port, event), 200).body["outcome"] == "fulfilled"  # Stripe retries
+        assert answered(deliver(faults.port, event), 200).body["outcome"] == "duplicate"
+        assert shop.balance(wallet) == 10 + 200
+        tally.paid[paid.session_id] = paid
+        tally.events.add(event["id"])
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"worker killed mid-fulfilment {faults.shop.label}", {"rounds": ROUNDS})
+
+
+# -- the database connection dropped, the database unreachable ----------------------------------------
+
+
+def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write_nothing_half(faults):
+    shop, tally, seen = faults.shop, Tally(), Counter[str]()
+    wallets = []
+    for _ in range(ROUNDS):
+        # A spend waiting for a lot when the line is cut.
+        wallet = faults.wallet(100, tally)
+        wallets.append(wallet)
+        with shop.holding("lots", shop.lot_ids(wallet)[0]):
+            request = InFlight(lambda w=wallet: spend(faults.port, w.secret))
+            session, _ = shop.lock_waiter(request.done)
+            faults.db_line.down()
+            outcome = request.result()
+        shop.wait_gone(session)
+        faults.db_line.up()
+        assert_unavailable(outcome)
+        tally.spent_unknown[wallet.name] += 1
+        balance = shop.balance(wallet)
+        assert balance in (100, 100 - COST)
+        seen["spend committed although answered 503" if balance < 100 else "spend rolled back"] += 1
+
+        # A webhook whose fulfilment waits for the wallet when the line is cut.
+        paid, event = faults.paid(wallet)
+        before = shop.snapshot()
+        with shop.holding("wallets", shop.wallet_id(wallet)):
+            request = InFlight(lambda e=event: deliver(faults.port, e))
+            session, _ = shop.lock_waiter(request.done)
+            faults.db_line.down()
+            outcome = request.result()
+        shop.wait_gone(session)
+        faults.db_line.up()
+        assert answered(outcome, 503).body["error"] == "temporarily_unavailable"
+        assert shop.snapshot() == before
+        assert answered(deliver(faults.port, event), 200).body["outcome"] == "fulfilled"
+        assert answered(deliver(faults.port, event), 200).body["outcome"] == "duplicate"
+        tally.paid[paid.session_id] = paid
+        tally.events.add(event["id"])
+
+        # A checkout whose database goes away while Stripe creates the session.
+        faults.stripe.on_create = faults.db_line.down
+        try:
+            outcome = checkout(faults.port, wallet.secret, 1)
+        finally:
+            faults.stripe.on_create = None
+            faults.db_line.up()
+        assert_unavailable(outcome)
+        stuck = shop.purchases_of(wallet)[-1]
+        assert (stuck.status, stuck.session_id) == ("creating", None)  # never sent to the customer
+        # Stripe expires the session a day later and says so: the row is closed for good.
+        session_object = dict(faults.stripe.by_key[stuck.attempt_key], status="expired")
+        expired = testing.event("checkout.session.expired", session_object)
+        assert answered(deliver(faults.port, expired), 200).body["outcome"] == "expired"
+        assert shop.purchases_of(wallet)[-1].status == "expired"
+        tally.events.add(expired["id"])
+        tally.unpaid_sessions.add(session_object["id"])
+
+        assert answered(spend(faults.port, wallet.secret), 200)
+        tally.spent_ok[wallet.name] += 1
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"connection dropped mid-request {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
+def test_an_unreachable_database_answers_503_to_everything_and_everything_resumes_after(faults):
+    shop, tally = faults.shop, Tally()
+    wallet = faults.wallet(100, tally)
+    paid, event = faults.paid(wallet)
+    before, creates = shop.snapshot(), len(faults.stripe.creates)
+    faults.db_line.down()
+    try:
+        began = time.monotonic()
+        spent = spend(faults.port, wallet.secret)
+        hook = deliver(faults.port, event)
+        bought = checkout(faults.port, wallet.secret, 1)
+        elapsed = time.monotonic() - began
+    finally:
+        faults.db_line.up()
+    assert_unavailable(spent)
+    assert answered(hook, 503).body["error"] == "temporarily_unavailable"  # Stripe will retry
+    assert_unavailable(bought)
+    assert elapsed < 15
+    assert len(faults.stripe.creates) == creates  # nothing reached Stripe
+    assert shop.snapshot() == before
+
+    assert answered(deliver(faults.port, event), 200).body["outcome"] == "fulfilled"
+    assert answered(spend(faults.port, wallet.secret), 200).body["balance"] == 100 + 100 - COST
+    assert answered(checkout(faults.port, wallet.secret, 1), 200).body["url"]
+    tally.paid[paid.session_id] = paid
+    tally.events.add(event["id"])
+    tally.spent_ok[wallet.name] += 1
+    shop.check([wallet], tally)
+    faults.assert_no_bare_500()
+    report(f"database unreachable {faults.shop.label}", {"answered_within_seconds": round(elapsed, 2)})
+
+
+# -- lock timeouts and serialization failures ---------------------------------------------------------
+
+
+def lock_timeout_options(backend: str) -> dict[str, Any]:
+    if backend == "postgresql":
+        return {"options": "-c lock_timeout=300"}
+    return {"init_command": "SET SESSION innodb_lock_wait_timeout = 1"}
+
+
+def test_lock_wait_timeouts_answer_503_quickly_and_write_nothing(faults):
+    shop, tally = faults.shop, Tally()
+    options = engine_options(faults.url, **lock_timeout_options(faults.backend))
+    server = Gunicorn(
+        app_config(faults.url, SQLALCHEMY_ENGINE_OPTIONS=options),
+        stripe_api=f"http://127.0.0.1:{faults.stripe.port}",
+    )
+    try:
+        wallet = faults.wallet(100, tally)
+        paid, event = faults.paid(wallet, port=server.port)
+        before = shop.snapshot()
+        with shop.holding("wallets", shop.wallet_id(wallet)):
+            began = time.monotonic()
+            requests = [
+                InFlight(lambda: spend(server.port, wallet.secret)),
+                InFlight(lambda: deliver(server.port, event)),
+                InFlight(lambda: checkout(server.port, wallet.secret, 1)),
+            ]
+            spent, hook, bought = (r.result() for r in requests)
+            elapsed = time.monotonic() - began
+        assert_unavailable(spent)
+        assert answered(hook, 503).body["error"] == "temporarily_unavailable"
+        assert_unavailable(bought)
+        assert elapsed < 20  # MariaDB: 1 s per attempt, and the ledger tries a lock timeout 4 times
+        assert shop.snapshot() == before
+
+        assert answered(spend(server.port, wallet.secret), 200)
+        assert answered(deliver(server.port, event), 200).body["outcome"] == "fulfilled"
+        assert answered(checkout(server.port, wallet.secret, 1), 200)
+        log = server.output()
+    finally:
+        server.close()
+    tally.spent_ok[wallet.name] += 1
+    tally.paid[paid.session_id] = paid
+    tally.events.add(event["id"])
+    shop.check([wallet], tally)
+    assert "Error handling request" not in log
+    report(f"lock wait timeout {faults.shop.label}", {"answered_within_seconds": round(elapsed, 2)})
+
+
+def test_a_deadlock_victim_is_retried_and_spends_exactly_once(faults):
+    """The test and a spend lock the same two rows in opposite orders: the spend holds the wallet and
+    waits for a lot the test holds, then the test asks for the wallet. The database breaks the cycle by
+    aborting one of them; the test makes sure it is the spend (PostgreSQL aborts the transaction whose
+    deadlock check runs first, the one that waited longest; InnoDB the one that wrote less, and the test
+    writes a lot first). The ledger retries the victim, which succeeds once the test lets go."""
+    shop, tally = faults.shop, Tally()
+    wallet = faults.wallet(100, tally)
+    events = shop.credits.tables.stripe_events
+    log_before = len(faults.server.output())
+    with shop.holding("lots", shop.lot_ids(wallet)[0]) as conn:
+        ballast = [
+            {
+                "id": f"evt_ballast_{i}_{wallet.key_id}",
+                "type": "ballast",
+                "outcome": "ballast",
+                "received_at": sa.func.now(),
+            }
+            for i in range(50)
+        ]
+        for row in ballast:
+            conn.execute(sa.insert(events).values(**row))
+        request = InFlight(lambda: spend(faults.port, wallet.secret))
+        shop.lock_waiter(request.done)
+        w = shop.credits.tables.wallets
+        conn.execute(sa.select(w.c.id).where(w.c.id == shop.wallet_id(wallet)).with_for_update()).one()
+    reply = answered(request.result(), 200)
+    assert reply.body["balance"] == 100 - COST
+    tally.spent_ok[wallet.name] += 1
+    shop.check([wallet], tally, cli=False)
+    log = faults.server.output()[log_before:]
+    assert "credits transaction retried" in log, log[-3000:]
+    faults.assert_no_bare_500()
+    report(f"deadlock {faults.shop.label}", {"retried": log.count("credits transaction retried")})
+
+
+def serializable_options(backend: str) -> dict[str, Any]:
+    if backend == "postgresql":
+        return {"options": "-c default_transaction_isolation=serializable"}
+    return {"init_command": "SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE"}
+
+
+def test_serialization_failures_are_retried_and_every_credit_adds_up(faults):
+    """Every transaction SERIALIZABLE, 12 clients draining one wallet at once: the database aborts some
+    transactions (PostgreSQL: could not serialize; InnoDB: deadlocks), the ledger retries them; a
+    request that runs out of retries gets 503 and spent nothing. No 500, and the wallet ends exactly
+    empty with one stored spend per 200."""
+    shop, tally = faults.shop, Tally()
+    options = engine_options(faults.url, **serializable_options(faults.backend))
+    server = Gunicorn(
+        app_config(faults.url, SQLALCHEMY_ENGINE_OPTIONS=options),
+        stripe_api=f"http://127.0.0.1:{faults.stripe.port}",
+    )
+    wallet = faults.wallet(300, tally)
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(12, timeout=WAIT)
+
+    def drain() -> None:
+        barrier.wait()
+        for _ in range(200):
+            status = spend(server.port, wallet.secret).status
+            with lock:
+                statuses[status] += 1
+            if status == 402:
+                return
+
+    try:
+        began = time.monotonic()
+        threads = [threading.Thread(target=drain) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        elapsed = time.monotonic() - began
+        log = server.output()
+    finally:
+        server.close()
+    assert set(statuses) <= {200, 402, 503}, statuses
+    assert statuses[402] == 12  # every client was finally refused: the wallet could not pay any more
+    assert statuses[200] == 300 // COST
+    tally.spent_ok[wallet.name] = statuses[200]
+    shop.check([wallet], tally)
+    assert shop.balance(wallet) == 0
+    retried = log.count("credits transaction retried")
+    if faults.backend == "postgresql":
+        assert retried > 0, "no serialization failure happened: the test proved nothing"
+    assert "Error handling request" not in log
+    report(
+        f"serializable isolation {faults.shop.label}",
+        {"statuses": dict(statuses), "retried": retried, "seconds": round(elapsed, 1)},
+    )
+
+
+# -- Stripe failing during checkout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        ("refused", "could not be reached"),
+        ("drop", "could not be reached"),
+        ("slow", "could not be reached"),
+        ("error", "had a problem"),
+    ],
+)
+def test_stripe_failing_during_checkout_is_a_clear_502_and_leaves_no_creditable_purchase(
+    faults, failure, message
+):
+    shop = faults.shop
+    tally = Tally()
+    wallet = faults.wallet(10, tally)
+    creates = len(faults.stripe.creates)
+    if failure == "refused":
+        faults.stripe_line.down()
+    else:
+        faults.stripe.mode = failure
+    try:
+        began = time.monotonic()
+        reply = checkout(faults.port, wallet.secret, 1)
+        elapsed = time.monotonic() - began
+    finally:
+        faults.stripe.mode = "ok"
+        faults.stripe_line.up()
+    assert reply.status == 502, reply.body
+    assert reply.body["error"] == "payment_provider_error"
+    assert message in reply.body["message"]
+    assert elapsed < 10  # CREDITS_STRIPE_TIMEOUT = 1 s, one retry
+    (row,) = shop.purchases_of(wallet)
+    assert (row.status, row.session_id) == ("error", None)
+    attempts = faults.stripe.creates[creates:]
+    if failure == "refused":
+        assert attempts == []
+    else:  # stripe-python retried once, with the same idempotency key
+        assert attempts == [(row.attempt_key, failure)] * 2
+
+    # Even if Stripe did create the session (too late for the app) and it got paid, it is not ours.
+    if failure == "slow":
+        deadline = time.monotonic() + WAIT
+        while row.attempt_key not in faults.stripe.by_key and time.monotonic() < deadline:
+            time.sleep(0.05)
+        session = faults.stripe.pay(faults.stripe.by_key[row.attempt_key]["id"])
+    else:
+        session = testing.checkout_session(amount_total=100, client_reference_id=row.attempt_key)
+    event = testing.event("checkout.session.completed", session)
+    assert answered(deliver(faults.port, event), 200).body["outcome"] == "unknown_session"
+    tally.events.add(event["id"])
+    assert shop.purchases_of(wallet)[0].status == "error"
+
+    assert answered(checkout(faults.port, wallet.secret, 1), 200).body["url"]  # Stripe is back
+    shop.check([wallet], tally, cli=False)
+    faults.assert_no_bare_500()
+    report(f"stripe {failure} {faults.shop.label}", {"answered_within_seconds": round(elapsed, 2)})
