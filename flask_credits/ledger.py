@@ -546,14 +546,19 @@ class Ledger:
         def tx(conn: Connection) -> Fulfilment | None:
             if in_tx is not None:
                 in_tx(conn)
-            won = conn.execute(
+            win = (
                 sa.update(p)
                 .where(p.c.id == purchase_id, p.c.status.in_(FULFILLABLE))
                 .values(status="fulfilled", payment_intent=payment_intent, updated_at=now)
             )
-            if won.rowcount != 1:
-                return None
-            purchase = conn.execute(sa.select(p).where(p.c.id == purchase_id)).one()
+            if self._returning:
+                purchase = conn.execute(win.returning(*p.c)).first()
+                if purchase is None:
+                    return None
+            else:
+                if conn.execute(win).rowcount != 1:
+                    return None
+                purchase = conn.execute(sa.select(p).where(p.c.id == purchase_id)).one()
             owner = conn.execute(self._lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
             credits = int(purchase.credits)

@@ -8,6 +8,7 @@ currency differ from the row, is recorded and not credited.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping
@@ -343,9 +344,8 @@ def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | 
         return "amount_mismatch"
     payment_status = session.get("payment_status")
     if payment_status in PAID:
-        done = ext.ledger.fulfil_purchase(
-            purchase.id, payment_intent=_object_id(session.get("payment_intent")), in_tx=in_tx
-        )
+        payment_intent = _object_id(session.get("payment_intent"))
+        done = ext.ledger.fulfil_purchase(purchase.id, payment_intent=payment_intent, in_tx=in_tx)
         if done is None:
             now = find(ext, id=purchase.id)
             if now is not None and now.status != "fulfilled":
@@ -357,7 +357,8 @@ def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | 
                 )
                 return "not_fulfillable"
             return "already_fulfilled"
-        fulfilled = find(ext, id=purchase.id)
+        # As the crediting transaction left it (nothing is clawed back before fulfilment).
+        fulfilled = dataclasses.replace(purchase, status="fulfilled", payment_intent=payment_intent)
         ext.emit(
             signals.credits_purchased,
             wallet=done.wallet,

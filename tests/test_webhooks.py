@@ -12,7 +12,7 @@ import responses
 import sqlalchemy as sa
 from flask_wtf.csrf import CSRFProtect
 
-from flask_credits import testing
+from flask_credits import purchases, testing
 
 WHSEC = "whsec_test_current"
 
@@ -192,6 +192,8 @@ def test_completed_paid_session_credits_the_wallet_once(app, client, credits, bu
     assert names(received).count("credits_purchased") == 1
     _, sender, kwargs = next(r for r in received if r[0] == "credits_purchased")
     assert (sender, kwargs["amount"], kwargs["purchase"].session_id) == (app, 300, sid)
+    # The signal's purchase is the row as the crediting transaction left it.
+    assert kwargs["purchase"] == purchases.find(credits, session_id=sid)
     assert credits.audit() == []
 
 
