@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install run test lint
+.PHONY: install run test lint reliability
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,10 @@ lint: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The long load and fault run of docs/reliability.md (PostgreSQL and MariaDB must be configured as for
+# `make test`); each scenario prints one JSON line of figures. RELIABILITY_SECONDS per load scenario.
+RELIABILITY_SECONDS ?= 300
+reliability: install
+	CREDITS_RELIABILITY_SECONDS=$(RELIABILITY_SECONDS) CREDITS_TEST_REQUIRE_DATABASES=1 \
+		$(BIN)/pytest -m slow -s tests/test_load.py tests/test_faults.py $(PYTEST_ARGS)

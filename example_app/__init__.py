@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, abort, jsonify, request
+from flask import Flask, abort, request
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import ServiceUnavailable
+
+from flask_credits import CreditsUnavailable
 
 from . import auth, keys, notifications, views
-from .auth import API_KEY_HEADER
 from .extensions import credits, csrf, login_manager, migrate
 from .models import db
 
@@ -32,7 +32,6 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 #: The database cannot be reached or gave up (connection refused or dropped, lock wait timeout, pool
 #: exhausted): the request may succeed if tried again.
 DATABASE_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
-RETRY_AFTER_SECONDS = 5
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -66,14 +65,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     notifications.connect(app)
 
     def database_unavailable(exc: Exception) -> ResponseReturnValue:
-        """503 with Retry-After, not a bare 500, when the database cannot answer: the API key or user
-        lookup is the first query of most requests, before flask_credits is reached."""
-        app.logger.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
-        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        if request.blueprint == "api" or API_KEY_HEADER in request.headers or request.is_json:
-            message = "The service is briefly unavailable. Please try again in a few seconds."
-            return jsonify(error="temporarily_unavailable", message=message), 503, retry
-        return ServiceUnavailable(retry_after=RETRY_AFTER_SECONDS).get_response()
+        """The database cannot answer this app's own queries (the API key or user lookup comes first in
+        most requests): the same 503 with Retry-After as flask_credits gives, not a bare 500."""
+        app.logger.warning(
+            "database unavailable: %s", type(exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc).__name__
+        )
+        return CreditsUnavailable().get_response()
 
     for error in DATABASE_UNAVAILABLE:
         app.register_error_handler(error, database_unavailable)

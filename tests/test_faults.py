@@ -332,7 +332,7 @@ def lock_timeout_options(backend: str) -> dict[str, Any]:
 
 def test_lock_wait_timeouts_answer_503_quickly_and_write_nothing(faults):
     shop, tally = faults.shop, Tally()
-    options = engine_options(faults.url, **lock_timeout_options(faults.backend))
+    options = engine_options(**lock_timeout_options(faults.backend))
     server = Gunicorn(
         app_config(faults.url, SQLALCHEMY_ENGINE_OPTIONS=options),
         stripe_api=f"http://127.0.0.1:{faults.stripe.port}",
@@ -418,7 +418,7 @@ def test_serialization_failures_are_retried_and_every_credit_adds_up(faults):
     request that runs out of retries gets 503 and spent nothing. No 500, and the wallet ends exactly
     empty with one stored spend per 200."""
     shop, tally = faults.shop, Tally()
-    options = engine_options(faults.url, **serializable_options(faults.backend))
+    options = engine_options(**serializable_options(faults.backend))
     server = Gunicorn(
         app_config(faults.url, SQLALCHEMY_ENGINE_OPTIONS=options),
         stripe_api=f"http://127.0.0.1:{faults.stripe.port}",
