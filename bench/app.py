@@ -45,13 +45,9 @@ def build_app(url: str, *, pool_size: int = 10, **config: Any) -> tuple[Flask, S
         user = request.headers.get("X-Wallet")
         return None if user is None else (user, None)
 
-    @app.post("/free")
-    def free() -> str:
+    def ok() -> str:
         return "ok"
 
-    @app.post("/paid")
-    @requires_credits(1)
-    def paid() -> str:
-        return "ok"
-
+    app.add_url_rule("/free", "free", ok, methods=["POST"])
+    app.add_url_rule("/paid", "paid", requires_credits(1)(ok), methods=["POST"])
     return app, db, credits

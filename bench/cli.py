@@ -14,7 +14,7 @@ from .app import BIG, build_app
 from .report import BackendReport, Check, Table, checks_table, ms, num, pct, text_table
 from .settings import FULL, QUICK, Settings
 from .timing import Measurement
-from .writer import write_report
+from .writer import render, write_report
 
 #: A balance or history page counts as flat when its median at the largest size is at most this
 #: multiple of its median at the smallest (a linear cost would be 100x from 10k to 1M entries).
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             + (" --profile" if args.profile else "")
             + f" --write {args.write}"
         )
-        write_report(Path(args.write), info, reports, targets, settings, command, FLAT)
+        write_report(Path(args.write), render(info, reports, targets, settings, command, FLAT))
         log(f"wrote {args.write}")
     return 0
 
@@ -84,17 +84,17 @@ def run_backend(backend: str, settings: Settings) -> BackendReport:
                 for i in range(settings.threads):
                     credits.grant(f"web-{i}", BIG, reason="bench")
             results = loads.run_loads(target, app, credits, settings, wallet_ids)
-            report.tables.extend(debit_tables(results))
             log("requests: in process")
-            inproc = web.in_process(app, settings)
+            one, _, many = loads.loads(settings)
+            inproc = web.in_process(app, settings, loads.limit_run(target, one, settings, wallet_ids))
             log("requests: gunicorn")
-            served = web.through_server(target, settings)
+            served = web.through_server(target, settings, loads.limit_run(target, many, settings, wallet_ids))
             log("webhooks")
             hooks = webhooks.run(app, credits, settings)
             profile = None
             if settings.profile:
                 log("profile")
-                profile = profiling.run(app, credits, backend)
+                profile = profiling.run(app, credits, target)
             problems = loads.audit_spend_wallets(app, credits, wallet_ids)
             if problems:
                 raise RuntimeError("audit after the loads: " + "; ".join(problems[:5]))
@@ -103,7 +103,9 @@ def run_backend(backend: str, settings: Settings) -> BackendReport:
         finally:
             with app.app_context():
                 db.engine.dispose()
-        report.tables.append(request_table(inproc, served, results))
+        counts = {row.name: row.counts for row in rows}
+        report.tables.extend(debit_tables(results, counts, backend == "postgresql"))
+        report.tables.append(request_table(inproc, served))
         report.tables.append(webhook_table(hooks, rows, results[0]))
         report.tables.append(queries_table(rows, mixed, backend, settings.query_repeat))
         if profile is not None:
@@ -111,7 +113,7 @@ def run_backend(backend: str, settings: Settings) -> BackendReport:
         log("scale")
         grown = run_scale(backend, settings)
         report.tables.extend(scale_tables(grown))
-        report.checks = checks(results, inproc, served, rows, grown)
+        report.checks = checks(results, inproc, served, rows, grown, backend == "postgresql")
     finally:
         target.drop()
     return report
@@ -138,7 +140,7 @@ def run_scale(backend: str, settings: Settings) -> scale.ScaleResult:
 # -- tables ------------------------------------------------------------------------------------------
 
 
-def debit_tables(results: list[loads.LoadResult]) -> list[Table]:
+def debit_tables(results: list[loads.LoadResult], counts: dict[str, queries.Counts], pg: bool) -> list[Table]:
     main = Table(
         "Debits: credits.spend() against the hand-written limit",
         [
@@ -175,54 +177,53 @@ def debit_tables(results: list[loads.LoadResult]) -> list[Table]:
     )
     main.notes.append(
         "spend(): credits.spend(user_id, 1, reason=...) through the pool; every wallet holds one lot."
-        " All contenders of both tables alternate, round by round, in the same database."
+        " All contenders of the three tables alternate, round by round, in the same database."
     )
-    pg = results[0].single is not None
-    headers = ["load", "spend's SQL by hand ops/s", "/ limit", "prototype A ops/s", "/ limit", "p50 ms"]
-    if pg:
-        headers += ["prototype B ops/s", "/ limit", "p50 ms"]
-    gap = Table("Where the gap comes from, and what the proposed changes gain (same run)", headers)
+    gap = Table(
+        "Where the gap comes from: spend's own SQL without the Python layer (same run)",
+        ["load", "spend's SQL by hand ops/s", "p50 ms", "/ limit", "spend() / spend's SQL by hand"],
+    )
     for r in results:
-        row = [
-            r.load.name,
-            num(r.spend_sql.throughput),
-            pct(r.sql_ratio),
-            num(r.proposal.throughput),
-            pct(r.proposal_ratio),
-            ms(r.proposal.p50),
-        ]
-        if r.single is not None:
-            row += [num(r.single.throughput), pct(r.single.throughput / r.limit.throughput), ms(r.single.p50)]
-        gap.rows.append(row)
-    gap.notes.append(
-        "spend's SQL by hand: the five statements spend() sends on this path (UPDATE wallet RETURNING,"
-        " SELECT lots [FOR UPDATE], UPDATE lot, INSERT entry, INSERT draw) and COMMIT, with the raw driver:"
-        " the extension's SQL without its Python layer."
-    )
-    gap.notes.append(
-        "prototype A (bench/proposal.py, not the extension): statements built once with bind parameters,"
-        " and the lot drawn by one UPDATE ... WHERE id = (SELECT ... LIMIT 1) AND remaining >= n RETURNING"
-        " id: four statements; the same rows written, audit clean."
-    )
-    if pg:
-        gap.notes.append(
-            "prototype B (PostgreSQL): the whole debit as one statement, WITH w AS (UPDATE wallet ...),"
-            " l AS (UPDATE lot ...), e AS (INSERT entry ...), d AS (INSERT draw ...) SELECT ...; the wallet"
-            " row stays locked for one statement and the COMMIT."
+        gap.rows.append(
+            [
+                r.load.name,
+                num(r.spend_sql.throughput),
+                ms(r.spend_sql.p50),
+                pct(r.sql_ratio),
+                pct(r.spend.throughput / r.spend_sql.throughput),
+            ]
         )
+    gap.notes.append(
+        "spend's SQL by hand: what spend() sends when the wallet's soonest lot covers the debit, with the"
+        " raw driver. "
+        + (
+            "PostgreSQL: the ledger's own one-statement debit (flask_credits.ledger._SPEND: WITH w AS"
+            " (UPDATE wallet ... RETURNING), l AS (UPDATE lot), e AS (INSERT entry), d AS (INSERT draw)"
+            " SELECT ...) on a psycopg connection with autocommit=True: one statement, one round trip,"
+            " its own transaction."
+            if pg
+            else "SQLite: UPDATE wallet RETURNING; UPDATE credits_lots ... WHERE id = (SELECT ... LIMIT 1)"
+            " AND remaining >= 1 RETURNING id; INSERT entry; INSERT draw; COMMIT."
+        )
+        + " The last column is what the Python layer (SQLAlchemy, the pool, flask_credits) leaves of it."
+    )
     one = results[0]
     ladder = Table(
         "The price of each write, one connection (same run)",
         ["debit", "statements", *(["round trips"] if pg else []), "ops/s", "p50 ms", "/ limit"],
     )
-    rungs: list[tuple[str, int, int, Measurement | None]] = [
+    spend = counts["spend (fast path)"]
+    rungs: list[tuple[str, float, float | None, Measurement | None]] = [
         ("limit: UPDATE wallet, INSERT entry", 2, 4, one.limit),
         ("+ UPDATE the lot", 3, 5, one.ladder.get("ladder3")),
         ("+ INSERT the draw", 4, 6, one.ladder.get("ladder4")),
-        ("+ SELECT the lots first (spend's SQL by hand)", 5, 7, one.spend_sql),
-        ("prototype A (prebuilt; lot drawn by one UPDATE)", 4, 6, one.proposal),
-        ("prototype B (one WITH statement)", 1, 3, one.single),
-        ("credits.spend()", 5, 7, one.spend),
+        (
+            "spend's SQL by hand" + (" (one WITH statement, autocommit)" if pg else ""),
+            spend.statements,
+            spend.round_trips,
+            one.spend_sql,
+        ),
+        ("credits.spend()", spend.statements, spend.round_trips, one.spend),
     ]
     for name, statements, trips, m in rungs:
         if m is None:
@@ -230,22 +231,29 @@ def debit_tables(results: list[loads.LoadResult]) -> list[Table]:
         ladder.rows.append(
             [
                 name,
-                str(statements),
-                *([str(trips)] if pg else []),
+                fmt(statements),
+                *(["-" if trips is None else fmt(trips)] if pg else []),
                 num(m.throughput),
                 ms(m.p50),
                 pct(m.throughput / one.limit.throughput),
             ]
         )
     ladder.notes.append(
-        "Each rung adds one write of the ledger's schema to the hand-written limit (raw driver), up to the"
-        " statements spend() sends; then the prototypes and spend() itself."
-        + (" Round trips include psycopg's BEGIN and the COMMIT." if pg else "")
+        "Each rung adds one write of the ledger's schema to the hand-written limit (raw driver): the rows"
+        " spend() writes, in separate statements; then spend()'s own SQL by hand and spend() itself"
+        " (their statement" + (" and round-trip counts" if pg else " counts") + " as measured in"
+        ' "Statements per operation").'
+        + (
+            " The rungs' round trips include psycopg's BEGIN and the COMMIT; a statement in autocommit"
+            " has neither."
+            if pg
+            else ""
+        )
     )
     return [main, gap, ladder]
 
 
-def request_table(inproc: web.WebResult, served: web.WebResult, results: list[loads.LoadResult]) -> Table:
+def request_table(inproc: web.WebResult, served: web.WebResult) -> Table:
     table = Table(
         "A trivial view with and without @requires_credits(1)",
         [
@@ -256,10 +264,11 @@ def request_table(inproc: web.WebResult, served: web.WebResult, results: list[lo
             "p50 ms",
             "added ms/request",
             "decorated / undecorated",
+            "limit ops/s (same rounds)",
             "decorated / (undecorated + limit)",
         ],
     )
-    for result, limit in ((inproc, results[0].limit), (served, results[2].limit)):
+    for result in (inproc, served):
         table.rows.append(
             [
                 result.where,
@@ -269,12 +278,15 @@ def request_table(inproc: web.WebResult, served: web.WebResult, results: list[lo
                 ms(result.paid.p50),
                 ms(result.added_ms),
                 pct(result.ratio),
-                pct(result.target_ratio(limit)),
+                num(result.limit.throughput),
+                pct(result.target_ratio),
             ]
         )
     table.notes.append(
         "undecorated + limit: the per-request time of the undecorated view plus that of one hand-written"
-        " debit at the same concurrency (one connection in process; N threads on N wallets via gunicorn)."
+        " debit at the same concurrency (one connection in process; N threads on N wallets via gunicorn),"
+        " the limit taking turns with the two views in the same rounds. The decorated request's database"
+        ' work is one spend() (table "Statements per operation").'
     )
     table.notes.append(
         "added ms/request: mean latency decorated minus undecorated. gunicorn's sync workers close every"
@@ -336,10 +348,11 @@ def queries_table(
             " DEALLOCATE ALL included."
         )
         table.notes.append(
-            "psycopg prepares a statement on its 6th execution on a connection and forgets all of them"
-            " on ROLLBACK (sending DEALLOCATE ALL if it had any). Every read (balance, history, the"
-            " duplicate check) ends in ROLLBACK: with a read between two spends (last row) no statement"
-            " of spend() is ever prepared, so the server parses and plans each one every time."
+            "spend() sends one statement in autocommit (no BEGIN, no COMMIT: the statement is its own"
+            " transaction; SQLAlchemy still reports the connection's end as a rollback, which sends"
+            " nothing). Reads (balance, history, the idempotency and duplicate checks) run in autocommit"
+            " too: one round trip each, and no ROLLBACK to make psycopg forget its prepared statements,"
+            " so with a read between two spends (last row) the spend's statement stays prepared."
         )
     else:
         table.notes.append(
@@ -351,6 +364,21 @@ def queries_table(
         " sent the same."
     )
     return table
+
+
+def describe(c: queries.Counts) -> str:
+    """Like "4 statements, 1 commit", with the round trips where they were traced."""
+    parts = [f"{fmt(c.statements)} statement" + ("" if c.statements == 1 else "s")]
+    parts.append(f"{fmt(c.commits)} commit" if c.commits else "autocommit")
+    if c.round_trips is not None:
+        parts.append(f"{fmt(c.round_trips)} round trip" + ("" if c.round_trips == 1 else "s"))
+    return ", ".join(parts)
+
+
+def same_work(a: queries.Counts, b: queries.Counts) -> bool:
+    return all(
+        getattr(a, name) == getattr(b, name) for name in ("statements", "commits", "rollbacks", "round_trips")
+    )
 
 
 def fmt(value: float) -> str:
@@ -394,7 +422,27 @@ def scale_tables(result: scale.ScaleResult) -> list[Table]:
         "Timed step by step as the database grows (so noise between steps shows); each step also adds the"
         " next big wallet."
     )
-    return [entries, growth]
+    one, many = scale.LOT_OPS
+    lots = Table(
+        "Scale: spend() and the wallet's emptied lots",
+        ["operation (p50 ms)", "wallet of 1 lot", f"{result.emptied:,} emptied lots + 1", "ratio"],
+    )
+    lots.rows.append(
+        [
+            "spend 1",
+            ms(result.lots[one].p50),
+            ms(result.lots[many].p50),
+            f"{result.lots[many].p50 / result.lots[one].p50:.2f}x",
+        ]
+    )
+    lots.notes.append(
+        f"The second wallet got {result.emptied:,} grants of 1 credit, all spent (lots emptied), then one"
+        " big grant: its live lot is its newest. Finding the soonest-expiring lot with credits left walks"
+        " the lots index, (wallet_id, expires_at, id), through every lot of the wallet and drops the"
+        " emptied ones only after reading each row (remaining is not in the index); PostgreSQL's"
+        " one-statement debit does it twice. Timed interleaved with the operations of the first table."
+    )
+    return [entries, growth, lots]
 
 
 def checks(
@@ -403,12 +451,13 @@ def checks(
     served: web.WebResult,
     rows: list[queries.QueryRow],
     grown: scale.ScaleResult,
+    pg: bool,
 ) -> list[Check]:
     one, hot, many = results
+    # The issue sets the spend() targets on PostgreSQL; SQLite's ratios are shown, not judged.
     out = [
-        Check(f"spend >= 80% of limit, {one.load.name}", pct(one.ratio), one.ratio >= 0.8),
-        Check(f"spend >= 80% of limit, {hot.load.name}", pct(hot.ratio), hot.ratio >= 0.8),
-        Check(f"spend >= 70% of limit, {many.load.name}", pct(many.ratio), many.ratio >= 0.7),
+        Check(f"spend >= {share:.0%} of limit, {r.load.name}", pct(r.ratio), r.ratio >= share if pg else None)
+        for r, share in ((one, 0.8), (hot, 0.8), (many, 0.7))
     ]
     by_name = {row.name: row.counts for row in rows}
     free, paid = (
@@ -416,16 +465,26 @@ def checks(
         by_name["request POST /paid (@requires_credits(1))"],
     )
     spend = by_name["spend (fast path)"]
-    added = (paid.statements - free.statements, paid.commits - free.commits)
+    added = dataclasses.replace(
+        paid,
+        statements=paid.statements - free.statements,
+        commits=paid.commits - free.commits,
+        rollbacks=paid.rollbacks - free.rollbacks,
+        round_trips=None if paid.round_trips is None else paid.round_trips - (free.round_trips or 0),
+    )
+    # One debit transaction: spend's own statements, ending in one COMMIT, or (PostgreSQL) its one
+    # statement in autocommit, which is a transaction of its own.
+    one_transaction = spend.commits == 1 or (spend.statements == 1 and spend.commits == 0)
     out.append(
         Check(
             "decorated request adds at most one debit transaction",
-            f"+{fmt(added[0])} statements, +{fmt(added[1])} commit (spend: {fmt(spend.statements)})",
-            added == (spend.statements, spend.commits) and spend.commits == 1,
+            f"+{describe(added)}"
+            + (" = spend()'s own" if same_work(added, spend) else f" (spend: {describe(spend)})"),
+            same_work(added, spend) and one_transaction,
         )
     )
-    for label, result, limit in (("in process", inproc, one.limit), ("gunicorn", served, many.limit)):
-        ratio = result.target_ratio(limit)
+    for label, result in (("in process", inproc), ("gunicorn", served)):
+        ratio = result.target_ratio
         out.append(Check(f"decorated >= 70% of undecorated + limit, {label}", pct(ratio), ratio >= 0.7))
     for name, timings in grown.big.items():
         if name.startswith("spend"):

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask
 
 from flask_credits import FlaskCredits
-from flask_credits.ledger import make_wallet
+from flask_credits.ledger import _SPEND, make_wallet
 
 from .app import BIG
 from .env import Target
@@ -63,20 +63,7 @@ def limit_statements(target: Target) -> tuple[str, str]:
 
 def limit_worker(target: Target, wallet_id: int) -> Worker:
     """One raw connection debiting ``wallet_id``: UPDATE, INSERT, COMMIT."""
-    update, insert = limit_statements(target)
-    conn = target.raw_connect()
-    cur = conn.cursor()
-
-    def debit() -> None:
-        cur.execute(update, (wallet_id,))
-        row = cur.fetchone()
-        if row is None:
-            conn.rollback()
-            raise RuntimeError("the limit's wallet ran out of credits")
-        cur.execute(insert, (wallet_id, row[0], sql_now(target)))
-        conn.commit()
-
-    return debit, conn.close
+    return ladder_worker(target, wallet_id, 2)
 
 
 def spend_worker(app: Flask, credits: FlaskCredits, user_id: str) -> Worker:
@@ -90,71 +77,77 @@ def spend_worker(app: Flask, credits: FlaskCredits, user_id: str) -> Worker:
     return spend, ctx.pop
 
 
-def spend_sql_worker(target: Target, wallet_id: int, user_id: str) -> Worker:
-    """The statements ``credits.spend()`` sends on its fast path (one lot covers the debit), written by
-    hand with the raw driver: what the extension's SQL costs without its Python layer."""
-    pg = target.backend == "postgresql"
-    p = "%s" if pg else "?"
+def spend_sql_worker(target: Target, user_id: str) -> Worker:
+    """The statements ``credits.spend()`` sends when the wallet's soonest lot covers the debit, with
+    the raw driver: what the extension's SQL costs without its Python layer. PostgreSQL: the ledger's
+    own one-statement debit (``_SPEND``) on a connection in autocommit, as ``spend()`` sends it.
+    SQLite: UPDATE wallet RETURNING, the first lot drawn by one UPDATE RETURNING, INSERT entry,
+    INSERT draw, COMMIT."""
+    if target.backend == "postgresql":
+        import psycopg
+
+        conn = psycopg.connect(target.conninfo, autocommit=True)
+        cur = conn.cursor()
+        params = {"user_id": user_id, "key_id": "", "amount": 1, "reason": "bench", "key": None, "meta": None}
+
+        def one_statement() -> None:
+            cur.execute(_SPEND, {**params, "now": sql_now(target)})
+            if cur.fetchone() is None:
+                raise RuntimeError("the wallet ran out of credits")
+
+        return one_statement, conn.close
     update_wallet = (
-        f"UPDATE credits_wallets SET balance = balance - 1, updated_at = {p}"
-        f" WHERE user_id = {p} AND key_id = '' AND balance >= 1"
-        f" AND (next_expiry IS NULL OR next_expiry > {p})"
-        " RETURNING id, balance"
+        "UPDATE credits_wallets SET balance = balance - 1, updated_at = ?"
+        " WHERE user_id = ? AND key_id = '' AND balance >= 1"
+        " AND (next_expiry IS NULL OR next_expiry > ?) RETURNING id, balance"
     )
-    select_lots = (
-        f"SELECT id, remaining FROM credits_lots WHERE wallet_id = {p} AND remaining > 0"
-        " ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, id LIMIT 16"
-        + (" FOR UPDATE" if pg else "")
+    draw_first = (
+        "UPDATE credits_lots SET remaining = remaining - 1 WHERE id = (SELECT id FROM credits_lots"
+        " WHERE wallet_id = ? AND remaining > 0"
+        " ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, id LIMIT 1)"
+        " AND remaining >= 1 RETURNING id"
     )
-    update_lot = f"UPDATE credits_lots SET remaining = remaining - 1 WHERE id = {p} AND remaining >= 1"
     insert_entry = (
         "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, idempotency_key,"
-        f" reverses_id, meta, created_at) VALUES ({p}, -1, {p}, 'spend', 'bench', NULL, NULL, NULL, {p})"
-        + (" RETURNING id" if pg else "")
+        " reverses_id, meta, created_at) VALUES (?, -1, ?, 'spend', 'bench', NULL, NULL, NULL, ?)"
     )
-    insert_draw = f"INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES ({p}, {p}, -1)"
     conn = target.raw_connect()
     cur = conn.cursor()
 
-    def spend() -> None:
+    def four_statements() -> None:
         now = sql_now(target)
-        cur.execute(update_wallet, (now, user_id, now))
-        row = cur.fetchone()
-        if row is None:
+        found = cur.execute(update_wallet, (now, user_id, now)).fetchone()
+        if found is None:
             conn.rollback()
             raise RuntimeError("the wallet ran out of credits")
-        cur.execute(select_lots, (row[0],))
-        lot_id = cur.fetchall()[0][0]
-        cur.execute(update_lot, (lot_id,))
-        if cur.rowcount != 1:
-            raise RuntimeError("lot changed under the wallet lock")
-        cur.execute(insert_entry, (row[0], row[1], now))
-        entry_id = cur.fetchone()[0] if pg else cur.lastrowid
-        cur.execute(insert_draw, (entry_id, lot_id))
+        lot_id = cur.execute(draw_first, (found[0],)).fetchone()[0]
+        cur.execute(insert_entry, (found[0], found[1], now))
+        cur.execute(
+            "INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES (?, ?, -1)", (cur.lastrowid, lot_id)
+        )
         conn.commit()
 
-    return spend, conn.close
+    return four_statements, conn.close
 
 
 def ladder_worker(target: Target, wallet_id: int, statements: int) -> Worker:
-    """The limit plus the writes a lot-keeping ledger adds, one at a time, raw driver: 3 statements
-    (+ ``UPDATE credits_lots`` of the wallet's one lot) or 4 (+ ``INSERT INTO credits_draws``)."""
+    """The limit (2 statements: UPDATE wallet, INSERT entry) plus the writes a lot-keeping ledger
+    adds, one at a time, raw driver: 3 statements (+ ``UPDATE credits_lots`` of the wallet's one lot)
+    or 4 (+ ``INSERT INTO credits_draws``); COMMIT."""
     pg = target.backend == "postgresql"
     p = "%s" if pg else "?"
+    update, insert = limit_statements(target)
+    if statements >= 4 and pg:
+        insert += " RETURNING id"
+    update_lot = f"UPDATE credits_lots SET remaining = remaining - 1 WHERE id = {p} AND remaining >= 1"
+    insert_draw = f"INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES ({p}, {p}, -1)"
     conn = target.raw_connect()
     cur = conn.cursor()
-    cur.execute(f"SELECT id FROM credits_lots WHERE wallet_id = {p}", (wallet_id,))
-    lot_id = cur.fetchone()[0]
-    conn.commit()
-    update = (
-        f"UPDATE credits_wallets SET balance = balance - 1 WHERE id = {p} AND balance >= 1 RETURNING balance"
-    )
-    update_lot = f"UPDATE credits_lots SET remaining = remaining - 1 WHERE id = {p} AND remaining >= 1"
-    insert = (
-        "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
-        f" VALUES ({p}, -1, {p}, 'spend', 'bench', {p})" + (" RETURNING id" if pg else "")
-    )
-    insert_draw = f"INSERT INTO credits_draws (entry_id, lot_id, amount) VALUES ({p}, {p}, -1)"
+    lot_id = None
+    if statements >= 3:
+        cur.execute(f"SELECT id FROM credits_lots WHERE wallet_id = {p}", (wallet_id,))
+        lot_id = cur.fetchone()[0]
+        conn.commit()
 
     def debit() -> None:
         cur.execute(update, (wallet_id,))
@@ -162,7 +155,8 @@ def ladder_worker(target: Target, wallet_id: int, statements: int) -> Worker:
         if row is None:
             conn.rollback()
             raise RuntimeError("the wallet ran out of credits")
-        cur.execute(update_lot, (lot_id,))
+        if statements >= 3:
+            cur.execute(update_lot, (lot_id,))
         cur.execute(insert, (wallet_id, row[0], sql_now(target)))
         if statements >= 4:
             entry_id = cur.fetchone()[0] if pg else cur.lastrowid
@@ -172,38 +166,17 @@ def ladder_worker(target: Target, wallet_id: int, statements: int) -> Worker:
     return debit, conn.close
 
 
-def proposal_worker(app: Flask, credits: FlaskCredits, user_id: str, *, single: bool = False) -> Worker:
-    """The prototype of the proposed ``spend()`` fast path (``bench/proposal.py``)."""
-    from .proposal import ProposedSpend
-
-    ctx = app.app_context()
-    ctx.push()
-    proposed = ProposedSpend(credits.ledger, single=single)
-
-    def spend() -> None:
-        if proposed.spend(make_wallet(user_id), 1, reason="bench") is None:
-            raise RuntimeError("the wallet ran out of credits")
-
-    return spend, ctx.pop
-
-
 @dataclass
 class LoadResult:
     load: Load
     limit: Measurement
     spend: Measurement
     spend_sql: Measurement
-    proposal: Measurement
-    single: Measurement | None  # PostgreSQL only
     ladder: dict[str, Measurement]  # one connection only: the limit plus the lot's writes
 
     @property
     def sql_ratio(self) -> float:
         return self.spend_sql.throughput / self.limit.throughput
-
-    @property
-    def proposal_ratio(self) -> float:
-        return self.proposal.throughput / self.limit.throughput
 
     @property
     def ratio(self) -> float:
@@ -219,7 +192,7 @@ def prepare_wallets(app: Flask, credits: FlaskCredits, settings: Settings) -> di
     names = {
         name
         for load in loads(settings)
-        for prefix in ("limit", "spend", "sql", "proposal", "single", "ladder3", "ladder4")
+        for prefix in ("limit", "spend", "sql", "ladder3", "ladder4")
         for name in load.wallets(prefix)
     }
     ids = {}
@@ -232,31 +205,37 @@ def prepare_wallets(app: Flask, credits: FlaskCredits, settings: Settings) -> di
     return ids
 
 
+def run_load(
+    load: Load, prefix: str, make: Callable[[str], Worker], settings: Settings
+) -> Callable[[], Measurement]:
+    """A contender for ``compare``: ``load.threads`` threads, each running ``make(its wallet)``."""
+    names = load.wallets(prefix)
+    return lambda: run_threads(lambda i: make(names[i]), load.threads, settings.duration, settings.warmup)
+
+
+def limit_run(
+    target: Target, load: Load, settings: Settings, wallet_ids: dict[str, int]
+) -> Callable[[], Measurement]:
+    """The hand-written limit under ``load``, as a contender for ``compare``."""
+    return run_load(load, "limit", lambda name: limit_worker(target, wallet_ids[name]), settings)
+
+
 def run_loads(
     target: Target, app: Flask, credits: FlaskCredits, settings: Settings, wallet_ids: dict[str, int]
 ) -> list[LoadResult]:
     results = []
-    pg = target.backend == "postgresql"
     for load in loads(settings):
 
         def contender(
             prefix: str, make: Callable[[str], Worker], load: Load = load
         ) -> Callable[[], Measurement]:
-            names = load.wallets(prefix)
-            return lambda: run_threads(
-                lambda i: make(names[i]), load.threads, settings.duration, settings.warmup
-            )
+            return run_load(load, prefix, make, settings)
 
         contenders = [
-            ("limit", contender("limit", lambda name: limit_worker(target, wallet_ids[name]))),
+            ("limit", limit_run(target, load, settings, wallet_ids)),
             ("spend", contender("spend", lambda name: spend_worker(app, credits, name))),
-            ("sql", contender("sql", lambda name: spend_sql_worker(target, wallet_ids[name], name))),
-            ("proposal", contender("proposal", lambda name: proposal_worker(app, credits, name))),
+            ("sql", contender("sql", lambda name: spend_sql_worker(target, name))),
         ]
-        if pg:
-            contenders.append(
-                ("single", contender("single", lambda name: proposal_worker(app, credits, name, single=True)))
-            )
         if load.kind == "one":
             contenders += [
                 ("ladder3", contender("ladder3", lambda name: ladder_worker(target, wallet_ids[name], 3))),
@@ -269,8 +248,6 @@ def run_loads(
                 pooled["limit"],
                 pooled["spend"],
                 pooled["sql"],
-                pooled["proposal"],
-                pooled.get("single"),
                 {name: m for name, m in pooled.items() if name.startswith("ladder")},
             )
         )

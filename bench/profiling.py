@@ -2,8 +2,8 @@
 
 Two views of the same calls: a cProfile breakdown of self time by layer (a table for the report), and
 pyinstrument's call tree (printed). Both profilers slow Python code down more than time spent waiting
-for the database, so read the shares as indicative; the prototype contenders of the load tables
-measure the same causes without a profiler.
+for the database, so read the shares as indicative; "spend's SQL by hand" (the same statements with the
+raw driver) is profiled alongside as the baseline, and measured without a profiler in the load tables.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Callable
 from flask import Flask
 
 from flask_credits import FlaskCredits
-from flask_credits.ledger import make_wallet
 
+from .env import Target
+from .loads import spend_sql_worker
 from .report import Table, pct
 
 LAYERS = (
@@ -58,24 +59,25 @@ def breakdown(op: Callable[[], object], calls: int) -> tuple[dict[str, float], f
     return layers, sum(layers.values())
 
 
-def run(app: Flask, credits: FlaskCredits, backend: str, calls: int = 400) -> Table:
-    from .proposal import ProposedSpend
-
+def run(app: Flask, credits: FlaskCredits, target: Target, calls: int = 400) -> Table:
     client = app.test_client()
-    with app.app_context():
-        proposed = ProposedSpend(credits.ledger)
-        wallet = make_wallet("proposal-one")
-        cases: dict[str, Callable[[], object]] = {
-            "credits.spend()": lambda: credits.spend("spend-one", 1, reason="bench"),
-            "POST /paid": lambda: client.post("/paid", headers={"X-Wallet": "web-0"}),
-            "prototype A": lambda: proposed.spend(wallet, 1, reason="bench"),
-        }
-        results = {}
-        for title, op in cases.items():
-            for _ in range(30):
-                op()
-            results[title] = breakdown(op, calls)
-        _pyinstrument(cases, calls)
+    by_hand, close = spend_sql_worker(target, "sql-one")
+    try:
+        with app.app_context():
+            cases: dict[str, Callable[[], object]] = {
+                "credits.spend()": lambda: credits.spend("spend-one", 1, reason="bench"),
+                "POST /paid": lambda: client.post("/paid", headers={"X-Wallet": "web-0"}),
+                "spend's SQL by hand": by_hand,
+            }
+            results = {}
+            for title, op in cases.items():
+                for _ in range(30):
+                    op()
+                results[title] = breakdown(op, calls)
+            _pyinstrument(cases, calls)
+    finally:
+        close()
+    backend = target.backend
     names = list(cases)
     table = Table(
         f"Profile: self time by layer, {calls} calls each under cProfile ({backend})",

@@ -11,6 +11,7 @@ the frontend messages that wait for an answer (``Query`` and ``Sync``).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -42,6 +43,9 @@ class Counts:
 
 def _first_words(statement: str) -> str:
     words = statement.split()
+    if words and words[0] == "WITH":  # a data-modifying WITH: name the writes it makes
+        writes = re.findall(r"\b(UPDATE \w+|INSERT INTO \w+)", statement)
+        return "WITH (" + ", ".join(writes) + ") SELECT"
     head = " ".join(words[:2])
     if words and words[0] in ("UPDATE", "INSERT", "DELETE"):
         return head + (" … RETURNING" if "RETURNING" in words else "")
@@ -266,8 +270,8 @@ def _operations(
 
 
 def _mixed(credits: FlaskCredits, counter: Counter, repeat: int) -> list[QueryRow]:
-    """A spend after a balance read on the same pooled connection: on psycopg the read's ROLLBACK drops
-    every prepared statement (DEALLOCATE ALL), so the spend's statements are parsed afresh."""
+    """A spend after a balance read on the same pooled connection: on psycopg a read ending in ROLLBACK
+    would drop every prepared statement (DEALLOCATE ALL); reads in autocommit leave them."""
 
     def balance_then_spend() -> None:
         credits.balance("q-spend")

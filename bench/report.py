@@ -86,4 +86,8 @@ def checks_table(reports: list[BackendReport]) -> Table:
         for check in report.checks:
             met = "n/a" if check.met is None else "yes" if check.met else "NO"
             table.rows.append([report.backend, check.target, check.measured, met])
+    if any(check.met is None for report in reports for check in report.checks):
+        table.notes.append(
+            "n/a: the issue sets the spend() targets on PostgreSQL only; other ratios are for reference."
+        )
     return table

@@ -8,6 +8,9 @@ database and are timed interleaved, round by round, so that the machine's noise 
 alike; the wallet-count dimension is necessarily timed step by step as the database grows.
 """
 
+# The raw SQL here is assembled from constant fragments and driver placeholders only, never from input.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import itertools
@@ -48,6 +51,8 @@ class ScaleResult:
     audit: list[str]
     analyze: bool
     repeat: int
+    lots: dict[str, Measurement]  # LOT_OPS -> timing: spend() and the wallet's emptied lots
+    emptied: int  # emptied lots in the second wallet of LOT_OPS
     audit_error: str | None = None  # why credits.audit() could not run, if it could not
 
 
@@ -71,22 +76,23 @@ class Loader:
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         self.conn.cursor().execute(self._p(sql), params)
 
+    def _insert_many(self, sql: str, rows: Iterator[tuple[Any, ...]]) -> None:
+        """SQLite's bulk insert: ``executemany`` in chunks (it has no ``generate_series``)."""
+        cur = self.conn.cursor()
+        while chunk := list(itertools.islice(rows, CHUNK)):
+            cur.executemany(sql, chunk)
+
     def spends(self, wallet_id: int, lot_id: int, count: int) -> None:
         """``count`` spends of 1 credit by the wallet, each drawn from its lot ``lot_id``."""
         now = sql_now(self.target)
         last_id = self._one("SELECT coalesce(max(id), 0) FROM credits_entries")
         balance = self._one("SELECT balance FROM credits_wallets WHERE id = %s", (wallet_id,))
         if self.sqlite:
-            cur = self.conn.cursor()
-            rows: Iterator[tuple[Any, ...]] = (
-                (wallet_id, -1, balance - g, "spend", "bench bulk", now) for g in range(1, count + 1)
+            self._insert_many(
+                "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                ((wallet_id, -1, balance - g, "spend", "bench bulk", now) for g in range(1, count + 1)),
             )
-            while chunk := list(itertools.islice(rows, CHUNK)):
-                cur.executemany(
-                    "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    chunk,
-                )
         else:
             self._run(
                 "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
@@ -103,6 +109,41 @@ class Loader:
         self._run("UPDATE credits_wallets SET balance = balance - %s WHERE id = %s", (count, wallet_id))
         self.conn.commit()
 
+    def emptied(self, wallet_id: int, count: int) -> None:
+        """``count`` grants of 1 credit to the (empty) wallet, each with its lot, then one spend of
+        them all drawing from every lot: ``count`` emptied lots, balance unchanged."""
+        now = sql_now(self.target)
+        last_entry = self._one("SELECT coalesce(max(id), 0) FROM credits_entries")
+        balance = self._one("SELECT balance FROM credits_wallets WHERE id = %s", (wallet_id,))
+        insert = "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, reason, created_at)"
+        if self.sqlite:
+            self._insert_many(
+                insert + " VALUES (?, ?, ?, ?, ?, ?)",
+                ((wallet_id, 1, balance + g, "grant", "bench bulk", now) for g in range(1, count + 1)),
+            )
+        else:
+            self._run(
+                insert + " SELECT %s, 1, %s + g, 'grant', 'bench bulk', %s"
+                " FROM generate_series(1, %s::bigint) AS g ORDER BY g",
+                (wallet_id, balance, now, count),
+            )
+        self._run(
+            "INSERT INTO credits_lots (wallet_id, entry_id, amount, remaining, created_at)"
+            " SELECT wallet_id, id, 1, 0, %s FROM credits_entries"
+            " WHERE wallet_id = %s AND id > %s ORDER BY id",
+            (now, wallet_id, last_entry),
+        )
+        self._run(
+            insert + " VALUES (%s, %s, %s, 'spend', 'bench bulk', %s)", (wallet_id, -count, balance, now)
+        )
+        self._run(
+            "INSERT INTO credits_draws (entry_id, lot_id, amount)"
+            " SELECT (SELECT max(id) FROM credits_entries WHERE wallet_id = %s), id, -1"
+            " FROM credits_lots WHERE wallet_id = %s AND entry_id > %s",
+            (wallet_id, wallet_id, last_entry),
+        )
+        self.conn.commit()
+
     def add_wallets(self, total: int) -> None:
         """Wallets ``w<n>`` until there are ``total`` of them, 10 credits each: a grant entry and its lot."""
         first, last = self.wallets, total - 1
@@ -112,14 +153,11 @@ class Loader:
         last_wallet = self._one("SELECT coalesce(max(id), 0) FROM credits_wallets")
         last_entry = self._one("SELECT coalesce(max(id), 0) FROM credits_entries")
         if self.sqlite:
-            cur = self.conn.cursor()
-            rows: Iterator[tuple[Any, ...]] = ((f"w{n}", "", 10, 0, now, now) for n in range(first, last + 1))
-            while chunk := list(itertools.islice(rows, CHUNK)):
-                cur.executemany(
-                    "INSERT INTO credits_wallets (user_id, key_id, balance, debt, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    chunk,
-                )
+            self._insert_many(
+                "INSERT INTO credits_wallets (user_id, key_id, balance, debt, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                ((f"w{n}", "", 10, 0, now, now) for n in range(first, last + 1)),
+            )
         else:
             self._run(
                 "INSERT INTO credits_wallets (user_id, key_id, balance, debt, created_at, updated_at)"
@@ -252,7 +290,8 @@ def run(target: Target, app: Flask, credits: FlaskCredits, settings: Settings) -
                     settings.scale_budget,
                 )
             steps.append(step)
-        ops: dict[str, Callable[[], object]] = {}
+        with app.app_context():
+            ops = _lot_ops(credits, loader, settings.emptied_lots)
         keys: dict[str, tuple[str, int]] = {}
         for name, entries in big.items():
             for label, op in _big_ops(credits, name, middles[name]).items():
@@ -268,12 +307,40 @@ def run(target: Target, app: Flask, credits: FlaskCredits, settings: Settings) -
                 audit_error = str(exc.orig).splitlines()[0]
                 audit = loader.audit()
         by_op: dict[str, dict[int, Measurement]] = {}
+        lot_timings = {name: timed.pop(name) for name in LOT_OPS}
         for key, measurement in timed.items():
             label, entries = keys[key]
             by_op.setdefault(label, {})[entries] = measurement
     finally:
         loader.close()
-    return ScaleResult(steps, by_op, audit, target.backend != "sqlite", settings.scale_repeat, audit_error)
+    return ScaleResult(
+        steps,
+        by_op,
+        audit,
+        target.backend != "sqlite",
+        settings.scale_repeat,
+        lot_timings,
+        settings.emptied_lots,
+        audit_error,
+    )
+
+
+#: spend() on a wallet holding one lot, and on one whose older lots are all emptied (``Loader.emptied``).
+LOT_OPS = ("spend 1, wallet of 1 lot", "spend 1, wallet of emptied lots + 1")
+
+
+def _lot_ops(credits: FlaskCredits, loader: Loader, emptied: int) -> dict[str, Callable[[], object]]:
+    credits.grant("lots-1", BIG, reason="bench")
+    wallet_id = credits.ledger.wallet_id(make_wallet("lots-many"), create=True)
+    assert wallet_id is not None
+    loader.emptied(wallet_id, emptied)
+    credits.grant("lots-many", BIG, reason="bench")  # the one live lot, the newest
+    loader.analyze()
+    one, many = LOT_OPS
+    return {
+        one: lambda: credits.spend("lots-1", 1, reason="bench"),
+        many: lambda: credits.spend("lots-many", 1, reason="bench"),
+    }
 
 
 def _small_ops(credits: FlaskCredits, sample: list[str]) -> dict[str, Callable[[], object]]:

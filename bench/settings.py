@@ -17,6 +17,7 @@ class Settings:
     webhook_events: int = 1000
     entry_steps: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     wallet_steps: tuple[int, ...] = (1_000, 10_000, 100_000)
+    emptied_lots: int = 1_000  # older lots, all emptied, of the wallet spend() is timed on (scale)
     scale_repeat: int = 300  # timed calls per operation and size
     scale_budget: float = 5.0  # seconds at most per operation and size (slow cells get fewer calls)
     query_repeat: int = 10  # calls per operation when counting statements

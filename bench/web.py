@@ -26,6 +26,7 @@ class WebResult:
     where: str
     free: Measurement
     paid: Measurement
+    limit: Measurement  # the hand-written debit at the same concurrency, in the same rounds
     concurrency: int
 
     @property
@@ -37,15 +38,17 @@ class WebResult:
         """Added latency per request: mean decorated minus mean undecorated."""
         return self.paid.mean_ms - self.free.mean_ms
 
-    def target_ratio(self, limit: Measurement) -> float:
+    @property
+    def target_ratio(self) -> float:
         """Decorated throughput over that of "undecorated plus the limit's own cost": per-request time
         of the undecorated view plus that of one hand-written debit at the same concurrency."""
-        expected = 1 / (1 / self.free.throughput + 1 / limit.throughput)
+        expected = 1 / (1 / self.free.throughput + 1 / self.limit.throughput)
         return self.paid.throughput / expected
 
 
-def in_process(app: Flask, settings: Settings) -> WebResult:
-    """One thread, ``app.test_client()``: the whole Flask request cycle without a socket."""
+def in_process(app: Flask, settings: Settings, limit: Callable[[], Measurement]) -> WebResult:
+    """One thread, ``app.test_client()``: the whole Flask request cycle without a socket; ``limit`` (one
+    connection) takes turns with the two views."""
 
     def worker(path: str) -> Callable[[], Measurement]:
         def make(_: int) -> Worker:
@@ -61,8 +64,10 @@ def in_process(app: Flask, settings: Settings) -> WebResult:
 
         return lambda: run_threads(make, 1, settings.duration, settings.warmup)
 
-    pooled = compare([("free", worker("/free")), ("paid", worker("/paid"))], settings.rounds)
-    return WebResult("in process (test client, 1 thread)", pooled["free"], pooled["paid"], 1)
+    pooled = compare(
+        [("free", worker("/free")), ("paid", worker("/paid")), ("limit", limit)], settings.rounds
+    )
+    return WebResult("in process (test client, 1 thread)", pooled["free"], pooled["paid"], pooled["limit"], 1)
 
 
 def _free_port() -> int:
@@ -175,7 +180,9 @@ def fire(port: int, path: str, clients: int, total: int) -> Measurement:
     return result
 
 
-def through_server(target: Target, settings: Settings) -> WebResult:
+def through_server(target: Target, settings: Settings, limit: Callable[[], Measurement]) -> WebResult:
+    """``settings.threads`` clients on their own wallets; ``limit`` (as many threads and wallets) takes
+    turns with the two views."""
     server = Server(target, settings.server_workers)
     try:
         server.wait_ready()
@@ -187,10 +194,11 @@ def through_server(target: Target, settings: Settings) -> WebResult:
             [
                 ("free", lambda: fire(server.port, "/free", clients, settings.server_requests)),
                 ("paid", lambda: fire(server.port, "/paid", clients, settings.server_requests)),
+                ("limit", limit),
             ],
             max(2, settings.rounds) if not settings.quick else 1,
         )
     finally:
         server.stop()
     where = f"gunicorn, {settings.server_workers} sync workers, {clients} client threads, loopback"
-    return WebResult(where, pooled["free"], pooled["paid"], clients)
+    return WebResult(where, pooled["free"], pooled["paid"], pooled["limit"], clients)

@@ -33,7 +33,7 @@ METHOD = """### Method
 - **Requests**: `POST /free` and `POST /paid` (the same view, decorated with `@requires_credits(1)`),
   the wallet taken from an `X-Wallet` header by a `wallet_loader`; in process with `app.test_client()`
   and through gunicorn ({workers} sync workers) on 127.0.0.1 with {threads} client threads,
-  {requests} requests per variant and round.
+  {requests} requests per variant and round; the limit at the same concurrency takes turns with them.
 - **Webhooks**: {events} purchases started through `POST /credits/checkout` with Stripe mocked by
   `responses`; their `checkout.session.completed` events signed beforehand, then posted to
   `/credits/stripe-webhook` one after another, then all posted again (duplicates).
@@ -41,7 +41,8 @@ METHOD = """### Method
   database growing to {wallets} wallets, bulk-loaded with raw SQL; `credits.audit()` must find nothing
   afterwards. The sizes are timed interleaved in the same database; "flat" means the median at the
   largest size is at most {flat}x the median at the smallest (linear would be
-  {linear}x).
+  {linear}x). In the same rounds, `spend()` on a wallet of one lot and on one with {emptied} emptied
+  lots before its live one.
 - **Statements** are counted with SQLAlchemy's `before_cursor_execute` event on the engine (and its
   `commit`/`rollback` events); PostgreSQL round trips with the libpq protocol trace.
 - Machines here are shared and noisy: read the ratios, not the absolute numbers. No test asserts a
@@ -84,6 +85,7 @@ def render(
             flat=flat,
             linear=f"{settings.entry_steps[-1] // settings.entry_steps[0]:,}",
             wallets=f"{settings.wallet_steps[-1]:,}",
+            emptied=f"{settings.emptied_lots:,}",
         )
     )
     out.append(markdown_table(targets))
@@ -96,16 +98,8 @@ def render(
     return "\n".join(out)
 
 
-def write_report(
-    path: Path,
-    info: dict[str, str],
-    reports: list[BackendReport],
-    targets: Table,
-    settings: Settings,
-    command: str,
-    flat: float,
-) -> None:
-    block = render(info, reports, targets, settings, command, flat)
+def write_report(path: Path, block: str) -> None:
+    """Replace the generated part of ``path`` with ``block`` (from ``render``), keeping the rest."""
     if path.exists():
         text = path.read_text()
         if BEGIN in text and END in text:
