@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     # Seconds stripe-python waits for Stripe, and how often it retries a failed network call.
     "CREDITS_STRIPE_TIMEOUT": 20,
     "CREDITS_STRIPE_MAX_RETRIES": 2,
+    # Where the Stripe API is (None: Stripe's own); a stand-in such as stripe-mock in tests.
+    "CREDITS_STRIPE_API_BASE": None,
     # Oldest webhook signature timestamp accepted, in seconds.
     "CREDITS_WEBHOOK_TOLERANCE": 300,
     # Largest webhook body accepted, in bytes.

@@ -105,7 +105,9 @@ class CreditsUnavailable(CreditsError, HTTPException):
     """The ledger's database could not be reached or gave up (connection refused or dropped, lock
     wait timeout, a deadlock or serialization failure that outlived the retries, pool exhausted):
     HTTP 503 with ``Retry-After``. The operation did not happen, or, when the connection dropped
-    during the commit, may have: retry with the same idempotency key to be sure it happens once.
+    while it was committing, may have (on PostgreSQL a spend is one autocommitted statement, so
+    that is the whole statement, lock waits included): retry with the same idempotency key to be
+    sure it happens once.
 
     The original error is chained (``__cause__``). The default response is JSON for clients that
     prefer it, ``{"error": "temporarily_unavailable", "message": ...}``, and otherwise werkzeug's

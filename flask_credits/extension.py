@@ -53,7 +53,7 @@ class FlaskCredits:
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
         self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
-        self._gateways: dict[tuple[str, float, int], Gateway] = {}
+        self._gateways: dict[tuple[str, float, int, str | None], Gateway] = {}
         if db is not None:
             tables_for(db.metadata)
         if app is not None:
@@ -258,11 +258,16 @@ class FlaskCredits:
         if not key:
             log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")
             raise PaymentProviderError("auth", "Payments are not configured on this site yet.")
-        options = (str(key), float(cfg["CREDITS_STRIPE_TIMEOUT"]), int(cfg["CREDITS_STRIPE_MAX_RETRIES"]))
+        options = (
+            str(key),
+            float(cfg["CREDITS_STRIPE_TIMEOUT"]),
+            int(cfg["CREDITS_STRIPE_MAX_RETRIES"]),
+            str(cfg["CREDITS_STRIPE_API_BASE"]) if cfg["CREDITS_STRIPE_API_BASE"] else None,
+        )
         gateway = self._gateways.get(options)
         if gateway is None:
             gateway = self._gateways[options] = LiveStripe(
-                options[0], timeout=options[1], max_network_retries=options[2]
+                options[0], timeout=options[1], max_network_retries=options[2], api_base=options[3]
             )
         return gateway
 

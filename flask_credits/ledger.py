@@ -1192,7 +1192,9 @@ def _retryable(exc: sa.exc.DBAPIError) -> bool:
     if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
         return True
     args = getattr(orig, "args", ())
-    if args and args[0] in (1213, 1205):  # MySQL/MariaDB deadlock, lock wait timeout
+    # MySQL/MariaDB deadlock. Not 1205 (lock wait timeout): the transaction already waited as long as
+    # the server allows, and waiting that long again would outlast a web worker's timeout.
+    if args and args[0] == 1213:
         return True
     return "database is locked" in str(orig)
 

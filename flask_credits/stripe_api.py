@@ -54,11 +54,14 @@ class Gateway(Protocol):
 class LiveStripe:
     """The real Stripe API through stripe-python's ``StripeClient``."""
 
-    def __init__(self, secret_key: str, *, timeout: float, max_network_retries: int) -> None:
+    def __init__(
+        self, secret_key: str, *, timeout: float, max_network_retries: int, api_base: str | None = None
+    ) -> None:
         self._client = stripe.StripeClient(
             secret_key,
             max_network_retries=max_network_retries,
             http_client=stripe.RequestsClient(timeout=timeout),
+            base_addresses={"api": api_base} if api_base else None,
         )
 
     def create_checkout_session(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:

@@ -91,15 +91,9 @@ def wsgi() -> Any:
     """gunicorn's entry point (``_reliability:wsgi()``): the example app, configured by the JSON in
     ``FC_RELIABILITY_APP``: ``{"config": {...}, "stripe_api": "http://127.0.0.1:PORT" | null}``."""
     spec = json.loads(os.environ["FC_RELIABILITY_APP"])
-    if spec.get("stripe_api"):
-        # StripeClient takes its default API base from this module when it is created; flask_credits
-        # offers no setting for it (nobody but a test has a reason to point it elsewhere).
-        import stripe._stripe_client
-
-        stripe._stripe_client.DEFAULT_API_BASE = spec["stripe_api"]  # type: ignore[attr-defined]
     from example_app import create_app
 
-    return create_app(spec["config"])
+    return create_app({**spec["config"], "CREDITS_STRIPE_API_BASE": spec.get("stripe_api")})
 
 
 def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:

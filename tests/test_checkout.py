@@ -218,6 +218,17 @@ def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, strip
     assert purchases(credits)[0].status == "error"
 
 
+def test_the_stripe_api_address_can_be_set(app, client, login, credits, stripe):
+    """CREDITS_STRIPE_API_BASE points stripe-python at a stand-in (stripe-mock, a test server)."""
+    app.config["CREDITS_STRIPE_API_BASE"] = "http://127.0.0.1:12111"
+    session = testing.checkout_session("cs_test_elsewhere", amount_total=100)
+    stripe.add(responses.POST, "http://127.0.0.1:12111/v1/checkout/sessions", json=session)
+    login("alice")
+    response = client.post("/credits/checkout", json={"quantity": 1})
+    assert response.status_code in (200, 303), response.get_data(as_text=True)
+    assert [call.request.url for call in stripe.calls] == ["http://127.0.0.1:12111/v1/checkout/sessions"]
+
+
 def test_missing_secret_key_is_a_clear_502_without_calling_stripe(app, client, login, credits, stripe):
     app.config["STRIPE_SECRET_KEY"] = None
     login("alice")
