@@ -162,6 +162,8 @@ class Ledger:
         self._returning = bool(engine.dialect.update_returning)
         self._lock_rows = engine.dialect.name != "sqlite"
         self._pg = engine.dialect.name == "postgresql"
+        # The one-statement debit is written in the "pyformat" style of psycopg (3 and 2).
+        self._one_statement = self._pg and engine.dialect.paramstyle == "pyformat"
         #: The engine for reads (purchases and webhooks use it too). On PostgreSQL it runs them in
         #: autocommit: one round trip instead of BEGIN, SELECT, ROLLBACK, and no ROLLBACK to make
         #: psycopg forget its prepared statements. Elsewhere it is the engine itself.
@@ -331,7 +333,7 @@ class Ledger:
             if done is not None:
                 return done
         now = utcnow()
-        if self._pg:
+        if self._one_statement:
             try:
                 fast = self._spend_in_one_statement(
                     wallet, amount, reason, idempotency_key, metadata, meta_json, now
@@ -838,7 +840,7 @@ class Ledger:
         try:
             row = self._run(run, autocommit=True)
         except sa.exc.DataError as exc:
-            if getattr(exc.orig, "sqlstate", None) != "22012":
+            if _sqlstate(exc) != "22012":
                 raise
             return None  # the guard fired: a concurrent debit emptied the lot; nothing was written
         if row is None:
@@ -1185,11 +1187,16 @@ SELECT w.id, w.balance, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w
 """
 
 
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    """The SQLSTATE of a PostgreSQL error: ``sqlstate`` on psycopg 3, ``pgcode`` on psycopg2."""
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
 def _retryable(exc: sa.exc.DBAPIError) -> bool:
     if exc.connection_invalidated:
         return False  # the commit may have happened: never guess
     orig = exc.orig
-    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+    if _sqlstate(exc) in ("40001", "40P01"):
         return True
     args = getattr(orig, "args", ())
     # MySQL/MariaDB deadlock. Not 1205 (lock wait timeout): the transaction already waited as long as
