@@ -143,9 +143,8 @@ def _unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
         try:
             return method(*args, **kwargs)
         except UNAVAILABLE as exc:
-            log.warning(
-                "credits ledger: the database is unavailable (%s)", type(exc.__cause__ or exc).__name__
-            )
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            log.warning("credits ledger: the database is unavailable (%s)", type(cause).__name__)
             raise CreditsUnavailable() from exc
 
     return wrapper
