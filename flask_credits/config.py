@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "CREDITS_PURCHASE_EXPIRES_AFTER": None,
     # "live" calls Stripe; "simulated" runs an offline checkout (only in debug or testing).
     "CREDITS_STRIPE_MODE": "live",
+    # The request header whose value makes a @requires_credits request idempotent (None: ignore it).
+    "CREDITS_IDEMPOTENCY_HEADER": "Idempotency-Key",
     # Seconds stripe-python waits for Stripe, and how often it retries a failed network call.
     "CREDITS_STRIPE_TIMEOUT": 20,
     "CREDITS_STRIPE_MAX_RETRIES": 2,

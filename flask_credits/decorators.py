@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
-from flask import abort, current_app, g, request
+from flask import abort, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from .errors import IdempotencyConflict
 from .ledger import check_amount
 
 if TYPE_CHECKING:
@@ -31,6 +33,11 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
     no wallet (nobody logged in) the login manager's ``unauthorized()`` answers; when the wallet cannot
     pay, the view does not run and :class:`InsufficientCredits` (402) is raised. The spend entry is
     available to the view as ``flask.g.credits_spend``. ``reason`` defaults to the endpoint name.
+
+    A request carrying an ``Idempotency-Key`` header (``CREDITS_IDEMPOTENCY_HEADER``) is charged once
+    per key, wallet and endpoint: a retry with the same key (after a lost answer or a 503) runs the
+    view again without a second debit. A key whose request failed, so that its credits were given
+    back, answers 409 on reuse, as does a key reused for another cost.
     """
     if not callable(cost):
         check_amount(cost, "cost")
@@ -50,13 +57,24 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
                 g.credits_spend = None
                 return current_app.ensure_sync(view)(*args, **kwargs)  # type: ignore[no-any-return]
             check_amount(amount, "cost")
-            spend = ext.ledger.spend(
-                wallet,
-                amount,
-                reason=reason or request.endpoint or request.path,
-                metadata={"endpoint": request.endpoint, "method": request.method},
-                purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
-            )
+            key = _idempotency_key()
+            try:
+                spend = ext.ledger.spend(
+                    wallet,
+                    amount,
+                    reason=reason or request.endpoint or request.path,
+                    idempotency_key=key,
+                    metadata={"endpoint": request.endpoint, "method": request.method},
+                    purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
+                )
+            except IdempotencyConflict:
+                _refuse(409, "idempotency_conflict", "This key was used for a request with another cost.")
+            if key is not None and ext.ledger.refund_of(spend) is not None:
+                _refuse(
+                    409,
+                    "idempotency_conflict",
+                    "The request with this key failed and its credits were returned: send a new key.",
+                )
             g.credits_spend = spend
             try:
                 response = current_app.make_response(current_app.ensure_sync(view)(*args, **kwargs))
@@ -70,6 +88,36 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
         return cast(F, wrapper)
 
     return decorator
+
+
+#: Longest Idempotency-Key header value accepted.
+MAX_KEY_LENGTH = 200
+
+
+def _idempotency_key() -> str | None:
+    """The ledger's idempotency key for this request: the client's key, scoped to the endpoint (a key
+    reused on another endpoint is another request), or None without the header."""
+    header = current_app.config["CREDITS_IDEMPOTENCY_HEADER"]
+    value = request.headers.get(header) if header else None
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
+        _refuse(400, "bad_request", f"{header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+    endpoint = request.endpoint or request.path
+    if len(endpoint) > 40:
+        endpoint = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
+    return f"request:{endpoint}:{value}"
+
+
+def _refuse(status: int, error: str, message: str) -> NoReturn:
+    """Stop the request with ``status``: JSON for clients that prefer it, werkzeug's page otherwise."""
+    from .views import wants_json
+
+    if wants_json():
+        response = jsonify(error=error, message=message)
+        response.status_code = status
+        abort(response)
+    abort(status, message)
 
 
 def _extension() -> FlaskCredits:

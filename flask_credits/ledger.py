@@ -234,6 +234,12 @@ class Ledger:
             raise EntryNotFound(f"no entry {entry_id} in the wallet of {wallet}")
         return self._entry(row, wallet)
 
+    @_unavailable_on_database_errors
+    def refund_of(self, spend: Entry) -> Entry | None:
+        """The refund entry that returned ``spend``'s credits, if any."""
+        row = self._refund_of(spend.id)
+        return None if row is None else self._entry(row, spend.wallet)
+
     # -- writing ---------------------------------------------------------------------------------
 
     @_unavailable_on_database_errors

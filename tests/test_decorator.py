@@ -215,3 +215,82 @@ def test_decorator_without_the_extension_is_a_clear_error():
     bare.config["PROPAGATE_EXCEPTIONS"] = True
     with pytest.raises(RuntimeError, match="FlaskCredits"):
         bare.test_client().get("/x")
+
+
+# -- Idempotency-Key --------------------------------------------------------------------------------
+
+
+def test_a_retry_with_the_same_idempotency_key_runs_the_view_again_and_charges_once(
+    client, login, credits, views
+):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    first = client.post("/persona", headers={"Idempotency-Key": "job-1"})
+    again = client.post("/persona", headers={"Idempotency-Key": "job-1"})
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert views == [-5, -5]  # served twice
+    assert credits.balance("alice") == 15  # charged once
+    spends = [e for e in credits.history("alice") if e.kind == "spend"]
+    assert len(spends) == 1
+    assert spends[0].idempotency_key == "request:persona:job-1"
+    other = client.post("/persona", headers={"Idempotency-Key": "job-2"})
+    assert other.status_code == 200
+    assert credits.balance("alice") == 10
+
+
+def test_the_same_key_on_another_endpoint_is_another_request(client, login, credits, views):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    assert client.post("/sized/5", headers={"Idempotency-Key": "k"}).status_code == 200
+    assert client.post("/persona", headers={"Idempotency-Key": "k"}).status_code == 200
+    assert credits.balance("alice") == 10
+
+
+def test_a_key_reused_for_another_cost_is_409_and_charges_nothing(client, login, credits, views):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    assert client.post("/sized/2", headers={"Idempotency-Key": "k"}).status_code == 200
+    response = client.post("/sized/3", headers={"Idempotency-Key": "k", "Accept": "application/json"})
+    assert response.status_code == 409
+    assert response.json["error"] == "idempotency_conflict"
+    assert credits.balance("alice") == 18
+
+
+def test_a_key_whose_request_failed_is_409_on_reuse_and_the_view_does_not_run_free(
+    client, login, credits, views
+):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    assert client.post("/unavailable", headers={"Idempotency-Key": "k"}).status_code == 503
+    assert credits.balance("alice") == 20  # given back
+    retry = client.post("/unavailable", headers={"Idempotency-Key": "k", "Accept": "application/json"})
+    assert retry.status_code == 409
+    assert "send a new key" in retry.json["message"]
+    assert credits.balance("alice") == 20
+    assert client.post("/unavailable", headers={"Idempotency-Key": "k2"}).status_code == 503
+    assert credits.audit() == []
+
+
+@pytest.mark.parametrize(
+    "key", ["", "x" * 201, "caf\u00e9", "tab\there"], ids=["empty", "too long", "non-ASCII", "control"]
+)
+def test_an_unusable_idempotency_key_is_400_and_charges_nothing(client, login, credits, views, key):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    response = client.post("/persona", headers={"Idempotency-Key": key, "Accept": "application/json"})
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json["message"]
+    assert (views, credits.balance("alice")) == ([], 20)
+
+
+def test_the_idempotency_header_can_be_renamed_or_ignored(app, client, login, credits, views):
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    app.config["CREDITS_IDEMPOTENCY_HEADER"] = None
+    client.post("/persona", headers={"Idempotency-Key": "k"})
+    client.post("/persona", headers={"Idempotency-Key": "k"})
+    assert credits.balance("alice") == 10
+    app.config["CREDITS_IDEMPOTENCY_HEADER"] = "X-Request-Id"
+    client.post("/persona", headers={"X-Request-Id": "r"})
+    client.post("/persona", headers={"X-Request-Id": "r"})
+    assert credits.balance("alice") == 5
