@@ -289,9 +289,11 @@ def call(
         conn.close()
 
 
-def spend(port: int, secret: str, seed: str = "reliability") -> Reply:
-    """POST /api/personas with an API key: costs ``COST`` credits."""
-    return call(port, "POST", "/api/personas", {"seed": seed}, {"X-API-Key": secret})
+def spend(port: int, secret: str, seed: str = "reliability", *, key: str | None = None) -> Reply:
+    """POST /api/personas with an API key: costs ``COST`` credits (once per ``key``, if given, sent as
+    the ``Idempotency-Key`` header)."""
+    headers = {"X-API-Key": secret} | ({"Idempotency-Key": key} if key else {})
+    return call(port, "POST", "/api/personas", {"seed": seed}, headers)
 
 
 def checkout(port: int, secret: str, quantity: int) -> Reply:

@@ -289,6 +289,34 @@ def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write
     report(f"connection dropped mid-request {faults.shop.label}", {"rounds": ROUNDS, **seen})
 
 
+def test_a_spend_retried_with_its_idempotency_key_after_a_dropped_connection_is_charged_once(faults):
+    """The client's side of the trade-off in docs/ledger.md: a spend cut while it waits for its lot
+    answers 503 and may have committed (PostgreSQL's one-statement debit) or not (MariaDB); either way
+    a retry with the same Idempotency-Key answers 200 and the wallet pays exactly once."""
+    shop, tally, seen = faults.shop, Tally(), Counter[str]()
+    wallets = []
+    for round_number in range(ROUNDS):
+        wallet = faults.wallet(100, tally)
+        wallets.append(wallet)
+        key = f"retry-{round_number}"
+        with shop.holding("lots", shop.lot_ids(wallet)[0]):
+            request = InFlight(lambda w=wallet, k=key: spend(faults.port, w.secret, key=k))
+            session, _ = shop.lock_waiter(request.done)
+            faults.db_line.down()
+            outcome = request.result()
+        shop.wait_gone(session)
+        faults.db_line.up()
+        assert_unavailable(outcome)
+        seen["cut spend had committed" if shop.balance(wallet) < 100 else "cut spend had not"] += 1
+        retried = answered(spend(faults.port, wallet.secret, key=key), 200)
+        assert retried.body["balance"] == 100 - COST
+        assert shop.balance(wallet) == 100 - COST
+        tally.spent_ok[wallet.name] += 1
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"idempotent retry after a dropped connection {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
 def test_an_unreachable_database_answers_503_to_everything_and_everything_resumes_after(faults):
     shop, tally = faults.shop, Tally()
     wallet = faults.wallet(100, tally)
