@@ -356,6 +356,14 @@ class Ledger:
             if fast is not None:
                 self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=fast)
                 return fast
+            # Nothing was written. A fresh read tells a wallet that cannot pay (answered now: two
+            # round trips for a 402) from one the statement did not fit (an expiry due, a debit
+            # spanning lots, a lot emptied or a grant made while it ran): the long way below.
+            with self.reader.connect() as conn:
+                row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
+            balance = 0 if row is None else int(row.balance)
+            if balance < amount and (row is None or row.next_expiry is None or row.next_expiry > now):
+                return self._refused(wallet, amount, lambda: balance, idempotency_key, purchase_url)
 
         def tx(conn: Connection) -> Entry | None:
             found = self._debit(conn, wallet, amount, now)
@@ -382,19 +390,29 @@ class Ledger:
         if entry is None and self._expiry_due(wallet, now):
             self.expire(wallet, now=now)
             entry = self._write(tx, wallet, idempotency_key, "spend", amount)
-        if entry is None and idempotency_key is not None:
-            # A concurrent call with the same key may have taken the credits and committed while
-            # this one waited for the wallet lock: that is a replay, not a refusal.
+        if entry is None:
+            return self._refused(wallet, amount, lambda: self.balance(wallet), idempotency_key, purchase_url)
+        self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
+        return entry
+
+    def _refused(
+        self,
+        wallet: Wallet,
+        amount: int,
+        balance: Callable[[], int],
+        idempotency_key: str | None,
+        purchase_url: str | Callable[[], str | None] | None,
+    ) -> Entry:
+        """A spend the wallet could not pay: the replay if a concurrent call with the same key took
+        the credits and committed while this one waited for the wallet row, else InsufficientCredits."""
+        if idempotency_key is not None:
             entry = self._replay(wallet, idempotency_key, "spend", amount)
             if entry is not None:
                 return entry
-        if entry is None:
-            balance = self.balance(wallet)
-            self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
-            url = purchase_url() if callable(purchase_url) else purchase_url
-            raise InsufficientCredits(amount, balance, url)
-        self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
-        return entry
+        held = balance()
+        self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=held)
+        url = purchase_url() if callable(purchase_url) else purchase_url
+        raise InsufficientCredits(amount, held, url)
 
     @_unavailable_on_database_errors
     def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:

@@ -522,7 +522,8 @@ def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit
     finally:
         blocker.close()
         sa.event.remove(db.engine, "before_cursor_execute", record)
-    # The one statement ran and was undone by its guard; the long way (UPDATE the wallet ...) did it.
+    # The one statement ran and was undone by its guard; a fresh read found credits enough, and the
+    # long way (UPDATE the wallet ...) did the debit.
     assert sent[0] == "WITH", sent
     assert "UPDATE" in sent[1:], sent
     assert (entry.amount, entry.balance_after) == (-2, 8)

@@ -31,9 +31,9 @@ EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
     "spend with a new idempotency key": {"postgresql": (2, 0, 2), "sqlite": (5, 1, 1), "mysql": (7, 1, 1)},
     # SELECT the key's entry: nothing written
     "replayed spend": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
-    # postgresql: the WITH (no row back); then, as elsewhere:
-    # UPDATE wallet (no row); SELECT next_expiry; SELECT balance
-    "refused spend": {"postgresql": (4, 1, 3), "sqlite": (3, 1, 2), "mysql": (3, 1, 2)},
+    # postgresql: the WITH (no row back); SELECT the wallet: cannot pay
+    # elsewhere: UPDATE wallet (no row); SELECT next_expiry; SELECT balance
+    "refused spend": {"postgresql": (2, 0, 2), "sqlite": (3, 1, 2), "mysql": (3, 1, 2)},
     # UPDATE wallet RETURNING; INSERT entry; INSERT lot
     "grant to an existing wallet": {"postgresql": (3, 1, 0), "sqlite": (3, 1, 0), "mysql": (4, 1, 0)},
     "balance": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
