@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import HTTPException
@@ -86,19 +87,12 @@ class InsufficientCredits(CreditsError, HTTPException):
         environ: WSGIEnvironment | None = None,
         scope: dict[str, Any] | None = None,
     ) -> Response:
-        from flask import current_app, render_template
+        from flask import render_template
 
-        from .views import wants_json
-
-        if wants_json():
-            response = current_app.response_class(
-                json.dumps(self.to_dict()), status=402, mimetype="application/json"
-            )
-        else:
-            html = render_template("credits/insufficient.html", error=self)
-            response = current_app.response_class(html, status=402, mimetype="text/html")
-        response.headers["Cache-Control"] = "no-store"  # a balance-dependent answer
-        return response
+        # A balance-dependent answer: never cached.
+        return _negotiated(
+            402, self.to_dict, lambda: render_template("credits/insufficient.html", error=self)
+        )
 
 
 class CreditsUnavailable(CreditsError, HTTPException):
@@ -124,20 +118,28 @@ class CreditsUnavailable(CreditsError, HTTPException):
         environ: WSGIEnvironment | None = None,
         scope: dict[str, Any] | None = None,
     ) -> Response:
-        from flask import current_app
-
-        from .views import wants_json
-
-        if wants_json():
-            body = json.dumps({"error": "temporarily_unavailable", "message": self.description})
-            mimetype = "application/json"
-        else:
-            body = (
+        response = _negotiated(
+            503,
+            lambda: {"error": "temporarily_unavailable", "message": self.description},
+            lambda: (
                 "<!doctype html>\n<title>503 Service Unavailable</title>\n"
                 f"<h1>Service Unavailable</h1>\n<p>{self.description}</p>\n"
-            )
-            mimetype = "text/html"
-        response = current_app.response_class(body, status=503, mimetype=mimetype)
+            ),
+        )
         response.headers["Retry-After"] = str(self.retry_after)
-        response.headers["Cache-Control"] = "no-store"
         return response
+
+
+def _negotiated(status: int, body: Callable[[], dict[str, Any]], html: Callable[[], str]) -> Response:
+    """The answer of an error this extension raises: JSON for clients that prefer it, else HTML
+    (only the one asked for is built); never cached."""
+    from flask import current_app
+
+    from .views import wants_json
+
+    if wants_json():
+        response = current_app.response_class(json.dumps(body()), status=status, mimetype="application/json")
+    else:
+        response = current_app.response_class(html(), status=status, mimetype="text/html")
+    response.headers["Cache-Control"] = "no-store"
+    return response

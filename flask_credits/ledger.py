@@ -895,13 +895,7 @@ class Ledger:
         """Take ``amount`` off the wallet's balance if it holds that much and no expiry is due; return
         (wallet id, balance after), the row locked until the transaction ends, or None."""
         params = {**self._sql.owner(wallet), "b_amount": amount, "b_now": now}
-        if self._returning:
-            row = conn.execute(self._sql.debit, params).first()
-            return None if row is None else (int(row.id), int(row.balance))
-        if conn.execute(self._sql.debit, params).rowcount != 1:
-            return None
-        row = conn.execute(self._sql.balance, self._sql.owner(wallet)).one()
-        return int(row.id), int(row.balance)
+        return self._update_wallet(conn, self._sql.debit, wallet, params, prebuilt=True)
 
     def _wallet_id_of(self, wallet: Wallet) -> sa.ScalarSelect[Any]:
         return sa.select(self.t.wallets.c.id).where(*self._owner(wallet)).scalar_subquery()
@@ -915,16 +909,26 @@ class Ledger:
         the writer already. Never used for range reads: see ``_draw``."""
         return query.with_for_update() if self._lock_rows else query
 
-    def _update_wallet(self, conn: Connection, stmt: sa.Update, wallet: Wallet) -> tuple[int, int] | None:
+    def _update_wallet(
+        self,
+        conn: Connection,
+        stmt: sa.Update,
+        wallet: Wallet,
+        params: dict[str, Any] | None = None,
+        *,
+        prebuilt: bool = False,
+    ) -> tuple[int, int] | None:
         """Run an UPDATE of one wallet row; return (wallet id, balance after) or None if no row
-        matched. The row stays locked until the transaction ends."""
-        w = self.t.wallets
+        matched. The row stays locked until the transaction ends. A ``prebuilt`` statement (from
+        ``_Statements``) already returns the id and balance where the database can."""
         if self._returning:
-            row = conn.execute(stmt.returning(w.c.id, w.c.balance)).first()
+            if not prebuilt:
+                stmt = stmt.returning(self.t.wallets.c.id, self.t.wallets.c.balance)
+            row = conn.execute(stmt, params).first()
             return None if row is None else (int(row.id), int(row.balance))
-        if conn.execute(stmt).rowcount != 1:
+        if conn.execute(stmt, params).rowcount != 1:
             return None
-        row = conn.execute(sa.select(w.c.id, w.c.balance).where(*self._owner(wallet))).one()
+        row = conn.execute(self._sql.balance, self._sql.owner(wallet)).one()
         return int(row.id), int(row.balance)
 
     def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
