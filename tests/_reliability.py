@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,15 @@ STRIPE_KEY = "sk_test_reliability"
 COST = 5  # PERSONA_COST of the app under test
 #: Bound on any single HTTP call the clients make.
 HTTP_TIMEOUT = 30.0
+#: How long each long scenario runs (``CREDITS_RELIABILITY_SECONDS``); 0 is the short version CI runs.
+SECONDS = float(os.environ.get("CREDITS_RELIABILITY_SECONDS") or 0)
+#: The marks of every load and fault test: slow, on both server databases, a timeout that grows
+#: with SECONDS.
+MARKS = [
+    pytest.mark.slow,
+    pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True),
+    pytest.mark.timeout(240 + 4 * SECONDS),
+]
 #: Bound on waiting for something to happen (a worker to start, a lock wait to show up...).
 WAIT = 30.0
 

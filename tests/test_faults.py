@@ -17,7 +17,6 @@ moments, made deterministic with row locks held by the test.
 from __future__ import annotations
 
 import http.client
-import os
 import threading
 import time
 from collections import Counter
@@ -29,6 +28,8 @@ import pytest
 import sqlalchemy as sa
 from _reliability import (
     COST,
+    MARKS,
+    SECONDS,
     WAIT,
     FakeStripe,
     Gunicorn,
@@ -50,15 +51,10 @@ from conftest import drop_all_tables
 
 from flask_credits import testing
 
-SECONDS = float(os.environ.get("CREDITS_RELIABILITY_SECONDS") or 0)
 ROUNDS = max(1, int(SECONDS // 30))
 LOST = (OSError, http.client.HTTPException)  # the answer never came: a killed worker
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True),
-    pytest.mark.timeout(240 + 4 * SECONDS),
-]
+pytestmark = MARKS
 
 
 @dataclass
@@ -167,6 +163,31 @@ def assert_unavailable(outcome: Reply | BaseException) -> None:
     assert reply.body["error"] == "temporarily_unavailable", reply.body
 
 
+def interrupted(
+    faults: Faults, held: tuple[str, int], send: Callable[[], Reply], cut: Callable[[int], object]
+) -> Reply | BaseException:
+    """Send a request that blocks inside its transaction on the row ``held`` (table, id), locked here;
+    while it waits, call ``cut`` with its connection's port through the proxy; return what its client
+    got, once the database has let its session go."""
+    with faults.shop.holding(*held):
+        request = InFlight(send)
+        session, client_port = faults.shop.lock_waiter(request.done)
+        cut(client_port)
+        outcome = request.result()
+    faults.shop.wait_gone(session)
+    return outcome
+
+
+def kill_worker(faults: Faults) -> Callable[[int], object]:
+    """A ``cut``: SIGKILL the gunicorn worker behind that connection."""
+    return lambda client_port: faults.server.kill_worker(faults.worker_behind(client_port))
+
+
+def cut_database(faults: Faults) -> Callable[[int], object]:
+    """A ``cut``: drop every database connection and refuse new ones (``faults.db_line.up()`` undoes)."""
+    return lambda _client_port: faults.db_line.down()
+
+
 # -- a worker SIGKILLed inside its transaction -----------------------------------------------------------
 
 
@@ -176,14 +197,14 @@ def test_a_worker_killed_mid_spend_leaves_all_or_nothing_and_spending_goes_on(fa
     for _ in range(ROUNDS):
         wallet = faults.wallet(100, tally)
         wallets.append(wallet)
-        with shop.holding("lots", shop.lot_ids(wallet)[0]):
-            request = InFlight(lambda w=wallet: spend(faults.port, w.secret))
-            session, client_port = shop.lock_waiter(request.done)
-            faults.server.kill_worker(faults.worker_behind(client_port))
-            outcome = request.result()
+        outcome = interrupted(
+            faults,
+            ("lots", shop.lot_ids(wallet)[0]),
+            lambda w=wallet: spend(faults.port, w.secret),
+            kill_worker(faults),
+        )
         assert isinstance(outcome, LOST), outcome
         tally.spent_unknown[wallet.name] += 1
-        shop.wait_gone(session)
         assert shop.audit() == []
         # The kill came while the debit waited for the lot: it either never happened or happened whole
         # (PostgreSQL's one-statement debit runs to its commit once the lock is free).
@@ -206,13 +227,13 @@ def test_a_worker_killed_mid_fulfilment_commits_nothing_and_the_retried_webhook_
         paid, event = faults.paid(wallet, quantity=2)
         before = shop.snapshot()
         # The fulfilment has recorded the event and claimed the purchase when it asks for the wallet.
-        with shop.holding("wallets", shop.wallet_id(wallet)):
-            request = InFlight(lambda e=event: deliver(faults.port, e))
-            session, client_port = shop.lock_waiter(request.done)
-            faults.server.kill_worker(faults.worker_behind(client_port))
-            outcome = request.result()
+        outcome = interrupted(
+            faults,
+            ("wallets", shop.wallet_id(wallet)),
+            lambda e=event: deliver(faults.port, e),
+            kill_worker(faults),
+        )
         assert isinstance(outcome, LOST), outcome
-        shop.wait_gone(session)
         assert shop.snapshot() == before  # no event row, purchase still open, not a credit moved
         assert answered(deliver(faults.port, event), 200).body["outcome"] == "fulfilled"  # Stripe retries
         assert answered(deliver(faults.port, event), 200).body["outcome"] == "duplicate"
@@ -234,12 +255,12 @@ def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write
         # A spend waiting for a lot when the line is cut.
         wallet = faults.wallet(100, tally)
         wallets.append(wallet)
-        with shop.holding("lots", shop.lot_ids(wallet)[0]):
-            request = InFlight(lambda w=wallet: spend(faults.port, w.secret))
-            session, _ = shop.lock_waiter(request.done)
-            faults.db_line.down()
-            outcome = request.result()
-        shop.wait_gone(session)
+        outcome = interrupted(
+            faults,
+            ("lots", shop.lot_ids(wallet)[0]),
+            lambda w=wallet: spend(faults.port, w.secret),
+            cut_database(faults),
+        )
         faults.db_line.up()
         assert_unavailable(outcome)
         tally.spent_unknown[wallet.name] += 1
@@ -250,12 +271,12 @@ def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write
         # A webhook whose fulfilment waits for the wallet when the line is cut.
         paid, event = faults.paid(wallet)
         before = shop.snapshot()
-        with shop.holding("wallets", shop.wallet_id(wallet)):
-            request = InFlight(lambda e=event: deliver(faults.port, e))
-            session, _ = shop.lock_waiter(request.done)
-            faults.db_line.down()
-            outcome = request.result()
-        shop.wait_gone(session)
+        outcome = interrupted(
+            faults,
+            ("wallets", shop.wallet_id(wallet)),
+            lambda e=event: deliver(faults.port, e),
+            cut_database(faults),
+        )
         faults.db_line.up()
         assert answered(outcome, 503).body["error"] == "temporarily_unavailable"
         assert shop.snapshot() == before
@@ -299,12 +320,12 @@ def test_a_spend_retried_with_its_idempotency_key_after_a_dropped_connection_is_
         wallet = faults.wallet(100, tally)
         wallets.append(wallet)
         key = f"retry-{round_number}"
-        with shop.holding("lots", shop.lot_ids(wallet)[0]):
-            request = InFlight(lambda w=wallet, k=key: spend(faults.port, w.secret, key=k))
-            session, _ = shop.lock_waiter(request.done)
-            faults.db_line.down()
-            outcome = request.result()
-        shop.wait_gone(session)
+        outcome = interrupted(
+            faults,
+            ("lots", shop.lot_ids(wallet)[0]),
+            lambda w=wallet, k=key: spend(faults.port, w.secret, key=k),
+            cut_database(faults),
+        )
         faults.db_line.up()
         assert_unavailable(outcome)
         seen["cut spend had committed" if shop.balance(wallet) < 100 else "cut spend had not"] += 1

@@ -14,7 +14,6 @@ load for N seconds per database (``make reliability``; docs/reliability.md has t
 from __future__ import annotations
 
 import http.client
-import os
 import queue
 import random
 import threading
@@ -28,6 +27,8 @@ from typing import Any
 import pytest
 from _reliability import (
     COST,
+    MARKS,
+    SECONDS,
     FakeStripe,
     Gunicorn,
     Paid,
@@ -46,15 +47,10 @@ from conftest import drop_all_tables
 
 from flask_credits import testing
 
-SECONDS = float(os.environ.get("CREDITS_RELIABILITY_SECONDS") or 0)
 LOAD_SECONDS = SECONDS or 4.0
 CHAOS_SECONDS = SECONDS or 6.0
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True),
-    pytest.mark.timeout(240 + 4 * SECONDS),
-]
+pytestmark = MARKS
 
 
 @dataclass
