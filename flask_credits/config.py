@@ -29,6 +29,28 @@ DEFAULTS: dict[str, Any] = {
     "CREDITS_STRIPE_MODE": "live",
     # The request header whose value makes a @requires_credits request idempotent (None: ignore it).
     "CREDITS_IDEMPOTENCY_HEADER": "Idempotency-Key",
+    # How long a key and its stored response are kept (seconds or a timedelta); then the key is free
+    # again, and `flask credits expire` deletes it.
+    "CREDITS_IDEMPOTENCY_TTL": 24 * 60 * 60,
+    # How long a running request owns its key (seconds or a timedelta). Past it, its worker is taken
+    # to have died: the next request with the key returns the dead run's credits and runs the view.
+    # Keep it above your longest paid view (and your web server's worker timeout).
+    "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT": 300,
+    # Largest response body stored for replays, in bytes; a larger (or streamed) response is sent
+    # once, and a retry with its key gets 409.
+    "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES": 1024 * 1024,
+    # Largest request body the blueprint's routes read (checkout, JSON endpoints), in bytes; the
+    # webhook has CREDITS_WEBHOOK_MAX_BYTES. The app's MAX_CONTENT_LENGTH still applies if smaller.
+    "CREDITS_MAX_CONTENT_LENGTH": 64 * 1024,
+    # Unfinished checkouts (created at Stripe in the last 24 hours, not paid, expired or cancelled)
+    # one wallet may have at once; one more gets 429.
+    "CREDITS_MAX_OPEN_PURCHASES": 5,
+    # The success page asks Stripe about an unfinished purchase at most once per this many seconds.
+    "CREDITS_SUCCESS_CHECK_INTERVAL": 5,
+    # The site's public origin, e.g. "https://example.com": success, cancel and simulated-checkout
+    # URLs are built on it (else on SERVER_NAME and PREFERRED_URL_SCHEME), never on a request's Host
+    # header unless TRUSTED_HOSTS vouches for it.
+    "CREDITS_SITE_URL": None,
     # Seconds stripe-python waits for Stripe, and how often it retries a failed network call.
     "CREDITS_STRIPE_TIMEOUT": 20,
     "CREDITS_STRIPE_MAX_RETRIES": 2,

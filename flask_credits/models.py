@@ -23,7 +23,13 @@ from sqlalchemy.engine import Dialect
 #: Longest user id or API-key id a wallet can carry.
 ID_LENGTH = 64
 
+#: Longest Idempotency-Key a request may carry, and longest endpoint name it is scoped to.
+KEY_LENGTH = 255
+ENDPOINT_LENGTH = 255
+
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# A stored response body: MySQL's plain BLOB stops at 64 KiB.
+_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -62,6 +68,7 @@ class Tables:
     draws: sa.Table
     purchases: sa.Table
     stripe_events: sa.Table
+    requests: sa.Table
 
 
 _cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
@@ -163,6 +170,9 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("revoked_as_debt", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.Column("updated_at", UtcDateTime(), nullable=False),
+        # When the success page last asked Stripe about this purchase: it asks at most once per
+        # CREDITS_SUCCESS_CHECK_INTERVAL, however often the page is loaded.
+        sa.Column("checked_at", UtcDateTime(), nullable=True),
         sa.UniqueConstraint("session_id", name="uq_credits_purchases_session_id"),
         sa.UniqueConstraint("attempt_key", name="uq_credits_purchases_attempt_key"),
         sa.UniqueConstraint("payment_intent", name="uq_credits_purchases_payment_intent"),
@@ -188,4 +198,38 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("received_at", UtcDateTime(), nullable=False),
         sa.Index("ix_credits_stripe_events_purchase_id", "purchase_id"),
     )
-    return Tables(wallets, lots, entries, draws, purchases, stripe_events)
+    requests = sa.Table(
+        "credits_requests",
+        md,
+        # One row per Idempotency-Key of a @requires_credits request, scoped to the wallet and the
+        # endpoint: the unique key lets exactly one request claim it, whatever runs at once.
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.String(ID_LENGTH), nullable=False),
+        sa.Column("key_id", sa.String(ID_LENGTH), nullable=False, server_default=""),
+        sa.Column("endpoint", sa.String(ENDPOINT_LENGTH), nullable=False),
+        sa.Column("idempotency_key", sa.String(KEY_LENGTH), nullable=False),
+        # SHA-256 of the method, path, query and body: the same key with another request is refused.
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        # "running" while a request holds the key, "done" with its stored response, "unstored" when
+        # the response could not be kept (streamed or too large).
+        sa.Column("status", sa.String(16), nullable=False),
+        # Fencing token: bumped when a request takes over the key of one that crashed, so the
+        # crashed one can no longer store its response or free the key.
+        sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"),
+        # Until then the running request owns the key; after it, its worker is taken to be dead.
+        sa.Column("locked_until", UtcDateTime(), nullable=False),
+        # The spend that paid for the run (no foreign key, as for Stripe events: InnoDB would
+        # share-lock the entry row).
+        sa.Column("spend_id", _ID, nullable=True),
+        sa.Column("response_status", sa.Integer(), nullable=True),
+        sa.Column("response_headers", sa.JSON(), nullable=True),
+        sa.Column("response_body", _BLOB, nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("expires_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint(
+            "user_id", "key_id", "endpoint", "idempotency_key", name="uq_credits_requests_key"
+        ),
+        sa.CheckConstraint("status IN ('running', 'done', 'unstored')", name="ck_credits_requests_status"),
+        sa.Index("ix_credits_requests_expires_at", "expires_at"),
+    )
+    return Tables(wallets, lots, entries, draws, purchases, stripe_events, requests)

@@ -19,6 +19,7 @@ CREDITS_TABLES = {
     "credits_draws",
     "credits_purchases",
     "credits_stripe_events",
+    "credits_requests",
 }
 APP_TABLES = {"users", "api_keys"}
 
