@@ -116,5 +116,10 @@ def audit_command() -> None:
 
 @credits_cli.command("expire")
 def expire_command() -> None:
-    """Expire every lot whose time has passed (spends do it lazily; run this from cron)."""
+    """Expire every lot whose time has passed (spends do it lazily; run this from cron), delete expired
+    Idempotency-Keys, and return the credits of paid requests whose worker died before finishing."""
     click.echo(f"checked {_ext().expire()} wallets with expired credits")
+    deleted, returned = _ext().prune_request_keys()
+    click.echo(
+        f"deleted {deleted} expired idempotency keys; returned the credits of {returned} unfinished requests"
+    )

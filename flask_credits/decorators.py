@@ -1,22 +1,27 @@
-"""``@requires_credits``: debit before the view runs, give the credits back if it fails."""
+"""``@requires_credits``: debit before the view runs, give the credits back if it fails, and run it
+once per ``Idempotency-Key``."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
+import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from flask import abort, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from .errors import IdempotencyConflict
+from . import idempotency
+from .errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
 from .ledger import check_amount
 
 if TYPE_CHECKING:
+    from werkzeug.wrappers import Response
+
     from .extension import FlaskCredits
-    from .records import Entry
+    from .records import Entry, Wallet
 
 log = logging.getLogger("flask_credits")
 
@@ -34,10 +39,15 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
     pay, the view does not run and :class:`InsufficientCredits` (402) is raised. The spend entry is
     available to the view as ``flask.g.credits_spend``. ``reason`` defaults to the endpoint name.
 
-    A request carrying an ``Idempotency-Key`` header (``CREDITS_IDEMPOTENCY_HEADER``) is charged once
-    per key, wallet and endpoint: a retry with the same key (after a lost answer or a 503) runs the
-    view again without a second debit. A key whose request failed, so that its credits were given
-    back, answers 409 on reuse, as does a key reused for another cost.
+    A request carrying an ``Idempotency-Key`` header (``CREDITS_IDEMPOTENCY_HEADER``) runs the view
+    at most once per key, wallet and endpoint, charged once. Its response (status, headers, body) is
+    stored; a retry of the same request (method, path, query and body) gets it back byte for byte
+    with ``Idempotent-Replayed: true``, without running the view or charging. The same key with
+    another request answers 422 (:class:`IdempotencyKeyReused`); while the first request runs, 409
+    with ``Retry-After`` (:class:`IdempotentRequestInProgress`); a response that was streamed or
+    larger than ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES`` cannot be replayed: 409
+    (:class:`IdempotentResponseNotStored`). A run that failed (raised or answered 5xx, credits given
+    back) or was refused with 402 frees its key. Keys last ``CREDITS_IDEMPOTENCY_TTL``.
     """
     if not callable(cost):
         check_amount(cost, "cost")
@@ -53,60 +63,162 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
                     return cast(ResponseReturnValue, manager.unauthorized())
                 abort(401)
             amount = cost() if callable(cost) else cost
-            if amount == 0 and callable(cost):
-                g.credits_spend = None
-                return current_app.ensure_sync(view)(*args, **kwargs)  # type: ignore[no-any-return]
-            check_amount(amount, "cost")
+            if amount != 0 or not callable(cost):
+                check_amount(amount, "cost")
             key = _idempotency_key()
-            try:
-                spend = ext.ledger.spend(
-                    wallet,
-                    amount,
-                    reason=reason or request.endpoint or request.path,
-                    idempotency_key=key,
-                    metadata={"endpoint": request.endpoint, "method": request.method},
-                    purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
-                )
-            except IdempotencyConflict:
-                _refuse(409, "idempotency_conflict", "This key was used for a request with another cost.")
-            if key is not None and ext.ledger.refund_of(spend) is not None:
-                _refuse(
-                    409,
-                    "idempotency_conflict",
-                    "The request with this key failed and its credits were returned: send a new key.",
-                )
-            g.credits_spend = spend
-            try:
-                response = current_app.make_response(current_app.ensure_sync(view)(*args, **kwargs))
-            except BaseException:
-                _give_back(ext, spend, "the view raised an exception")
-                raise
-            if response.status_code >= 500:
-                _give_back(ext, spend, f"the view answered {response.status_code}")
-            return response
+            run = functools.partial(current_app.ensure_sync(view), *args, **kwargs)
+            if key is not None:
+                return _run_once(ext, wallet, amount, reason, key, run)
+            if amount == 0:
+                g.credits_spend = None
+                return run()  # type: ignore[no-any-return]
+            spend = ext.ledger.spend(
+                wallet,
+                amount,
+                reason=reason or request.endpoint or request.path,
+                metadata={"endpoint": request.endpoint, "method": request.method},
+                purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
+            )
+            return _run_charged(ext, spend, run)
 
         return cast(F, wrapper)
 
     return decorator
 
 
+def _run_charged(ext: FlaskCredits, spend: Entry | None, run: Callable[[], Any]) -> Response:
+    """Run the view paid for by ``spend``; give the credits back if it raises or answers 5xx."""
+    g.credits_spend = spend
+    try:
+        response = current_app.make_response(run())
+    except BaseException:
+        if spend is not None:
+            _give_back(ext, spend, "the view raised an exception")
+        raise
+    if spend is not None and response.status_code >= 500:
+        _give_back(ext, spend, f"the view answered {response.status_code}")
+    return response
+
+
+def _run_once(
+    ext: FlaskCredits,
+    wallet: Wallet,
+    amount: int,
+    reason: str | None,
+    key: str,
+    run: Callable[[], Any],
+) -> Response:
+    """The view behind an Idempotency-Key: claim the key, charge, run, store the response."""
+    cfg = current_app.config
+    keys = ext.request_keys
+    endpoint = request.endpoint or request.path
+    print_ = idempotency.fingerprint(
+        request.method, request.path, request.query_string, request.get_data(cache=True)
+    )
+    for _ in range(2):
+        found = keys.claim(
+            wallet,
+            endpoint,
+            key,
+            print_,
+            lock_timeout=_seconds(cfg["CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"]),
+            ttl=_seconds(cfg["CREDITS_IDEMPOTENCY_TTL"]),
+        )
+        if isinstance(found, idempotency.StoredResponse):
+            replay = current_app.response_class(found.body, status=found.status, headers=found.headers)
+            replay.headers["Idempotent-Replayed"] = "true"
+            return replay
+        claim = found
+        spend = None
+        if amount:
+            try:
+                spend = ext.ledger.spend(
+                    wallet,
+                    amount,
+                    reason=reason or endpoint,
+                    idempotency_key=claim.spend_key,
+                    metadata={"endpoint": request.endpoint, "method": request.method, "idempotency_key": key},
+                    purchase_url=ext.purchase_url,
+                )
+            except InsufficientCredits:
+                _quietly(keys.release, claim)  # nothing was charged: the key is free for a retry
+                raise
+            except IdempotencyConflict:
+                # Taken over from a run charged another cost (the price changed since): return
+                # that charge and start afresh under a new key row.
+                _settle_abandoned(ext, claim)
+                continue
+            except BaseException:
+                # The database failed under the spend, which may still commit: keep the row, end its
+                # lease, and let the retry take it over and spend under the same ledger key.
+                _quietly(keys.unlock, claim)
+                raise
+            if spend.replayed and ext.ledger.refund_of(spend) is not None:
+                # Taken over from a run that failed and was refunded but could not free its key.
+                _settle_abandoned(ext, claim)
+                continue
+        break
+    else:  # pragma: no cover - a freshly claimed key cannot hold a refunded spend
+        raise IdempotentRequestInProgress()
+    try:
+        response = _run_charged(ext, spend, run)
+    except BaseException:
+        _quietly(keys.release, claim)
+        raise
+    if response.status_code >= 500:
+        _quietly(keys.release, claim)
+        return response
+    keys.finish(
+        claim,
+        response,
+        None if spend is None else spend.id,
+        max_bytes=int(cfg["CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"]),
+    )
+    return response
+
+
 #: Longest Idempotency-Key header value accepted.
 MAX_KEY_LENGTH = 200
+# An RFC 8941 sf-string, as the IETF draft writes the key: "..." with \" and \\ escapes.
+_SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
 
 
 def _idempotency_key() -> str | None:
-    """The ledger's idempotency key for this request: the client's key, scoped to the endpoint (a key
-    reused on another endpoint is another request), or None without the header."""
+    """The client's Idempotency-Key (unquoted if sent as the IETF draft's quoted string), or None
+    without the header; 400 for a key that is not 1 to 200 printable ASCII characters."""
     header = current_app.config["CREDITS_IDEMPOTENCY_HEADER"]
     value = request.headers.get(header) if header else None
     if value is None:
         return None
+    quoted = _SF_STRING.fullmatch(value)
+    if quoted:
+        value = re.sub(r"\\(.)", r"\1", quoted.group(1))
     if not 0 < len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
         _refuse(400, "bad_request", f"{header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
-    endpoint = request.endpoint or request.path
-    if len(endpoint) > 40:
-        endpoint = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
-    return f"request:{endpoint}:{value}"
+    return value
+
+
+def _settle_abandoned(ext: FlaskCredits, claim: idempotency.Claim) -> None:
+    """Return the credits of the dead run this request took over (if not yet), then free its key."""
+    old = ext.ledger.find_by_key(claim.wallet, claim.spend_key)
+    if old is not None:
+        ext.ledger.refund(claim.wallet, old.id, reason="returned: the request with this key never finished")
+    ext.request_keys.release(claim)
+
+
+def _seconds(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    return timedelta(seconds=float(value))  # type: ignore[arg-type]
+
+
+def _quietly(step: Callable[[idempotency.Claim], None], claim: idempotency.Claim) -> None:
+    """A clean-up after a failure: the failure is what the client must see. If this fails too, the
+    key's lease runs out and the next retry (or ``flask credits expire``) settles it."""
+    try:
+        step(claim)
+    except Exception:
+        log.exception("could not %s Idempotency-Key request %s", step.__name__, claim.id)
 
 
 def _refuse(status: int, error: str, message: str) -> NoReturn:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from markupsafe import escape
 from werkzeug.exceptions import HTTPException
 
 if TYPE_CHECKING:
@@ -128,6 +129,72 @@ class CreditsUnavailable(CreditsError, HTTPException):
         )
         response.headers["Retry-After"] = str(self.retry_after)
         return response
+
+
+class _IdempotencyRefusal(CreditsError, HTTPException):
+    """A request whose ``Idempotency-Key`` cannot be honoured now: the view did not run and nothing
+    was charged. JSON ``{"error": <error>, "message": ...}`` for clients that prefer it, else a short
+    HTML page; never cached."""
+
+    error = "idempotency_error"
+
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__(description)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.description,))
+
+    def get_response(  # type: ignore[override]
+        self,
+        environ: WSGIEnvironment | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> Response:
+        response = _negotiated(
+            self.code or 400,
+            lambda: {"error": self.error, "message": self.description},
+            lambda: (
+                f"<!doctype html>\n<title>{self.code} {escape(self.name)}</title>\n"
+                f"<h1>{escape(self.name)}</h1>\n<p>{escape(self.description or '')}</p>\n"
+            ),
+        )
+        if self.code == 409:
+            response.headers["Retry-After"] = "1"
+        return response
+
+
+class IdempotencyKeyReused(_IdempotencyRefusal):
+    """HTTP 422: the request's ``Idempotency-Key`` was first used for a different request (another
+    method, path, query or body) on the same endpoint and wallet. Send a new key for a new request."""
+
+    code = 422
+    error = "idempotency_key_reused"
+    description = (
+        "This Idempotency-Key was already used for a different request: use a new key for a new request."
+    )
+
+
+class IdempotentRequestInProgress(_IdempotencyRefusal):
+    """HTTP 409 with ``Retry-After``: the first request with this ``Idempotency-Key`` is still running.
+    Retry later with the same key to get its response."""
+
+    code = 409
+    error = "idempotency_request_in_progress"
+    description = (
+        "A request with this Idempotency-Key is still being processed: retry in a moment with the same key."
+    )
+
+
+class IdempotentResponseNotStored(_IdempotencyRefusal):
+    """HTTP 409: the request with this ``Idempotency-Key`` ran and was charged, but its response (streamed,
+    or larger than ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``) was not kept, so it cannot be replayed;
+    the view is never run a second time for it."""
+
+    code = 409
+    error = "idempotency_response_not_stored"
+    description = (
+        "The request with this Idempotency-Key already ran, but its response was not stored and cannot"
+        " be sent again. Use a new key to run it again."
+    )
 
 
 def _negotiated(status: int, body: Callable[[], dict[str, Any]], html: Callable[[], str]) -> Response:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flask import Flask, current_app, has_request_context, url_for
 
 from . import cli, config, simulated, views
+from .idempotency import RequestKeys
 from .ledger import Ledger, make_wallet
 from .models import Tables, tables_for
 from .records import Entry, Wallet
@@ -53,6 +54,7 @@ class FlaskCredits:
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
         self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
+        self._request_keys: weakref.WeakKeyDictionary[Engine, RequestKeys] = weakref.WeakKeyDictionary()
         self._gateways: dict[tuple[str, float, int, str | None], Gateway] = {}
         if db is not None:
             tables_for(db.metadata)
@@ -218,8 +220,19 @@ class FlaskCredits:
 
     def expire(self) -> int:
         """Expire the due lots of every wallet (spends and balances also do it lazily); returns how
-        many wallets were visited. Run it from cron with ``flask credits expire``."""
+        many wallets were visited. Run it from cron with ``flask credits expire``, which also runs
+        :meth:`prune_request_keys`."""
         return self.ledger.expire_all()
+
+    def prune_request_keys(self) -> tuple[int, int]:
+        """Delete the ``Idempotency-Key`` records older than ``CREDITS_IDEMPOTENCY_TTL``, and settle
+        requests whose worker died before they finished (their lease,
+        ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, is over): their credits are returned and their key
+        freed. Returns (keys deleted, runs whose credits were returned)."""
+        from .decorators import _seconds
+
+        lock_timeout = _seconds(current_app.config["CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"])
+        return self.request_keys.prune(lock_timeout=lock_timeout)
 
     def audit(self) -> list[str]:
         """Check every wallet: balance = sum of entries = credits left in lots, and more. Returns one
@@ -280,6 +293,15 @@ class FlaskCredits:
         if ledger is None:
             ledger = self._ledgers[engine] = Ledger(engine, tables_for(db.metadata), self.emit)
         return ledger
+
+    @property
+    def request_keys(self) -> RequestKeys:
+        """The Idempotency-Keys of ``@requires_credits`` requests in the current app's database."""
+        ledger = self.ledger
+        keys = self._request_keys.get(ledger.engine)
+        if keys is None:
+            keys = self._request_keys[ledger.engine] = RequestKeys(ledger, ledger.t)
+        return keys
 
     def emit(self, signal: NamedSignal, **kwargs: Any) -> None:
         """Send ``signal`` from the current app to each receiver in turn. A receiver that raises is

@@ -16,6 +16,7 @@ to ``emit`` only after the commit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -233,6 +234,15 @@ class Ledger:
         if row is None:
             raise EntryNotFound(f"no entry {entry_id} in the wallet of {wallet}")
         return self._entry(row, wallet)
+
+    @_unavailable_on_database_errors
+    def find_by_key(self, wallet: Wallet, idempotency_key: str) -> Entry | None:
+        """The entry written with ``idempotency_key`` in this wallet, if any (never marked replayed)."""
+        with self.reader.connect() as conn:
+            row = conn.execute(
+                self._sql.replay, {**self._sql.owner(wallet), "b_key": idempotency_key}
+            ).first()
+        return None if row is None else self._entry(row, wallet)
 
     @_unavailable_on_database_errors
     def refund_of(self, spend: Entry) -> Entry | None:
@@ -1030,17 +1040,15 @@ class Ledger:
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
         """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""
-        with self.reader.connect() as conn:
-            row = conn.execute(self._sql.replay, {**self._sql.owner(wallet), "b_key": key}).first()
-        if row is None:
+        entry = self.find_by_key(wallet, key)
+        if entry is None:
             return None
-        entry = self._entry(row, wallet)
         if entry.kind != kind or abs(entry.amount) != amount:
             raise IdempotencyConflict(
                 f"idempotency key {key!r} was used for a {entry.kind} of {abs(entry.amount)},"
                 f" not a {kind} of {amount}"
             )
-        return entry
+        return dataclasses.replace(entry, replayed=True)
 
     def _refund_of(self, spend_id: int) -> Row[Any] | None:
         e = self.t.entries

@@ -231,5 +231,8 @@ def _define(md: sa.MetaData) -> Tables:
         ),
         sa.CheckConstraint("status IN ('running', 'done', 'unstored')", name="ck_credits_requests_status"),
         sa.Index("ix_credits_requests_expires_at", "expires_at"),
+        # Row ids are never reused (SQLite would reuse a deleted last one): a run's ledger spend is
+        # keyed by its row id, and a freed key's next run must not find the refunded spend of the last.
+        sqlite_autoincrement=True,
     )
     return Tables(wallets, lots, entries, draws, purchases, stripe_events, requests)

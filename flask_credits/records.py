@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -22,6 +22,9 @@ class Entry:
     ``amount`` is signed (credits in are positive), ``balance_after`` is the wallet's balance once this
     entry applied, ``kind`` is one of ``grant``, ``purchase``, ``spend``, ``refund``, ``expire``,
     ``revoke``, ``reinstate``, ``debt``.
+
+    ``replayed`` is about the call that returned it, not the row: ``True`` when an idempotency key
+    made ``grant()`` or ``spend()`` return an entry written earlier (nothing was written this time).
     """
 
     id: int
@@ -34,6 +37,7 @@ class Entry:
     metadata: dict[str, Any] | None
     created_at: datetime
     reverses_id: int | None = None
+    replayed: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as the ``/transactions`` endpoint returns it."""

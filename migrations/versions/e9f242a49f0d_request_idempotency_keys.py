@@ -3,7 +3,8 @@
 ``credits_requests`` holds one row per ``Idempotency-Key`` of a ``@requires_credits`` request (scoped to
 the wallet and the endpoint): the claim that lets exactly one request run the paid view, then its stored
 response for replays. ``credits_purchases.checked_at`` lets the success page ask Stripe about a purchase at
-most once per short window.
+most once per short window. ``sqlite_autoincrement`` is a hand edit (autogenerate does not compare it):
+row ids key the runs' spends in the ledger and must never be reused.
 
 Revision ID: e9f242a49f0d
 Revises: aa3e9bc6ef05
@@ -42,7 +43,8 @@ def upgrade():
     sa.Column('expires_at', flask_credits.models.UtcDateTime(), nullable=False),
     sa.CheckConstraint("status IN ('running', 'done', 'unstored')", name='ck_credits_requests_status'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_credits_requests')),
-    sa.UniqueConstraint('user_id', 'key_id', 'endpoint', 'idempotency_key', name='uq_credits_requests_key')
+    sa.UniqueConstraint('user_id', 'key_id', 'endpoint', 'idempotency_key', name='uq_credits_requests_key'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('credits_requests', schema=None) as batch_op:
         batch_op.create_index('ix_credits_requests_expires_at', ['expires_at'], unique=False)

@@ -1,0 +1,333 @@
+"""Request Idempotency-Keys: one run of a paid view per key, and its response kept for retries.
+
+Per wallet, endpoint and key there is one row in ``credits_requests``. Whoever inserts it owns the
+key (the unique key settles concurrent requests, on every backend and across processes) and runs the
+view; retries read the row:
+
+- ``running`` and its lease (``locked_until``) not over: 409, the first request is still at work;
+- ``running`` with the lease over: its worker died (or the database failed under it). One retry takes
+  the key over by bumping ``attempt`` in a conditional UPDATE and runs the view; it spends under the
+  same ledger key as the dead attempt, so a debit that attempt made (or that is still committing) is
+  replayed, never made twice;
+- ``done``: the stored response, replayed; ``unstored``: 409 (the response was streamed or too big);
+- a different fingerprint (method, path, query, body): 422.
+
+A run that fails (the view raised or answered 5xx) has its credits returned by the decorator and
+deletes its row, so the key is free again; so does a spend refused with 402. ``attempt`` fences a
+request that outlived its lease: it can then neither store its response nor delete the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import ledger as ledger_module
+from .errors import IdempotencyKeyReused, IdempotentRequestInProgress, IdempotentResponseNotStored
+from .ledger import Ledger, _unavailable_on_database_errors
+from .models import ENDPOINT_LENGTH, Tables
+from .records import Wallet
+
+if TYPE_CHECKING:
+    from werkzeug.wrappers import Response
+
+log = logging.getLogger("flask_credits")
+
+T = TypeVar("T")
+
+#: Response headers never stored for a replay: they describe one connection or one response's
+#: framing, or (cookies) would hand the first request's state to whoever replays it.
+UNSTORED_HEADERS = frozenset(
+    ["connection", "content-length", "date", "keep-alive", "server", "set-cookie", "transfer-encoding"]
+)
+#: How often ``claim`` starts over when the row it collided with changed under it.
+_CLAIM_ROUNDS = 4
+#: Rows pruned per statement by ``prune``.
+_PRUNE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This request owns the key: run the view, then :meth:`RequestKeys.finish` or ``abandon``."""
+
+    id: int
+    attempt: int
+    wallet: Wallet
+    #: The ledger idempotency key of the run's spend: the same for every attempt on this row.
+    spend_key: str
+    #: True when this request took the key over from one whose lease ran out.
+    took_over: bool = False
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """The response of the request that first used the key, to send again."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def fingerprint(method: str, path: str, query: bytes, body: bytes) -> str:
+    """SHA-256 of what makes two requests the same request."""
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query, body):
+        # Length-prefixed, so no two different requests run together into the same bytes.
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def scope(endpoint: str) -> str:
+    """The endpoint name as stored: long names hashed to fit the column."""
+    if len(endpoint) <= ENDPOINT_LENGTH:
+        return endpoint
+    return "sha256:" + hashlib.sha256(endpoint.encode()).hexdigest()
+
+
+class RequestKeys:
+    """The ``credits_requests`` table of one ledger's database."""
+
+    def __init__(self, ledger: Ledger, tables: Tables) -> None:
+        self.ledger = ledger
+        self.t = tables.requests
+
+    @_unavailable_on_database_errors
+    def claim(
+        self,
+        wallet: Wallet,
+        endpoint: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lock_timeout: timedelta,
+        ttl: timedelta,
+    ) -> Claim | StoredResponse:
+        """Own ``key`` for this request, or get the response of the request that owned it.
+
+        Raises :class:`IdempotencyKeyReused` (another request used the key),
+        :class:`IdempotentRequestInProgress` (its request is still running) or
+        :class:`IdempotentResponseNotStored`.
+        """
+        r = self.t
+        where = (
+            r.c.user_id == wallet.user_id,
+            r.c.key_id == (wallet.key_id or ""),
+            r.c.endpoint == scope(endpoint),
+            r.c.idempotency_key == key,
+        )
+        for _ in range(_CLAIM_ROUNDS):
+            now = ledger_module.utcnow()
+            values = {
+                "user_id": wallet.user_id,
+                "key_id": wallet.key_id or "",
+                "endpoint": scope(endpoint),
+                "idempotency_key": key,
+                "fingerprint": fingerprint,
+                "status": "running",
+                "attempt": 1,
+                "locked_until": now + lock_timeout,
+                "created_at": now,
+                "expires_at": now + ttl,
+            }
+            try:
+                claimed = self._insert(sa.insert(r).values(values))
+            except sa.exc.IntegrityError:
+                pass
+            else:
+                return Claim(int(claimed), 1, wallet, _spend_key(int(claimed)))
+            with self.ledger.reader.connect() as conn:
+                row = conn.execute(
+                    sa.select(
+                        r.c.id,
+                        r.c.fingerprint,
+                        r.c.status,
+                        r.c.attempt,
+                        r.c.locked_until,
+                        r.c.expires_at,
+                        r.c.response_status,
+                        r.c.response_headers,
+                        r.c.response_body,
+                    ).where(*where)
+                ).first()
+            if row is None:
+                continue  # freed meanwhile: try to take it again
+            if row.expires_at <= now:
+                # An expired key is a new key: remove the old row (if still that one) and start over.
+                self._rowcount(sa.delete(r).where(r.c.id == row.id, r.c.expires_at <= now))
+                continue
+            if row.fingerprint != fingerprint:
+                raise IdempotencyKeyReused()
+            if row.status == "done":
+                return StoredResponse(
+                    int(row.response_status),
+                    [(str(name), str(value)) for name, value in row.response_headers or []],
+                    bytes(row.response_body or b""),
+                )
+            if row.status == "unstored":
+                raise IdempotentResponseNotStored()
+            if row.locked_until > now:
+                raise IdempotentRequestInProgress()
+            taken = self._rowcount(
+                sa.update(r)
+                .where(
+                    r.c.id == row.id,
+                    r.c.attempt == row.attempt,
+                    r.c.status == "running",
+                    r.c.locked_until <= now,
+                )
+                .values(attempt=row.attempt + 1, locked_until=now + lock_timeout)
+            )
+            if taken == 1:
+                log.warning(
+                    "Idempotency-Key request %s: attempt %s never finished; attempt %s takes over",
+                    row.id,
+                    row.attempt,
+                    row.attempt + 1,
+                )
+                return Claim(int(row.id), int(row.attempt) + 1, wallet, _spend_key(int(row.id)), True)
+        raise IdempotentRequestInProgress()
+
+    @_unavailable_on_database_errors
+    def finish(self, claim: Claim, response: Response, spend_id: int | None, *, max_bytes: int) -> bool:
+        """Store ``response`` for replays (or mark it unstored when it is streamed or larger than
+        ``max_bytes``). False when this request had lost the key to a takeover."""
+        r = self.t
+        values: dict[str, Any] = {"spend_id": spend_id}
+        if response.is_streamed or response.direct_passthrough:
+            values["status"] = "unstored"
+        else:
+            body = response.get_data()
+            if len(body) > max_bytes:
+                values["status"] = "unstored"
+            else:
+                values.update(
+                    status="done",
+                    response_status=response.status_code,
+                    response_headers=[list(h) for h in _stored_headers(response.headers.items())],
+                    response_body=body,
+                )
+        done = self._rowcount(
+            sa.update(r)
+            .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
+            .values(values)
+        )
+        if done != 1:
+            log.warning(
+                "Idempotency-Key request %s: attempt %s finished after its lease ran out and another"
+                " request took the key over; its response was not stored",
+                claim.id,
+                claim.attempt,
+            )
+            return False
+        return True
+
+    @_unavailable_on_database_errors
+    def release(self, claim: Claim) -> None:
+        """Free the key: the run failed and charged nothing (or its credits were returned)."""
+        r = self.t
+        self._rowcount(sa.delete(r).where(r.c.id == claim.id, r.c.attempt == claim.attempt))
+
+    @_unavailable_on_database_errors
+    def unlock(self, claim: Claim) -> None:
+        """End the lease now, keeping the row: the run's spend may or may not have committed (the
+        database failed under it). The next request with the key takes it over and spends under the
+        same ledger key, so that spend, if it happened, is replayed rather than made again."""
+        r = self.t
+        now = ledger_module.utcnow()
+        self._rowcount(
+            sa.update(r)
+            .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
+            .values(locked_until=now)
+        )
+
+    @_unavailable_on_database_errors
+    def prune(self, *, lock_timeout: timedelta, now: datetime | None = None) -> tuple[int, int]:
+        """Delete expired keys, and settle requests whose worker died (lease over, never finished):
+        their spend, if any, is refunded and their key freed. Returns (keys deleted, runs whose
+        credits were returned)."""
+        r = self.t
+        now = now or ledger_module.utcnow()
+        returned = 0
+        with self.ledger.reader.connect() as conn:
+            dead = conn.execute(
+                sa.select(r.c.id, r.c.attempt, r.c.user_id, r.c.key_id)
+                .where(r.c.status == "running", r.c.locked_until <= now)
+                .order_by(r.c.id)
+                .limit(_PRUNE_BATCH)
+            ).all()
+        for row in dead:
+            # Take the key over first, as a retry would: a retry arriving meanwhile then gets 409
+            # instead of running on the spend refunded here.
+            taken = self._rowcount(
+                sa.update(r)
+                .where(
+                    r.c.id == row.id,
+                    r.c.attempt == row.attempt,
+                    r.c.status == "running",
+                    r.c.locked_until <= now,
+                )
+                .values(attempt=row.attempt + 1, locked_until=now + lock_timeout)
+            )
+            if taken != 1:
+                continue
+            claim = Claim(int(row.id), int(row.attempt) + 1, Wallet(row.user_id, row.key_id or None), "")
+            spend = self.ledger.find_by_key(claim.wallet, _spend_key(claim.id))
+            if spend is not None and self.ledger.refund_of(spend) is None:
+                self.ledger.refund(
+                    claim.wallet,
+                    spend.id,
+                    reason="returned: the request with this Idempotency-Key never finished",
+                )
+                returned += 1
+            self.release(claim)
+        deleted = 0
+        while True:
+            with self.ledger.reader.connect() as conn:
+                ids = (
+                    conn.execute(
+                        sa.select(r.c.id)
+                        .where(r.c.expires_at <= now, r.c.status != "running")
+                        .limit(_PRUNE_BATCH)
+                    )
+                    .scalars()
+                    .all()
+                )
+            if not ids:
+                break
+            deleted += self._rowcount(sa.delete(r).where(r.c.id.in_(ids), r.c.expires_at <= now))
+        return deleted, returned
+
+    def _rowcount(self, statement: sa.Executable) -> int:
+        """Run one statement as its own transaction (autocommit on PostgreSQL), retried like the
+        ledger's writes when the database picks it as a deadlock victim; the rows it changed."""
+
+        def tx(conn: Connection) -> int:
+            return int(conn.execute(statement).rowcount)
+
+        return self.ledger._run(tx, autocommit=self.ledger._pg)
+
+    def _insert(self, statement: sa.Insert) -> int:
+        """Run one INSERT like ``_rowcount``; the new row's id."""
+
+        def tx(conn: Connection) -> int:
+            key = conn.execute(statement).inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+        return self.ledger._run(tx, autocommit=self.ledger._pg)
+
+
+def _spend_key(row_id: int) -> str:
+    return f"request:{row_id}"
+
+
+def _stored_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in headers if name.lower() not in UNSTORED_HEADERS]
