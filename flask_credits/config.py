@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -84,3 +85,33 @@ def apply_defaults(app: Flask) -> None:
                     break
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
+
+
+def duration(app: Flask, key: str) -> timedelta:
+    """``app.config[key]``, a number of seconds or a timedelta, as a positive timedelta; a
+    RuntimeError naming the key otherwise."""
+    value = app.config[key]
+    if isinstance(value, timedelta):
+        found = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        found = timedelta(seconds=value)
+    else:
+        raise RuntimeError(f"{key} must be a number of seconds or a timedelta, not {value!r}")
+    if found <= timedelta(0):
+        raise RuntimeError(f"{key} must be more than 0 seconds, not {value!r}")
+    return found
+
+
+def whole_number(app: Flask, key: str, minimum: int = 0) -> int:
+    """``app.config[key]`` as an int of at least ``minimum``; a RuntimeError naming the key otherwise."""
+    value = app.config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RuntimeError(f"{key} must be a whole number of at least {minimum}, not {value!r}")
+    return value
+
+
+def check(app: Flask) -> None:
+    """Refuse to start with a setting that would only fail later, under traffic."""
+    duration(app, "CREDITS_IDEMPOTENCY_TTL")
+    duration(app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
+    whole_number(app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES")

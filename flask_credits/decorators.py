@@ -7,13 +7,12 @@ import functools
 import logging
 import re
 from collections.abc import Callable
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from flask import abort, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from . import idempotency
+from . import config, idempotency
 from .errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
 from .ledger import check_amount
 
@@ -109,7 +108,6 @@ def _run_once(
     run: Callable[[], Any],
 ) -> Response:
     """The view behind an Idempotency-Key: claim the key, charge, run, store the response."""
-    cfg = current_app.config
     keys = ext.request_keys
     endpoint = request.endpoint or request.path
     print_ = idempotency.fingerprint(
@@ -121,8 +119,8 @@ def _run_once(
             endpoint,
             key,
             print_,
-            lock_timeout=_seconds(cfg["CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"]),
-            ttl=_seconds(cfg["CREDITS_IDEMPOTENCY_TTL"]),
+            lock_timeout=config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"),
+            ttl=config.duration(current_app, "CREDITS_IDEMPOTENCY_TTL"),
         )
         if isinstance(found, idempotency.StoredResponse):
             replay = current_app.response_class(found.body, status=found.status, headers=found.headers)
@@ -172,7 +170,7 @@ def _run_once(
         claim,
         response,
         None if spend is None else spend.id,
-        max_bytes=int(cfg["CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"]),
+        max_bytes=config.whole_number(current_app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"),
     )
     return response
 
@@ -204,12 +202,6 @@ def _settle_abandoned(ext: FlaskCredits, claim: idempotency.Claim) -> None:
     if old is not None:
         ext.ledger.refund(claim.wallet, old.id, reason="returned: the request with this key never finished")
     ext.request_keys.release(claim)
-
-
-def _seconds(value: object) -> timedelta:
-    if isinstance(value, timedelta):
-        return value
-    return timedelta(seconds=float(value))  # type: ignore[arg-type]
 
 
 def _quietly(step: Callable[[idempotency.Claim], None], claim: idempotency.Claim) -> None:

@@ -78,6 +78,7 @@ class FlaskCredits:
             )
         tables_for(db.metadata)
         config.apply_defaults(app)
+        config.check(app)
         if app.config["CREDITS_STRIPE_MODE"] not in ("live", "simulated"):
             raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
         if app.config["CREDITS_STRIPE_MODE"] == "simulated":
@@ -229,9 +230,7 @@ class FlaskCredits:
         requests whose worker died before they finished (their lease,
         ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, is over): their credits are returned and their key
         freed. Returns (keys deleted, runs whose credits were returned)."""
-        from .decorators import _seconds
-
-        lock_timeout = _seconds(current_app.config["CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"])
+        lock_timeout = config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
         return self.request_keys.prune(lock_timeout=lock_timeout)
 
     def audit(self) -> list[str]:

@@ -575,3 +575,32 @@ def test_a_blocked_first_run_makes_every_concurrent_retry_409(app, credits, view
         assert running.result().status_code == 200
     assert [a.status_code for a in answers] == [409] * len(others)
     assert (len(views.runs), credits.balance("alice")) == (1, 98)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CREDITS_IDEMPOTENCY_TTL", 0),
+        ("CREDITS_IDEMPOTENCY_TTL", "1 day"),
+        ("CREDITS_IDEMPOTENCY_LOCK_TIMEOUT", timedelta(seconds=-1)),
+        ("CREDITS_IDEMPOTENCY_LOCK_TIMEOUT", True),
+        ("CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES", -1),
+        ("CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES", 1.5),
+    ],
+)
+def test_a_bad_idempotency_setting_refuses_to_start_naming_the_key(tmp_path, key, value):
+    from conftest import make_app
+
+    with pytest.raises(RuntimeError, match=key):
+        make_app(f"sqlite:///{tmp_path / 'x.sqlite3'}", **{key: value})
+
+
+def test_spend_tells_its_caller_whether_it_replayed(credits):
+    credits.grant("alice", 10, reason="seed")
+    first = credits.spend("alice", 2, reason="job", idempotency_key="job-1")
+    again = credits.spend("alice", 2, reason="job", idempotency_key="job-1")
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again == first  # the same entry
+    granted = credits.grant("alice", 1, reason="gift", idempotency_key="gift-1")
+    assert credits.grant("alice", 1, reason="gift", idempotency_key="gift-1").replayed
+    assert not granted.replayed
