@@ -37,6 +37,15 @@ EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
     # UPDATE wallet RETURNING; INSERT entry; INSERT lot
     "grant to an existing wallet": {"postgresql": (3, 1, 0), "sqlite": (3, 1, 0), "mysql": (4, 1, 0)},
     "balance": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
+    # INSERT the key's claim; SELECT the spend's key (new); the spend; UPDATE the claim with the
+    # response. PostgreSQL runs the claim and its update in autocommit too.
+    "request with a new Idempotency-Key": {"postgresql": (4, 0, 4), "sqlite": (7, 3, 1), "mysql": (9, 3, 1)},
+    # INSERT the claim (duplicate key: rolled back); SELECT the stored response
+    "request replayed with its Idempotency-Key": {
+        "postgresql": (2, 0, 2),
+        "sqlite": (2, 0, 2),
+        "mysql": (2, 0, 2),
+    },
     "history page": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
 }
 
@@ -164,3 +173,19 @@ def test_a_decorated_request_adds_exactly_one_spend(app, client, login, credits,
     paid_counts = count(counter, lambda: client.post("/paid"))
     assert free_counts == [(0, 0, 0)] * 3
     assert paid_counts == [expected("spend", backend)] * 3
+
+
+def test_a_request_with_an_idempotency_key_adds_its_claim_and_its_stored_response(
+    app, client, login, credits, counter, funded, backend
+):
+    @app.post("/paid")
+    @requires_credits(1)
+    def paid() -> str:
+        return "ok"
+
+    login(funded)
+    keys = iter(range(100))
+    new = count(counter, lambda: client.post("/paid", headers={"Idempotency-Key": f"k{next(keys)}"}))
+    replayed = count(counter, lambda: client.post("/paid", headers={"Idempotency-Key": "k0"}))
+    assert new == [expected("request with a new Idempotency-Key", backend)] * 3
+    assert replayed == [expected("request replayed with its Idempotency-Key", backend)] * 3
