@@ -256,6 +256,29 @@ def test_credits_bought_for_a_key_with_the_simulated_checkout_are_the_keys(app, 
     assert api_persona(client, secret).status_code == 200
 
 
+def test_one_idempotency_key_buys_one_persona_not_one_per_seed(app, client):
+    """Issue 10's attack: a key wallet holding 5 credits, one Idempotency-Key, four seeds. Before, each
+    request got 200 and a different persona for one debit; now the first runs, the rest get 422."""
+    sign_up(client)
+    uid = user_id(app)
+    key_id, secret = create_key(client)
+    grant(app, uid, 5, key_id)
+    headers = {"X-API-Key": secret, "Idempotency-Key": "same"}
+    first = client.post("/api/personas", json={"seed": "alpha"}, headers=headers)
+    assert first.status_code == 200
+    assert first.get_json()["persona"] == generate_persona("alpha").to_dict()
+    for seed in ("bravo", "charlie", "delta"):
+        response = client.post("/api/personas", json={"seed": seed}, headers=headers)
+        assert response.status_code == 422
+        assert response.get_json()["error"] == "idempotency_key_reused"
+    again = client.post("/api/personas", json={"seed": "alpha"}, headers=headers)
+    assert again.get_data() == first.get_data()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    with app.app_context():
+        kinds = [e.kind for e in credits.history(uid, key_id)]
+    assert (kinds, balance(app, uid, key_id)) == (["spend", "grant"], 0)
+
+
 def test_the_api_also_accepts_the_session(app, client):
     sign_up(client)
     uid = user_id(app)
