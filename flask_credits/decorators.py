@@ -113,13 +113,15 @@ def _run_once(
     print_ = idempotency.fingerprint(
         request.method, request.path, request.query_string, request.get_data(cache=True)
     )
+    view_lease = config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
     for _ in range(2):
         found = keys.claim(
             wallet,
             endpoint,
             key,
             print_,
-            lock_timeout=config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"),
+            # Free requests have no charge to be cut half-way: the view's lease at once.
+            lease=min(idempotency.CLAIM_LEASE, view_lease) if amount else view_lease,
             ttl=config.duration(current_app, "CREDITS_IDEMPOTENCY_TTL"),
         )
         if isinstance(found, idempotency.StoredResponse):
@@ -157,6 +159,10 @@ def _run_once(
                 continue
         break
     else:  # pragma: no cover - a freshly claimed key cannot hold a refunded spend
+        raise IdempotentRequestInProgress()
+    if amount and not keys.extend(claim, view_lease):
+        # Charged too slowly: another request took the key over, spent under the same ledger key (so
+        # this charge is its charge) and runs the view. This one must not.
         raise IdempotentRequestInProgress()
     try:
         response = _run_charged(ext, spend, run)

@@ -9,6 +9,11 @@ view; retries read the row:
   the key over by bumping ``attempt`` in a conditional UPDATE and runs the view; it spends under the
   same ledger key as the dead attempt, so a debit that attempt made (or that is still committing) is
   replayed, never made twice;
+
+The lease is short (``CLAIM_LEASE``) while the request is being charged, and extended to
+``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT`` once the spend is through, just before the view runs: a request
+whose spend the database cut (answered 503, maybe committed) is taken over seconds later, not minutes;
+a request that lost its short lease meanwhile learns it from that extension and never runs the view.
 - ``done``: the stored response, replayed; ``unstored``: 409 (the response was streamed or too big);
 - a different fingerprint (method, path, query, body): 422.
 
@@ -47,6 +52,8 @@ T = TypeVar("T")
 UNSTORED_HEADERS = frozenset(
     ["connection", "content-length", "date", "keep-alive", "server", "set-cookie", "transfer-encoding"]
 )
+#: How long a request owns its key while it is being charged, before ``extend`` (the view's lease).
+CLAIM_LEASE = timedelta(seconds=10)
 #: How often ``claim`` starts over when the row it collided with changed under it.
 _CLAIM_ROUNDS = 4
 #: Rows pruned per statement by ``prune``.
@@ -107,10 +114,11 @@ class RequestKeys:
         key: str,
         fingerprint: str,
         *,
-        lock_timeout: timedelta,
+        lease: timedelta,
         ttl: timedelta,
     ) -> Claim | StoredResponse:
-        """Own ``key`` for this request, or get the response of the request that owned it.
+        """Own ``key`` for ``lease`` (then :meth:`extend` it), or get the response of the request that
+        owned it.
 
         Raises :class:`IdempotencyKeyReused` (another request used the key),
         :class:`IdempotentRequestInProgress` (its request is still running) or
@@ -133,7 +141,7 @@ class RequestKeys:
                 "fingerprint": fingerprint,
                 "status": "running",
                 "attempt": 1,
-                "locked_until": now + lock_timeout,
+                "locked_until": now + lease,
                 "created_at": now,
                 "expires_at": now + ttl,
             }
@@ -183,7 +191,7 @@ class RequestKeys:
                     r.c.status == "running",
                     r.c.locked_until <= now,
                 )
-                .values(attempt=row.attempt + 1, locked_until=now + lock_timeout)
+                .values(attempt=row.attempt + 1, locked_until=now + lease)
             )
             if taken == 1:
                 log.warning(
@@ -194,6 +202,18 @@ class RequestKeys:
                 )
                 return Claim(int(row.id), int(row.attempt) + 1, wallet, _spend_key(int(row.id)), True)
         raise IdempotentRequestInProgress()
+
+    @_unavailable_on_database_errors
+    def extend(self, claim: Claim, lease: timedelta) -> bool:
+        """Hold the key ``lease`` from now (the view is about to run). False when this request lost
+        it: its short claim lease ran out and another request took it over, and runs the view."""
+        r = self.t
+        changed = self._rowcount(
+            sa.update(r)
+            .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
+            .values(locked_until=ledger_module.utcnow() + lease)
+        )
+        return changed == 1
 
     @_unavailable_on_database_errors
     def finish(self, claim: Claim, response: Response, spend_id: int | None, *, max_bytes: int) -> bool:

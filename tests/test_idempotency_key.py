@@ -333,7 +333,9 @@ def test_a_response_that_cannot_be_stored_makes_a_replay_409_and_never_a_second_
 # -- expiry, dead workers and the database failing ----------------------------------------------------
 
 
-def test_keys_expire_after_the_ttl_and_flask_credits_expire_prunes_them(app, client, login, credits, views, db, clock):
+def test_keys_expire_after_the_ttl_and_flask_credits_expire_prunes_them(
+    app, client, login, credits, views, db, clock
+):
     app.config["CREDITS_IDEMPOTENCY_TTL"] = timedelta(hours=1)
     credits.grant("alice", 20, reason="seed")
     login("alice")
@@ -367,7 +369,7 @@ def dead_run(app, credits, *, path, body, amount, spent=True, user="alice"):
         endpoint,
         "k",
         fingerprint("POST", path, b"", body),
-        lock_timeout=timedelta(seconds=300),
+        lease=timedelta(seconds=300),
         ttl=timedelta(days=1),
     )
     if spent:
@@ -461,6 +463,67 @@ def test_a_spend_refused_by_the_database_frees_nothing_twice(client, login, cred
     assert (len(views.runs), credits.balance("alice")) == (1, 17)
 
 
+def test_a_cut_spend_whose_key_could_not_be_unlocked_is_taken_over_seconds_later(
+    client, login, credits, views, monkeypatch, clock
+):
+    """The database went away under the spend and stayed away for the clean-up too: the key keeps
+    only its short claim lease (not CREDITS_IDEMPOTENCY_LOCK_TIMEOUT), and the retry after it runs the
+    view once, without paying twice."""
+    from flask_credits.idempotency import CLAIM_LEASE, RequestKeys
+
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    original = Ledger.spend
+
+    def committed_then_cut(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise CreditsUnavailable()
+
+    def database_still_down(self, claim):
+        raise CreditsUnavailable()
+
+    monkeypatch.setattr(Ledger, "spend", committed_then_cut)
+    monkeypatch.setattr(RequestKeys, "unlock", database_still_down)
+    assert post(client, "/flaky").status_code == 503
+    monkeypatch.setattr(Ledger, "spend", original)
+    early = post(client, "/flaky")
+    assert early.status_code == 409
+    assert early.headers["Retry-After"] == "1"
+    clock.advance(seconds=CLAIM_LEASE.total_seconds() + 1)
+    assert post(client, "/flaky").status_code == 200
+    assert (len(views.runs), credits.balance("alice"), len(spends(credits))) == (1, 17, 1)
+
+
+def test_a_request_charged_so_slowly_that_its_key_was_taken_over_never_runs_the_view(
+    app, client, login, credits, views, monkeypatch, clock
+):
+    """Its short claim lease ran out while the spend waited (a busy wallet): a retry took the key over,
+    paid under the same ledger key and ran the view. The slow one then finds its lease gone: 409, and
+    the one charge is the retry's."""
+    from flask_credits.idempotency import CLAIM_LEASE
+
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    other = app.test_client()
+    other.post("/_login/alice")
+    original = Ledger.spend
+    overtaken = []
+
+    def slow_spend(self, *args, **kwargs):
+        monkeypatch.setattr(Ledger, "spend", original)
+        clock.advance(seconds=CLAIM_LEASE.total_seconds() + 1)
+        overtaken.append(post(other, "/flaky"))  # the retry, while this spend "waits"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "spend", slow_spend)
+    slow = post(client, "/flaky")
+    assert overtaken[0].status_code == 200
+    assert slow.status_code == 409
+    assert slow.json["error"] == "idempotency_request_in_progress"
+    assert (len(views.runs), credits.balance("alice"), len(spends(credits))) == (1, 17, 1)
+    assert post(client, "/flaky").headers["Idempotent-Replayed"] == "true"
+
+
 def test_a_run_that_outlived_its_lease_cannot_store_over_the_run_that_took_over(
     app, client, login, credits, views, clock
 ):
@@ -549,7 +612,7 @@ def test_concurrent_requests_with_one_key_and_different_bodies_buy_one_run(app, 
 
     seeds = [f"seed-{i}" for i in range(count)]
     with ThreadPoolExecutor(count) as pool:
-        answers = list(pool.map(one, zip(clients(app, count), seeds)))
+        answers = list(pool.map(one, zip(clients(app, count), seeds, strict=True)))
     statuses = sorted(a.status_code for a in answers)
     assert statuses.count(201) == 1
     assert set(statuses) <= {201, 409, 422}

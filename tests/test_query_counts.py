@@ -37,9 +37,9 @@ EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
     # UPDATE wallet RETURNING; INSERT entry; INSERT lot
     "grant to an existing wallet": {"postgresql": (3, 1, 0), "sqlite": (3, 1, 0), "mysql": (4, 1, 0)},
     "balance": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
-    # INSERT the key's claim; SELECT the spend's key (new); the spend; UPDATE the claim with the
-    # response. PostgreSQL runs the claim and its update in autocommit too.
-    "request with a new Idempotency-Key": {"postgresql": (4, 0, 4), "sqlite": (7, 3, 1), "mysql": (9, 3, 1)},
+    # INSERT the key's claim; SELECT the spend's key (new); the spend; UPDATE the claim's lease; UPDATE
+    # the claim with the response. PostgreSQL runs the claim's statements in autocommit too.
+    "request with a new Idempotency-Key": {"postgresql": (5, 0, 5), "sqlite": (8, 4, 1), "mysql": (10, 4, 1)},
     # INSERT the claim (duplicate key: rolled back); SELECT the stored response
     "request replayed with its Idempotency-Key": {
         "postgresql": (2, 0, 2),
