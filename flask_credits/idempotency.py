@@ -10,10 +10,11 @@ view; retries read the row:
   same ledger key as the dead attempt, so a debit that attempt made (or that is still committing) is
   replayed, never made twice;
 
-The lease is short (``CLAIM_LEASE``) while the request is being charged, and extended to
+The lease is short (``CLAIM_LEASE``, 5 s) while the request is being charged, and extended to
 ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT`` once the spend is through, just before the view runs: a request
-whose spend the database cut (answered 503, maybe committed) is taken over seconds later, not minutes;
-a request that lost its short lease meanwhile learns it from that extension and never runs the view.
+whose spend the database cut (answered 503, maybe committed) is taken over by the retry that waited
+its ``Retry-After``, not minutes later; a request that lost its short lease meanwhile learns it from
+that extension and never runs the view.
 - ``done``: the stored response, replayed; ``unstored``: 409 (the response was streamed or too big);
 - a different fingerprint (method, path, query, body): 422.
 
@@ -35,7 +36,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import ledger as ledger_module
-from .errors import IdempotencyKeyReused, IdempotentRequestInProgress, IdempotentResponseNotStored
+from .errors import (
+    CreditsUnavailable,
+    IdempotencyKeyReused,
+    IdempotentRequestInProgress,
+    IdempotentResponseNotStored,
+)
 from .ledger import Ledger, _unavailable_on_database_errors
 from .models import ENDPOINT_LENGTH, Tables
 from .records import Wallet
@@ -52,8 +58,10 @@ T = TypeVar("T")
 UNSTORED_HEADERS = frozenset(
     ["connection", "content-length", "date", "keep-alive", "server", "set-cookie", "transfer-encoding"]
 )
-#: How long a request owns its key while it is being charged, before ``extend`` (the view's lease).
-CLAIM_LEASE = timedelta(seconds=10)
+#: How long a request owns its key while it is being charged, before ``extend`` (the view's lease):
+#: the ``Retry-After`` of a 503, so a client that waits as told after a cut spend finds its key free.
+#: Too short costs no money: a request whose spend outlasts it loses the key to a retry and answers 409.
+CLAIM_LEASE = timedelta(seconds=CreditsUnavailable.retry_after)
 #: How often ``claim`` starts over when the row it collided with changed under it.
 _CLAIM_ROUNDS = 4
 #: Rows pruned per statement by ``prune``.
