@@ -7,7 +7,8 @@ Environment: ``DATABASE_URL`` (e.g. ``postgresql+psycopg://user@host/db``; SQLit
 when unset), ``SECRET_KEY`` (set it anywhere but on your own machine), ``CREDITS_STRIPE_MODE``
 ("simulated" by default in debug and testing: an offline checkout, no Stripe account needed; "live"
 otherwise, with the ``STRIPE_*`` keys). Config keys of its own: ``PERSONA_COST`` (credits per
-persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10).
+persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10); Flask's
+``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or not).
 """
 
 from __future__ import annotations

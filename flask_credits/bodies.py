@@ -27,10 +27,10 @@ def read_body(limit: int) -> bytes:
     length = request.content_length  # None when the body is chunked, whatever Content-Length says
     if length is not None and length > limit:
         raise BodyTooLarge(limit)
-    # Werkzeug stops reading a streamed body at ``max_content_length`` and returns what it has,
-    # without a 413, so a chunked body is silently cut (a JSON document padded past the limit
-    # parses as its first ``limit`` bytes). Reading one byte more is how we tell "exactly the limit"
-    # from "longer": with Content-Length, Werkzeug reads exactly that many bytes instead.
+    # Werkzeug (3.1) stops reading a chunked body at ``max_content_length`` and returns what it has
+    # read, without a 413: the body is silently cut, and a JSON document or form padded past the limit
+    # parses as its first ``limit`` bytes. So let it read one byte more, which tells "exactly the
+    # limit" from "longer". (With a Content-Length, it reads that many bytes and no more.)
     request.max_content_length = limit + 1
     body = request.get_data()
     request.max_content_length = limit

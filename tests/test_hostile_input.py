@@ -1546,6 +1546,15 @@ SIGNUP = f"username=mallory&password={PASSWORD}&confirm={PASSWORD}&padding=".rep
             id="buying credits: the blueprint's limit comes before CSRFProtect reads the form",
         ),
         pytest.param(WEBHOOK, "application/json", b"{", b" ", LIMIT, True, id="the webhook"),
+        pytest.param(
+            "/credits/simulated-checkout/cs_test_x",
+            FORM,
+            b"action=pay&padding=",
+            b"x",
+            BODY_LIMIT,
+            False,
+            id="paying on the simulated checkout",
+        ),
     ],
 )
 @pytest.mark.parametrize("sent", ["chunked", "with Content-Length"])
