@@ -7,7 +7,8 @@ Environment: ``DATABASE_URL`` (e.g. ``postgresql+psycopg://user@host/db``; SQLit
 when unset), ``SECRET_KEY`` (set it anywhere but on your own machine), ``CREDITS_STRIPE_MODE``
 ("simulated" by default in debug and testing: an offline checkout, no Stripe account needed; "live"
 otherwise, with the ``STRIPE_*`` keys). Config keys of its own: ``PERSONA_COST`` (credits per
-persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10).
+persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10); Flask's
+``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or not).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from flask import Flask, abort, request
 from flask.typing import ResponseReturnValue
 
-from flask_credits import CreditsUnavailable
+from flask_credits import CreditsUnavailable, SafeJSONProvider, read_body
 
 from . import auth, keys, notifications, views
 from .extensions import credits, csrf, login_manager, migrate
@@ -43,6 +44,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         PERSONA_COST=5,
         LOW_BALANCE_THRESHOLD=10,
+        # The largest legitimate body here is a small form or a JSON seed; see bound_the_body.
+        MAX_CONTENT_LENGTH=1024 * 1024,
     )
     app.config.update(config or {})
     # flask_credits refuses the simulated Stripe outside debug and testing, so that a deployed app
@@ -55,6 +58,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if not app.config["SQLALCHEMY_DATABASE_URI"]:
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{Path(app.instance_path) / 'example.sqlite3'}"
+
+    # A document nested too deep is a 400 from request.get_json, not a RecursionError (a 500).
+    app.json = SafeJSONProvider(app)
+
+    # Registered before any extension's hook (Flask-WTF's CSRFProtect reads request.form in its own),
+    # so that no body is read past MAX_CONTENT_LENGTH, chunked or not: Werkzeug alone would cut a
+    # chunked body at the limit and carry on with what it read.
+    @app.before_request
+    def bound_the_body() -> None:
+        """Every body read whole before anything looks at it: 413 past ``MAX_CONTENT_LENGTH``."""
+        read_body(app.config["MAX_CONTENT_LENGTH"])
 
     db.init_app(app)
     # The schema comes from migrations/ (flask db upgrade), never from db.create_all().

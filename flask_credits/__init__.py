@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from . import signals
+from .bodies import SafeJSONProvider, read_body
 from .decorators import requires_credits
 from .errors import (
+    BodyTooLarge,
     CreditsError,
     CreditsUnavailable,
     EntryNotFound,
@@ -24,6 +26,7 @@ from .records import Entry, Wallet
 __version__ = "0.1.0"
 
 __all__ = [
+    "BodyTooLarge",
     "CreditsError",
     "CreditsUnavailable",
     "Entry",
@@ -38,7 +41,9 @@ __all__ = [
     "InvalidArgument",
     "InvalidWallet",
     "NotRefundable",
+    "SafeJSONProvider",
     "Wallet",
+    "read_body",
     "requires_credits",
     "signals",
 ]

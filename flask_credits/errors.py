@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from markupsafe import escape
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -129,6 +129,40 @@ class CreditsUnavailable(CreditsError, HTTPException):
         )
         response.headers["Retry-After"] = str(self.retry_after)
         return response
+
+
+class BodyTooLarge(CreditsError, RequestEntityTooLarge):
+    """A request body longer than the route accepts: HTTP 413. Nothing was read past the limit, and
+    nothing was written. ``limit`` is the largest body accepted, in bytes.
+
+    The default response is JSON for clients that prefer it (always on the webhook),
+    ``{"error": "bad_request", "message": "body too large"}``, and otherwise a short HTML page. Apps
+    replace both with ``@app.errorhandler(413)``.
+    """
+
+    description = "body too large"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.limit,))
+
+    def get_response(  # type: ignore[override]
+        self,
+        environ: WSGIEnvironment | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> Response:
+        return _negotiated(
+            413,
+            lambda: {"error": "bad_request", "message": self.description},
+            lambda: (
+                "<!doctype html>\n<title>413 Content Too Large</title>\n"
+                f"<h1>Content Too Large</h1>\n<p>The request is larger than the {self.limit} bytes"
+                " this page accepts.</p>\n"
+            ),
+        )
 
 
 class _IdempotencyRefusal(CreditsError, HTTPException):

@@ -43,9 +43,9 @@ class FlaskCredits:
     ``CREDITS_PRODUCT_NAME``, ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``,
     ``CREDITS_PURCHASE_EXPIRES_AFTER``, ``CREDITS_STRIPE_MODE``, ``CREDITS_STRIPE_TIMEOUT``,
     ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
-    ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``, ``STRIPE_WEBHOOK_SECRET`` (the last three also
-    from environment variables of those names or ``StripeSecretKey``, ``StripePublishableKey``,
-    ``StripeWebhookSecret``).
+    ``CREDITS_MAX_CONTENT_LENGTH``, ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``,
+    ``STRIPE_WEBHOOK_SECRET`` (the last three also from environment variables of those names or
+    ``StripeSecretKey``, ``StripePublishableKey``, ``StripeWebhookSecret``).
     """
 
     def __init__(self, app: Flask | None = None, *, db: SQLAlchemy | None = None) -> None:

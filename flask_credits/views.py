@@ -17,6 +17,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import bodies
 from .errors import CreditsUnavailable, InvalidArgument
 from .ledger import UNAVAILABLE, make_wallet
 
@@ -30,8 +31,9 @@ blueprint = Blueprint(
 
 
 def wants_json() -> bool:
-    """JSON for API clients; HTML for browsers (they ask for text/html) and for plain form posts."""
-    if not has_request_context():
+    """JSON for API clients; HTML for browsers (they ask for text/html) and for plain form posts.
+    Always JSON on the webhook: Stripe is its only legitimate client."""
+    if not has_request_context() or _is_webhook():
         return True
     if request.is_json:
         return True
@@ -77,6 +79,29 @@ def database_unavailable(exc: Exception) -> ResponseReturnValue:
 
 for _error_class in UNAVAILABLE:
     blueprint.register_error_handler(_error_class, database_unavailable)
+
+
+def _is_webhook() -> bool:
+    return current_app.view_functions.get(request.endpoint or "") is stripe_webhook
+
+
+def body_limit() -> int:
+    """The largest body the current route of the blueprint reads: ``CREDITS_WEBHOOK_MAX_BYTES`` on the
+    webhook, ``CREDITS_MAX_CONTENT_LENGTH`` elsewhere, and never more than the app's
+    ``MAX_CONTENT_LENGTH``."""
+    config = current_app.config
+    own = int(config["CREDITS_WEBHOOK_MAX_BYTES" if _is_webhook() else "CREDITS_MAX_CONTENT_LENGTH"])
+    app_limit = config["MAX_CONTENT_LENGTH"]
+    return own if app_limit is None else min(own, int(app_limit))
+
+
+# A URL value preprocessor, not before_request, because every URL value preprocessor runs before
+# every before_request function of the app: a host's hook that reads the body (Flask-WTF's
+# CSRFProtect reads request.form) would otherwise read it first, without our limit.
+@blueprint.url_value_preprocessor
+def read_body_within_limit(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Read every body the blueprint gets whole, within :func:`body_limit` (413 beyond it)."""
+    bodies.read_body(body_limit())
 
 
 @blueprint.get("/")
@@ -195,12 +220,8 @@ def stripe_webhook() -> ResponseReturnValue:
     from . import webhooks
     from .stripe_api import PaymentProviderError, WebhookError
 
-    limit = int(current_app.config["CREDITS_WEBHOOK_MAX_BYTES"])
-    if (request.content_length or 0) > limit:
-        return jsonify(error="bad_request", message="body too large"), 413
-    payload = request.get_data(cache=False)
-    if len(payload) > limit:
-        return jsonify(error="bad_request", message="body too large"), 413
+    # Read already, within CREDITS_WEBHOOK_MAX_BYTES, by read_body_within_limit.
+    payload = request.get_data()
     try:
         answer = webhooks.process(extension(), payload, request.headers.get("Stripe-Signature"))
     except WebhookError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -31,6 +32,7 @@ import pytest
 import requests
 import responses
 import sqlalchemy as sa
+from _browser_server import live_server
 from conftest import clear, make_app
 from flask import g
 from hypothesis import HealthCheck, Phase, assume, given, settings
@@ -49,7 +51,11 @@ SECRET_KEY = "sk_test_hostile_7Kq2Xw9Lm4Np8Rt3Vy6Zb1Cd"
 PACKS = {"starter": {"credits": 500, "amount": 400}, "bulk": {"credits": 5000, "amount": 3000}}
 MAX_QUANTITY = 100
 LIMIT = 256 * 1024  # CREDITS_WEBHOOK_MAX_BYTES
+BODY_LIMIT = 64 * 1024  # CREDITS_MAX_CONTENT_LENGTH
+EXAMPLE_LIMIT = 1024 * 1024  # the example app's MAX_CONTENT_LENGTH
+CHUNK = 64 * 1024  # the most a WSGI server hands the app in one read, in these tests
 WEBHOOK = "/credits/stripe-webhook"
+CHECKOUT = "/credits/checkout"
 JSON_HEADERS = {"Accept": "application/json"}
 
 
@@ -745,26 +751,184 @@ def test_webhook_without_a_valid_signature_is_400_and_changes_nothing(shop, deli
     nothing_changed(shop, before)
 
 
+# -- bodies past a route's limit
+
+
+class Padded(io.RawIOBase):
+    """A request body of ``size`` bytes, ``prefix`` then ``filler`` repeated, made up as it is read and
+    handed out at most ``CHUNK`` bytes per read, as a WSGI server hands the app a chunked body."""
+
+    def __init__(self, size: int, prefix: bytes = b"", filler: bytes = b" ") -> None:
+        self.size, self.prefix, self.filler, self.position = size, prefix, filler, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), CHUNK, self.size - self.position)
+        head = self.prefix[self.position : self.position + n]
+        buffer[:n] = head + self.filler * (n - len(head))
+        self.position += n
+        return n
+
+
+class Counted(io.RawIOBase):
+    """A WSGI input that counts the bytes the app pulls from the stream it wraps."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pulled = stream, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = int(self.stream.readinto(buffer) or 0)
+        self.pulled += n
+        return n
+
+
+def send(client: Any, path: str, body: Counted, headers: dict[str, str], length: int | None = None) -> Any:
+    """POST ``body`` chunked (as gunicorn and the dev server present it: no length, and
+    ``wsgi.input_terminated``), or with the ``Content-Length`` given."""
+    environ: dict[str, Any] = {"wsgi.input": body, "wsgi.input_terminated": True}
+    if length is None:
+        headers = {**headers, "Transfer-Encoding": "chunked"}
+    else:
+        environ["CONTENT_LENGTH"] = str(length)
+    if "Content-Type" in headers:  # as given: the test client would make up its own multipart boundary
+        environ["CONTENT_TYPE"] = headers["Content-Type"]
+    return client.post(path, headers=headers, environ_overrides=environ)
+
+
+TOO_LARGE = {"error": "bad_request", "message": "body too large"}
+MULTIPART = "multipart/form-data; boundary=b"
+MULTIPART_BODY = b'--b\r\nContent-Disposition: form-data; name="quantity"\r\n\r\n1\r\n--b\r\n'
+MULTIPART_BODY += b'Content-Disposition: form-data; name="padding"\r\n\r\n'
+FORM = "application/x-www-form-urlencoded"
+
+
 @pytest.mark.parametrize(
-    ("body", "headers"),
+    ("path", "content_type", "prefix", "filler", "answer"),
     [
-        pytest.param(b"x" * (LIMIT + 1), {}, id="a body one byte over the limit"),
-        pytest.param(b"{}", {"Content-Length": str(LIMIT + 1)}, id="a Content-Length over the limit"),
+        pytest.param(WEBHOOK, "application/json", b"{", b" ", "json", id="webhook JSON"),
+        pytest.param(WEBHOOK, FORM, b"a=", b"x", "json", id="webhook form, answered in JSON all the same"),
+        pytest.param(
+            CHECKOUT, "application/json", b'{"quantity": 1}', b" ", "json", id="checkout JSON, valid if cut"
+        ),
+        pytest.param(CHECKOUT, FORM, b"quantity=1&padding=", b"x", "html", id="checkout form, valid if cut"),
+        pytest.param(
+            CHECKOUT, MULTIPART, MULTIPART_BODY, b"x", "html", id="checkout multipart, valid if cut"
+        ),
+        pytest.param(CHECKOUT, "application/json", b"", b"[", "json", id="checkout JSON of [ only"),
     ],
 )
-def test_webhook_body_over_the_limit_is_413_and_changes_nothing(shop, body, headers):
+@pytest.mark.parametrize("sent", ["chunked", "with Content-Length"])
+def test_a_body_over_a_routes_limit_is_413_and_never_read_past_it(
+    shop, path, content_type, prefix, filler, answer, sent
+):
+    """Chunked: 200 MiB offered, at most one byte past the limit read (plus what the server hands out
+    in one read), where Werkzeug alone would cut the body at the limit and parse what it had (a valid
+    checkout here). With a Content-Length over the limit: 413 before a byte is read."""
     before = shop.state()
-    signed = {"Stripe-Signature": stripe_signature(body.decode()), **headers}
-    if "Content-Length" in headers:  # a client that claims more than it sends
-        response = shop.client().post(
-            WEBHOOK,
-            input_stream=io.BytesIO(body),
-            headers=signed,
-            environ_overrides={"CONTENT_LENGTH": headers["Content-Length"]},
-        )
-    else:
-        response = shop.post(body, signed)
+    limit = LIMIT if path == WEBHOOK else BODY_LIMIT
+    size = 200 * 1024 * 1024 if sent == "chunked" else limit + 1
+    body = Counted(Padded(size, prefix, filler))
+    headers = {"Content-Type": content_type, "Stripe-Signature": stripe_signature("{}")}
+    response = send(shop.client("alice"), path, body, headers, None if sent == "chunked" else size)
     assert response.status_code == 413
+    if answer == "json":
+        assert response.json == TOO_LARGE
+    else:
+        assert response.mimetype == "text/html"
+        assert f"larger than the {limit} bytes" in response.get_data(as_text=True)
+    if sent == "chunked":
+        assert limit < body.pulled <= limit + 1 + CHUNK
+    else:
+        assert body.pulled == 0
+    assert stripe_calls(shop) == 0
+    nothing_changed(shop, before)
+
+
+def test_a_client_claiming_more_than_the_webhook_limit_is_413_whatever_it_sends(shop):
+    before = shop.state()
+    response = shop.client().post(
+        WEBHOOK,
+        input_stream=io.BytesIO(b"{}"),
+        headers={"Stripe-Signature": stripe_signature("{}")},
+        environ_overrides={"CONTENT_LENGTH": str(LIMIT + 1)},
+    )
+    assert (response.status_code, response.json) == (413, TOO_LARGE)
+    nothing_changed(shop, before)
+
+
+def test_a_checkout_of_exactly_the_body_limit_sent_chunked_is_read_whole_and_sold(shop):
+    """The other side of the line: a body of exactly ``CREDITS_MAX_CONTENT_LENGTH`` bytes is not
+    refused for the byte the server could not tell was missing."""
+    body = Counted(Padded(BODY_LIMIT, b'{"quantity": 2}'))
+    response = send(shop.client("alice"), CHECKOUT, body, {"Content-Type": "application/json"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert body.pulled == BODY_LIMIT
+    assert stripe_calls(shop) == 1
+    assert newest_purchase(shop) == (200, 200, "alice", None)
+
+
+def test_a_webhook_delivery_past_the_checkout_limit_is_read_whole_and_credited(shop):
+    """The webhook reads up to its own ``CREDITS_WEBHOOK_MAX_BYTES``, not the blueprint's smaller
+    ``CREDITS_MAX_CONTENT_LENGTH``: a signed delivery padded to exactly that many bytes is credited."""
+    payload = shop.open_payload + " " * (LIMIT - len(shop.open_payload))
+    body = Counted(Padded(LIMIT, payload.encode()))
+    headers = {"Content-Type": "application/json", "Stripe-Signature": stripe_signature(payload)}
+    response = send(shop.client(), WEBHOOK, body, headers)
+    assert (response.status_code, response.json["outcome"]) == (200, "fulfilled")
+    assert shop.credits.balance("bob") == 100
+
+
+@pytest.mark.parametrize("path", [WEBHOOK, CHECKOUT])
+def test_the_apps_max_content_length_caps_every_route_of_the_blueprint(shop, path):
+    before = shop.state()
+    shop.app.config["MAX_CONTENT_LENGTH"] = 1000
+    body = Counted(Padded(10 * 1024 * 1024, b'{"quantity": 1}'))
+    response = send(shop.client("alice"), path, body, {"Content-Type": "application/json"})
+    assert (response.status_code, response.json) == (413, TOO_LARGE)
+    assert body.pulled <= 1001 + CHUNK
+    nothing_changed(shop, before)
+
+
+def test_a_chunked_five_mib_webhook_body_through_a_real_server_is_413(shop):
+    """Werkzeug's own server, on loopback, dechunking a real ``Transfer-Encoding: chunked`` body sent by
+    http.client: 413, after the app pulled at most one byte past the limit from the server."""
+    before = shop.state()
+    inputs: list[Counted] = []
+    app = shop.app.wsgi_app
+
+    def counting(environ: dict[str, Any], start_response: Any) -> Any:
+        inputs.append(Counted(environ["wsgi.input"]))
+        environ["wsgi.input"] = inputs[-1]
+        return app(environ, start_response)
+
+    def five_mib() -> Iterator[bytes]:
+        for _ in range(80):
+            yield b" " * CHUNK
+
+    shop.app.wsgi_app = counting  # type: ignore[method-assign]
+    try:
+        with live_server(shop.app) as url:
+            connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+            try:
+                # The server may stop reading once it has answered; the answer is still there to read.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    connection.request(
+                        "POST", WEBHOOK, body=five_mib(), headers={"Content-Type": "application/json"}
+                    )
+                response = connection.getresponse()
+                status, answer = response.status, json.loads(response.read())
+            finally:
+                connection.close()
+    finally:
+        shop.app.wsgi_app = app  # type: ignore[method-assign]
+    assert (status, answer) == (413, TOO_LARGE)
+    assert len(inputs) == 1
+    assert LIMIT < inputs[0].pulled <= LIMIT + 1 + CHUNK
     nothing_changed(shop, before)
 
 
@@ -953,7 +1117,8 @@ def test_bad_checkout_json_is_400_and_never_reaches_stripe(shop, body):
         pytest.param(b'{"quantity": 1', id="truncated JSON"),
         pytest.param(b"\xff\xfe{}", id="JSON that is not UTF-8"),
         pytest.param(b'{"quantity": 1e400}', id="JSON number out of range"),
-        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="JSON nested a hundred thousand deep"),
+        pytest.param(b"[" * 30_000 + b"]" * 30_000, id="JSON nested thirty thousand deep"),
+        pytest.param(b"[" * 60_000, id="JSON opened sixty thousand deep"),
         pytest.param(b'{"pack": ' + b"[" * 200 + b"]" * 200 + b"}", id="JSON pack nested two hundred deep"),
     ],
 )
@@ -1338,6 +1503,110 @@ def test_a_nul_byte_from_a_user_is_refused_not_a_500(example, method, path, data
     response = getattr(client, method)(path, data=data, headers={"Accept": "text/html"})
     assert response.status_code in (200, 400, 402, 404), response.status_code  # 402: no credits yet
     assert purchase_count(app) == 0
+
+
+def row_counts(app: Any) -> dict[str, int]:
+    """How many rows each table of the example app holds (its own and the credits tables)."""
+    from example_app.models import db
+
+    with app.app_context(), db.engine.connect() as conn:
+        return {
+            table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            for table in db.metadata.sorted_tables
+        }
+
+
+SIGNUP = f"username=mallory&password={PASSWORD}&confirm={PASSWORD}&padding=".replace(" ", "+").encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "prefix", "filler", "limit", "csrf"),
+    [
+        pytest.param(
+            "/api/personas",
+            "application/json",
+            b'{"seed": "lighthouse"}',
+            b" ",
+            EXAMPLE_LIMIT,
+            False,
+            id="the JSON API, valid if cut",
+        ),
+        pytest.param(
+            "/personas", FORM, b"seed=lighthouse&padding=", b"x", EXAMPLE_LIMIT, False, id="the persona form"
+        ),
+        pytest.param("/signup", FORM, SIGNUP, b"x", EXAMPLE_LIMIT, False, id="signing up"),
+        pytest.param("/keys/", FORM, b"name=sneaky&padding=", b"x", EXAMPLE_LIMIT, False, id="a new API key"),
+        pytest.param(
+            CHECKOUT,
+            FORM,
+            b"quantity=1&padding=",
+            b"x",
+            BODY_LIMIT,
+            True,
+            id="buying credits: the blueprint's limit comes before CSRFProtect reads the form",
+        ),
+        pytest.param(WEBHOOK, "application/json", b"{", b" ", LIMIT, True, id="the webhook"),
+        pytest.param(
+            "/credits/simulated-checkout/cs_test_x",
+            FORM,
+            b"action=pay&padding=",
+            b"x",
+            BODY_LIMIT,
+            False,
+            id="paying on the simulated checkout",
+        ),
+    ],
+)
+@pytest.mark.parametrize("sent", ["chunked", "with Content-Length"])
+def test_a_body_over_the_example_apps_limits_is_413_and_changes_nothing(
+    example, path, content_type, prefix, filler, limit, csrf, sent
+):
+    """Every route of the example app reads at most ``MAX_CONTENT_LENGTH`` (1 MiB) + 1 bytes, the
+    credits routes at most their own smaller limit + 1, and answers 413 past it."""
+    app = example(csrf=csrf)
+    client = app.test_client()
+    user = sign_up(client, "ada")
+    grant(app, user, 20)
+    before = row_counts(app)
+    size = 200 * 1024 * 1024 if sent == "chunked" else limit + 1
+    body = Counted(Padded(size, prefix, filler))
+    response = send(client, path, body, {"Content-Type": content_type}, None if sent == "chunked" else size)
+    assert response.status_code == 413
+    if content_type == "application/json":
+        assert response.json == TOO_LARGE
+    if sent == "chunked":
+        assert limit < body.pulled <= limit + 1 + CHUNK
+    else:
+        assert body.pulled == 0
+    assert row_counts(app) == before
+    assert balance(app, user) == 20
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"[" * 100_000, id="[ a hundred thousand times"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="a list nested a hundred thousand deep"),
+        pytest.param(
+            b'{"seed": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", id="a seed nested fifty thousand deep"
+        ),
+        pytest.param(
+            b'{"seed": "x", "more": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_001, id="deep objects"
+        ),
+    ],
+)
+def test_deep_json_to_the_example_api_is_400_and_charges_nothing(example, raw):
+    """Too deep for Python's parser: 400 like any malformed JSON, not a RecursionError (500)."""
+    app = example()
+    client = app.test_client()
+    user = sign_up(client, "ada")
+    grant(app, user, 20)
+    before = row_counts(app)
+    response = client.post("/api/personas", data=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    assert response.json["error"] == "invalid_seed"
+    assert row_counts(app) == before
+    assert balance(app, user) == 20
 
 
 # -- 4. secrets never appear in logs or error pages --------------------------------------------------------
