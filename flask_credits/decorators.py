@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 from flask import abort, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from . import config, idempotency
+from . import bodies, config, idempotency
 from .errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
 from .ledger import check_amount
 
@@ -110,9 +110,11 @@ def _run_once(
     """The view behind an Idempotency-Key: claim the key, charge, run, store the response."""
     keys = ext.request_keys
     endpoint = request.endpoint or request.path
-    print_ = idempotency.fingerprint(
-        request.method, request.path, request.query_string, request.get_data(cache=True)
-    )
+    # The body is kept for the view. Werkzeug would cut a chunked body at MAX_CONTENT_LENGTH without a
+    # word, and a request padded past it would share its first bytes' fingerprint: read it whole or 413.
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    body = request.get_data(cache=True) if limit is None else bodies.read_body(int(limit))
+    print_ = idempotency.fingerprint(request.method, request.path, request.query_string, body)
     view_lease = config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
     for _ in range(2):
         found = keys.claim(

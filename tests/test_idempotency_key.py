@@ -540,6 +540,35 @@ def test_a_run_that_outlived_its_lease_cannot_store_over_the_run_that_took_over(
 # -- bad keys and configuration ------------------------------------------------------------------------
 
 
+def test_a_chunked_body_past_max_content_length_is_413_not_fingerprinted_as_its_first_bytes(
+    app, client, login, credits, views, db
+):
+    """Werkzeug cuts a chunked body at MAX_CONTENT_LENGTH without a 413: a padded request would then
+    share the fingerprint of its first bytes (and replay their response). It is refused instead."""
+    import io
+
+    app.config["MAX_CONTENT_LENGTH"] = 100
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    body = b'{"seed": "alpha"}'
+    assert (
+        post(client, "/persona", data=body, headers={"Content-Type": "application/json"}).status_code == 201
+    )
+    padded = body + b" " * 200
+    response = client.post(
+        "/persona",
+        headers={
+            "Idempotency-Key": "k",
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+            **JSON,
+        },
+        environ_overrides={"wsgi.input": io.BytesIO(padded), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert (len(views.runs), credits.balance("alice"), len(request_rows(db))) == (1, 15, 1)
+
+
 @pytest.mark.parametrize(
     "key", ["", "x" * 201, "caf\u00e9", "tab\there"], ids=["empty", "too long", "non-ASCII", "control"]
 )
