@@ -166,13 +166,14 @@ def _run_once(
         # Charged too slowly: another request took the key over, spent under the same ledger key (so
         # this charge is its charge) and runs the view. This one must not.
         raise IdempotentRequestInProgress()
+    g.credits_spend = spend
     try:
-        response = _run_charged(ext, spend, run)
+        response = current_app.make_response(run())
     except BaseException:
-        _quietly(keys.release, claim)
+        _failed(ext, claim, spend, "the view raised an exception")
         raise
     if response.status_code >= 500:
-        _quietly(keys.release, claim)
+        _failed(ext, claim, spend, f"the view answered {response.status_code}")
         return response
     keys.finish(
         claim,
@@ -212,6 +213,16 @@ def _settle_abandoned(ext: FlaskCredits, claim: idempotency.Claim) -> None:
     ext.request_keys.release(claim)
 
 
+def _failed(ext: FlaskCredits, claim: idempotency.Claim, spend: Entry | None, why: str) -> None:
+    """A keyed run failed: give its credits back and free its key. If the credits could not be given
+    back, the key must not be freed (its retry would pay again): its lease is ended instead, so the
+    retry takes it over and runs on this run's charge."""
+    if spend is None or _give_back(ext, spend, why):
+        _quietly(ext.request_keys.release, claim)
+    else:
+        _quietly(ext.request_keys.unlock, claim)
+
+
 def _quietly(step: Callable[[idempotency.Claim], None], claim: idempotency.Claim) -> None:
     """A clean-up after a failure: the failure is what the client must see. If this fails too, the
     key's lease runs out and the next retry (or ``flask credits expire``) settles it."""
@@ -239,10 +250,13 @@ def _extension() -> FlaskCredits:
         raise RuntimeError("@requires_credits needs FlaskCredits registered on this app") from None
 
 
-def _give_back(ext: FlaskCredits, spend: Entry, why: str) -> None:
+def _give_back(ext: FlaskCredits, spend: Entry, why: str) -> bool:
+    """Return a failed view's credits; False (logged) when that failed too."""
     try:
         ext.ledger.refund(spend.wallet, spend.id, reason=f"returned: {why}")
     except Exception:
         # The view's own failure is what the client must see; the spend stays recorded, so an
         # operator can still return it with FlaskCredits.refund().
         log.exception("could not return spend %s to %s after %s", spend.id, spend.wallet, why)
+        return False
+    return True

@@ -285,6 +285,30 @@ def test_a_first_run_that_raised_frees_the_key_and_the_retry_runs_and_is_charged
     assert credits.audit() == []
 
 
+def test_a_failed_run_whose_credits_could_not_be_given_back_keeps_its_key_and_the_retry_pays_once(
+    app, client, login, credits, views, monkeypatch
+):
+    """Found by the reliability work: freeing the key after a failed give-back let the retry pay again.
+    The key is unlocked instead, and the retry runs on the first run's charge."""
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    refund = Ledger.refund
+
+    def refused(self, *args, **kwargs):
+        monkeypatch.setattr(Ledger, "refund", refund)
+        raise CreditsUnavailable()
+
+    monkeypatch.setattr(Ledger, "refund", refused)
+    views.fail_next = 1
+    assert post(client, "/flaky").status_code == 500
+    assert credits.balance("alice") == 17  # the give-back failed: the first run's credits are spent
+    retry = post(client, "/flaky")
+    assert retry.status_code == 200
+    assert (len(views.runs), credits.balance("alice"), len(spends(credits))) == (2, 17, 1)
+    assert credits.audit() == []
+
+
 def test_a_first_run_that_answered_5xx_frees_the_key(client, login, credits, views):
     credits.grant("alice", 20, reason="seed")
     login("alice")
