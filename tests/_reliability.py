@@ -64,6 +64,11 @@ MARKS = [
 ]
 #: Bound on waiting for something to happen (a worker to start, a lock wait to show up...).
 WAIT = 30.0
+#: CREDITS_IDEMPOTENCY_LOCK_TIMEOUT of the app under test, in seconds: a request with an
+#: Idempotency-Key whose worker died (or whose clean-up the database refused) is taken over, or
+#: settled by ``flask credits expire``, this soon after it started. Short, so the tests need not wait
+#: long; a scenario whose requests may queue longer than this under load sets a longer one.
+LEASE = 2.0
 
 
 def free_port() -> int:
@@ -120,6 +125,7 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "CREDITS_STRIPE_TIMEOUT": 1.0,
         "CREDITS_STRIPE_MAX_RETRIES": 1,
         "PERSONA_COST": COST,
+        "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT": LEASE,
         **overrides,
     }
 
@@ -267,8 +273,18 @@ def socket_inode(local_port: int, remote_port: int) -> int | None:
 @dataclass
 class Reply:
     status: int
-    body: Any
-    headers: dict[str, str]
+    body: Any  # parsed JSON, or the text
+    headers: dict[str, str]  # names in lower case
+    raw: bytes = b""  # the body as received
+
+    @property
+    def replayed(self) -> bool:
+        """The stored answer of an earlier request with the same Idempotency-Key."""
+        return self.headers.get("idempotent-replayed") == "true"
+
+    @property
+    def error(self) -> str | None:
+        return self.body.get("error") if isinstance(self.body, dict) else None
 
 
 def call(
@@ -294,7 +310,7 @@ def call(
             parsed: Any = json.loads(raw) if raw else None
         except ValueError:
             parsed = raw.decode(errors="replace")
-        return Reply(response.status, parsed, {k.lower(): v for k, v in response.getheaders()})
+        return Reply(response.status, parsed, {k.lower(): v for k, v in response.getheaders()}, raw)
     finally:
         conn.close()
 
@@ -304,6 +320,19 @@ def spend(port: int, secret: str, seed: str = "reliability", *, key: str | None 
     the ``Idempotency-Key`` header)."""
     headers = {"X-API-Key": secret} | ({"Idempotency-Key": key} if key else {})
     return call(port, "POST", "/api/personas", {"seed": seed}, headers)
+
+
+def until_not_in_progress(send: Callable[[], Reply]) -> tuple[Reply, int]:
+    """Send, and send again after ``Retry-After`` while the answer is 409 "still in progress", as a
+    client with an Idempotency-Key should; for at most LEASE + WAIT seconds. Returns the last answer
+    and how many 409s came before it."""
+    deadline = time.monotonic() + LEASE + WAIT
+    for waited in range(1000):
+        reply = send()
+        if reply.error != "idempotency_request_in_progress" or time.monotonic() > deadline:
+            return reply, waited
+        time.sleep(float(reply.headers["retry-after"]))
+    raise AssertionError("still in progress after 1000 tries")
 
 
 def checkout(port: int, secret: str, quantity: int) -> Reply:
@@ -712,6 +741,17 @@ class Shop:
         with self.engine.connect() as conn:
             query = sa.select(lt.c.id).where(lt.c.wallet_id == self.wallet_id(wallet)).order_by(lt.c.id)
             return [int(i) for i in conn.execute(query).scalars()]
+
+    def request_rows(self, wallet: Wallet) -> list[Any]:
+        """The wallet's Idempotency-Key requests (``credits_requests``), oldest first."""
+        r = self.credits.tables.requests
+        with self.engine.connect() as conn:
+            query = (
+                sa.select(r)
+                .where(r.c.user_id == wallet.user_id, r.c.key_id == wallet.key_id)
+                .order_by(r.c.id)
+            )
+            return list(conn.execute(query).all())
 
     def purchases_of(self, wallet: Wallet) -> list[Any]:
         p = self.credits.tables.purchases

@@ -16,6 +16,7 @@ moments, made deterministic with row locks held by the test.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import threading
 import time
@@ -45,6 +46,7 @@ from _reliability import (
     engine_options,
     report,
     spend,
+    until_not_in_progress,
     via,
 )
 from conftest import drop_all_tables
@@ -313,25 +315,30 @@ def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write
 def test_a_spend_retried_with_its_idempotency_key_after_a_dropped_connection_is_charged_once(faults):
     """The client's side of the trade-off in docs/ledger.md: a spend cut while it waits for its lot
     answers 503 and may have committed (PostgreSQL's one-statement debit) or not (MariaDB); either way
-    a retry with the same Idempotency-Key answers 200 and the wallet pays exactly once."""
+    a retry with the same Idempotency-Key answers 200 and the wallet pays exactly once. The cut also
+    kept the request from ending its lease, so the retry gets 409 until the lease (LEASE) runs out,
+    then takes the key over: the view runs once in all (the 503 ran nothing), and a later retry is
+    its replay."""
     shop, tally, seen = faults.shop, Tally(), Counter[str]()
     wallets = []
     for round_number in range(ROUNDS):
         wallet = faults.wallet(100, tally)
         wallets.append(wallet)
-        key = f"retry-{round_number}"
-        outcome = interrupted(
-            faults,
-            ("lots", shop.lot_ids(wallet)[0]),
-            lambda w=wallet, k=key: spend(faults.port, w.secret, key=k),
-            cut_database(faults),
-        )
+        send = functools.partial(spend, faults.port, wallet.secret, key=f"retry-{round_number}")
+        outcome = interrupted(faults, ("lots", shop.lot_ids(wallet)[0]), send, cut_database(faults))
         faults.db_line.up()
         assert_unavailable(outcome)
         seen["cut spend had committed" if shop.balance(wallet) < 100 else "cut spend had not"] += 1
-        retried = answered(spend(faults.port, wallet.secret, key=key), 200)
-        assert retried.body["balance"] == 100 - COST
+        reply, in_progress = until_not_in_progress(send)
+        seen["retries answered 409 before the lease ran out"] += in_progress
+        ran = answered(reply, 200)
+        assert not ran.replayed  # the run: the cut request never ran the view
+        assert ran.body["balance"] == 100 - COST
+        replay = answered(send(), 200)
+        assert (replay.replayed, replay.raw) == (True, ran.raw)
         assert shop.balance(wallet) == 100 - COST
+        (row,) = shop.request_rows(wallet)
+        assert (row.status, bytes(row.response_body)) == ("done", ran.raw)
         tally.spent_ok[wallet.name] += 1
     shop.check(wallets, tally)
     faults.assert_no_bare_500()
