@@ -247,6 +247,41 @@ def test_a_worker_killed_mid_fulfilment_commits_nothing_and_the_retried_webhook_
     report(f"worker killed mid-fulfilment {faults.shop.label}", {"rounds": ROUNDS})
 
 
+def test_a_worker_killed_mid_run_with_an_idempotency_key_is_taken_over_or_settled_and_charged_once(faults):
+    """A request with an Idempotency-Key whose worker is SIGKILLed while its spend waits for a lot:
+    the key stays claimed (``running``), and its spend happened whole or not at all. Either a retry
+    gets 409 until the lease (LEASE) is over, then takes the key over and runs, spending under the
+    dead run's ledger key; or, after the lease, ``flask credits expire`` returns that spend and frees
+    the key, and the retry is a new run. Both ways the wallet pays once for the one answered run."""
+    shop, tally, seen = faults.shop, Tally(), Counter[str]()
+    wallets = []
+    for round_number in range(ROUNDS):
+        for fate in ("taken over", "settled"):
+            wallet = faults.wallet(100, tally)
+            wallets.append(wallet)
+            send = functools.partial(spend, faults.port, wallet.secret, key=f"killed-{round_number}")
+            outcome = interrupted(faults, ("lots", shop.lot_ids(wallet)[0]), send, kill_worker(faults))
+            assert isinstance(outcome, LOST), outcome
+            seen["killed run had charged" if shop.balance(wallet) < 100 else "killed run had not"] += 1
+            assert [row.status for row in shop.request_rows(wallet)] == ["running"]
+            if fate == "settled":
+                settled = shop.settle_requests()
+                assert (shop.balance(wallet), shop.request_rows(wallet)) == (100, [])
+                seen["credits returned by flask credits expire"] += settled["credits returned"]
+            reply, in_progress = until_not_in_progress(send)
+            seen[f"retries answered 409 before the lease ran out ({fate})"] += in_progress
+            ran = answered(reply, 200)
+            assert not ran.replayed
+            replay = answered(send(), 200)
+            assert (replay.replayed, replay.raw) == (True, ran.raw)
+            assert ran.body["balance"] == shop.balance(wallet) == 100 - COST
+            assert [row.status for row in shop.request_rows(wallet)] == ["done"]
+            tally.spent_ok[wallet.name] += 1
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"worker killed mid-run with an idempotency key {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
 # -- the database connection dropped, the database unreachable ----------------------------------------
 
 
