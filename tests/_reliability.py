@@ -628,6 +628,14 @@ class Paid:
     disputed: int = 0  # amount of a lost dispute sent
 
 
+#: The error code of each answer a request with an Idempotency-Key may get instead of a run or replay.
+EXPECTED_ERRORS = {
+    402: "insufficient_credits",
+    409: "idempotency_request_in_progress",
+    422: "idempotency_key_reused",
+}
+
+
 @dataclass(frozen=True)
 class Keyed:
     """One answer to ``POST /api/personas`` sent with an Idempotency-Key (the same-key storm)."""
@@ -1083,30 +1091,18 @@ class Shop:
                 unknown[wallet] += 1
             first = runs[0] if runs else None
             refused = any(a.status == 402 for a in seen)
+            kept = None if row is None else (row.response_status, bytes(row.response_body or b""))
             for a in seen:
                 if a.ran and json.loads(a.raw)["persona"]["seed"] != a.seed:
                     problems.append(f"{where}: a run for {a.seed!r} answered {a.raw[:200]!r}")
-                elif a.replayed:
-                    if row is None or (a.status, a.raw) != (row.response_status, bytes(row.response_body)):
-                        problems.append(
-                            f"{where}: replay {a.status} {a.raw[:200]!r} is not the stored answer"
-                        )
-                    if first is not None and (a.status, a.raw, a.seed) != (
-                        first.status,
-                        first.raw,
-                        first.seed,
-                    ):
-                        problems.append(
-                            f"{where}: {a.seed!r} got the replay of {first.seed!r}, or another body"
-                        )
-                elif a.status == 409 and a.error != "idempotency_request_in_progress":
-                    problems.append(f"{where}: 409 {a.error}")
-                elif a.status == 422 and (
-                    a.error != "idempotency_key_reused" or (first and not refused and a.seed == first.seed)
-                ):
-                    problems.append(f"{where}: 422 {a.error} for {a.seed!r}, the run's request")
-                elif a.status == 402 and a.error != "insufficient_credits":
-                    problems.append(f"{where}: 402 {a.error}")
+                elif a.replayed and (a.status, a.raw) != kept:
+                    problems.append(f"{where}: replay {a.status} {a.raw[:200]!r} is not the stored answer")
+                elif a.replayed and first is not None and (a.raw, a.seed) != (first.raw, first.seed):
+                    problems.append(f"{where}: {a.seed!r} got {a.raw[:200]!r}, the run was {first.seed!r}")
+                elif a.status in (402, 409, 422) and a.error != EXPECTED_ERRORS[a.status]:
+                    problems.append(f"{where}: {a.status} {a.error}")
+                elif a.status == 422 and first is not None and not refused and a.seed == first.seed:
+                    problems.append(f"{where}: 422 for {a.seed!r}, the request that ran")
                 elif a.status not in (200, 402, 409, 422) and not a.lost:
                     problems.append(f"{where}: answered {a.status} {a.raw[:300]!r}")
         statuses = Counter(a.status for a in tally.keyed)
@@ -1129,7 +1125,8 @@ class Shop:
         their keys); again while any is left. Bounded by LEASE + WAIT. Returns how many requests were
         left running, and how many of them had their credits returned."""
         r = self.credits.tables.requests
-        settled, deadline = Counter({"running": 0, "credits returned": 0}), time.monotonic() + LEASE + WAIT
+        settled = Counter({"running": 0, "credits returned": 0})
+        deadline = time.monotonic() + LEASE + WAIT
         for _ in range(10):
             with self.engine.connect() as conn:
                 leases = (
