@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import queue
+import re
 import secrets
 import selectors
 import signal
@@ -37,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ MARKS = [
 ]
 #: Bound on waiting for something to happen (a worker to start, a lock wait to show up...).
 WAIT = 30.0
+#: CREDITS_IDEMPOTENCY_LOCK_TIMEOUT of the app under test, in seconds: a request with an
+#: Idempotency-Key whose worker died (or whose clean-up the database refused) is taken over, or
+#: settled by ``flask credits expire``, this soon after it started. Short, so the tests need not wait
+#: long; a scenario whose requests may queue longer than this under load sets a longer one.
+LEASE = 2.0
 
 
 def free_port() -> int:
@@ -120,6 +126,7 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "CREDITS_STRIPE_TIMEOUT": 1.0,
         "CREDITS_STRIPE_MAX_RETRIES": 1,
         "PERSONA_COST": COST,
+        "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT": LEASE,
         **overrides,
     }
 
@@ -267,8 +274,18 @@ def socket_inode(local_port: int, remote_port: int) -> int | None:
 @dataclass
 class Reply:
     status: int
-    body: Any
-    headers: dict[str, str]
+    body: Any  # parsed JSON, or the text
+    headers: dict[str, str]  # names in lower case
+    raw: bytes = b""  # the body as received
+
+    @property
+    def replayed(self) -> bool:
+        """The stored answer of an earlier request with the same Idempotency-Key."""
+        return self.headers.get("idempotent-replayed") == "true"
+
+    @property
+    def error(self) -> str | None:
+        return self.body.get("error") if isinstance(self.body, dict) else None
 
 
 def call(
@@ -294,7 +311,7 @@ def call(
             parsed: Any = json.loads(raw) if raw else None
         except ValueError:
             parsed = raw.decode(errors="replace")
-        return Reply(response.status, parsed, {k.lower(): v for k, v in response.getheaders()})
+        return Reply(response.status, parsed, {k.lower(): v for k, v in response.getheaders()}, raw)
     finally:
         conn.close()
 
@@ -304,6 +321,19 @@ def spend(port: int, secret: str, seed: str = "reliability", *, key: str | None 
     the ``Idempotency-Key`` header)."""
     headers = {"X-API-Key": secret} | ({"Idempotency-Key": key} if key else {})
     return call(port, "POST", "/api/personas", {"seed": seed}, headers)
+
+
+def until_not_in_progress(send: Callable[[], Reply]) -> tuple[Reply, int]:
+    """Send, and send again after ``Retry-After`` while the answer is 409 "still in progress", as a
+    client with an Idempotency-Key should; for at most LEASE + WAIT seconds. Returns the last answer
+    and how many 409s came before it."""
+    deadline = time.monotonic() + LEASE + WAIT
+    for waited in range(1000):
+        reply = send()
+        if reply.error != "idempotency_request_in_progress" or time.monotonic() > deadline:
+            return reply, waited
+        time.sleep(float(reply.headers["retry-after"]))
+    raise AssertionError("still in progress after 1000 tries")
 
 
 def checkout(port: int, secret: str, quantity: int) -> Reply:
@@ -598,6 +628,37 @@ class Paid:
     disputed: int = 0  # amount of a lost dispute sent
 
 
+#: The error code of each answer a request with an Idempotency-Key may get instead of a run or replay.
+EXPECTED_ERRORS = {
+    402: "insufficient_credits",
+    409: "idempotency_request_in_progress",
+    422: "idempotency_key_reused",
+}
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """One answer to ``POST /api/personas`` sent with an Idempotency-Key (the same-key storm)."""
+
+    wallet: str
+    key: str
+    seed: str  # what the request asked for: requests with one key and one seed are the same request
+    status: int | str  # the HTTP status, or the exception's name when the answer was lost
+    replayed: bool = False
+    error: str | None = None
+    raw: bytes = b""
+
+    @property
+    def ran(self) -> bool:
+        """The view ran for this request: 200 and not a replay."""
+        return self.status == 200 and not self.replayed
+
+    @property
+    def lost(self) -> bool:
+        """No answer (a killed worker) or 503: the request may or may not have run and spent."""
+        return isinstance(self.status, str) or self.status == 503
+
+
 @dataclass
 class Tally:
     """What the clients were told, to compare with the database afterwards."""
@@ -613,6 +674,7 @@ class Tally:
     events: set[str] = field(default_factory=set)  # every event id acknowledged with 200
     deliveries: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    keyed: list[Keyed] = field(default_factory=list)  # every answer of the same-key storm
     problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -682,12 +744,12 @@ class Shop:
         with self.app.app_context():
             return list(self.credits.audit())
 
-    def cli_audit(self) -> subprocess.CompletedProcess[str]:
-        """``flask --app example_app credits audit``, the operator's command, as a process of its own."""
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``flask --app example_app ARGS``, the operator's command, as a process of its own."""
         env = {**os.environ, "DATABASE_URL": self.url, "CREDITS_STRIPE_MODE": "live"}
         env.pop("FLASK_DEBUG", None)
         return subprocess.run(
-            [str(BIN / "flask"), "--app", "example_app", "credits", "audit"],
+            [str(BIN / "flask"), "--app", "example_app", *args],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -712,6 +774,17 @@ class Shop:
         with self.engine.connect() as conn:
             query = sa.select(lt.c.id).where(lt.c.wallet_id == self.wallet_id(wallet)).order_by(lt.c.id)
             return [int(i) for i in conn.execute(query).scalars()]
+
+    def request_rows(self, wallet: Wallet) -> list[Any]:
+        """The wallet's Idempotency-Key requests (``credits_requests``), oldest first."""
+        r = self.credits.tables.requests
+        with self.engine.connect() as conn:
+            query = (
+                sa.select(r)
+                .where(r.c.user_id == wallet.user_id, r.c.key_id == wallet.key_id)
+                .order_by(r.c.id)
+            )
+            return list(conn.execute(query).all())
 
     def purchases_of(self, wallet: Wallet) -> list[Any]:
         p = self.credits.tables.purchases
@@ -897,6 +970,10 @@ class Shop:
         missing = tally.events - recorded
         problems += [f"event {e} acknowledged but not recorded" for e in sorted(missing)]
 
+        # The same-key storm: each key's answers against its charges and its stored request.
+        keyed_problems, keyed_figures, keyed_ok, keyed_unknown = self.check_keyed(tally)
+        problems += keyed_problems
+
         # Spends: the database holds exactly the spends the clients were told about (plus, at most, the
         # ones whose answer was lost), and every balance is what the grants, purchases, spends and
         # claw-backs leave.
@@ -909,7 +986,9 @@ class Shop:
             if row is None:
                 problems.append(f"wallet {w.name} missing")
                 continue
-            ok, unknown, db_spends = tally.spent_ok[w.name], tally.spent_unknown[w.name], spends[w.name]
+            ok = tally.spent_ok[w.name] + keyed_ok[w.name]
+            unknown = tally.spent_unknown[w.name] + keyed_unknown[w.name]
+            db_spends = spends[w.name]
             if not ok <= db_spends <= ok + unknown:
                 problems.append(
                     f"wallet {w.name}: {db_spends} spends stored, clients saw {ok} (+{unknown} unknown)"
@@ -928,7 +1007,7 @@ class Shop:
             if name not in first_low or first_low[name] > answered + timedelta(seconds=1):
                 problems.append(f"wallet {name} refused at {answered} but was never below {COST} before")
         if cli:
-            result = self.cli_audit()
+            result = self.cli("credits", "audit")
             if result.returncode != 0 or "audit passed" not in result.stdout:
                 problems.append(
                     f"flask credits audit exited {result.returncode}: {result.stdout}{result.stderr}"
@@ -942,7 +1021,134 @@ class Shop:
             "creating": int(creating),
             "events": len(recorded),
             "spends": sum(spends.values()),
+            **keyed_figures,
         }
+
+    def check_keyed(self, tally: Tally) -> tuple[list[str], dict[str, int], Counter[str], Counter[str]]:
+        """The same-key storm (``tally.keyed``): per wallet and Idempotency-Key, the view ran at most
+        once and was charged exactly as often as it ran (a charge is a spend with that key not
+        refunded), except that a run whose answer was lost (killed worker, 503) may have been charged
+        or not; a key charged has its answer stored (``done``), a key not charged has none (no key
+        is left ``running``); every replay is byte for byte the run's answer and the stored one, and
+        answers only the request that ran; 409 only "in progress", 422 only for another request.
+
+        Returns the problems, figures, and per wallet the keys surely charged and the keys maybe
+        charged (for the balance check)."""
+        problems: list[str] = []
+        ok, unknown = Counter[str](), Counter[str]()
+        if not tally.keyed:
+            return problems, {}, ok, unknown
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            names = {
+                r.id: f"{r.user_id}/{r.key_id}"
+                for r in conn.execute(sa.select(t.wallets.c.id, t.wallets.c.user_id, t.wallets.c.key_id))
+            }
+            entries = conn.execute(
+                sa.select(
+                    t.entries.c.id,
+                    t.entries.c.wallet_id,
+                    t.entries.c.kind,
+                    t.entries.c.reverses_id,
+                    t.entries.c.meta,
+                ).where(t.entries.c.kind.in_(["spend", "refund"]))
+            ).all()
+            requests = conn.execute(sa.select(t.requests)).all()
+        refunded = {e.reverses_id for e in entries if e.kind == "refund"}
+        charges = Counter[tuple[str, str]]()
+        for e in entries:
+            key = (e.meta or {}).get("idempotency_key")
+            if e.kind == "spend" and key is not None and e.id not in refunded:
+                charges[names[e.wallet_id], key] += 1
+        stored = {(f"{r.user_id}/{r.key_id}", r.idempotency_key): r for r in requests}
+        answers: dict[tuple[str, str], list[Keyed]] = {}
+        for a in tally.keyed:
+            answers.setdefault((a.wallet, a.key), []).append(a)
+        ours = {wallet for wallet, _ in answers}
+        problems += [f"{k} charged, never sent" for k in charges if k[0] in ours and k not in answers]
+        problems += [
+            f"{k} still running" for k, r in stored.items() if k[0] in ours and r.status == "running"
+        ]
+        for (wallet, key), seen in answers.items():
+            where = f"wallet {wallet} key {key}"
+            runs = [a for a in seen if a.ran]
+            lost = [a for a in seen if a.lost]
+            charged = charges[wallet, key]
+            row = stored.get((wallet, key))
+            if len(runs) > 1:
+                problems.append(f"{where}: the view ran {len(runs)} times")
+            if charged > 1:
+                problems.append(f"{where}: charged {charged} times")
+            if charged > len(runs) + len(lost):
+                problems.append(f"{where}: charged {charged} times for {len(runs)} runs")
+            if runs and not lost and charged != 1:
+                problems.append(f"{where}: the view ran, charged {charged} times")
+            if (row is not None and row.status == "done") != (charged == 1):
+                problems.append(f"{where}: charged {charged} times, stored {row and row.status}")
+            if runs and not lost:
+                ok[wallet] += 1
+            elif runs or lost:
+                unknown[wallet] += 1
+            first = runs[0] if runs else None
+            refused = any(a.status == 402 for a in seen)
+            kept = None if row is None else (row.response_status, bytes(row.response_body or b""))
+            for a in seen:
+                if a.ran and json.loads(a.raw)["persona"]["seed"] != a.seed:
+                    problems.append(f"{where}: a run for {a.seed!r} answered {a.raw[:200]!r}")
+                elif a.replayed and (a.status, a.raw) != kept:
+                    problems.append(f"{where}: replay {a.status} {a.raw[:200]!r} is not the stored answer")
+                elif a.replayed and first is not None and (a.raw, a.seed) != (first.raw, first.seed):
+                    problems.append(f"{where}: {a.seed!r} got {a.raw[:200]!r}, the run was {first.seed!r}")
+                elif a.status in (402, 409, 422) and a.error != EXPECTED_ERRORS[a.status]:
+                    problems.append(f"{where}: {a.status} {a.error}")
+                elif a.status == 422 and first is not None and not refused and a.seed == first.seed:
+                    problems.append(f"{where}: 422 for {a.seed!r}, the request that ran")
+                elif a.status not in (200, 402, 409, 422) and not a.lost:
+                    problems.append(f"{where}: answered {a.status} {a.raw[:300]!r}")
+        statuses = Counter(a.status for a in tally.keyed)
+        figures = {
+            "keyed_requests": len(tally.keyed),
+            "keys": len(answers),
+            "runs": sum(1 for a in tally.keyed if a.ran),
+            "charges": sum(n for k, n in charges.items() if k in answers),
+            "replays": sum(1 for a in tally.keyed if a.replayed),
+            "in_progress_409": statuses[409],
+            "reused_422": statuses[422],
+            "refused_402": statuses[402],
+            "lost": sum(1 for a in tally.keyed if a.lost),
+        }
+        return problems, figures, ok, unknown
+
+    def settle_requests(self) -> dict[str, int]:
+        """What an operator does after workers died: wait until the lease of every request left
+        running is over, then run ``flask credits expire`` (which returns their credits and frees
+        their keys); again while any is left. Bounded by LEASE + WAIT. Returns how many requests were
+        left running, and how many of them had their credits returned."""
+        r = self.credits.tables.requests
+        settled = Counter({"running": 0, "credits returned": 0})
+        deadline = time.monotonic() + LEASE + WAIT
+        for _ in range(10):
+            with self.engine.connect() as conn:
+                leases = (
+                    conn.execute(sa.select(r.c.locked_until).where(r.c.status == "running")).scalars().all()
+                )
+            if not leases:
+                break
+            wait = (max(leases) - datetime.now(timezone.utc)).total_seconds()
+            if time.monotonic() + wait > deadline:
+                raise AssertionError(f"a lease runs {wait:.1f} s more, past LEASE = {LEASE} s")
+            time.sleep(max(0.0, wait))  # a lease is a time: nothing to wait for but the clock
+            result = self.cli("credits", "expire")
+            found = re.search(r"returned the credits of (\d+) unfinished", result.stdout)
+            if result.returncode != 0 or found is None:
+                raise AssertionError(
+                    f"flask credits expire exited {result.returncode}: {result.stdout}{result.stderr}"
+                )
+            settled["running"] += len(leases)
+            settled["credits returned"] += int(found.group(1))
+        else:
+            raise AssertionError("requests still running after 10 rounds of flask credits expire")
+        return dict(settled)
 
 
 def report(name: str, figures: dict[str, Any]) -> None:

@@ -71,13 +71,14 @@ def race(app, count: int, body: Callable[[int], T]) -> list[T]:
 
 
 class Workers:
-    """A few worker processes (``_concurrency_worker.py``), started once for the module because a
-    fresh interpreter takes a second to import Flask and SQLAlchemy. ``run(job)`` gives every worker
-    the job, waits until all are connected, starts them together and returns their results. On any
-    failure the workers are killed, and the next ``run`` starts new ones."""
+    """A few worker processes (``script``, by default ``_concurrency_worker.py``), started once for
+    the module because a fresh interpreter takes a second to import Flask and SQLAlchemy. ``run(job)``
+    gives every worker the job, waits until all are connected, starts them together and returns their
+    results. On any failure the workers are killed, and the next ``run`` starts new ones."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, script: Path = WORKER) -> None:
         self.count = count
+        self.script = script
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stderr: dict[int, IO[bytes]] = {}  # a file, not a pipe: a pipe nobody reads fills up
 
@@ -102,13 +103,13 @@ class Workers:
         for _ in range(self.count):
             stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
             proc = subprocess.Popen(
-                [sys.executable, str(WORKER)],
+                [sys.executable, str(self.script)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 bufsize=0,
                 env=env,
-                cwd=WORKER.parent,
+                cwd=self.script.parent,
             )
             self.procs.append(proc)
             self.stderr[proc.pid] = stderr

@@ -16,6 +16,7 @@ moments, made deterministic with row locks held by the test.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import threading
 import time
@@ -45,6 +46,7 @@ from _reliability import (
     engine_options,
     report,
     spend,
+    until_not_in_progress,
     via,
 )
 from conftest import drop_all_tables
@@ -245,6 +247,41 @@ def test_a_worker_killed_mid_fulfilment_commits_nothing_and_the_retried_webhook_
     report(f"worker killed mid-fulfilment {faults.shop.label}", {"rounds": ROUNDS})
 
 
+def test_a_worker_killed_mid_run_with_an_idempotency_key_is_taken_over_or_settled_and_charged_once(faults):
+    """A request with an Idempotency-Key whose worker is SIGKILLed while its spend waits for a lot:
+    the key stays claimed (``running``), and its spend happened whole or not at all. Either a retry
+    gets 409 until the lease (LEASE) is over, then takes the key over and runs, spending under the
+    dead run's ledger key; or, after the lease, ``flask credits expire`` returns that spend and frees
+    the key, and the retry is a new run. Both ways the wallet pays once for the one answered run."""
+    shop, tally, seen = faults.shop, Tally(), Counter[str]()
+    wallets = []
+    for round_number in range(ROUNDS):
+        for fate in ("taken over", "settled"):
+            wallet = faults.wallet(100, tally)
+            wallets.append(wallet)
+            send = functools.partial(spend, faults.port, wallet.secret, key=f"killed-{round_number}")
+            outcome = interrupted(faults, ("lots", shop.lot_ids(wallet)[0]), send, kill_worker(faults))
+            assert isinstance(outcome, LOST), outcome
+            seen["killed run had charged" if shop.balance(wallet) < 100 else "killed run had not"] += 1
+            assert [row.status for row in shop.request_rows(wallet)] == ["running"]
+            if fate == "settled":
+                settled = shop.settle_requests()
+                assert (shop.balance(wallet), shop.request_rows(wallet)) == (100, [])
+                seen["credits returned by flask credits expire"] += settled["credits returned"]
+            reply, in_progress = until_not_in_progress(send)
+            seen[f"retries answered 409 before the lease ran out ({fate})"] += in_progress
+            ran = answered(reply, 200)
+            assert not ran.replayed
+            replay = answered(send(), 200)
+            assert (replay.replayed, replay.raw) == (True, ran.raw)
+            assert ran.body["balance"] == shop.balance(wallet) == 100 - COST
+            assert [row.status for row in shop.request_rows(wallet)] == ["done"]
+            tally.spent_ok[wallet.name] += 1
+    shop.check(wallets, tally)
+    faults.assert_no_bare_500()
+    report(f"worker killed mid-run with an idempotency key {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
 # -- the database connection dropped, the database unreachable ----------------------------------------
 
 
@@ -313,45 +350,34 @@ def test_connections_dropped_mid_spend_webhook_and_checkout_answer_503_and_write
 def test_a_spend_retried_with_its_idempotency_key_after_a_dropped_connection_is_charged_once(faults):
     """The client's side of the trade-off in docs/ledger.md: a spend cut while it waits for its lot
     answers 503 and may have committed (PostgreSQL's one-statement debit) or not (MariaDB); either way
-    a retry with the same Idempotency-Key answers 200 and the wallet pays exactly once."""
+    a retry with the same Idempotency-Key answers 200 and the wallet pays exactly once. The cut also
+    kept the request from ending its lease, so the retry gets 409 until the lease (LEASE) runs out,
+    then takes the key over: the view runs once in all (the 503 ran nothing), and a later retry is
+    its replay."""
     shop, tally, seen = faults.shop, Tally(), Counter[str]()
     wallets = []
     for round_number in range(ROUNDS):
         wallet = faults.wallet(100, tally)
         wallets.append(wallet)
-        key = f"retry-{round_number}"
-        outcome = interrupted(
-            faults,
-            ("lots", shop.lot_ids(wallet)[0]),
-            lambda w=wallet, k=key: spend(faults.port, w.secret, key=k),
-            cut_database(faults),
-        )
+        send = functools.partial(spend, faults.port, wallet.secret, key=f"retry-{round_number}")
+        outcome = interrupted(faults, ("lots", shop.lot_ids(wallet)[0]), send, cut_database(faults))
         faults.db_line.up()
         assert_unavailable(outcome)
         seen["cut spend had committed" if shop.balance(wallet) < 100 else "cut spend had not"] += 1
-        retried = answered(
-            as_a_client_would(outcome, lambda w=wallet, k=key: spend(faults.port, w.secret, key=k)), 200
-        )
-        assert retried.body["balance"] == 100 - COST
+        reply, in_progress = until_not_in_progress(send)
+        seen["retries answered 409 before the lease ran out"] += in_progress
+        ran = answered(reply, 200)
+        assert not ran.replayed  # the run: the cut request never ran the view
+        assert ran.body["balance"] == 100 - COST
+        replay = answered(send(), 200)
+        assert (replay.replayed, replay.raw) == (True, ran.raw)
         assert shop.balance(wallet) == 100 - COST
+        (row,) = shop.request_rows(wallet)
+        assert (row.status, bytes(row.response_body)) == ("done", ran.raw)
         tally.spent_ok[wallet.name] += 1
     shop.check(wallets, tally)
     faults.assert_no_bare_500()
     report(f"idempotent retry after a dropped connection {faults.shop.label}", {"rounds": ROUNDS, **seen})
-
-
-def as_a_client_would(
-    first: Reply | BaseException, send: Callable[[], Reply | BaseException]
-) -> Reply | BaseException:
-    """Retry like an HTTP client honouring ``Retry-After`` (the 503's, then the 409's while the cut
-    request still holds its Idempotency-Key), at most 10 times."""
-    outcome = first
-    for _ in range(10):
-        if not isinstance(outcome, Reply) or outcome.status not in (409, 503):
-            break
-        time.sleep(float(outcome.headers.get("retry-after", "1")))
-        outcome = send()
-    return outcome
 
 
 def test_an_unreachable_database_answers_503_to_everything_and_everything_resumes_after(faults):

@@ -7,6 +7,10 @@ zero, ``audit()`` and ``flask credits audit`` pass, every paid purchase credited
 clawed back exactly as far as its refunds and disputes say, the spends stored are exactly the ones
 answered 200, and each balance is what the grants, purchases, spends and claw-backs leave.
 
+A same-key storm (``Storm``) sends each Idempotency-Key from several clients at once, with the same or
+different bodies: per key the view runs at most once, the charges are exactly the runs, and every
+replay is the run's answer byte for byte.
+
 By default each scenario runs for a few seconds (CI). ``CREDITS_RELIABILITY_SECONDS=N`` runs the
 load for N seconds per database (``make reliability``; docs/reliability.md has the figures).
 """
@@ -27,10 +31,13 @@ from typing import Any
 import pytest
 from _reliability import (
     COST,
+    HTTP_TIMEOUT,
     MARKS,
     SECONDS,
+    WAIT,
     FakeStripe,
     Gunicorn,
+    Keyed,
     Paid,
     Shop,
     Tally,
@@ -49,6 +56,9 @@ from flask_credits import testing
 
 LOAD_SECONDS = SECONDS or 4.0
 CHAOS_SECONDS = SECONDS or 6.0
+STORM_SECONDS = SECONDS or 3.0
+#: Wallets (groups of 4 clients) of the same-key storm, alone and within the load with faults.
+STORM_GROUPS, STORM_FAULT_GROUPS = 5, 2
 
 pytestmark = MARKS
 
@@ -143,6 +153,98 @@ class Webhooks:
             t.join(timeout)
         if self.pending:
             self.tally.problems.append(f"{self.pending} webhook deliveries never answered 200")
+
+
+class Storm:
+    """The same-key storm on ``POST /api/personas``: groups of clients, one wallet per group. Each
+    round the group's clients send a request with one new Idempotency-Key at the same moment (a
+    barrier): all the same request, two requests two by two, or each a request of its own. When every
+    answer is in, each sends its request again (the run is over: the replay, 422 for another request,
+    or 402), and now and then one of its requests of an earlier round (a retry long after, which may
+    take over a run whose worker was killed). The keys are named by round, so each wallet uses the
+    same names: a key is per wallet. Every answer goes to ``tally.keyed``; ``Shop.check`` judges."""
+
+    def __init__(
+        self,
+        port: int,
+        wallets: list[Wallet],
+        tally: Tally,
+        deadline: float,
+        *,
+        clients: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.port, self.tally, self.deadline = port, tally, deadline
+        self.groups = [_StormGroup(self, w, clients, seed + i) for i, w in enumerate(wallets)]
+
+    def start(self) -> None:
+        for group in self.groups:
+            for t in group.threads:
+                t.start()
+
+    def join(self, timeout: float) -> None:
+        for group in self.groups:
+            for t in group.threads:
+                t.join(timeout)
+                if t.is_alive():
+                    self.tally.problems.append(f"storm client {t.name} still running")
+
+    def send(self, wallet: Wallet, key: str, seed: str) -> None:
+        try:
+            reply = spend(self.port, wallet.secret, seed, key=key)
+            answer = Keyed(wallet.name, key, seed, reply.status, reply.replayed, reply.error, reply.raw)
+        except (OSError, http.client.HTTPException) as exc:  # a killed worker
+            answer = Keyed(wallet.name, key, seed, type(exc).__name__)
+        self.tally.count("storm", answer.status)
+        with self.tally.lock:
+            self.tally.keyed.append(answer)
+
+
+class _StormGroup:
+    """The clients of one wallet in the storm, and the round they are in."""
+
+    def __init__(self, storm: Storm, wallet: Wallet, clients: int, seed: int) -> None:
+        self.storm, self.wallet, self.seed, self.rng = storm, wallet, seed, random.Random(seed)
+        self.round, self.seeds, self.over = 0, [""] * clients, False
+        # Each round: `start` (its action picks the round's requests), a volley, `volleyed`, retries.
+        wait = 2 * HTTP_TIMEOUT + WAIT
+        self.start = threading.Barrier(clients, action=self._next_round, timeout=wait)
+        self.volleyed = threading.Barrier(clients, timeout=wait)
+        self.threads = [
+            threading.Thread(target=self._client, args=(c,), name=f"storm-{wallet.key_id}-{c}", daemon=True)
+            for c in range(clients)
+        ]
+
+    def _next_round(self) -> None:
+        """Runs in one client while the others wait at ``start``."""
+        self.round += 1
+        self.over = time.monotonic() > self.storm.deadline
+        mode = self.rng.choice(("same", "pairs", "each"))
+        key = f"storm-{self.round}"
+        self.seeds = [
+            {"same": key, "pairs": f"{key}-{c % 2}", "each": f"{key}-{c}"}[mode]
+            for c in range(len(self.seeds))
+        ]
+
+    def _client(self, c: int) -> None:
+        rng, sent = random.Random(1000 * self.seed + c), []
+        try:
+            for _ in range(100_000):
+                self.start.wait()
+                if self.over:
+                    return
+                key, seed = f"storm-{self.round}", self.seeds[c]
+                self.storm.send(self.wallet, key, seed)
+                self.volleyed.wait()
+                self.storm.send(self.wallet, key, seed)
+                if sent and rng.random() < 0.25:
+                    self.storm.send(self.wallet, *rng.choice(sent))
+                sent.append((key, seed))
+        except Exception as exc:  # a broken barrier, or a bug here: the check must fail, not hang
+            with self.storm.tally.lock:
+                self.storm.tally.problems.append(f"storm client {c} of {self.wallet.name}: {exc!r}")
+            self.start.abort()
+            self.volleyed.abort()
 
 
 SPEND_OK = {200, 402}
@@ -243,14 +345,19 @@ def run_load(
     *,
     faults: bool = False,
     chaos: Any = None,
+    storm: int = 0,
 ) -> tuple[list[Wallet], Tally, float]:
-    """Many spenders and a few buyers for ``seconds``, webhooks delivered meanwhile; ``chaos(deadline)``
-    runs in a thread of its own when given. Returns the wallets, the tally and the elapsed time."""
+    """Many spenders and a few buyers for ``seconds``, webhooks delivered meanwhile, and a same-key
+    storm on ``storm`` wallets of its own; ``chaos(deadline)`` runs in a thread of its own when given.
+    Returns the wallets, the tally and the elapsed time."""
     shop, tally = stack.shop, Tally()
     wallets = shop.wallets(users=4, keys_per_user=2)
     hot = wallets[0]
     for w in wallets:
         shop.grant(w, 50 if w is hot else 100, tally)  # the hot one runs dry at once
+    storm_wallets = shop.wallets(users=1, keys_per_user=storm) if storm else []
+    for w in storm_wallets:
+        shop.grant(w, 100_000, tally)
     webhooks = Webhooks(port, tally, threads=3, faults=faults)
     begin = time.monotonic()
     deadline = begin + seconds
@@ -266,10 +373,13 @@ def run_load(
     ]
     if chaos is not None:
         threads.append(threading.Thread(target=chaos, args=(deadline,)))
+    storming = Storm(port, storm_wallets, tally, deadline)
+    storming.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join(seconds + 120)
+    storming.join(120)
     webhooks.drain(120)
     elapsed = time.monotonic() - begin
     paid = set(tally.paid)
@@ -279,7 +389,7 @@ def run_load(
     } - paid
     if tally.refused[hot.name] == 0:
         tally.problems.append("the hot wallet was never refused: the load did not drain it")
-    return wallets, tally, elapsed
+    return wallets + storm_wallets, tally, elapsed
 
 
 def figures(tally: Tally, stored: dict[str, int], elapsed: float) -> dict[str, Any]:
@@ -359,11 +469,49 @@ def test_one_event_delivered_fifty_times_at_once_credits_once(stack):
     report(f"duplicate storm {stack.shop.label}", {"deliveries": 50, "outcomes": dict(outcomes)})
 
 
+def test_a_same_key_storm_runs_the_view_once_per_key_and_charges_exactly_the_runs(stack):
+    """Groups of clients send one Idempotency-Key at the same moment, with the same or different
+    bodies, then again once the run is over (``Storm``): each key's view runs at most once, the
+    charges are exactly the runs (200 without ``Idempotent-Replayed``), every replay is the run's
+    answer byte for byte, everything else is 409, 422, or 402 once the small wallet ran dry."""
+    shop, tally = stack.shop, Tally()
+    wallets = shop.wallets(users=1, keys_per_user=STORM_GROUPS)
+    for i, w in enumerate(wallets):
+        shop.grant(w, 2 * COST if i == 0 else 1_000_000, tally)  # the first runs dry: 402s too
+    # A lease no request here can outlive: two runs of one key would be a bug, not a takeover.
+    server = stack.server(CREDITS_IDEMPOTENCY_LOCK_TIMEOUT=2 * HTTP_TIMEOUT + WAIT)
+    began = time.monotonic()
+    try:
+        storm = Storm(server.port, wallets, tally, began + STORM_SECONDS)
+        storm.start()
+        storm.join(STORM_SECONDS + 120)
+        elapsed = time.monotonic() - began
+    finally:
+        server.close()
+    stored = shop.check(wallets, tally, cli=False)
+    assert set(tally.statuses) <= {"storm 200", "storm 402", "storm 409", "storm 422"}, tally.statuses
+    assert stored["runs"] == stored["charges"] > 0
+    seen = [stored[k] for k in ("replays", "in_progress_409", "reused_422", "refused_402")]
+    assert min(seen) > 0, stored  # every outcome happened
+    requests = stored["keyed_requests"]
+    report(
+        f"same-key storm {stack.shop.label}",
+        {
+            "seconds": round(elapsed, 1),
+            "requests_per_second": round(requests / elapsed),
+            **{k: v for k, v in stored.items() if k not in ("purchases", "creating", "events")},
+        },
+    )
+
+
 def test_load_with_database_outages_and_killed_workers_loses_nothing(stack):
     """The same load, with the database cut off (every connection dropped, new ones refused) for a
     second and a worker SIGKILLed, in turns, every couple of seconds. Answers lost with a killed
     worker or cut off by the outage count as "unknown": the spend may or may not have happened, and the
-    check allows exactly that much; webhooks are retried until answered 200."""
+    check allows exactly that much; webhooks are retried until answered 200. A same-key storm runs
+    too: a key is charged at most once and at most as often as it ran or lost its answer; once the
+    lease of every run left behind by a killed worker is over, ``flask credits expire`` settles them,
+    and no key is left running."""
     proxy = TcpProxy(int(stack.shop.engine.url.port or 0))
     server = stack.server(via(stack.url, proxy.port))
     faults: Counter[str] = Counter()
@@ -384,14 +532,19 @@ def test_load_with_database_outages_and_killed_workers_loses_nothing(stack):
                 faults["workers killed"] += 1
 
     try:
-        wallets, tally, elapsed = run_load(stack, server.port, CHAOS_SECONDS, faults=True, chaos=chaos)
+        wallets, tally, elapsed = run_load(
+            stack, server.port, CHAOS_SECONDS, faults=True, chaos=chaos, storm=STORM_FAULT_GROUPS
+        )
     finally:
         server.close()
         proxy.close()
+    settled = stack.shop.settle_requests()  # the runs of killed workers: after their lease
     stored = stack.shop.check(wallets, tally)
     assert faults["database outages"] >= 1, faults
     assert faults["workers killed"] >= 1, faults
     assert not any(status.endswith(" 500") for status in tally.statuses), tally.statuses
+    assert stored["runs"] > 0
     report(
-        f"load with faults {stack.shop.label}", {**figures(tally, stored, elapsed), "faults": dict(faults)}
+        f"load with faults {stack.shop.label}",
+        {**figures(tally, stored, elapsed), "faults": dict(faults), "settled": settled},
     )
