@@ -71,7 +71,7 @@ def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(cli
         "payment_intent_data[metadata][credits]": ["300"],
         "payment_intent_data[metadata][purchaseId]": [str(row.id)],
         "success_url": ["http://shop.test/credits/success?session_id={CHECKOUT_SESSION_ID}"],
-        "cancel_url": ["http://shop.test/credits/cancel"],
+        "cancel_url": [f"http://shop.test/credits/cancel?attempt={row.attempt_key}"],
     }
     assert headers["Idempotency-Key"] == row.attempt_key
     assert headers["Authorization"] == f"Bearer {SECRET}"
