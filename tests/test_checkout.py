@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
 import pytest
@@ -276,3 +278,111 @@ def test_a_misconfigured_pack_is_named_in_the_error(app, client, login):
     login("alice")
     with pytest.raises(RuntimeError, match=r"CREDITS_PACKS\['broken'\]"):
         client.post("/credits/checkout", json={"pack": "broken"})
+
+
+# -- the cap on unfinished checkouts ----------------------------------------------------------------
+
+CAP = 5  # CREDITS_MAX_OPEN_PURCHASES's default
+
+
+def checkout_codes(client, times, **kwargs):
+    return [
+        client.post("/credits/checkout", json={"quantity": 1}, **kwargs).status_code for _ in range(times)
+    ]
+
+
+def test_one_checkout_past_the_cap_is_429_and_neither_writes_nor_calls_stripe(client, login, credits, stripe):
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP) == [200] * CAP
+    response = client.post("/credits/checkout", json={"quantity": 1})
+    assert response.status_code == 429
+    assert response.json == {
+        "error": "too_many_open_checkouts",
+        "message": "You already have 5 unfinished checkouts. Complete or cancel one of them,"
+        " or try again later.",
+    }
+    assert 0 < int(response.headers["Retry-After"]) <= 24 * 3600
+    assert len(stripe.calls) == CAP
+    assert len(purchases(credits)) == CAP
+
+
+def test_a_browser_past_the_cap_gets_the_credits_page_with_the_message(client, login, credits, stripe):
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP) == [200] * CAP
+    page = client.post("/credits/checkout", data={"quantity": "2"}, headers={"Accept": "text/html"})
+    assert page.status_code == 429
+    assert "Retry-After" in page.headers
+    assert "You already have 5 unfinished checkouts" in page.get_data(as_text=True)
+    assert len(purchases(credits)) == CAP
+
+
+def test_retry_after_says_when_the_oldest_unfinished_checkout_stops_counting(client, login, stripe, clock):
+    """Stripe ends a Checkout Session after 24 hours at the latest: an older unfinished purchase (its
+    expiry event lost) no longer counts."""
+    testing.mock_create_session(stripe)
+    login("alice")
+    for _ in range(CAP):
+        assert checkout_codes(client, 1) == [200]
+        clock.advance(minutes=10)
+    refused = client.post("/credits/checkout", json={"quantity": 1})
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, str(24 * 3600 - 50 * 60))
+    clock.advance(seconds=24 * 3600 - 50 * 60 - 1)
+    assert checkout_codes(client, 1) == [429]
+    clock.advance(seconds=1)
+    assert checkout_codes(client, 2) == [200, 429]  # the oldest stopped counting, the new one counts
+
+
+def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, credits, stripe):
+    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 2
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, 3) == [200, 200, 429]
+    first, second = (row.session_id for row in purchases(credits))
+    with app.app_context():
+        paid = testing.session_for(first)
+        expired = testing.session_for(second, payment_status="unpaid", status="expired")
+    assert testing.post_event(client, testing.event("checkout.session.completed", paid)).status_code == 200
+    assert checkout_codes(client, 2) == [200, 429]
+    assert testing.post_event(client, testing.event("checkout.session.expired", expired)).status_code == 200
+    app.config["STRIPE_SECRET_KEY"] = None  # a checkout Stripe never created ends as "error"
+    assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 502
+    app.config["STRIPE_SECRET_KEY"] = SECRET
+    assert checkout_codes(client, 2) == [200, 429]
+    statuses = sorted(row.status for row in purchases(credits))
+    assert statuses == ["error", "expired", "fulfilled", "open", "open"]
+
+
+def test_the_cap_is_per_wallet(client, login, credits, stripe):
+    @credits.wallet_checker
+    def owns(user_id, key_id):
+        return (user_id, key_id) == ("alice", "key-1")
+
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP + 1) == [200] * CAP + [429]
+    assert client.post("/credits/checkout", json={"quantity": 1, "key_id": "key-1"}).status_code == 200
+    login("bob")
+    assert checkout_codes(client, 1) == [200]
+
+
+def test_checkouts_racing_on_one_wallet_stop_exactly_at_the_cap(app, credits, stripe, backend):
+    """Twenty checkouts of one wallet at once, released by a barrier: the wallet row lock taken before
+    counting lets exactly CAP through, on every backend."""
+    testing.mock_create_session(stripe)
+    racers = 20
+    clients = [app.test_client() for _ in range(racers)]
+    for racer in clients:
+        assert racer.post("/_login/alice").status_code == 200
+    barrier = threading.Barrier(racers, timeout=60)
+
+    def checkout(racer):
+        barrier.wait()
+        return racer.post("/credits/checkout", json={"quantity": 1}).status_code
+
+    with ThreadPoolExecutor(max_workers=racers) as pool:
+        codes = list(pool.map(checkout, clients, timeout=120))
+    assert sorted(codes) == [200] * CAP + [429] * (racers - CAP)
+    assert [row.status for row in purchases(credits)] == ["open"] * CAP
+    assert len(stripe.calls) == CAP
