@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_request_context, url_for
 
-from . import cli, config, simulated, views
+from . import cli, config, purchases, simulated, urls, views
 from .idempotency import RequestKeys
 from .ledger import Ledger, make_wallet
 from .models import Tables, tables_for
@@ -41,7 +41,8 @@ class FlaskCredits:
     Config keys (each set with ``setdefault``; see ``docs/configuration.md``): ``CREDITS_URL_PREFIX``,
     ``CREDITS_HISTORY_PAGE_SIZE``, ``CREDITS_PER_UNIT``, ``CREDITS_UNIT_AMOUNT``, ``CREDITS_CURRENCY``,
     ``CREDITS_PRODUCT_NAME``, ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``,
-    ``CREDITS_PURCHASE_EXPIRES_AFTER``, ``CREDITS_STRIPE_MODE``, ``CREDITS_STRIPE_TIMEOUT``,
+    ``CREDITS_PURCHASE_EXPIRES_AFTER``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
+    ``CREDITS_SITE_URL``, ``CREDITS_STRIPE_MODE``, ``CREDITS_STRIPE_TIMEOUT``,
     ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``,
     ``STRIPE_WEBHOOK_SECRET`` (the last three also from environment variables of those names or
@@ -64,7 +65,9 @@ class FlaskCredits:
     def init_app(self, app: Flask) -> None:
         """Register on ``app``: config defaults, ``app.extensions["credits"]``, the ``credits``
         blueprint and the ``flask credits`` commands. Raises ``RuntimeError`` if already registered
-        on this app or if no Flask-SQLAlchemy instance can be found."""
+        on this app, if no Flask-SQLAlchemy instance can be found, or naming a config key whose value
+        cannot work. Logs a warning when a live app sets none of ``CREDITS_SITE_URL``,
+        ``SERVER_NAME`` and ``TRUSTED_HOSTS``."""
         if "credits" in app.extensions:
             raise RuntimeError(
                 "A 'FlaskCredits' instance has already been registered on this Flask app."
@@ -83,6 +86,8 @@ class FlaskCredits:
             raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
         if app.config["CREDITS_STRIPE_MODE"] == "simulated":
             simulated.check_allowed(app)
+        purchases.limits(app.config)
+        urls.check(app)
         app.extensions["credits"] = self
         app.register_blueprint(views.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
         app.cli.add_command(cli.credits_cli)

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from flask import url_for
+from flask import current_app
 
-from . import signals
-from .errors import InvalidArgument
-from .ledger import FULFILLABLE, InTx, check_amount, utcnow
+from . import ledger, signals
+from .errors import CreditsError, InvalidArgument
+from .ledger import FULFILLABLE, InTx, check_amount
 from .records import Purchase, Wallet
+from .urls import external_url
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -34,9 +37,33 @@ log = logging.getLogger("flask_credits")
 
 PAID = ("paid", "no_payment_required")
 
+#: Statuses of a checkout the customer may still pay at Stripe: these count against
+#: ``CREDITS_MAX_OPEN_PURCHASES``.
+UNFINISHED = ("creating", "open")
+#: The longest a Checkout Session lives at Stripe (its default ``expires_at``). An unfinished purchase
+#: older than this is over even if its ``checkout.session.expired`` event never arrived, so it stops
+#: counting.
+SESSION_LIFETIME = timedelta(hours=24)
+#: What ``start_checkout`` makes the attempt keys look like: the cancel page looks nothing else up.
+ATTEMPT_KEY = re.compile(r"chk_[0-9a-f]{32}")
+
 
 class BadCheckout(InvalidArgument):
     """A checkout request the server refuses (unknown pack, bad quantity...): HTTP 400."""
+
+
+class TooManyOpenCheckouts(CreditsError):
+    """The wallet already has ``limit`` unfinished checkouts (``CREDITS_MAX_OPEN_PURCHASES``): HTTP 429
+    with ``Retry-After: retry_after`` (seconds until the oldest stops counting). Nothing was written
+    and Stripe was not called."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"You already have {limit} unfinished checkouts. Complete or cancel one of them,"
+            " or try again later."
+        )
+        self.limit = limit
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -177,61 +204,151 @@ def _quantity(value: object, maximum: int) -> int:
     return value
 
 
+def limits(config: Mapping[str, Any]) -> tuple[int, timedelta]:
+    """``CREDITS_MAX_OPEN_PURCHASES`` and ``CREDITS_SUCCESS_CHECK_INTERVAL``, checked (a bad one is a
+    RuntimeError naming it; ``init_app`` calls this so that it fails at startup)."""
+    cap = config["CREDITS_MAX_OPEN_PURCHASES"]
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise RuntimeError(f"CREDITS_MAX_OPEN_PURCHASES must be a whole number >= 1, not {cap!r}")
+    interval = config["CREDITS_SUCCESS_CHECK_INTERVAL"]
+    seconds = interval.total_seconds() if isinstance(interval, timedelta) else interval
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 1:
+        raise RuntimeError(
+            f"CREDITS_SUCCESS_CHECK_INTERVAL must be seconds (>= 1) or a timedelta, not {interval!r}"
+        )
+    return cap, timedelta(seconds=seconds)
+
+
 def start_checkout(ext: FlaskCredits, wallet: Wallet, offer: Offer) -> dict[str, Any]:
     """Store the pending purchase, then create its Checkout Session; returns ``{"id", "url"}``.
 
     The row is committed before Stripe is called, with a fresh key that is both Stripe's idempotency
     key and the session's ``client_reference_id``; a webhook that overtakes this function still finds
-    its purchase. If Stripe fails the row becomes ``error`` and can never be credited.
+    its purchase. If Stripe fails the row becomes ``error`` and can never be credited. Raises
+    :class:`TooManyOpenCheckouts`, before writing anything or calling Stripe, when the wallet already
+    has ``CREDITS_MAX_OPEN_PURCHASES`` unfinished checkouts.
     """
     from .stripe_api import PaymentProviderError
 
-    ledger_ = ext.ledger
     p = ext.tables.purchases
-    wallet_id = ledger_.wallet_id(wallet, create=True)
+    wallet_id = ext.ledger.wallet_id(wallet, create=True)
+    assert wallet_id is not None
     attempt = "chk_" + secrets.token_hex(16)
-    now = utcnow()
-    with ext.db.engine.begin() as conn:
-        purchase_id = conn.execute(
-            sa.insert(p).values(
-                wallet_id=wallet_id,
-                attempt_key=attempt,
-                pack=offer.pack,
-                quantity=offer.quantity,
-                credits=offer.credits,
-                amount=offer.amount or 0,
-                currency=offer.currency,
-                status="creating",
-                expires_after_seconds=offer.expires_after,
-                created_at=now,
-                updated_at=now,
-            )
-        ).inserted_primary_key[0]  # type: ignore[index]
+    now = ledger.utcnow()
+    purchase_id = _insert_within_cap(
+        ext,
+        wallet_id,
+        now,
+        dict(
+            wallet_id=wallet_id,
+            attempt_key=attempt,
+            pack=offer.pack,
+            quantity=offer.quantity,
+            credits=offer.credits,
+            amount=offer.amount or 0,
+            currency=offer.currency,
+            status="creating",
+            expires_after_seconds=offer.expires_after,
+            created_at=now,
+            updated_at=now,
+        ),
+    )
     metadata = {"userId": wallet.user_id, "credits": str(offer.credits), "purchaseId": str(purchase_id)}
     if wallet.key_id:
         metadata["keyId"] = wallet.key_id
-    success = url_for("credits.success", _external=True) + "?session_id={CHECKOUT_SESSION_ID}"
     params = {
         "mode": "payment",
         "line_items": [offer.line_item],
         "client_reference_id": attempt,
         "metadata": metadata,
         "payment_intent_data": {"metadata": metadata},
-        "success_url": success,
-        "cancel_url": url_for("credits.cancel", _external=True),
+        # Stripe fills in {CHECKOUT_SESSION_ID} on the success URL only; the cancel page finds the
+        # purchase by its attempt key, which only this customer's browser is given.
+        "success_url": external_url("credits.success") + "?session_id={CHECKOUT_SESSION_ID}",
+        "cancel_url": external_url("credits.cancel", attempt=attempt),
     }
     try:
         session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
     except PaymentProviderError:
         _set_status(ext, purchase_id, "error", ("creating",))
         raise
-    values: dict[str, Any] = {"session_id": session["id"], "status": "open", "updated_at": utcnow()}
+    values: dict[str, Any] = {"session_id": session["id"], "status": "open", "updated_at": ledger.utcnow()}
     if offer.amount is None and isinstance(session.get("amount_total"), int):
         values["amount"] = session["amount_total"]
     with ext.db.engine.begin() as conn:
         conn.execute(sa.update(p).where(p.c.id == purchase_id, p.c.status == "creating").values(values))
         # A webhook may have adopted the row already (status moved on): the session id is then set.
     return {"id": session["id"], "url": session["url"]}
+
+
+def _insert_within_cap(ext: FlaskCredits, wallet_id: int, now: datetime, row: dict[str, Any]) -> int:
+    """Insert the purchase ``row`` unless the wallet already has its cap of unfinished checkouts.
+
+    Count and insert must not race (twenty checkouts at once would all count four and all insert), so
+    the transaction first locks the wallet row with an UPDATE that changes nothing (never the balance),
+    and only then counts. Every checkout of the wallet takes that lock first, so they run one after
+    another, and each one's count sees the rows of those before it:
+
+    * PostgreSQL (READ COMMITTED): each statement reads a snapshot taken when it starts; the count
+      starts after the UPDATE got the lock, so after the previous holder committed its row.
+    * MariaDB/MySQL (REPEATABLE READ): InnoDB takes the transaction's read view at its first plain
+      read, which is the count, after the lock; the UPDATE is a locking read of the newest row.
+    * SQLite: the UPDATE takes the database's write lock; the transaction read nothing before it.
+    """
+    cap, _ = limits(current_app.config)
+    p, w = ext.tables.purchases, ext.tables.wallets
+    with ext.db.engine.begin() as conn:
+        conn.execute(sa.update(w).where(w.c.id == wallet_id).values(updated_at=w.c.updated_at))
+        count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(p.c.created_at)).where(
+                p.c.wallet_id == wallet_id,
+                p.c.status.in_(UNFINISHED),
+                p.c.created_at > now - SESSION_LIFETIME,
+            )
+        ).one()
+        if count >= cap:
+            wait = (oldest + SESSION_LIFETIME - now).total_seconds()
+            raise TooManyOpenCheckouts(cap, max(1, math.ceil(wait)))
+        return int(conn.execute(sa.insert(p).values(row)).inserted_primary_key[0])  # type: ignore[index]
+
+
+def claim_stripe_check(ext: FlaskCredits, purchase_id: int) -> bool:
+    """Whether this request may ask Stripe about the purchase now: at most one request per
+    ``CREDITS_SUCCESS_CHECK_INTERVAL`` may, across threads and processes, decided by one conditional
+    UPDATE of ``checked_at`` (the row count says who won). The success and cancel pages share it."""
+    _, interval = limits(current_app.config)
+    p = ext.tables.purchases
+    now = ledger.utcnow()
+    with ext.db.engine.begin() as conn:
+        won = conn.execute(
+            sa.update(p)
+            .where(p.c.id == purchase_id, sa.or_(p.c.checked_at.is_(None), p.c.checked_at <= now - interval))
+            .values(checked_at=now)
+        )
+        return won.rowcount == 1
+
+
+def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
+    """The customer came back from Stripe without paying: expire the Checkout Session at Stripe so the
+    purchase stops counting against the cap at once, and mark it ``expired``, but only if Stripe
+    agreed (a session completed meanwhile cannot be expired: the row is left as it is, for the
+    webhook). Only the owner's own ``open`` purchase, named by its attempt key, at most once per
+    ``CREDITS_SUCCESS_CHECK_INTERVAL``. Returns the purchase (None if it is not this user's)."""
+    from .stripe_api import PaymentProviderError
+
+    if not ATTEMPT_KEY.fullmatch(attempt):
+        return None
+    purchase = find(ext, attempt_key=attempt)
+    if purchase is None or purchase.wallet.user_id != user_id:
+        return None
+    if purchase.status != "open" or purchase.session_id is None or not claim_stripe_check(ext, purchase.id):
+        return purchase
+    try:
+        ext.gateway.expire_checkout_session(purchase.session_id)
+    except PaymentProviderError:
+        return purchase  # completed meanwhile, or Stripe unreachable (logged): its events will tell
+    _set_status(ext, purchase.id, "expired", ("open",))
+    return find(ext, id=purchase.id)
 
 
 def find(ext: FlaskCredits, **where: Any) -> Purchase | None:
@@ -281,7 +398,7 @@ def _set_status(
         changed = conn.execute(
             sa.update(p)
             .where(p.c.id == purchase_id, p.c.status.in_(from_statuses))
-            .values(status=status, updated_at=utcnow())
+            .values(status=status, updated_at=ledger.utcnow())
         )
         return changed.rowcount == 1
 
@@ -311,7 +428,7 @@ def purchase_for_session(ext: FlaskCredits, session: Mapping[str, Any]) -> Purch
         conn.execute(
             sa.update(p)
             .where(p.c.attempt_key == reference, p.c.session_id.is_(None), p.c.status == "creating")
-            .values(session_id=session_id, status="open", updated_at=utcnow())
+            .values(session_id=session_id, status="open", updated_at=ledger.utcnow())
         )
     return find(ext, session_id=session_id)
 
@@ -470,7 +587,7 @@ class Recorder:
                     type=self.event_type,
                     outcome=outcome,
                     purchase_id=purchase_id,
-                    received_at=utcnow(),
+                    received_at=ledger.utcnow(),
                 )
             )
 

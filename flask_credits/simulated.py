@@ -17,7 +17,8 @@ from flask import abort, current_app, redirect, render_template, request, url_fo
 from flask.typing import ResponseReturnValue
 
 from . import purchases, testing, webhooks
-from .stripe_api import sign
+from .stripe_api import PaymentProviderError, sign
+from .urls import external_url
 from .views import blueprint, extension, own_purchase
 
 if TYPE_CHECKING:
@@ -64,22 +65,33 @@ class SimulatedStripe:
                 total += int(prices.get(item["price"]) or 0) * int(item["quantity"])
         return {
             "id": session_id,
-            "url": url_for("credits.simulated_checkout", session_id=session_id, _external=True),
+            "url": external_url("credits.simulated_checkout", session_id=session_id),
             "amount_total": total,
             "currency": currency,
         }
 
     def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
-        purchase = purchases.find(self.ext, session_id=session_id)
-        if purchase is None:
-            from .stripe_api import PaymentProviderError
-
-            raise PaymentProviderError("invalid_request", "No such checkout session.")
-        return self._session(purchase)
+        return self._session(self._purchase(session_id))
 
     def find_checkout_session(self, payment_intent: str) -> dict[str, Any] | None:
         purchase = purchases.find(self.ext, payment_intent=payment_intent)
         return None if purchase is None else self._session(purchase)
+
+    def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
+        """As Stripe: only an open session expires, and Stripe then sends ``checkout.session.expired``."""
+        purchase = self._purchase(session_id)
+        if purchase.status not in ("creating", "open"):
+            raise PaymentProviderError("invalid_request", "This Checkout Session is not open.")
+        assert purchase.session_id is not None
+        session = testing.session_for(purchase.session_id, payment_status="unpaid", status="expired")
+        _deliver(self.ext, "checkout.session.expired", session)
+        return session
+
+    def _purchase(self, session_id: str) -> Purchase:
+        purchase = purchases.find(self.ext, session_id=session_id)
+        if purchase is None:
+            raise PaymentProviderError("invalid_request", "No such checkout session.")
+        return purchase
 
     def _session(self, purchase: Purchase, payment_status: str | None = None) -> dict[str, Any]:
         """The session as Stripe would report it now, or as an event about to report it (given
@@ -121,8 +133,10 @@ def simulated_checkout(session_id: str) -> ResponseReturnValue:
     gateway = SimulatedStripe(ext)
     action = request.form.get("action")
     done = url_for("credits.success", session_id=session_id)
-    if action == "cancel":
-        return redirect(url_for("credits.cancel", session_id=session_id), 303)
+    if action == "cancel":  # back to the cancel URL the checkout was created with, as on Stripe
+        row = purchases._row(ext, session_id=session_id)
+        assert row is not None
+        return redirect(url_for("credits.cancel", attempt=row.attempt_key), 303)
     if action == "pay" and purchase.status == "open":
         _deliver(ext, "checkout.session.completed", gateway._session(purchase, "paid"))
     elif action == "pay_later" and purchase.status == "open":

@@ -50,6 +50,11 @@ class Gateway(Protocol):
         """The Checkout Session that created ``payment_intent``, if any."""
         ...
 
+    def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
+        """Expire an ``open`` Checkout Session so it can no longer be paid; returns it. Raises
+        PaymentProviderError when Stripe refuses (the session is complete or expired already)."""
+        ...
+
 
 class LiveStripe:
     """The real Stripe API through stripe-python's ``StripeClient``."""
@@ -84,6 +89,11 @@ class LiveStripe:
             )
         data = found.to_dict().get("data") or []
         return dict(data[0]) if data else None
+
+    def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
+        with _translated("expire a checkout session"):
+            session = self._client.v1.checkout.sessions.expire(session_id)
+        return session.to_dict()
 
 
 class _translated:

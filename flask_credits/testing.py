@@ -39,6 +39,7 @@ __all__ = [
     "dispute",
     "event",
     "mock_create_session",
+    "mock_expire_session",
     "mock_find_session",
     "mock_retrieve_session",
     "post_event",
@@ -223,6 +224,24 @@ def mock_retrieve_session(rsps: responses.RequestsMock, session: dict[str, Any])
     import responses as responses_lib
 
     rsps.add(responses_lib.GET, f"{STRIPE_API}/v1/checkout/sessions/{session['id']}", json=session)
+
+
+def mock_expire_session(
+    rsps: responses.RequestsMock,
+    session: dict[str, Any],
+    *,
+    status: int = 200,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Answer ``POST /v1/checkout/sessions/{id}/expire`` with ``session`` now expired, or with
+    ``error`` and ``status`` (Stripe refuses to expire a session that is not open)."""
+    import responses as responses_lib
+
+    url = f"{STRIPE_API}/v1/checkout/sessions/{session['id']}/expire"
+    if error is not None:
+        rsps.add(responses_lib.POST, url, json={"error": error}, status=status)
+    else:
+        rsps.add(responses_lib.POST, url, json={**session, "status": "expired", "url": None})
 
 
 def mock_find_session(

@@ -176,20 +176,26 @@ def _checkout_data() -> dict[str, Any]:
 
 
 def _error(
-    status: int, code: str, message: str, submitted: dict[str, Any] | None = None
+    status: int,
+    code: str,
+    message: str,
+    submitted: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> ResponseReturnValue:
+    headers = headers or {}
     if wants_json():
-        return jsonify(error=code, message=message), status
+        return jsonify(error=code, message=message), status, headers
     wallet = current_wallet_or_401()
     entries = extension().ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"])
-    return _page(wallet, entries, next_before=None, error=message, submitted=submitted), status
+    return _page(wallet, entries, next_before=None, error=message, submitted=submitted), status, headers
 
 
 @blueprint.post("/checkout")
 def checkout() -> ResponseReturnValue:
     """Start a Stripe Checkout for ``pack`` or ``quantity``: a browser form gets a 303 redirect to
     Stripe, a JSON client gets ``{"id", "url"}``. A form may name one of the user's API keys in
-    ``key_id`` to buy credits for that key's wallet."""
+    ``key_id`` to buy credits for that key's wallet. A wallet with ``CREDITS_MAX_OPEN_PURCHASES``
+    unfinished checkouts gets 429 ``too_many_open_checkouts`` with ``Retry-After``."""
     from . import purchases
     from .stripe_api import PaymentProviderError
 
@@ -207,6 +213,9 @@ def checkout() -> ResponseReturnValue:
         return _error(400, "bad_request", str(exc), data)
     try:
         session = purchases.start_checkout(ext, wallet, offer)
+    except purchases.TooManyOpenCheckouts as exc:
+        headers = {"Retry-After": str(exc.retry_after)}
+        return _error(429, "too_many_open_checkouts", str(exc), data, headers)
     except PaymentProviderError as exc:
         return _error(502, "payment_provider_error", exc.user_message, data)
     if wants_json():
@@ -252,7 +261,9 @@ def own_purchase(session_id: str | None) -> Purchase:
 @blueprint.get("/success")
 def success() -> ResponseReturnValue:
     """Where Stripe sends the customer back: fulfils at once (the webhook may be late), idempotently,
-    from the session fetched afresh from Stripe, then shows what happened."""
+    from the session fetched afresh from Stripe, then shows what happened. Stripe is asked at most
+    once per purchase per ``CREDITS_SUCCESS_CHECK_INTERVAL``; loads in between show the purchase as
+    stored."""
     from . import purchases
     from .ledger import FULFILLABLE
     from .stripe_api import PaymentProviderError
@@ -260,7 +271,7 @@ def success() -> ResponseReturnValue:
     ext = extension()
     purchase = own_purchase(request.args.get("session_id"))
     problem = None
-    if purchase.status in FULFILLABLE:
+    if purchase.status in FULFILLABLE and purchases.claim_stripe_check(ext, purchase.id):
         try:
             assert purchase.session_id is not None
             purchases.fulfil(ext, ext.gateway.retrieve_checkout_session(purchase.session_id))
@@ -281,10 +292,16 @@ def success() -> ResponseReturnValue:
 
 @blueprint.get("/cancel")
 def cancel() -> ResponseReturnValue:
-    """Where Stripe sends a customer who gave up: nothing was charged."""
-    current_wallet_or_401()
+    """Where Stripe sends a customer who gave up: nothing was charged. ``?attempt=`` names the
+    checkout (the cancel URL it was created with carries it); the owner's open checkout is expired at
+    Stripe so it no longer counts against ``CREDITS_MAX_OPEN_PURCHASES``."""
+    from . import purchases
+
+    wallet = current_wallet_or_401()
+    attempt = request.args.get("attempt")
+    purchase = purchases.cancel(extension(), wallet.user_id, attempt) if attempt else None
     if wants_json():
-        return jsonify(status="cancelled")
+        return jsonify(status="cancelled", purchase=purchase.to_dict() if purchase else None)
     return render_template("credits/cancel.html")
 
 

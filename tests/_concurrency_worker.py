@@ -12,6 +12,10 @@ then spends the amounts in turn, over and over, until the wallet refuses a 1-cre
 attempts were made. It closes its connections and prints one JSON line: the spends that succeeded, the
 refusals, why it stopped, and how many transactions the ledger had to retry. Any other exception ends
 the process with a traceback on stderr and a non-zero status. End of input ends the worker.
+
+A job ``{"url": DATABASE_URL, "user": USER_ID, "checkouts": N}`` instead posts N checkouts one after
+another as that user (Stripe answered by ``responses``, as in the tests) and prints
+``{"codes": [...], "stripe_calls": n}``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import logging
 import sys
 from typing import Any
 
+import responses
 from conftest import make_app
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_credits import FlaskCredits, InsufficientCredits
+from flask_credits import FlaskCredits, InsufficientCredits, testing
 
 
 class Retries(logging.Handler):
@@ -57,6 +62,23 @@ def drain(credits: FlaskCredits, user: str, amounts: list[int], limit: int) -> d
     return {"spent": spent, "refused": refused, "stopped": stopped}
 
 
+def checkouts(app: Flask, user: str, count: int) -> dict[str, Any]:
+    app.config.update(STRIPE_SECRET_KEY="sk_test_worker", CREDITS_STRIPE_MAX_RETRIES=0)
+    client = app.test_client()
+    assert client.post(f"/_login/{user}").status_code == 200
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as stripe:
+        testing.mock_create_session(stripe)
+        started()
+        codes = [client.post("/credits/checkout", json={"quantity": 1}).status_code for _ in range(count)]
+        return {"codes": codes, "stripe_calls": len(stripe.calls)}
+
+
+def started() -> None:
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("no start signal")
+
+
 def main() -> None:
     retries = Retries()
     logging.getLogger("flask_credits").addHandler(retries)
@@ -69,12 +91,15 @@ def main() -> None:
         retries.count = 0
         with app.app_context():
             credits.balance(job["user"])  # connect before the start signal, so the start is not staggered
-            print("ready", flush=True)
-            if sys.stdin.readline().strip() != "go":
-                raise SystemExit("no start signal")
-            try:
-                result = drain(credits, job["user"], job["amounts"], job["limit"])
-            finally:
+        try:
+            if "checkouts" in job:
+                result = checkouts(app, job["user"], job["checkouts"])
+            else:
+                with app.app_context():
+                    started()
+                    result = drain(credits, job["user"], job["amounts"], job["limit"])
+        finally:
+            with app.app_context():
                 db.engine.dispose()  # hold no connection while the parent checks and clears the tables
         print(json.dumps({**result, "retries": retries.count}), flush=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import parse_qs
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -71,7 +73,7 @@ def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(cli
         "payment_intent_data[metadata][credits]": ["300"],
         "payment_intent_data[metadata][purchaseId]": [str(row.id)],
         "success_url": ["http://shop.test/credits/success?session_id={CHECKOUT_SESSION_ID}"],
-        "cancel_url": ["http://shop.test/credits/cancel"],
+        "cancel_url": [f"http://shop.test/credits/cancel?attempt={row.attempt_key}"],
     }
     assert headers["Idempotency-Key"] == row.attempt_key
     assert headers["Authorization"] == f"Bearer {SECRET}"
@@ -276,3 +278,249 @@ def test_a_misconfigured_pack_is_named_in_the_error(app, client, login):
     login("alice")
     with pytest.raises(RuntimeError, match=r"CREDITS_PACKS\['broken'\]"):
         client.post("/credits/checkout", json={"pack": "broken"})
+
+
+# -- the cap on unfinished checkouts ----------------------------------------------------------------
+
+CAP = 5  # CREDITS_MAX_OPEN_PURCHASES's default
+
+
+def checkout_codes(client, times, **kwargs):
+    return [
+        client.post("/credits/checkout", json={"quantity": 1}, **kwargs).status_code for _ in range(times)
+    ]
+
+
+def test_one_checkout_past_the_cap_is_429_and_neither_writes_nor_calls_stripe(client, login, credits, stripe):
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP) == [200] * CAP
+    response = client.post("/credits/checkout", json={"quantity": 1})
+    assert response.status_code == 429
+    assert response.json == {
+        "error": "too_many_open_checkouts",
+        "message": "You already have 5 unfinished checkouts. Complete or cancel one of them,"
+        " or try again later.",
+    }
+    assert 0 < int(response.headers["Retry-After"]) <= 24 * 3600
+    assert len(stripe.calls) == CAP
+    assert len(purchases(credits)) == CAP
+
+
+def test_a_browser_past_the_cap_gets_the_credits_page_with_the_message(client, login, credits, stripe):
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP) == [200] * CAP
+    page = client.post("/credits/checkout", data={"quantity": "2"}, headers={"Accept": "text/html"})
+    assert page.status_code == 429
+    assert "Retry-After" in page.headers
+    assert "You already have 5 unfinished checkouts" in page.get_data(as_text=True)
+    assert len(purchases(credits)) == CAP
+
+
+def test_retry_after_says_when_the_oldest_unfinished_checkout_stops_counting(client, login, stripe, clock):
+    """Stripe ends a Checkout Session after 24 hours at the latest: an older unfinished purchase (its
+    expiry event lost) no longer counts."""
+    testing.mock_create_session(stripe)
+    login("alice")
+    for _ in range(CAP):
+        assert checkout_codes(client, 1) == [200]
+        clock.advance(minutes=10)
+    refused = client.post("/credits/checkout", json={"quantity": 1})
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, str(24 * 3600 - 50 * 60))
+    clock.advance(seconds=24 * 3600 - 50 * 60 - 1)
+    assert checkout_codes(client, 1) == [429]
+    clock.advance(seconds=1)
+    assert checkout_codes(client, 2) == [200, 429]  # the oldest stopped counting, the new one counts
+
+
+def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, credits, stripe):
+    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 2
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, 3) == [200, 200, 429]
+    first, second = (row.session_id for row in purchases(credits))
+    with app.app_context():
+        paid = testing.session_for(first)
+        expired = testing.session_for(second, payment_status="unpaid", status="expired")
+    assert testing.post_event(client, testing.event("checkout.session.completed", paid)).status_code == 200
+    assert checkout_codes(client, 2) == [200, 429]
+    assert testing.post_event(client, testing.event("checkout.session.expired", expired)).status_code == 200
+    app.config["STRIPE_SECRET_KEY"] = None  # a checkout Stripe never created ends as "error"
+    assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 502
+    app.config["STRIPE_SECRET_KEY"] = SECRET
+    assert checkout_codes(client, 2) == [200, 429]
+    statuses = sorted(row.status for row in purchases(credits))
+    assert statuses == ["error", "expired", "fulfilled", "open", "open"]
+
+
+def test_the_cap_is_per_wallet(client, login, credits, stripe):
+    @credits.wallet_checker
+    def owns(user_id, key_id):
+        return (user_id, key_id) == ("alice", "key-1")
+
+    testing.mock_create_session(stripe)
+    login("alice")
+    assert checkout_codes(client, CAP + 1) == [200] * CAP + [429]
+    assert client.post("/credits/checkout", json={"quantity": 1, "key_id": "key-1"}).status_code == 200
+    login("bob")
+    assert checkout_codes(client, 1) == [200]
+
+
+def test_checkouts_racing_on_one_wallet_stop_exactly_at_the_cap(app, credits, stripe, backend):
+    """Twenty checkouts of one wallet at once, released by a barrier: the wallet row lock taken before
+    counting lets exactly CAP through, on every backend."""
+    testing.mock_create_session(stripe)
+    racers = 20
+    clients = [app.test_client() for _ in range(racers)]
+    for racer in clients:
+        assert racer.post("/_login/alice").status_code == 200
+    barrier = threading.Barrier(racers, timeout=60)
+
+    def checkout(racer):
+        barrier.wait()
+        return racer.post("/credits/checkout", json={"quantity": 1}).status_code
+
+    with ThreadPoolExecutor(max_workers=racers) as pool:
+        codes = list(pool.map(checkout, clients, timeout=120))
+    assert sorted(codes) == [200] * CAP + [429] * (racers - CAP)
+    assert [row.status for row in purchases(credits)] == ["open"] * CAP
+    assert len(stripe.calls) == CAP
+
+
+# -- the cancel page -----------------------------------------------------------------------------------
+
+
+def expire_calls(rsps):
+    return [c for c in rsps.calls if c.request.url.endswith("/expire")]
+
+
+def started(client, stripe, session_id):
+    """Start a checkout answered with ``session_id``; returns the cancel URL Stripe was given."""
+    testing.mock_create_session(stripe, session_id)
+    assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 200
+    (cancel_url,) = parse_qs(stripe.calls[-1].request.body)["cancel_url"]
+    return cancel_url
+
+
+def test_cancelling_expires_the_checkout_at_stripe_and_frees_its_place(app, client, login, credits, stripe):
+    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 1
+    login("alice")
+    cancel_url = started(client, stripe, "cs_test_cancel_1")
+    assert checkout_codes(client, 1) == [429]
+    testing.mock_expire_session(stripe, testing.checkout_session("cs_test_cancel_1", amount_total=100))
+    page = client.get(cancel_url, headers={"Accept": "text/html"})
+    assert "Nothing was charged" in page.get_data(as_text=True)
+    assert len(expire_calls(stripe)) == 1
+    assert purchases(credits)[0].status == "expired"
+    assert client.get(cancel_url).json["purchase"]["status"] == "expired"  # again: Stripe is not asked
+    assert len(expire_calls(stripe)) == 1
+    testing.mock_create_session(stripe, "cs_test_cancel_2")
+    assert checkout_codes(client, 1) == [200]
+
+
+def test_a_checkout_completed_before_the_cancel_page_loads_is_left_for_its_webhook(
+    app, client, login, credits, stripe
+):
+    login("alice")
+    cancel_url = started(client, stripe, "cs_test_done")
+    error = {
+        "type": "invalid_request_error",
+        "message": "This Checkout Session is not in an expireable state.",
+    }
+    testing.mock_expire_session(stripe, {"id": "cs_test_done"}, status=400, error=error)
+    assert client.get(cancel_url).json["purchase"]["status"] == "open"
+    assert client.get(cancel_url).status_code == 200  # within CREDITS_SUCCESS_CHECK_INTERVAL: not asked
+    assert len(expire_calls(stripe)) == 1
+    with app.app_context():
+        paid = testing.session_for("cs_test_done")
+    delivered = testing.post_event(client, testing.event("checkout.session.completed", paid))
+    assert delivered.json["outcome"] == "fulfilled"
+    assert credits.balance("alice") == 100
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        pytest.param(None, id="someone else's checkout"),
+        pytest.param("chk_" + "0" * 32, id="an unknown attempt"),
+        pytest.param("chk_%00", id="a NUL byte"),
+        pytest.param("x" * 5000, id="five thousand characters"),
+        pytest.param("' OR 1=1 --", id="SQL"),
+    ],
+)
+def test_a_cancel_url_not_naming_the_users_own_checkout_changes_nothing(
+    client, login, credits, stripe, attempt
+):
+    login("alice")
+    cancel_url = started(client, stripe, "cs_test_alices")
+    login("bob")
+    url = cancel_url if attempt is None else f"/credits/cancel?attempt={attempt}"
+    response = client.get(url)
+    assert response.json == {"status": "cancelled", "purchase": None}
+    assert expire_calls(stripe) == []
+    assert purchases(credits)[0].status == "open"
+
+
+# -- external URLs --------------------------------------------------------------------------------------
+
+
+def sent_urls(rsps):
+    form = parse_qs(rsps.calls[-1].request.body)
+    return form["success_url"][0], form["cancel_url"][0]
+
+
+@pytest.mark.parametrize(
+    ("config", "origin"),
+    [
+        pytest.param(
+            {"CREDITS_SITE_URL": "https://shop.example.com/"},
+            "https://shop.example.com",
+            id="CREDITS_SITE_URL",
+        ),
+        pytest.param(
+            {"SERVER_NAME": "shop.example.com:8443", "PREFERRED_URL_SCHEME": "https"},
+            "https://shop.example.com:8443",
+            id="SERVER_NAME",
+        ),
+        # The control: in testing, with neither, the forged header does reach the URLs.
+        pytest.param({}, "http://evil.example", id="neither (testing)"),
+    ],
+)
+def test_a_forged_host_header_never_reaches_the_urls_sent_to_stripe(
+    app, client, login, credits, stripe, config, origin
+):
+    app.config.update({"SERVER_NAME": None, **config})
+    testing.mock_create_session(stripe)
+    login("alice")
+    response = client.post("/credits/checkout", json={"quantity": 1}, headers={"Host": "evil.example"})
+    assert response.status_code == 200
+    success, cancel = sent_urls(stripe)
+    assert success == f"{origin}/credits/success?session_id={{CHECKOUT_SESSION_ID}}"
+    assert cancel == f"{origin}/credits/cancel?attempt={purchases(credits)[0].attempt_key}"
+
+
+def test_an_app_mounted_under_a_prefix_keeps_it_in_the_urls(app, client, login, credits, stripe):
+    app.config["CREDITS_SITE_URL"] = "https://shop.example.com"
+    testing.mock_create_session(stripe)
+    client.post("/_login/alice", base_url="http://shop.test/shop")
+    response = client.post("/credits/checkout", json={"quantity": 1}, base_url="http://shop.test/shop")
+    assert response.status_code == 200
+    success, cancel = sent_urls(stripe)
+    assert success.startswith("https://shop.example.com/shop/credits/success?")
+    assert urlsplit(cancel).path == "/shop/credits/cancel"
+
+
+def test_with_trusted_hosts_the_request_host_is_used_and_any_other_is_refused(
+    app, client, login, credits, stripe
+):
+    app.config["SERVER_NAME"] = None
+    login("alice")
+    app.config["TRUSTED_HOSTS"] = ["shop.example.com"]
+    testing.mock_create_session(stripe)
+    forged = client.post("/credits/checkout", json={"quantity": 1}, headers={"Host": "evil.example"})
+    assert forged.status_code == 400
+    assert len(stripe.calls) == 0
+    trusted = client.post("/credits/checkout", json={"quantity": 1}, headers={"Host": "shop.example.com"})
+    assert trusted.status_code == 200
+    assert sent_urls(stripe)[0].startswith("http://shop.example.com/credits/success?")

@@ -312,6 +312,18 @@ def test_processes_draining_one_wallet_never_overdraw_and_spend_exactly_what_it_
     check_drained(credits, "shared", granted, outcomes)
 
 
+def test_processes_checking_out_for_one_wallet_stop_exactly_at_the_cap(app, credits, database_url, workers):
+    """Four processes post four checkouts each for one wallet at once: exactly
+    CREDITS_MAX_OPEN_PURCHASES (5) reach Stripe and are stored, the other eleven get 429."""
+    outcomes = workers.run({"url": database_url, "user": "alice", "checkouts": 4})
+
+    assert sorted(code for o in outcomes for code in o["codes"]) == [200] * 5 + [429] * 11
+    assert sum(o["stripe_calls"] for o in outcomes) == 5
+    p = credits.tables.purchases
+    with credits.db.engine.connect() as conn:
+        assert conn.execute(sa.select(p.c.status)).scalars().all() == ["open"] * 5
+
+
 # -- 4. the same idempotency key at once --------------------------------------------------------------
 
 

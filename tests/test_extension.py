@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+
 import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
@@ -108,3 +111,86 @@ def test_cli_group_is_registered(tmp_path):
     assert result.exit_code == 0
     for command in ("balance", "grant", "history", "audit", "expire"):
         assert command in result.output
+
+
+def registered(tmp_path, **config):
+    app = sqlite_app(tmp_path)
+    app.config.update(config)
+    SQLAlchemy(app)
+    FlaskCredits(app)
+    return app
+
+
+ORIGIN_WARNING = "set CREDITS_SITE_URL"
+
+
+def test_a_live_app_that_leaves_urls_to_the_host_header_is_warned_at_startup(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flask_credits"):
+        registered(tmp_path)
+    (record,) = [r for r in caplog.records if ORIGIN_WARNING in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "SERVER_NAME" in record.getMessage()
+    assert "TRUSTED_HOSTS" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({"CREDITS_SITE_URL": "https://shop.example.com"}, id="CREDITS_SITE_URL"),
+        pytest.param({"SERVER_NAME": "shop.example.com"}, id="SERVER_NAME"),
+        pytest.param({"TRUSTED_HOSTS": ["shop.example.com"]}, id="TRUSTED_HOSTS"),
+        pytest.param({"TESTING": True}, id="testing"),
+        pytest.param({"DEBUG": True}, id="debug"),
+        pytest.param({"DEBUG": True, "CREDITS_STRIPE_MODE": "simulated"}, id="simulated"),
+    ],
+)
+def test_no_warning_once_the_origin_is_configured_or_outside_production(tmp_path, caplog, config):
+    with caplog.at_level(logging.WARNING, logger="flask_credits"):
+        registered(tmp_path, **config)
+    assert ORIGIN_WARNING not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "shop.example.com",
+        "ftp://shop.example.com",
+        "https://shop.example.com/credits",
+        "https://shop.example.com/?next=1",
+        "https://shop.example.com#top",
+        "https://admin:secret@shop.example.com",
+        "https://",
+        "https://shop example.com",
+        "https://shop.example.com:99999",
+        "https://shop.example.com\n",
+        ["https://shop.example.com"],
+    ],
+)
+def test_a_bad_site_url_is_refused_at_startup_naming_the_key(tmp_path, url):
+    with pytest.raises(RuntimeError, match="CREDITS_SITE_URL"):
+        registered(tmp_path, CREDITS_SITE_URL=url)
+
+
+@pytest.mark.parametrize("url", ["https://shop.example.com", "http://127.0.0.1:8000/", "https://[::1]:8443"])
+def test_a_site_url_is_an_origin_with_an_optional_trailing_slash(tmp_path, url):
+    app = registered(tmp_path, CREDITS_SITE_URL=url)
+    assert "credits" in app.extensions
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CREDITS_MAX_OPEN_PURCHASES", 0),
+        ("CREDITS_MAX_OPEN_PURCHASES", None),
+        ("CREDITS_MAX_OPEN_PURCHASES", "5"),
+        ("CREDITS_MAX_OPEN_PURCHASES", True),
+        ("CREDITS_SUCCESS_CHECK_INTERVAL", 0),
+        ("CREDITS_SUCCESS_CHECK_INTERVAL", None),
+        ("CREDITS_SUCCESS_CHECK_INTERVAL", 0.5),
+        ("CREDITS_SUCCESS_CHECK_INTERVAL", float("nan")),
+        ("CREDITS_SUCCESS_CHECK_INTERVAL", timedelta(0)),
+    ],
+)
+def test_checkout_limits_that_cannot_work_are_refused_at_startup(tmp_path, key, value):
+    with pytest.raises(RuntimeError, match=key):
+        registered(tmp_path, **{key: value})

@@ -207,10 +207,13 @@ def shop_per_backend(database_url) -> Iterator[Shop]:
 @pytest.fixture
 def shop(shop_per_backend) -> Iterator[Shop]:
     """The shop as ``Shop.reset`` leaves it (reset again only if the last test changed it), with
-    Stripe's call log empty and the app's config restored afterwards."""
+    Stripe's call log empty, no purchase checked at Stripe lately, and the app's config restored
+    afterwards."""
     found = shop_per_backend
     if not found.baseline or found.state() != found.baseline:
         found.reset()
+    with found.db.engine.begin() as conn:  # so that the success page may ask Stripe in every test
+        conn.execute(sa.update(found.credits.tables.purchases).values(checked_at=None))
     found.stripe.calls.reset()
     config = dict(found.app.config)
     yield found
@@ -588,18 +591,47 @@ def newest_purchase(shop: Shop) -> tuple[Any, ...]:
     return row.credits, row.amount, row.user_id, row.key_id or None
 
 
-def check_checkout(
-    shop: Shop, user: str, data: Any, response: Any, calls_before: int, rows_before: int
-) -> None:
+#: CREDITS_MAX_OPEN_PURCHASES (the default): unfinished checkouts one wallet may have.
+CAP = 5
+
+
+def unfinished(shop: Shop, user: str, key_id: str | None) -> int:
+    """How many of the wallet's checkouts count against the cap."""
+    t = shop.credits.tables
+    with shop.db.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(t.purchases.join(t.wallets, t.wallets.c.id == t.purchases.c.wallet_id))
+                .where(
+                    t.wallets.c.user_id == user,
+                    t.wallets.c.key_id == (key_id or ""),
+                    t.purchases.c.status.in_(["creating", "open"]),
+                )
+            ).scalar_one()
+        )
+
+
+def check_checkout(shop: Shop, user: str, data: Any, post: Callable[[], Any]) -> None:
+    """Post a checkout with ``post()`` and check the answer against the rules: 400 for bad input;
+    for good input 429 when the wallet already has CAP unfinished checkouts, else the sale."""
     expected = expected_offer(data, user) if isinstance(data, dict) else None
+    waiting = unfinished(shop, user, expected[2]) if expected is not None else 0
+    calls, rows_before = stripe_calls(shop), len(shop.state()["purchases"])
+    response = post()
     rows = len(shop.state()["purchases"])
     if expected is None:
         assert response.status_code == 400, (data, response.status_code, response.get_data(as_text=True))
-        assert stripe_calls(shop) == calls_before, data  # nothing reached Stripe
+        assert stripe_calls(shop) == calls, data  # nothing reached Stripe
         assert rows == rows_before, data
+    elif waiting >= CAP:
+        assert response.status_code == 429, (data, response.get_data(as_text=True))
+        assert int(response.headers["Retry-After"]) >= 1
+        assert stripe_calls(shop) == calls
+        assert rows == rows_before
     else:
         assert response.status_code in (200, 303), (data, response.get_data(as_text=True))
-        assert stripe_calls(shop) == calls_before + 1
+        assert stripe_calls(shop) == calls + 1
         assert rows == rows_before + 1
         credits, amount, key_id = expected
         assert newest_purchase(shop) == (credits, amount, user, key_id)
@@ -616,14 +648,15 @@ def test_random_checkout_forms_call_stripe_only_for_valid_input(shop, backend):
         accept=st.sampled_from([{}, JSON_HEADERS, {"Accept": "text/html"}]),
     )
     def checkout(user: str, form: dict[str, str], multipart: bool, accept: dict[str, str]) -> None:
-        calls, rows = stripe_calls(shop), len(shop.state()["purchases"])
-        response = shop.client(user).post(
-            "/credits/checkout",
-            data=form,
-            headers=accept,
-            content_type="multipart/form-data" if multipart else "application/x-www-form-urlencoded",
-        )
-        check_checkout(shop, user, form, response, calls, rows)
+        def post() -> Any:
+            return shop.client(user).post(
+                "/credits/checkout",
+                data=form,
+                headers=accept,
+                content_type="multipart/form-data" if multipart else "application/x-www-form-urlencoded",
+            )
+
+        check_checkout(shop, user, form, post)
 
     checkout()
 
@@ -641,20 +674,24 @@ def test_random_checkout_json_calls_stripe_only_for_valid_input(shop, backend):
 
     @cases(backend, sqlite=250, server=40)
     @given(
-        user=st.sampled_from(["alice", "bob"]), data=body, raw=st.one_of(st.none(), st.binary(max_size=200))
+        user=st.sampled_from(["alice", "bob"]),
+        data=body,
+        raw=st.one_of(st.none(), st.binary(max_size=200)),
     )
     def checkout(user: str, data: Any, raw: bytes | None) -> None:
-        calls, rows = stripe_calls(shop), len(shop.state()["purchases"])
         payload = raw if raw is not None else json.dumps(data).encode()
-        response = shop.client(user).post(
-            "/credits/checkout", data=payload, headers={"Content-Type": "application/json"}
-        )
         if raw is not None:
             try:
                 data = json.loads(raw)
             except ValueError:
                 data = None
-        check_checkout(shop, user, data, response, calls, rows)
+
+        def post() -> Any:
+            return shop.client(user).post(
+                "/credits/checkout", data=payload, headers={"Content-Type": "application/json"}
+            )
+
+        check_checkout(shop, user, data, post)
 
     checkout()
 

@@ -67,6 +67,7 @@ PRODUCTS = ({"quantity": 1}, {"quantity": 2}, {"quantity": 3}, {"pack": "trial"}
 PRODUCT = st.sampled_from(PRODUCTS)
 FULFILLABLE = ("creating", "open", "unpaid")
 MAX_PURCHASES = 6  # per program: enough to pay debts and mix lots, and steps left to refund them
+CAP = 5  # CREDITS_MAX_OPEN_PURCHASES (the default): a sixth unfinished checkout of a wallet gets 429
 
 
 SEEN: Counter[str] = Counter()
@@ -142,6 +143,7 @@ class PurchaseModel:
     amount: int
     expires_after: int | None
     payment_intent: str
+    created_at: datetime
     status: str = "open"
     lot: Lot | None = None
     refunded_money: int = 0
@@ -473,9 +475,20 @@ class PurchaseProgram(Program):
         session = testing.session_for(p.session_id, payment_intent=p.payment_intent, **kwargs)
         return testing.event(event_type, session)
 
-    def checkout(self, wallet: Any, product: dict[str, Any]) -> PurchaseModel:
+    def checkout(self, wallet: Any, product: dict[str, Any]) -> PurchaseModel | None:
+        """Buy through the checkout; None when the wallet already has CAP unfinished checkouts
+        (created less than a day ago), which must be refused with 429."""
         body = dict(product, **({"key_id": wallet[1]} if wallet[1] else {}))
         response = self.client(wallet[0]).post("/credits/checkout", json=body)
+        unfinished = [
+            p
+            for p in self.purchases
+            if p.wallet == wallet and p.status == "open" and p.created_at > self.clock.now - timedelta(days=1)
+        ]
+        if len(unfinished) >= CAP:
+            assert response.status_code == 429, response.json
+            event("checkout -> too_many_open_checkouts")
+            return None
         assert response.status_code == 200, response.json
         if "pack" in product:
             pack = PACKS[product["pack"]]
@@ -487,7 +500,7 @@ class PurchaseProgram(Program):
                 None,
             )
         sid = response.json["id"]
-        purchase = PurchaseModel(sid, wallet, credits, amount, lifetime, f"pi_{sid}")
+        purchase = PurchaseModel(sid, wallet, credits, amount, lifetime, f"pi_{sid}", self.clock.now)
         self.purchases.append(purchase)
         return purchase
 
@@ -501,6 +514,7 @@ class PurchaseProgram(Program):
         """Every program starts with a paid purchase, some of it spent, so that refunds and disputes
         have something to claw back and may leave debt; maybe with a second purchase still open."""
         p = self.checkout(wallet, product)
+        assert p is not None  # the program's first checkout
         assert self.deliver(self.session_event(p, "checkout.session.completed")) == "fulfilled"
         self.model.fulfil(p)
         if eighths:
@@ -565,7 +579,9 @@ class PurchaseProgram(Program):
         elif news in ("completed", "async_succeeded", "unpaid", "failed", "expired"):
             if not waiting and len(self.purchases) < MAX_PURCHASES:  # the customer buys again
                 earlier = self.pick(self.purchases, index)
-                waiting = [self.checkout(earlier.wallet, PRODUCTS[index % len(PRODUCTS)])]
+                again = self.checkout(earlier.wallet, PRODUCTS[index % len(PRODUCTS)])
+                assert again is not None  # nothing was waiting, so nothing counts against the cap
+                waiting = [again]
             self.session_news(self.pick(waiting or self.purchases, index), news)
         elif self.fulfilled():
             p = self.pick(self.fulfilled(), index)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import responses
 from sqlalchemy import event
 
-from flask_credits import InsufficientCredits, requires_credits
+from flask_credits import InsufficientCredits, requires_credits, testing
 
 #: (statements, commits, rollbacks) per operation and backend ("mysql": MariaDB/MySQL). PostgreSQL runs
 #: its reads and its one-statement debit in autocommit: the "rollback" SQLAlchemy reports when the
@@ -47,6 +48,13 @@ EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
         "mysql": (2, 0, 2),
     },
     "history page": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
+    # SELECT the wallet's id; one transaction: UPDATE the wallet (changing nothing, to lock it), SELECT
+    # how many unfinished checkouts it has, INSERT the purchase; then Stripe; UPDATE the purchase with
+    # its session. The cap on unfinished checkouts (issue 10) is the UPDATE and the count: 3 before.
+    "checkout": {"postgresql": (5, 2, 1), "sqlite": (5, 2, 1), "mysql": (5, 2, 1)},
+    # SELECT the purchase; UPDATE its checked_at, which changes no row (Stripe was asked less than
+    # CREDITS_SUCCESS_CHECK_INTERVAL ago, so it is not asked again); SELECT the balance
+    "success page within the interval": {"postgresql": (3, 1, 2), "sqlite": (3, 1, 2), "mysql": (3, 1, 2)},
 }
 
 
@@ -189,3 +197,31 @@ def test_a_request_with_an_idempotency_key_adds_its_claim_and_its_stored_respons
     replayed = count(counter, lambda: client.post("/paid", headers={"Idempotency-Key": "k0"}))
     assert new == [expected("request with a new Idempotency-Key", backend)] * 3
     assert replayed == [expected("request replayed with its Idempotency-Key", backend)] * 3
+
+
+@pytest.fixture
+def stripe(app):
+    app.config.update(STRIPE_SECRET_KEY="sk_test_counts", CREDITS_STRIPE_MAX_RETRIES=0)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        testing.mock_create_session(rsps)
+        yield rsps
+
+
+def test_a_checkout(app, client, login, counter, stripe, backend):
+    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 10
+    login("alice")
+    assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 200  # the wallet exists
+    results = count(counter, lambda: client.post("/credits/checkout", json={"quantity": 1}))
+    assert results == [expected("checkout", backend)] * 3
+
+
+def test_a_success_page_loaded_again_within_the_interval(app, client, login, counter, stripe, backend):
+    login("alice")
+    session_id = client.post("/credits/checkout", json={"quantity": 1}).json["id"]
+    with app.app_context():
+        open_session = testing.session_for(session_id, payment_status="unpaid", status="open")
+    testing.mock_retrieve_session(stripe, open_session)
+    assert client.get(f"/credits/success?session_id={session_id}").status_code == 200  # asks Stripe
+    results = count(counter, lambda: client.get(f"/credits/success?session_id={session_id}"))
+    assert results == [expected("success page within the interval", backend)] * 3
+    assert len([c for c in stripe.calls if c.request.method == "GET"]) == 1

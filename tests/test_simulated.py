@@ -79,12 +79,31 @@ def test_fail_credits_nothing_and_says_so(client, login, credits, first):
     assert credits.balance("alice") == 0
 
 
-def test_cancel_goes_to_the_cancel_page(client, login, credits):
+def test_cancel_goes_to_the_cancel_page_which_expires_the_checkout(client, login, credits):
     login("alice")
     page = start(client)
     done = choose(client, page, "cancel")
-    assert "/credits/cancel" in done.headers["Location"]
+    assert "/credits/cancel?attempt=chk_" in done.headers["Location"]
+    cancelled = client.get(done.headers["Location"], headers=HTML)
+    assert "Nothing was charged" in cancelled.get_data(as_text=True)
+    # As Stripe would, the simulated Stripe expired the session and sent checkout.session.expired.
+    t = credits.tables
+    with credits.db.engine.connect() as conn:
+        assert conn.execute(sa.select(t.purchases.c.status)).scalar_one() == "expired"
+        assert conn.execute(sa.select(t.stripe_events.c.type, t.stripe_events.c.outcome)).all() == [
+            ("checkout.session.expired", "processed")
+        ]
+    assert "This checkout expired." in client.get("/" + page, headers=HTML).get_data(as_text=True)
     assert credits.balance("alice") == 0
+
+
+def test_the_simulated_checkout_url_is_on_the_configured_origin(app, client, login):
+    app.config["CREDITS_SITE_URL"] = "https://shop.example.com"
+    login("alice")
+    response = client.post(
+        "/credits/checkout", data={"quantity": "1"}, headers={**HTML, "Host": "evil.example"}
+    )
+    assert response.headers["Location"].startswith("https://shop.example.com/credits/simulated-checkout/")
 
 
 def test_another_user_cannot_see_or_pay_someone_elses_checkout(client, login, credits):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -341,6 +342,58 @@ def test_success_page_for_someone_elses_session_is_404(app, client, credits, buy
     assert client.get("/credits/success").status_code == 400
     assert len([c for c in stripe.calls if c.request.method == "GET"]) == 0
     assert credits.balance("alice") == 0
+
+
+def retrieves(rsps):
+    return len([c for c in rsps.calls if c.request.method == "GET"])
+
+
+def test_success_page_asks_stripe_once_per_interval_however_often_it_is_loaded(
+    app, client, credits, buy, stripe, clock
+):
+    sid = buy()
+    testing.mock_retrieve_session(stripe, session(app, sid, payment_status="unpaid", status="open"))
+    for _ in range(10):
+        response = client.get(f"/credits/success?session_id={sid}", headers={"Accept": "application/json"})
+        assert (response.status_code, response.json["purchase"]["status"]) == (200, "open")
+    assert retrieves(stripe) == 1
+    clock.advance(seconds=4.9)  # CREDITS_SUCCESS_CHECK_INTERVAL is 5
+    assert client.get(f"/credits/success?session_id={sid}").status_code == 200
+    assert retrieves(stripe) == 1
+    clock.advance(seconds=0.1)
+    for _ in range(3):
+        assert client.get(f"/credits/success?session_id={sid}").status_code == 200
+    assert retrieves(stripe) == 2
+
+
+def test_a_success_page_not_asking_stripe_shows_what_the_webhook_stored(app, client, credits, buy, stripe):
+    sid = buy()
+    testing.mock_retrieve_session(stripe, session(app, sid, payment_status="unpaid", status="open"))
+    page = client.get(f"/credits/success?session_id={sid}", headers={"Accept": "text/html"})
+    assert "Waiting for payment" in page.get_data(as_text=True)
+    deliver(client, "checkout.session.completed", session(app, sid))
+    page = client.get(f"/credits/success?session_id={sid}", headers={"Accept": "text/html"})
+    assert "200 credits were added" in page.get_data(as_text=True)
+    assert retrieves(stripe) == 1
+
+
+def test_success_pages_loaded_at_once_ask_stripe_once(app, credits, buy, stripe):
+    """The conditional UPDATE of checked_at decides, so threads (or processes) agree."""
+    sid = buy()
+    testing.mock_retrieve_session(stripe, session(app, sid, payment_status="unpaid", status="open"))
+    racers = 10
+    clients = [app.test_client() for _ in range(racers)]
+    for racer in clients:
+        assert racer.post("/_login/alice").status_code == 200
+    barrier = threading.Barrier(racers, timeout=60)
+
+    def load(racer):
+        barrier.wait()
+        return racer.get(f"/credits/success?session_id={sid}").status_code
+
+    with ThreadPoolExecutor(max_workers=racers) as pool:
+        assert list(pool.map(load, clients, timeout=120)) == [200] * racers
+    assert retrieves(stripe) == 1
 
 
 def test_cancel_page(client, login):
