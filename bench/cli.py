@@ -197,10 +197,10 @@ def debit_tables(results: list[loads.LoadResult], counts: dict[str, queries.Coun
         "spend's SQL by hand: what spend() sends when the wallet's soonest lot covers the debit, with the"
         " raw driver. "
         + (
-            "PostgreSQL: the ledger's own one-statement debit (flask_credits.ledger._SPEND: WITH w AS"
-            " (UPDATE wallet ... RETURNING), l AS (UPDATE lot), e AS (INSERT entry), d AS (INSERT draw)"
-            " SELECT ...) on a psycopg connection with autocommit=True: one statement, one round trip,"
-            " its own transaction."
+            "PostgreSQL: the ledger's own one-statement debit (flask_credits.storage.statements.SPEND:"
+            " WITH w AS (UPDATE wallet ... RETURNING), l AS (UPDATE lot), e AS (INSERT entry),"
+            " d AS (INSERT draw) SELECT ...) on a psycopg connection with autocommit=True: one statement,"
+            " one round trip, its own transaction."
             if pg
             else "SQLite: UPDATE wallet RETURNING; UPDATE credits_lots ... WHERE id = (SELECT ... LIMIT 1)"
             " AND remaining >= 1 RETURNING id; INSERT entry; INSERT draw; COMMIT."

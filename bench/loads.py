@@ -14,7 +14,8 @@ from typing import Any
 from flask import Flask
 
 from flask_credits import FlaskCredits
-from flask_credits.ledger import _SPEND, make_wallet
+from flask_credits.core.inputs import make_wallet
+from flask_credits.storage.statements import SPEND
 
 from .app import BIG
 from .env import Target
@@ -80,7 +81,7 @@ def spend_worker(app: Flask, credits: FlaskCredits, user_id: str) -> Worker:
 def spend_sql_worker(target: Target, user_id: str) -> Worker:
     """The statements ``credits.spend()`` sends when the wallet's soonest lot covers the debit, with
     the raw driver: what the extension's SQL costs without its Python layer. PostgreSQL: the ledger's
-    own one-statement debit (``_SPEND``) on a connection in autocommit, as ``spend()`` sends it.
+    own one-statement debit (``SPEND``) on a connection in autocommit, as ``spend()`` sends it.
     SQLite: UPDATE wallet RETURNING, the first lot drawn by one UPDATE RETURNING, INSERT entry,
     INSERT draw, COMMIT."""
     if target.backend == "postgresql":
@@ -91,7 +92,7 @@ def spend_sql_worker(target: Target, user_id: str) -> Worker:
         params = {"user_id": user_id, "key_id": "", "amount": 1, "reason": "bench", "key": None, "meta": None}
 
         def one_statement() -> None:
-            cur.execute(_SPEND, {**params, "now": sql_now(target)})
+            cur.execute(SPEND, {**params, "now": sql_now(target)})
             if cur.fetchone() is None:
                 raise RuntimeError("the wallet ran out of credits")
 

@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from flask_credits import FlaskCredits, InsufficientCredits
-from flask_credits.ledger import make_wallet
+from flask_credits.core.inputs import make_wallet
 
 from . import webhooks
 from .app import BIG, build_app

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_credits import FlaskCredits
-from flask_credits.ledger import make_wallet
+from flask_credits.core.inputs import make_wallet
 
 from .app import BIG
 from .env import Target

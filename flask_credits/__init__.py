@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from . import signals
-from .bodies import SafeJSONProvider, read_body
-from .decorators import requires_credits
 from .errors import (
     BodyTooLarge,
     CreditsError,
@@ -22,6 +20,8 @@ from .errors import (
 )
 from .extension import FlaskCredits
 from .records import Entry, Wallet
+from .web.bodies import SafeJSONProvider, read_body
+from .web.decorators import requires_credits
 
 __version__ = "0.1.0"
 

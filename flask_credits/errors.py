@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from markupsafe import escape
+from flask import current_app, has_app_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 if TYPE_CHECKING:
@@ -16,6 +14,22 @@ if TYPE_CHECKING:
 
 class CreditsError(Exception):
     """Root of every error this extension raises on purpose."""
+
+
+class HTTPCreditsError(CreditsError, HTTPException):
+    """An error that is also an HTTP answer. It carries data only: the response (JSON for clients
+    that prefer it, else HTML; never cached) is made by :mod:`flask_credits.web.responses`, which the
+    extension installs on each app it is registered on. Apps replace it with ``@app.errorhandler``."""
+
+    def get_response(  # type: ignore[override]
+        self,
+        environ: WSGIEnvironment | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> Response:
+        ext = current_app.extensions.get("credits") if has_app_context() else None
+        if ext is None:
+            return super().get_response(environ)
+        return ext.error_response(self)  # type: ignore[no-any-return]
 
 
 class InvalidArgument(CreditsError, ValueError):
@@ -46,7 +60,7 @@ class NotRefundable(CreditsError):
     """Only a spend can be refunded, and only once."""
 
 
-class InsufficientCredits(CreditsError, HTTPException):
+class InsufficientCredits(HTTPCreditsError):
     """The wallet cannot pay: HTTP 402 Payment Required. Nothing was written.
 
     Attributes: ``required`` (credits asked for), ``balance`` (what the wallet holds now) and
@@ -83,20 +97,8 @@ class InsufficientCredits(CreditsError, HTTPException):
             "purchase_url": self.purchase_url,
         }
 
-    def get_response(  # type: ignore[override]
-        self,
-        environ: WSGIEnvironment | None = None,
-        scope: dict[str, Any] | None = None,
-    ) -> Response:
-        from flask import render_template
 
-        # A balance-dependent answer: never cached.
-        return _negotiated(
-            402, self.to_dict, lambda: render_template("credits/insufficient.html", error=self)
-        )
-
-
-class CreditsUnavailable(CreditsError, HTTPException):
+class CreditsUnavailable(HTTPCreditsError):
     """The ledger's database could not be reached or gave up (connection refused or dropped, lock
     wait timeout, a deadlock or serialization failure that outlived the retries, pool exhausted):
     HTTP 503 with ``Retry-After``. The operation did not happen, or, when the connection dropped
@@ -114,24 +116,8 @@ class CreditsUnavailable(CreditsError, HTTPException):
     #: Seconds a client should wait before trying again (the ``Retry-After`` header).
     retry_after = 5
 
-    def get_response(  # type: ignore[override]
-        self,
-        environ: WSGIEnvironment | None = None,
-        scope: dict[str, Any] | None = None,
-    ) -> Response:
-        response = _negotiated(
-            503,
-            lambda: {"error": "temporarily_unavailable", "message": self.description},
-            lambda: (
-                "<!doctype html>\n<title>503 Service Unavailable</title>\n"
-                f"<h1>Service Unavailable</h1>\n<p>{self.description}</p>\n"
-            ),
-        )
-        response.headers["Retry-After"] = str(self.retry_after)
-        return response
 
-
-class BodyTooLarge(CreditsError, RequestEntityTooLarge):
+class BodyTooLarge(HTTPCreditsError, RequestEntityTooLarge):
     """A request body longer than the route accepts: HTTP 413. Nothing was read past the limit, and
     nothing was written. ``limit`` is the largest body accepted, in bytes.
 
@@ -149,23 +135,8 @@ class BodyTooLarge(CreditsError, RequestEntityTooLarge):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.limit,))
 
-    def get_response(  # type: ignore[override]
-        self,
-        environ: WSGIEnvironment | None = None,
-        scope: dict[str, Any] | None = None,
-    ) -> Response:
-        return _negotiated(
-            413,
-            lambda: {"error": "bad_request", "message": self.description},
-            lambda: (
-                "<!doctype html>\n<title>413 Content Too Large</title>\n"
-                f"<h1>Content Too Large</h1>\n<p>The request is larger than the {self.limit} bytes"
-                " this page accepts.</p>\n"
-            ),
-        )
 
-
-class _IdempotencyRefusal(CreditsError, HTTPException):
+class IdempotencyRefusal(HTTPCreditsError):
     """A request whose ``Idempotency-Key`` cannot be honoured now: the view did not run and nothing
     was charged. JSON ``{"error": <error>, "message": ...}`` for clients that prefer it, else a short
     HTML page; never cached."""
@@ -178,25 +149,8 @@ class _IdempotencyRefusal(CreditsError, HTTPException):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.description,))
 
-    def get_response(  # type: ignore[override]
-        self,
-        environ: WSGIEnvironment | None = None,
-        scope: dict[str, Any] | None = None,
-    ) -> Response:
-        response = _negotiated(
-            self.code or 400,
-            lambda: {"error": self.error, "message": self.description},
-            lambda: (
-                f"<!doctype html>\n<title>{self.code} {escape(self.name)}</title>\n"
-                f"<h1>{escape(self.name)}</h1>\n<p>{escape(self.description or '')}</p>\n"
-            ),
-        )
-        if self.code == 409:
-            response.headers["Retry-After"] = "1"
-        return response
 
-
-class IdempotencyKeyReused(_IdempotencyRefusal):
+class IdempotencyKeyReused(IdempotencyRefusal):
     """HTTP 422: the request's ``Idempotency-Key`` was first used for a different request (another
     method, path, query or body) on the same endpoint and wallet. Send a new key for a new request."""
 
@@ -207,7 +161,7 @@ class IdempotencyKeyReused(_IdempotencyRefusal):
     )
 
 
-class IdempotentRequestInProgress(_IdempotencyRefusal):
+class IdempotentRequestInProgress(IdempotencyRefusal):
     """HTTP 409 with ``Retry-After``: the first request with this ``Idempotency-Key`` is still running.
     Retry later with the same key to get its response."""
 
@@ -218,7 +172,7 @@ class IdempotentRequestInProgress(_IdempotencyRefusal):
     )
 
 
-class IdempotentResponseNotStored(_IdempotencyRefusal):
+class IdempotentResponseNotStored(IdempotencyRefusal):
     """HTTP 409: the request with this ``Idempotency-Key`` ran and was charged, but its response (streamed,
     or larger than ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``) was not kept, so it cannot be replayed;
     the view is never run a second time for it."""
@@ -229,18 +183,3 @@ class IdempotentResponseNotStored(_IdempotencyRefusal):
         "The request with this Idempotency-Key already ran, but its response was not stored and cannot"
         " be sent again. Use a new key to run it again."
     )
-
-
-def _negotiated(status: int, body: Callable[[], dict[str, Any]], html: Callable[[], str]) -> Response:
-    """The answer of an error this extension raises: JSON for clients that prefer it, else HTML
-    (only the one asked for is built); never cached."""
-    from flask import current_app
-
-    from .views import wants_json
-
-    if wants_json():
-        response = current_app.response_class(json.dumps(body()), status=status, mimetype="application/json")
-    else:
-        response = current_app.response_class(html(), status=status, mimetype="text/html")
-    response.headers["Cache-Control"] = "no-store"
-    return response

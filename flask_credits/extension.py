@@ -5,17 +5,27 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flask import Flask, current_app, has_request_context, url_for
+from flask import Flask, current_app
+from werkzeug.wrappers import Response
 
-from . import cli, config, purchases, simulated, urls, views
-from .idempotency import RequestKeys
-from .ledger import Ledger, make_wallet
-from .models import Tables, tables_for
+from . import settings
+from .core.audit import audit
+from .core.inputs import make_wallet
+from .core.ledger import Ledger
+from .errors import HTTPCreditsError, InsufficientCredits
 from .records import Entry, Wallet
-from .stripe_api import Gateway, LiveStripe, PaymentProviderError
+from .services import purchases, webhooks
+from .services.idempotency import RequestKeys
+from .services.simulated_mode import check_allowed
+from .services.simulated_stripe import SimulatedStripe
+from .services.stripe_gateway import Gateway, LiveStripe, PaymentProviderError
+from .storage.database import Database, utcnow
+from .storage.tables import Tables, tables_for
+from .web import blueprint, cli, responses, simulated, urls
 
 if TYPE_CHECKING:
     from blinker import NamedSignal
@@ -54,8 +64,13 @@ class FlaskCredits:
         self._wallet_loader: WalletLoader | None = None
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
-        self._ledgers: weakref.WeakKeyDictionary[Engine, Ledger] = weakref.WeakKeyDictionary()
-        self._request_keys: weakref.WeakKeyDictionary[Engine, RequestKeys] = weakref.WeakKeyDictionary()
+        self._engines: weakref.WeakKeyDictionary[Engine, _OnEngine] = weakref.WeakKeyDictionary()
+        #: The time every write records; tests give a fake clock (a callable returning an aware UTC
+        #: datetime).
+        self.clock: Callable[[], datetime] = utcnow
+        #: Stripe event type -> handler, for this instance: the built-in ones, and the app's own added
+        #: with :meth:`webhook_handler`.
+        self.webhook_handlers: dict[str, webhooks.Handler] = dict(webhooks.BUILT_IN)
         self._gateways: dict[tuple[str, float, int, str | None], Gateway] = {}
         if db is not None:
             tables_for(db.metadata)
@@ -80,16 +95,18 @@ class FlaskCredits:
                 " FlaskCredits(app), or pass FlaskCredits(app, db=db)."
             )
         tables_for(db.metadata)
-        config.apply_defaults(app)
-        config.check(app)
+        settings.apply_defaults(app)
+        settings.check(app)
         if app.config["CREDITS_STRIPE_MODE"] not in ("live", "simulated"):
             raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
         if app.config["CREDITS_STRIPE_MODE"] == "simulated":
-            simulated.check_allowed(app)
+            check_allowed(app)
         purchases.limits(app.config)
         urls.check(app)
         app.extensions["credits"] = self
-        app.register_blueprint(views.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
+        app.register_blueprint(blueprint.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
+        if app.config["CREDITS_STRIPE_MODE"] == "simulated":
+            app.register_blueprint(simulated.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
         app.cli.add_command(cli.credits_cli)
         _exempt_webhook_from_csrf(app)
 
@@ -148,7 +165,7 @@ class FlaskCredits:
         if self._wallet_checker is not None:
             return bool(self._wallet_checker(user_id, key_id))
         manager = getattr(current_app, "login_manager", None)
-        callback = getattr(manager, "_user_callback", None)
+        callback = getattr(manager, "user_callback", None)
         if callback is None:
             return True
         return callback(user_id) is not None
@@ -196,14 +213,17 @@ class FlaskCredits:
         return. Raises :class:`InsufficientCredits` (HTTP 402) when the wallet cannot pay, writing
         nothing, so the same ``idempotency_key`` may succeed later. Sends ``credits_spent`` or
         ``credits_insufficient``."""
-        return self.ledger.spend(
-            make_wallet(user_id, key_id),
-            amount,
-            reason=reason,
-            idempotency_key=idempotency_key,
-            metadata=metadata,
-            purchase_url=self.purchase_url,
-        )
+        try:
+            return self.ledger.spend(
+                make_wallet(user_id, key_id),
+                amount,
+                reason=reason,
+                idempotency_key=idempotency_key,
+                metadata=metadata,
+            )
+        except InsufficientCredits as exc:
+            exc.purchase_url = self.purchase_url()
+            raise
 
     def refund(
         self, user_id: str, entry_id: int, *, key_id: str | None = None, reason: str = "refund"
@@ -235,19 +255,39 @@ class FlaskCredits:
         requests whose worker died before they finished (their lease,
         ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, is over): their credits are returned and their key
         freed. Returns (keys deleted, runs whose credits were returned)."""
-        lock_timeout = config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
+        lock_timeout = settings.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
         return self.request_keys.prune(lock_timeout=lock_timeout)
 
     def audit(self) -> list[str]:
         """Check every wallet: balance = sum of entries = credits left in lots, and more. Returns one
         line per problem (empty when all is well)."""
-        return self.ledger.audit()
+        return audit(self.database)
 
     def purchase_url(self) -> str | None:
         """Where a user buys credits: the credits page, when inside a request."""
-        if not has_request_context():
-            return None
-        return url_for("credits.index")
+        return responses.purchase_url()
+
+    def webhook_handler(self, *event_types: str) -> Callable[[webhooks.Handler], webhooks.Handler]:
+        """Decorate a function ``(ext, data_object, record) -> outcome`` handling these Stripe event
+        types on this instance (replacing a built-in one for the same type). It runs after the
+        signature was checked and only for an event id not seen before; the event is recorded as seen
+        with the outcome returned (see ``flask_credits.services.webhooks.Handler``). An exception
+        answers 5xx, so Stripe delivers the event again."""
+
+        def register(handler: webhooks.Handler) -> webhooks.Handler:
+            for event_type in event_types:
+                self.webhook_handlers[event_type] = handler
+            return handler
+
+        return register
+
+    def error_response(self, error: HTTPCreditsError) -> Response:
+        """The response of one of this extension's HTTP errors (what their ``get_response`` gives)."""
+        return responses.render(error)
+
+    def now(self) -> datetime:
+        """The extension's clock (:attr:`clock`) now."""
+        return self.clock()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -269,8 +309,13 @@ class FlaskCredits:
         retries) or the simulated one."""
         cfg = current_app.config
         if cfg["CREDITS_STRIPE_MODE"] == "simulated":
-            simulated.check_allowed(current_app._get_current_object())  # type: ignore[attr-defined]
-            return simulated.SimulatedStripe(self)
+            check_allowed(current_app._get_current_object())  # type: ignore[attr-defined]
+            return SimulatedStripe(
+                self,
+                page_url=lambda session_id: urls.external_url(
+                    "credits_simulated.checkout", session_id=session_id
+                ),
+            )
         key = cfg["STRIPE_SECRET_KEY"]
         if not key:
             log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")
@@ -288,47 +333,61 @@ class FlaskCredits:
             )
         return gateway
 
+    def _on_engine(self) -> _OnEngine:
+        db = self.db
+        engine = db.engine
+        found = self._engines.get(engine)
+        if found is None:
+            database = Database(engine, tables_for(db.metadata), clock=self.now)
+            ledger = Ledger(database, self.emit)
+            found = self._engines[engine] = _OnEngine(database, ledger, RequestKeys(database, ledger))
+        return found
+
+    @property
+    def database(self) -> Database:
+        """The current app's database as the extension uses it (one per engine)."""
+        return self._on_engine().database
+
     @property
     def ledger(self) -> Ledger:
         """The ledger of the current app's database (one per engine)."""
-        db = self.db
-        engine = db.engine
-        ledger = self._ledgers.get(engine)
-        if ledger is None:
-            ledger = self._ledgers[engine] = Ledger(engine, tables_for(db.metadata), self.emit)
-        return ledger
+        return self._on_engine().ledger
 
     @property
     def request_keys(self) -> RequestKeys:
         """The Idempotency-Keys of ``@requires_credits`` requests in the current app's database."""
-        ledger = self.ledger
-        keys = self._request_keys.get(ledger.engine)
-        if keys is None:
-            keys = self._request_keys[ledger.engine] = RequestKeys(ledger, ledger.t)
-        return keys
+        return self._on_engine().request_keys
 
     def emit(self, signal: NamedSignal, **kwargs: Any) -> None:
-        """Send ``signal`` from the current app to each receiver in turn. A receiver that raises is
-        logged: the ledger change it reports is already committed and must stay so."""
+        """Send ``signal`` from the current app to each receiver in turn, awaiting async ones as Flask
+        does. A receiver that raises is logged: the ledger change it reports is already committed and
+        must stay so."""
         if not signal.receivers:
             return
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         for receiver in signal.receivers_for(app):
             try:
-                receiver(app, **kwargs)
+                # As Flask sends its own signals: an async receiver is awaited (app.ensure_sync).
+                app.ensure_sync(receiver)(app, **kwargs)
             except Exception:
                 log.exception("receiver %r of signal %s failed", receiver, signal.name)
 
 
+@dataclass(frozen=True)
+class _OnEngine:
+    database: Database
+    ledger: Ledger
+    request_keys: RequestKeys
+
+
 def _exempt_webhook_from_csrf(app: Flask) -> None:
     """Stripe cannot send a CSRF token: exempt the webhook from Flask-WTF's CSRFProtect, whether it
-    was set up before this extension or after it."""
-    name = f"{views.stripe_webhook.__module__}.{views.stripe_webhook.__name__}"
+    was set up before this extension or after it (``exempt`` is idempotent)."""
 
     def exempt() -> None:
         csrf = app.extensions.get("csrf")
-        if csrf is not None and name not in getattr(csrf, "_exempt_views", {name}):
-            csrf.exempt(views.stripe_webhook)
+        if csrf is not None:
+            csrf.exempt(blueprint.stripe_webhook)
 
     exempt()
     # CSRFProtect set up later checks requests in a before_request hook registered after this one.

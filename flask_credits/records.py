@@ -56,6 +56,10 @@ class Entry:
         }
 
 
+#: Purchase statuses from which a payment may still be credited.
+FULFILLABLE = ("creating", "open", "unpaid")
+
+
 @dataclass(frozen=True)
 class Purchase:
     """One Stripe Checkout purchase of credits, as stored before redirecting to Stripe.

@@ -17,14 +17,14 @@ register ``responses`` mocks for the Stripe API calls this extension makes::
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 
-from . import purchases
-from .stripe_api import sign
+from .services import purchases
+from .services.stripe_gateway import sign
+from .services.stripe_objects import charge, checkout_session, dispute, event, session_of
+from .services.webhooks import secrets_for
 
 if TYPE_CHECKING:
     import responses
@@ -48,40 +48,6 @@ __all__ = [
 ]
 
 
-def _id(prefix: str) -> str:
-    return f"{prefix}_test_{secrets.token_hex(12)}"
-
-
-def checkout_session(
-    session_id: str | None = None,
-    *,
-    amount_total: int,
-    currency: str = "usd",
-    payment_status: str = "paid",
-    payment_intent: str | None = None,
-    client_reference_id: str | None = None,
-    metadata: dict[str, str] | None = None,
-    status: str = "complete",
-) -> dict[str, Any]:
-    """A Checkout Session object as Stripe sends it in events and API answers."""
-    session_id = session_id or _id("cs")
-    return {
-        "id": session_id,
-        "object": "checkout.session",
-        "mode": "payment",
-        "status": status,
-        "payment_status": payment_status,
-        "amount_total": amount_total,
-        "currency": currency,
-        "client_reference_id": client_reference_id,
-        "metadata": metadata or {},
-        "payment_intent": payment_intent
-        if payment_intent is not None
-        else (_id("pi") if payment_status != "unpaid" or status == "complete" else None),
-        "url": None if status != "open" else f"https://checkout.stripe.com/c/pay/{session_id}",
-    }
-
-
 def session_for(
     session_id: str,
     *,
@@ -91,66 +57,10 @@ def session_for(
 ) -> dict[str, Any]:
     """The Checkout Session of a purchase this app started, with the amount, currency and references
     from its stored row (needs an app context)."""
-    ext = current_app.extensions["credits"]
-    purchase = purchases.find(ext, session_id=session_id)
+    purchase = purchases.find(current_app.extensions["credits"], session_id=session_id)
     if purchase is None:
         raise LookupError(f"no purchase with Checkout Session {session_id!r}")
-    metadata = {
-        "userId": purchase.wallet.user_id,
-        "credits": str(purchase.credits),
-        "purchaseId": str(purchase.id),
-    }
-    if purchase.wallet.key_id:
-        metadata["keyId"] = purchase.wallet.key_id
-    return checkout_session(
-        session_id,
-        amount_total=purchase.amount,
-        currency=purchase.currency,
-        payment_status=payment_status,
-        payment_intent=payment_intent or purchase.payment_intent or _id("pi"),
-        metadata=metadata,
-        status=status,
-    )
-
-
-def charge(
-    payment_intent: str, *, amount: int, amount_refunded: int = 0, currency: str = "usd"
-) -> dict[str, Any]:
-    """A Charge object, as in ``charge.refunded`` (``amount_refunded`` is cumulative)."""
-    return {
-        "id": _id("ch"),
-        "object": "charge",
-        "payment_intent": payment_intent,
-        "amount": amount,
-        "amount_refunded": amount_refunded,
-        "currency": currency,
-        "refunded": amount_refunded >= amount,
-    }
-
-
-def dispute(payment_intent: str, *, amount: int, status: str = "needs_response") -> dict[str, Any]:
-    """A Dispute object, as in ``charge.dispute.*`` events (``status`` ``won``/``lost`` when closed)."""
-    return {
-        "id": _id("dp"),
-        "object": "dispute",
-        "payment_intent": payment_intent,
-        "charge": _id("ch"),
-        "amount": amount,
-        "status": status,
-    }
-
-
-def event(event_type: str, obj: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
-    """A Stripe event wrapping ``obj``."""
-    return {
-        "id": event_id or _id("evt"),
-        "object": "event",
-        "type": event_type,
-        "created": int(time.time()),
-        "livemode": False,
-        "api_version": "2026-10-28.endive",
-        "data": {"object": obj},
-    }
+    return session_of(purchase, payment_status=payment_status, payment_intent=payment_intent, status=status)
 
 
 def post_event(
@@ -167,8 +77,6 @@ def post_event(
     payload = stripe_event if isinstance(stripe_event, str) else json.dumps(stripe_event)
     if secret is None:
         with app.app_context():
-            from .webhooks import secrets_for
-
             secret = secrets_for(app.extensions["credits"])[0]
     if url is None:
         url = app.config["CREDITS_URL_PREFIX"].rstrip("/") + "/stripe-webhook"

@@ -23,7 +23,7 @@ from flask import Flask
 from flask_login import LoginManager, UserMixin, login_user
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_credits import FlaskCredits, ledger
+from flask_credits import FlaskCredits
 
 BACKENDS = {
     "sqlite": None,
@@ -145,8 +145,17 @@ def clear(db: SQLAlchemy) -> None:
 
 
 @pytest.fixture
-def app_db_credits(database_url: str) -> Iterator[tuple[Flask, SQLAlchemy, FlaskCredits]]:
-    app, db, credits = make_app(database_url)
+def credits_config() -> dict[str, object]:
+    """Config the ``app`` fixture is built with: a module overrides this fixture for settings that
+    ``FlaskCredits.init_app`` reads once (the Stripe mode, for one)."""
+    return {}
+
+
+@pytest.fixture
+def app_db_credits(
+    database_url: str, credits_config: dict[str, object]
+) -> Iterator[tuple[Flask, SQLAlchemy, FlaskCredits]]:
+    app, db, credits = make_app(database_url, **credits_config)
     with app.app_context():
         db.create_all()
         clear(db)
@@ -186,7 +195,7 @@ def login(client):  # type: ignore[no-untyped-def]
 
 
 class Clock:
-    """Replaces the ledger's clock so expiry can be tested without sleeping."""
+    """A clock for ``FlaskCredits.clock``, so expiry can be tested without sleeping."""
 
     def __init__(self) -> None:
         self.now = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -199,9 +208,10 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+def clock(credits: FlaskCredits) -> Clock:
+    """The extension's clock, replaced: every write records this time."""
     fake = Clock()
-    monkeypatch.setattr(ledger, "utcnow", fake)
+    credits.clock = fake
     return fake
 
 

@@ -26,7 +26,8 @@ from typing import IO, Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from flask_credits import InsufficientCredits, ledger
+from flask_credits import InsufficientCredits
+from flask_credits.storage.database import utcnow
 
 T = TypeVar("T")
 
@@ -250,7 +251,7 @@ def check_drained(credits, user: str, granted: int, outcomes: list[dict[str, Any
 def test_threads_draining_one_wallet_never_overdraw_and_spend_exactly_what_it_held(app, credits, backend):
     count = racers(backend)
     sizes = [7, 5, 11, 3, 9, 6, 13, 4] * (1 if backend == "sqlite" else 3)
-    granted = grant_stock(credits, "shared", sizes, ledger.utcnow())
+    granted = grant_stock(credits, "shared", sizes, utcnow())
     amounts = (1, 3, 1, 2, 1, 5)  # mostly single credits, some larger: lots are split across spends
     limit = 2 * granted + len(amounts)  # more 1-credit attempts than credits: a thread must be refused
 
@@ -266,7 +267,7 @@ def test_threads_draining_one_wallet_never_overdraw_and_spend_exactly_what_it_he
 
 def test_threads_on_separate_wallets_at_once_each_end_exact(app, credits, backend, caplog):
     count = racers(backend)
-    now = ledger.utcnow()
+    now = utcnow()
 
     def own_wallet(i: int) -> tuple[int, int]:
         user = f"user-{i}"
@@ -303,7 +304,7 @@ def test_threads_on_separate_wallets_at_once_each_end_exact(app, credits, backen
 def test_processes_draining_one_wallet_never_overdraw_and_spend_exactly_what_it_held(
     app, credits, database_url, workers
 ):
-    granted = grant_stock(credits, "shared", [9, 4, 12, 7, 5, 10, 8], ledger.utcnow())
+    granted = grant_stock(credits, "shared", [9, 4, 12, 7, 5, 10, 8], utcnow())
     amounts = [1, 2, 1, 4, 1, 3]
     job = {"url": database_url, "user": "shared", "amounts": amounts, "limit": 2 * granted + len(amounts)}
 
@@ -376,7 +377,7 @@ def test_concurrent_spends_with_one_idempotency_key_all_get_the_entry_even_when_
 
 def test_concurrent_refunds_of_one_spend_write_one_refund_and_restore_the_lots_once(app, credits, backend):
     count = racers(backend)
-    credits.grant("alice", 30, reason="soon", expires_at=ledger.utcnow() + timedelta(days=1))
+    credits.grant("alice", 30, reason="soon", expires_at=utcnow() + timedelta(days=1))
     credits.grant("alice", 70, reason="forever")
     spend = credits.spend("alice", 40, reason="job")  # all of the first lot, 10 of the second
     credits.spend("alice", 5, reason="other")
@@ -475,7 +476,7 @@ def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit
     the next lot the long way. Deterministic: the concurrent debit is a transaction held open here."""
     if backend != "postgresql":
         pytest.skip("the one-statement debit is PostgreSQL's")
-    soon = ledger.utcnow() + timedelta(days=1)
+    soon = utcnow() + timedelta(days=1)
     credits.grant("racer", 1, reason="soon", expires_at=soon)
     credits.grant("racer", 10, reason="later")
     t = credits.tables
@@ -510,7 +511,7 @@ def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit
                     balance_after=balance,
                     kind="spend",
                     reason="by hand",
-                    created_at=ledger.utcnow(),
+                    created_at=utcnow(),
                 )
                 .returning(t.entries.c.id)
             ).scalar_one()

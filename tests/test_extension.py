@@ -10,7 +10,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_credits import FlaskCredits
-from flask_credits.config import DEFAULTS
+from flask_credits.settings import DEFAULTS
 
 
 def sqlite_app(tmp_path, name="app"):

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from flask import Response, g, jsonify, request
 
 from flask_credits import CreditsUnavailable, requires_credits
-from flask_credits.idempotency import fingerprint
-from flask_credits.ledger import Ledger
+from flask_credits.core.ledger import Ledger
+from flask_credits.services.idempotency import fingerprint
 
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -493,7 +493,7 @@ def test_a_cut_spend_whose_key_could_not_be_unlocked_is_taken_over_seconds_later
     """The database went away under the spend and stayed away for the clean-up too: the key keeps
     only its short claim lease (not CREDITS_IDEMPOTENCY_LOCK_TIMEOUT), and the retry after it runs the
     view once, without paying twice."""
-    from flask_credits.idempotency import CLAIM_LEASE, RequestKeys
+    from flask_credits.services.idempotency import CLAIM_LEASE, RequestKeys
 
     credits.grant("alice", 20, reason="seed")
     login("alice")
@@ -524,7 +524,7 @@ def test_a_request_charged_so_slowly_that_its_key_was_taken_over_never_runs_the_
     """Its short claim lease ran out while the spend waited (a busy wallet): a retry took the key over,
     paid under the same ledger key and ran the view. The slow one then finds its lease gone: 409, and
     the one charge is the retry's."""
-    from flask_credits.idempotency import CLAIM_LEASE
+    from flask_credits.services.idempotency import CLAIM_LEASE
 
     credits.grant("alice", 20, reason="seed")
     login("alice")

@@ -13,9 +13,9 @@ from flask_credits import FlaskCredits
 HTML = {"Accept": "text/html"}
 
 
-@pytest.fixture(autouse=True)
-def simulated(app):
-    app.config.update(CREDITS_STRIPE_MODE="simulated", STRIPE_WEBHOOK_SECRET=None, STRIPE_SECRET_KEY=None)
+@pytest.fixture
+def credits_config():
+    return {"CREDITS_STRIPE_MODE": "simulated", "STRIPE_WEBHOOK_SECRET": None, "STRIPE_SECRET_KEY": None}
 
 
 @pytest.fixture(autouse=True)

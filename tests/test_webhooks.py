@@ -13,7 +13,8 @@ import responses
 import sqlalchemy as sa
 from flask_wtf.csrf import CSRFProtect
 
-from flask_credits import purchases, testing
+from flask_credits import testing
+from flask_credits.services import purchases
 
 WHSEC = "whsec_test_current"
 

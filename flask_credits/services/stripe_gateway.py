@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import stripe
 
-from .errors import CreditsError
+from ..errors import CreditsError
 
 log = logging.getLogger("flask_credits")
 

@@ -15,28 +15,32 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from flask import current_app
 
+from ..records import FULFILLABLE
 from . import purchases
-from .ledger import FULFILLABLE
 from .purchases import Recorder
-from .stripe_api import verify_event
+from .simulated_mode import webhook_secret
+from .stripe_gateway import verify_event
 
 if TYPE_CHECKING:
-    from .extension import FlaskCredits
+    from ..extension import FlaskCredits
 
 log = logging.getLogger("flask_credits")
 
+#: A handler of one Stripe event type: ``(ext, event data object, record) -> outcome``. ``record`` is
+#: the event's :class:`Recorder`: run ``record.bind(outcome, purchase_id)`` inside the handler's own
+#: transaction to make its effect and the event's record one; otherwise the event is recorded (as
+#: seen, with the outcome returned) once the handler returns.
 Handler = Callable[["FlaskCredits", Mapping[str, Any], Recorder], str]
 
-#: Event type -> handler. Apps may add their own with :func:`handles`.
-HANDLERS: dict[str, Handler] = {}
+#: The event types this extension handles itself. Each :class:`~flask_credits.FlaskCredits` starts
+#: with a copy; ``FlaskCredits.webhook_handler`` adds or replaces one on that instance only.
+BUILT_IN: dict[str, Handler] = {}
 
 
-def handles(*event_types: str) -> Callable[[Handler], Handler]:
-    """Register a handler ``(ext, data_object, record) -> outcome`` for these event types."""
-
+def _handles(*event_types: str) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         for event_type in event_types:
-            HANDLERS[event_type] = handler
+            BUILT_IN[event_type] = handler
         return handler
 
     return register
@@ -50,8 +54,6 @@ def secrets_for(ext: FlaskCredits) -> list[str]:
     else:
         found = [str(s) for s in configured or () if s]
     if current_app.config["CREDITS_STRIPE_MODE"] == "simulated":
-        from .simulated import webhook_secret
-
         found.append(webhook_secret())
     return found
 
@@ -66,9 +68,11 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
     if _seen(ext, event_id):
         return {"received": True, "id": event_id, "outcome": "duplicate"}
     record = Recorder(ext, event_id, event_type)
-    handler = HANDLERS.get(event_type, _ignore)
+    handler = ext.webhook_handlers.get(event_type, _ignore)
     try:
         outcome = handler(ext, event["data"]["object"], record)
+        if not record.recorded:
+            purchases.record_only(ext, record, outcome, None)
     except sa.exc.IntegrityError:
         if not _seen(ext, event_id):
             raise
@@ -79,7 +83,7 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
 
 def _seen(ext: FlaskCredits, event_id: str) -> bool:
     t = ext.tables.stripe_events
-    with ext.ledger.reader.connect() as conn:
+    with ext.database.reader.connect() as conn:
         return conn.execute(sa.select(t.c.id).where(t.c.id == event_id)).first() is not None
 
 
@@ -88,17 +92,17 @@ def _ignore(ext: FlaskCredits, obj: Mapping[str, Any], record: Recorder) -> str:
     return "ignored"
 
 
-@handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
+@_handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
 def _session_paid(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
     return purchases.fulfil(ext, session, record=record)
 
 
-@handles("checkout.session.async_payment_failed")
+@_handles("checkout.session.async_payment_failed")
 def _session_failed(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
     return purchases.mark(ext, session, "failed", FULFILLABLE, record=record)
 
 
-@handles("checkout.session.expired")
+@_handles("checkout.session.expired")
 def _session_expired(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
     return purchases.mark(ext, session, "expired", ("creating", "open"), record=record)
 
@@ -110,7 +114,7 @@ def _payment_intent(obj: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@handles("charge.refunded")
+@_handles("charge.refunded")
 def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recorder) -> str:
     purchase = purchases.purchase_for_payment(ext, _payment_intent(charge))
     if purchase is None:
@@ -134,17 +138,17 @@ def _dispute(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder, *,
     return purchases.revoke(ext, purchase, cause="dispute", dispute_target=target, record=record)
 
 
-@handles("charge.dispute.funds_withdrawn")
+@_handles("charge.dispute.funds_withdrawn")
 def _dispute_withdrawn(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
     return _dispute(ext, dispute, record, lost=True)
 
 
-@handles("charge.dispute.funds_reinstated")
+@_handles("charge.dispute.funds_reinstated")
 def _dispute_reinstated(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
     return _dispute(ext, dispute, record, lost=False)
 
 
-@handles("charge.dispute.closed")
+@_handles("charge.dispute.closed")
 def _dispute_closed(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder) -> str:
     status = dispute.get("status")
     return _dispute(ext, dispute, record, lost={"lost": True, "won": False}.get(str(status)))

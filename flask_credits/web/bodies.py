@@ -11,7 +11,7 @@ from typing import Any
 from flask import request
 from flask.json.provider import DefaultJSONProvider
 
-from .errors import BodyTooLarge
+from ..errors import BodyTooLarge
 
 
 def read_body(limit: int) -> bytes:

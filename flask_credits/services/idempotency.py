@@ -30,28 +30,25 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from . import ledger as ledger_module
-from .errors import (
+from ..core.ledger import Ledger
+from ..errors import (
     CreditsUnavailable,
     IdempotencyKeyReused,
     IdempotentRequestInProgress,
     IdempotentResponseNotStored,
 )
-from .ledger import Ledger, _unavailable_on_database_errors
-from .models import ENDPOINT_LENGTH, Tables
-from .records import Wallet
+from ..records import Wallet
+from ..storage.database import Database, unavailable_on_database_errors
+from ..storage.tables import ENDPOINT_LENGTH
 
 if TYPE_CHECKING:
     from werkzeug.wrappers import Response
 
 log = logging.getLogger("flask_credits")
-
-T = TypeVar("T")
 
 #: Response headers never stored for a replay: they describe one connection or one response's
 #: framing, or (cookies) would hand the first request's state to whoever replays it.
@@ -110,11 +107,12 @@ def scope(endpoint: str) -> str:
 class RequestKeys:
     """The ``credits_requests`` table of one ledger's database."""
 
-    def __init__(self, ledger: Ledger, tables: Tables) -> None:
+    def __init__(self, db: Database, ledger: Ledger) -> None:
+        self.db = db
         self.ledger = ledger
-        self.t = tables.requests
+        self.t = db.t.requests
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def claim(
         self,
         wallet: Wallet,
@@ -140,7 +138,7 @@ class RequestKeys:
             r.c.idempotency_key == key,
         )
         for _ in range(_CLAIM_ROUNDS):
-            now = ledger_module.utcnow()
+            now = self.db.now()
             values = {
                 "user_id": wallet.user_id,
                 "key_id": wallet.key_id or "",
@@ -154,12 +152,12 @@ class RequestKeys:
                 "expires_at": now + ttl,
             }
             try:
-                claimed = self._insert(sa.insert(r).values(values))
+                claimed = self.db.insert(sa.insert(r).values(values))
             except sa.exc.IntegrityError:
                 pass
             else:
                 return Claim(int(claimed), 1, wallet, _spend_key(int(claimed)))
-            with self.ledger.reader.connect() as conn:
+            with self.db.reader.connect() as conn:
                 row = conn.execute(
                     sa.select(
                         r.c.id,
@@ -177,7 +175,7 @@ class RequestKeys:
                 continue  # freed meanwhile: try to take it again
             if row.expires_at <= now:
                 # An expired key is a new key: remove the old row (if still that one) and start over.
-                self._rowcount(sa.delete(r).where(r.c.id == row.id, r.c.expires_at <= now))
+                self.db.write(sa.delete(r).where(r.c.id == row.id, r.c.expires_at <= now))
                 continue
             if row.fingerprint != fingerprint:
                 raise IdempotencyKeyReused()
@@ -191,7 +189,7 @@ class RequestKeys:
                 raise IdempotentResponseNotStored()
             if row.locked_until > now:
                 raise IdempotentRequestInProgress()
-            taken = self._rowcount(
+            taken = self.db.write(
                 sa.update(r)
                 .where(
                     r.c.id == row.id,
@@ -211,19 +209,19 @@ class RequestKeys:
                 return Claim(int(row.id), int(row.attempt) + 1, wallet, _spend_key(int(row.id)), True)
         raise IdempotentRequestInProgress()
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def extend(self, claim: Claim, lease: timedelta) -> bool:
         """Hold the key ``lease`` from now (the view is about to run). False when this request lost
         it: its short claim lease ran out and another request took it over, and runs the view."""
         r = self.t
-        changed = self._rowcount(
+        changed = self.db.write(
             sa.update(r)
             .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
-            .values(locked_until=ledger_module.utcnow() + lease)
+            .values(locked_until=self.db.now() + lease)
         )
         return changed == 1
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def finish(self, claim: Claim, response: Response, spend_id: int | None, *, max_bytes: int) -> bool:
         """Store ``response`` for replays (or mark it unstored when it is streamed or larger than
         ``max_bytes``). False when this request had lost the key to a takeover."""
@@ -242,7 +240,7 @@ class RequestKeys:
                     response_headers=[list(h) for h in _stored_headers(response.headers.items())],
                     response_body=body,
                 )
-        done = self._rowcount(
+        done = self.db.write(
             sa.update(r)
             .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
             .values(values)
@@ -257,34 +255,34 @@ class RequestKeys:
             return False
         return True
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def release(self, claim: Claim) -> None:
         """Free the key: the run failed and charged nothing (or its credits were returned)."""
         r = self.t
-        self._rowcount(sa.delete(r).where(r.c.id == claim.id, r.c.attempt == claim.attempt))
+        self.db.write(sa.delete(r).where(r.c.id == claim.id, r.c.attempt == claim.attempt))
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def unlock(self, claim: Claim) -> None:
         """End the lease now, keeping the row: the run's spend may or may not have committed (the
         database failed under it). The next request with the key takes it over and spends under the
         same ledger key, so that spend, if it happened, is replayed rather than made again."""
         r = self.t
-        now = ledger_module.utcnow()
-        self._rowcount(
+        now = self.db.now()
+        self.db.write(
             sa.update(r)
             .where(r.c.id == claim.id, r.c.attempt == claim.attempt, r.c.status == "running")
             .values(locked_until=now)
         )
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def prune(self, *, lock_timeout: timedelta, now: datetime | None = None) -> tuple[int, int]:
         """Delete expired keys, and settle requests whose worker died (lease over, never finished):
         their spend, if any, is refunded and their key freed. Returns (keys deleted, runs whose
         credits were returned)."""
         r = self.t
-        now = now or ledger_module.utcnow()
+        now = now or self.db.now()
         returned = 0
-        with self.ledger.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             dead = conn.execute(
                 sa.select(r.c.id, r.c.attempt, r.c.user_id, r.c.key_id)
                 .where(r.c.status == "running", r.c.locked_until <= now)
@@ -294,7 +292,7 @@ class RequestKeys:
         for row in dead:
             # Take the key over first, as a retry would: a retry arriving meanwhile then gets 409
             # instead of running on the spend refunded here.
-            taken = self._rowcount(
+            taken = self.db.write(
                 sa.update(r)
                 .where(
                     r.c.id == row.id,
@@ -318,7 +316,7 @@ class RequestKeys:
             self.release(claim)
         deleted = 0
         while True:
-            with self.ledger.reader.connect() as conn:
+            with self.db.reader.connect() as conn:
                 ids = (
                     conn.execute(
                         sa.select(r.c.id)
@@ -330,27 +328,8 @@ class RequestKeys:
                 )
             if not ids:
                 break
-            deleted += self._rowcount(sa.delete(r).where(r.c.id.in_(ids), r.c.expires_at <= now))
+            deleted += self.db.write(sa.delete(r).where(r.c.id.in_(ids), r.c.expires_at <= now))
         return deleted, returned
-
-    def _rowcount(self, statement: sa.Executable) -> int:
-        """Run one statement as its own transaction (autocommit on PostgreSQL), retried like the
-        ledger's writes when the database picks it as a deadlock victim; the rows it changed."""
-
-        def tx(conn: Connection) -> int:
-            return int(conn.execute(statement).rowcount)
-
-        return self.ledger._run(tx, autocommit=self.ledger._pg)
-
-    def _insert(self, statement: sa.Insert) -> int:
-        """Run one INSERT like ``_rowcount``; the new row's id."""
-
-        def tx(conn: Connection) -> int:
-            key = conn.execute(statement).inserted_primary_key
-            assert key is not None
-            return int(key[0])
-
-        return self.ledger._run(tx, autocommit=self.ledger._pg)
 
 
 def _spend_key(row_id: int) -> str:

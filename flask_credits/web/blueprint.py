@@ -2,48 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from flask import (
-    Blueprint,
-    abort,
-    current_app,
-    has_request_context,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-)
+from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import bodies
-from .errors import CreditsUnavailable, InvalidArgument
-from .ledger import UNAVAILABLE, make_wallet
+from ..core.inputs import make_wallet
+from ..errors import CreditsUnavailable, InvalidArgument
+from ..records import FULFILLABLE
+from ..services import purchases, webhooks
+from ..services.stripe_gateway import PaymentProviderError, WebhookError
+from . import bodies, responses, urls
+from .responses import UNAVAILABLE, wants_json
 
 if TYPE_CHECKING:
-    from .extension import FlaskCredits
-    from .records import Purchase, Wallet
+    from ..extension import FlaskCredits
+    from ..records import Purchase, Wallet
+
+#: The package folder: the blueprint's templates and static files live there, where apps expect them.
+PACKAGE = Path(__file__).resolve().parent.parent
 
 blueprint = Blueprint(
-    "credits", __name__, template_folder="templates", static_folder="static", static_url_path="/static"
+    "credits",
+    __name__,
+    root_path=str(PACKAGE),
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
 )
-
-
-def wants_json() -> bool:
-    """JSON for API clients; HTML for browsers (they ask for text/html) and for plain form posts.
-    Always JSON on the webhook: Stripe is its only legitimate client."""
-    if not has_request_context() or _is_webhook():
-        return True
-    if request.is_json:
-        return True
-    accept = request.accept_mimetypes
-    if any(value == "text/html" for value, _ in accept):
-        return accept["application/json"] > accept["text/html"]
-    if any(value == "application/json" for value, _ in accept):
-        return True
-    # No say either way: a submitted form came from a page, anything else is an API client.
-    return request.mimetype not in ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def extension() -> FlaskCredits:
@@ -53,10 +41,7 @@ def extension() -> FlaskCredits:
 def current_wallet_or_401() -> Wallet:
     wallet = extension().current_wallet()
     if wallet is None:
-        manager = getattr(current_app, "login_manager", None)
-        if manager is not None:
-            abort(manager.unauthorized())
-        abort(401)
+        abort(current_app.make_response(responses.unauthorized()))
     return wallet
 
 
@@ -70,19 +55,12 @@ def _page_args() -> tuple[int, int | None]:
         abort(400, "limit and before must be whole numbers")
 
 
-def database_unavailable(exc: Exception) -> ResponseReturnValue:
-    """The blueprint's own queries (purchases, the credits page) when the database is unreachable: a
-    503 with ``Retry-After``, like the ledger's :class:`CreditsUnavailable`."""
-    current_app.logger.warning("credits: the database is unavailable (%s)", type(exc).__name__)
-    return CreditsUnavailable().get_response()
-
-
 for _error_class in UNAVAILABLE:
-    blueprint.register_error_handler(_error_class, database_unavailable)
+    blueprint.register_error_handler(_error_class, responses.database_unavailable)
 
 
 def _is_webhook() -> bool:
-    return current_app.view_functions.get(request.endpoint or "") is stripe_webhook
+    return request.endpoint == responses.WEBHOOK_ENDPOINT
 
 
 def body_limit() -> int:
@@ -196,9 +174,6 @@ def checkout() -> ResponseReturnValue:
     Stripe, a JSON client gets ``{"id", "url"}``. A form may name one of the user's API keys in
     ``key_id`` to buy credits for that key's wallet. A wallet with ``CREDITS_MAX_OPEN_PURCHASES``
     unfinished checkouts gets 429 ``too_many_open_checkouts`` with ``Retry-After``."""
-    from . import purchases
-    from .stripe_api import PaymentProviderError
-
     ext = extension()
     wallet = current_wallet_or_401()
     data = _checkout_data()
@@ -212,7 +187,13 @@ def checkout() -> ResponseReturnValue:
     except purchases.BadCheckout as exc:
         return _error(400, "bad_request", str(exc), data)
     try:
-        session = purchases.start_checkout(ext, wallet, offer)
+        session = purchases.start_checkout(
+            ext,
+            wallet,
+            offer,
+            success_url=urls.external_url("credits.success"),
+            cancel_url=urls.external_url("credits.cancel"),
+        )
     except purchases.TooManyOpenCheckouts as exc:
         headers = {"Retry-After": str(exc.retry_after)}
         return _error(429, "too_many_open_checkouts", str(exc), data, headers)
@@ -226,9 +207,6 @@ def checkout() -> ResponseReturnValue:
 @blueprint.post("/stripe-webhook")
 def stripe_webhook() -> ResponseReturnValue:
     """Stripe's webhook endpoint: no login, no CSRF; the signature is the authentication."""
-    from . import webhooks
-    from .stripe_api import PaymentProviderError, WebhookError
-
     # Read already, within CREDITS_WEBHOOK_MAX_BYTES, by read_body_within_limit.
     payload = request.get_data()
     try:
@@ -245,8 +223,6 @@ def stripe_webhook() -> ResponseReturnValue:
 
 def own_purchase(session_id: str | None) -> Purchase:
     """The current user's purchase with this Checkout Session id, or 400/401/404."""
-    from . import purchases
-
     wallet = current_wallet_or_401()
     if not session_id or len(session_id) > 255:
         abort(400, "session_id is missing or too long")
@@ -264,10 +240,6 @@ def success() -> ResponseReturnValue:
     from the session fetched afresh from Stripe, then shows what happened. Stripe is asked at most
     once per purchase per ``CREDITS_SUCCESS_CHECK_INTERVAL``; loads in between show the purchase as
     stored."""
-    from . import purchases
-    from .ledger import FULFILLABLE
-    from .stripe_api import PaymentProviderError
-
     ext = extension()
     purchase = own_purchase(request.args.get("session_id"))
     problem = None
@@ -295,8 +267,6 @@ def cancel() -> ResponseReturnValue:
     """Where Stripe sends a customer who gave up: nothing was charged. ``?attempt=`` names the
     checkout (the cancel URL it was created with carries it); the owner's open checkout is expired at
     Stripe so it no longer counts against ``CREDITS_MAX_OPEN_PURCHASES``."""
-    from . import purchases
-
     wallet = current_wallet_or_401()
     attempt = request.args.get("attempt")
     purchase = purchases.cancel(extension(), wallet.user_id, attempt) if attempt else None
@@ -340,9 +310,7 @@ def format_money(amount: int, currency: str) -> str:
 @blueprint.app_template_global("credits_packs")
 def credits_packs() -> list[Any]:
     """The configured packs (``CREDITS_PACKS``), checked, for purchase forms."""
-    from .purchases import packs
-
-    return packs(current_app._get_current_object())  # type: ignore[attr-defined]
+    return purchases.packs(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
 @blueprint.app_template_global("credits_balance")

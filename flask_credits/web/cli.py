@@ -9,10 +9,10 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .errors import CreditsError
+from ..errors import CreditsError
 
 if TYPE_CHECKING:
-    from .extension import FlaskCredits
+    from ..extension import FlaskCredits
 
 credits_cli = AppGroup("credits", help="Look at and adjust credit wallets.")
 

@@ -7,20 +7,22 @@ import functools
 import logging
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from flask import abort, current_app, g, jsonify, request
+from flask import current_app, g, request
 from flask.typing import ResponseReturnValue
 
-from . import bodies, config, idempotency
-from .errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
-from .ledger import check_amount
+from .. import settings
+from ..core.inputs import check_amount
+from ..errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
+from ..services import idempotency
+from . import bodies, responses
 
 if TYPE_CHECKING:
     from werkzeug.wrappers import Response
 
-    from .extension import FlaskCredits
-    from .records import Entry, Wallet
+    from ..extension import FlaskCredits
+    from ..records import Entry, Wallet
 
 log = logging.getLogger("flask_credits")
 
@@ -57,10 +59,7 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
             ext = _extension()
             wallet = ext.current_wallet()
             if wallet is None:
-                manager = getattr(current_app, "login_manager", None)
-                if manager is not None:
-                    return cast(ResponseReturnValue, manager.unauthorized())
-                abort(401)
+                return responses.unauthorized()
             amount = cost() if callable(cost) else cost
             if amount != 0 or not callable(cost):
                 check_amount(amount, "cost")
@@ -83,6 +82,15 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
         return cast(F, wrapper)
 
     return decorator
+
+
+def _spend(ext: FlaskCredits, wallet: Wallet, amount: int, **kwargs: Any) -> Entry:
+    """The ledger's spend; a refusal (402) learns where to buy more credits."""
+    try:
+        return ext.ledger.spend(wallet, amount, **kwargs)
+    except InsufficientCredits as exc:
+        exc.purchase_url = responses.purchase_url()
+        raise
 
 
 def _run_charged(ext: FlaskCredits, spend: Entry | None, run: Callable[[], Any]) -> Response:
@@ -115,7 +123,7 @@ def _run_once(
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     body = request.get_data(cache=True) if limit is None else bodies.read_body(int(limit))
     print_ = idempotency.fingerprint(request.method, request.path, request.query_string, body)
-    view_lease = config.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
+    view_lease = settings.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
     for _ in range(2):
         found = keys.claim(
             wallet,
@@ -124,7 +132,7 @@ def _run_once(
             print_,
             # Free requests have no charge to be cut half-way: the view's lease at once.
             lease=min(idempotency.CLAIM_LEASE, view_lease) if amount else view_lease,
-            ttl=config.duration(current_app, "CREDITS_IDEMPOTENCY_TTL"),
+            ttl=settings.duration(current_app, "CREDITS_IDEMPOTENCY_TTL"),
         )
         if isinstance(found, idempotency.StoredResponse):
             replay = current_app.response_class(found.body, status=found.status, headers=found.headers)
@@ -134,13 +142,13 @@ def _run_once(
         spend = None
         if amount:
             try:
-                spend = ext.ledger.spend(
+                spend = _spend(
+                    ext,
                     wallet,
                     amount,
                     reason=reason or endpoint,
                     idempotency_key=claim.spend_key,
                     metadata={"endpoint": request.endpoint, "method": request.method, "idempotency_key": key},
-                    purchase_url=ext.purchase_url,
                 )
             except InsufficientCredits:
                 _quietly(keys.release, claim)  # nothing was charged: the key is free for a retry
@@ -179,7 +187,7 @@ def _run_once(
         claim,
         response,
         None if spend is None else spend.id,
-        max_bytes=config.whole_number(current_app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"),
+        max_bytes=settings.whole_number(current_app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"),
     )
     return response
 
@@ -201,7 +209,9 @@ def _idempotency_key() -> str | None:
     if quoted:
         value = re.sub(r"\\(.)", r"\1", quoted.group(1))
     if not 0 < len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
-        _refuse(400, "bad_request", f"{header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+        responses.refuse(
+            400, "bad_request", f"{header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
+        )
     return value
 
 
@@ -230,17 +240,6 @@ def _quietly(step: Callable[[idempotency.Claim], None], claim: idempotency.Claim
         step(claim)
     except Exception:
         log.exception("could not %s Idempotency-Key request %s", step.__name__, claim.id)
-
-
-def _refuse(status: int, error: str, message: str) -> NoReturn:
-    """Stop the request with ``status``: JSON for clients that prefer it, werkzeug's page otherwise."""
-    from .views import wants_json
-
-    if wants_json():
-        response = jsonify(error=error, message=message)
-        response.status_code = status
-        abort(response)
-    abort(status, message)
 
 
 def _extension() -> FlaskCredits:

@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from flask import current_app
 
-from . import ledger, signals
-from .errors import CreditsError, InvalidArgument
-from .ledger import FULFILLABLE, InTx, check_amount
-from .records import Purchase, Wallet
-from .urls import external_url
+from .. import signals
+from ..core.inputs import check_amount
+from ..core.ledger import InTx
+from ..errors import CreditsError, InvalidArgument
+from ..records import FULFILLABLE, Purchase, Wallet
+from .stripe_gateway import PaymentProviderError
 
 if TYPE_CHECKING:
     from flask import Flask
     from sqlalchemy.engine import Connection, Row
 
-    from .extension import FlaskCredits
+    from ..extension import FlaskCredits
 
 log = logging.getLogger("flask_credits")
 
@@ -219,8 +220,12 @@ def limits(config: Mapping[str, Any]) -> tuple[int, timedelta]:
     return cap, timedelta(seconds=seconds)
 
 
-def start_checkout(ext: FlaskCredits, wallet: Wallet, offer: Offer) -> dict[str, Any]:
+def start_checkout(
+    ext: FlaskCredits, wallet: Wallet, offer: Offer, *, success_url: str, cancel_url: str
+) -> dict[str, Any]:
     """Store the pending purchase, then create its Checkout Session; returns ``{"id", "url"}``.
+    ``success_url`` gets Stripe's ``?session_id={CHECKOUT_SESSION_ID}``, ``cancel_url`` the
+    purchase's attempt key (``?attempt=``), which only this customer's browser is given.
 
     The row is committed before Stripe is called, with a fresh key that is both Stripe's idempotency
     key and the session's ``client_reference_id``; a webhook that overtakes this function still finds
@@ -228,13 +233,11 @@ def start_checkout(ext: FlaskCredits, wallet: Wallet, offer: Offer) -> dict[str,
     :class:`TooManyOpenCheckouts`, before writing anything or calling Stripe, when the wallet already
     has ``CREDITS_MAX_OPEN_PURCHASES`` unfinished checkouts.
     """
-    from .stripe_api import PaymentProviderError
-
     p = ext.tables.purchases
     wallet_id = ext.ledger.wallet_id(wallet, create=True)
     assert wallet_id is not None
     attempt = "chk_" + secrets.token_hex(16)
-    now = ledger.utcnow()
+    now = ext.database.now()
     purchase_id = _insert_within_cap(
         ext,
         wallet_id,
@@ -263,22 +266,25 @@ def start_checkout(ext: FlaskCredits, wallet: Wallet, offer: Offer) -> dict[str,
         "metadata": metadata,
         "payment_intent_data": {"metadata": metadata},
         # Stripe fills in {CHECKOUT_SESSION_ID} on the success URL only; the cancel page finds the
-        # purchase by its attempt key, which only this customer's browser is given.
-        "success_url": external_url("credits.success") + "?session_id={CHECKOUT_SESSION_ID}",
-        "cancel_url": external_url("credits.cancel", attempt=attempt),
+        # purchase by its attempt key.
+        "success_url": _with_query(success_url, "session_id={CHECKOUT_SESSION_ID}"),
+        "cancel_url": _with_query(cancel_url, f"attempt={attempt}"),
     }
     try:
         session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
     except PaymentProviderError:
         _set_status(ext, purchase_id, "error", ("creating",))
         raise
-    values: dict[str, Any] = {"session_id": session["id"], "status": "open", "updated_at": ledger.utcnow()}
+    values: dict[str, Any] = {"session_id": session["id"], "status": "open", "updated_at": ext.database.now()}
     if offer.amount is None and isinstance(session.get("amount_total"), int):
         values["amount"] = session["amount_total"]
-    with ext.db.engine.begin() as conn:
-        conn.execute(sa.update(p).where(p.c.id == purchase_id, p.c.status == "creating").values(values))
-        # A webhook may have adopted the row already (status moved on): the session id is then set.
+    # A webhook may have adopted the row already (status moved on): the session id is then set.
+    ext.database.write(sa.update(p).where(p.c.id == purchase_id, p.c.status == "creating").values(values))
     return {"id": session["id"], "url": session["url"]}
+
+
+def _with_query(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def _insert_within_cap(ext: FlaskCredits, wallet_id: int, now: datetime, row: dict[str, Any]) -> int:
@@ -297,7 +303,8 @@ def _insert_within_cap(ext: FlaskCredits, wallet_id: int, now: datetime, row: di
     """
     cap, _ = limits(current_app.config)
     p, w = ext.tables.purchases, ext.tables.wallets
-    with ext.db.engine.begin() as conn:
+
+    def tx(conn: Connection) -> int:
         conn.execute(sa.update(w).where(w.c.id == wallet_id).values(updated_at=w.c.updated_at))
         count, oldest = conn.execute(
             sa.select(sa.func.count(), sa.func.min(p.c.created_at)).where(
@@ -311,6 +318,8 @@ def _insert_within_cap(ext: FlaskCredits, wallet_id: int, now: datetime, row: di
             raise TooManyOpenCheckouts(cap, max(1, math.ceil(wait)))
         return int(conn.execute(sa.insert(p).values(row)).inserted_primary_key[0])  # type: ignore[index]
 
+    return ext.database.run(tx)
+
 
 def claim_stripe_check(ext: FlaskCredits, purchase_id: int) -> bool:
     """Whether this request may ask Stripe about the purchase now: at most one request per
@@ -318,14 +327,13 @@ def claim_stripe_check(ext: FlaskCredits, purchase_id: int) -> bool:
     UPDATE of ``checked_at`` (the row count says who won). The success and cancel pages share it."""
     _, interval = limits(current_app.config)
     p = ext.tables.purchases
-    now = ledger.utcnow()
-    with ext.db.engine.begin() as conn:
-        won = conn.execute(
-            sa.update(p)
-            .where(p.c.id == purchase_id, sa.or_(p.c.checked_at.is_(None), p.c.checked_at <= now - interval))
-            .values(checked_at=now)
-        )
-        return won.rowcount == 1
+    now = ext.database.now()
+    won = ext.database.write(
+        sa.update(p)
+        .where(p.c.id == purchase_id, sa.or_(p.c.checked_at.is_(None), p.c.checked_at <= now - interval))
+        .values(checked_at=now)
+    )
+    return won == 1
 
 
 def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
@@ -334,8 +342,6 @@ def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
     agreed (a session completed meanwhile cannot be expired: the row is left as it is, for the
     webhook). Only the owner's own ``open`` purchase, named by its attempt key, at most once per
     ``CREDITS_SUCCESS_CHECK_INTERVAL``. Returns the purchase (None if it is not this user's)."""
-    from .stripe_api import PaymentProviderError
-
     if not ATTEMPT_KEY.fullmatch(attempt):
         return None
     purchase = find(ext, attempt_key=attempt)
@@ -351,6 +357,13 @@ def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
     return find(ext, id=purchase.id)
 
 
+def attempt_key_of(ext: FlaskCredits, purchase_id: int) -> str:
+    """The purchase's attempt key: its Stripe idempotency key and ``client_reference_id``."""
+    row = _row(ext, id=purchase_id)
+    assert row is not None
+    return str(row.attempt_key)
+
+
 def find(ext: FlaskCredits, **where: Any) -> Purchase | None:
     """The purchase with the given ``session_id``, ``payment_intent`` or ``id``."""
     row = _row(ext, **where)
@@ -362,7 +375,7 @@ def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
     query = sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id")).join(w, w.c.id == p.c.wallet_id)
     for column, value in where.items():
         query = query.where(p.c[column] == value)
-    with ext.ledger.reader.connect() as conn:
+    with ext.database.reader.connect() as conn:
         return conn.execute(query).first()
 
 
@@ -392,15 +405,19 @@ def _set_status(
     in_tx: InTx | None = None,
 ) -> bool:
     p = ext.tables.purchases
-    with ext.db.engine.begin() as conn:
+    now = ext.database.now()
+
+    def tx(conn: Connection) -> bool:
         if in_tx is not None:
             in_tx(conn)
         changed = conn.execute(
             sa.update(p)
             .where(p.c.id == purchase_id, p.c.status.in_(from_statuses))
-            .values(status=status, updated_at=ledger.utcnow())
+            .values(status=status, updated_at=now)
         )
         return changed.rowcount == 1
+
+    return ext.database.run(tx)
 
 
 def _object_id(value: object) -> str | None:
@@ -424,12 +441,11 @@ def purchase_for_session(ext: FlaskCredits, session: Mapping[str, Any]) -> Purch
     if not isinstance(reference, str) or not reference.startswith("chk_"):
         return None
     p = ext.tables.purchases
-    with ext.db.engine.begin() as conn:
-        conn.execute(
-            sa.update(p)
-            .where(p.c.attempt_key == reference, p.c.session_id.is_(None), p.c.status == "creating")
-            .values(session_id=session_id, status="open", updated_at=ledger.utcnow())
-        )
+    ext.database.write(
+        sa.update(p)
+        .where(p.c.attempt_key == reference, p.c.session_id.is_(None), p.c.status == "creating")
+        .values(session_id=session_id, status="open", updated_at=ext.database.now())
+    )
     return find(ext, session_id=session_id)
 
 
@@ -578,16 +594,20 @@ class Recorder:
 
     def __init__(self, ext: FlaskCredits, event_id: str, event_type: str) -> None:
         self.ext, self.event_id, self.event_type = ext, event_id, event_type
+        #: Whether the event's row was written (in a transaction that then committed, or this
+        #: delivery would have failed).
+        self.recorded = False
 
     def bind(self, outcome: str, purchase_id: int | None) -> InTx:
         def insert(conn: Connection) -> None:
+            self.recorded = True
             conn.execute(
                 sa.insert(self.ext.tables.stripe_events).values(
                     id=self.event_id,
                     type=self.event_type,
                     outcome=outcome,
                     purchase_id=purchase_id,
-                    received_at=ledger.utcnow(),
+                    received_at=self.ext.database.now(),
                 )
             )
 
@@ -596,5 +616,4 @@ class Recorder:
 
 def record_only(ext: FlaskCredits, record: Recorder | None, outcome: str, purchase_id: int | None) -> None:
     if record is not None:
-        with ext.db.engine.begin() as conn:
-            record.bind(outcome, purchase_id)(conn)
+        ext.database.run(record.bind(outcome, purchase_id))

@@ -17,93 +17,33 @@ to ``emit`` only after the commit.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
-import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Row
 
-from . import signals
-from .errors import (
-    CreditsUnavailable,
+from .. import signals
+from ..errors import (
     EntryNotFound,
     IdempotencyConflict,
     InsufficientCredits,
-    InvalidAmount,
     InvalidArgument,
-    InvalidWallet,
     NotRefundable,
 )
-from .models import ID_LENGTH, Tables
-from .records import Entry, Wallet
+from ..records import FULFILLABLE, Entry, Wallet
+from ..storage.database import Database, sqlstate, unavailable_on_database_errors
+from ..storage.statements import SPEND, sooner
+from .inputs import MAX_ID, check_amount, check_text
 
 log = logging.getLogger("flask_credits")
 
 T = TypeVar("T")
-P = ParamSpec("P")
 Emit = Callable[..., None]
 
-#: Largest amount one call may move; keeps every sum far from BIGINT overflow.
-MAX_AMOUNT = 10**15
-#: Largest row id any backend stores (signed 64-bit).
-MAX_ID = 2**63 - 1
-#: How often a transaction that lost a deadlock or serialization race is tried again.
-RETRIES = 4
-#: Lots fetched per round while drawing a debit.
-_LOT_BATCH = 16
-
-
-def utcnow() -> datetime:
-    """The ledger's clock (tests replace it)."""
-    return datetime.now(timezone.utc)
-
-
-def check_amount(amount: object, name: str = "amount") -> int:
-    """Return ``amount`` if it is a whole number of credits between 1 and ``MAX_AMOUNT``."""
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise InvalidAmount(f"{name} must be a whole number of credits, not {amount!r}")
-    if amount < 1:
-        raise InvalidAmount(f"{name} must be at least 1, not {amount}")
-    if amount > MAX_AMOUNT:
-        raise InvalidAmount(f"{name} must be at most {MAX_AMOUNT}, not {amount}")
-    return amount
-
-
-def make_wallet(user_id: object, key_id: object = None) -> Wallet:
-    """Validate and normalise a wallet's owner: ids are non-empty strings of at most 64 characters."""
-    return Wallet(
-        _check_id(user_id, "user_id"), None if key_id in (None, "") else _check_id(key_id, "key_id")
-    )
-
-
-def _check_id(value: object, name: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidWallet(f"{name} must be a string, not {type(value).__name__}")
-    text = str(value)
-    if not text or len(text) > ID_LENGTH or text != text.strip():
-        raise InvalidWallet(
-            f"{name} must be 1 to {ID_LENGTH} characters without surrounding spaces, not {text!r}"
-        )
-    return text
-
-
-def _check_text(value: object, name: str, limit: int, *, optional: bool) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or (not optional and not value) or len(value) > limit:
-        raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
-    return value
-
-
-#: Purchase statuses from which a payment may still be credited.
-FULFILLABLE = ("creating", "open", "unpaid")
 
 InTx = Callable[[Connection], None]
 
@@ -130,65 +70,29 @@ class _Draw:
     amount: int  # signed, as stored
 
 
-#: What a database that cannot be reached or gave up raises: connection refused or dropped, lock wait
-#: timeout, deadlock or serialization failure (after the retries), no connection left in the pool.
-UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
-
-
-def _unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
-    """Raise :class:`CreditsUnavailable` (HTTP 503) instead of the driver's error when the database
-    cannot be reached or gave up; the original error is chained."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return method(*args, **kwargs)
-        except UNAVAILABLE as exc:
-            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-            log.warning("credits ledger: the database is unavailable (%s)", type(cause).__name__)
-            raise CreditsUnavailable() from exc
-
-    return wrapper
-
-
 class Ledger:
     """Balance arithmetic for one engine and one set of tables. Each public method is one atomic,
     committed operation; ``emit(signal, **kwargs)`` is called after the commit."""
 
-    def __init__(self, engine: Engine, tables: Tables, emit: Emit) -> None:
-        self.engine = engine
-        self.t = tables
+    def __init__(self, db: Database, emit: Emit) -> None:
+        self.db = db
+        self.t = db.t
         self.emit = emit
-        self._returning = bool(engine.dialect.update_returning)
-        self._lock_rows = engine.dialect.name != "sqlite"
-        self._pg = engine.dialect.name == "postgresql"
-        # The one-statement debit is written in the "pyformat" style of psycopg (3 and 2).
-        self._one_statement = self._pg and engine.dialect.paramstyle == "pyformat"
-        #: The engine for reads (purchases and webhooks use it too). On PostgreSQL it runs them in
-        #: autocommit: one round trip instead of BEGIN, SELECT, ROLLBACK, and no ROLLBACK to make
-        #: psycopg forget its prepared statements. Elsewhere it is the engine itself.
-        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else engine
-        self._sql = _Statements(tables, returning=self._returning)
-        # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
-        # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
-        self._json: Callable[[Any], str] = getattr(
-            engine.dialect, "_json_serializer", None
-        ) or functools.partial(json.dumps, allow_nan=False)
 
     # -- reading ---------------------------------------------------------------------------------
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def balance(self, wallet: Wallet) -> int:
-        now = utcnow()
-        with self.reader.connect() as conn:
-            row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
+        now = self.db.now()
+        with self.db.reader.connect() as conn:
+            row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).first()
         if row is None:
             return 0
         if row.next_expiry is not None and row.next_expiry <= now:
             return self.expire(wallet, now=now)
         return int(row.balance)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def history(self, wallet: Wallet, *, limit: int = 50, before: int | None = None) -> list[Entry]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
@@ -208,26 +112,26 @@ class Ledger:
         )
         if before is not None:
             query = query.where(e.c.id < before)
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             return [self._entry(row, wallet) for row in conn.execute(query)]
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def wallet_id(self, wallet: Wallet, *, create: bool = False) -> int | None:
         """The wallet's row id; with ``create``, make the (empty) wallet if it does not exist."""
         w = self.t.wallets
         query = sa.select(w.c.id).where(*self._owner(wallet))
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             found = conn.execute(query).scalar_one_or_none()
         if found is None and create:
             self._create_wallet(wallet)
-            with self.reader.connect() as conn:
+            with self.db.reader.connect() as conn:
                 found = conn.execute(query).scalar_one()
         return None if found is None else int(found)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def entry(self, wallet: Wallet, entry_id: int) -> Entry:
         e, w = self.t.entries, self.t.wallets
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             row = conn.execute(
                 sa.select(e).join(w, w.c.id == e.c.wallet_id).where(e.c.id == entry_id, *self._owner(wallet))
             ).first()
@@ -235,16 +139,16 @@ class Ledger:
             raise EntryNotFound(f"no entry {entry_id} in the wallet of {wallet}")
         return self._entry(row, wallet)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def find_by_key(self, wallet: Wallet, idempotency_key: str) -> Entry | None:
         """The entry written with ``idempotency_key`` in this wallet, if any (never marked replayed)."""
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             row = conn.execute(
-                self._sql.replay, {**self._sql.owner(wallet), "b_key": idempotency_key}
+                self.db.sql.replay, {**self.db.sql.owner(wallet), "b_key": idempotency_key}
             ).first()
         return None if row is None else self._entry(row, wallet)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def refund_of(self, spend: Entry) -> Entry | None:
         """The refund entry that returned ``spend``'s credits, if any."""
         row = self._refund_of(spend.id)
@@ -252,7 +156,7 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def grant(
         self,
         wallet: Wallet,
@@ -266,8 +170,8 @@ class Ledger:
     ) -> Entry:
         """Add ``amount`` credits as a new lot. A replayed ``idempotency_key`` returns the original."""
         amount = check_amount(amount)
-        _check_text(reason, "reason", 255, optional=False)
-        _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        check_text(reason, "reason", 255, optional=False)
+        check_text(idempotency_key, "idempotency_key", 255, optional=True)
         self._metadata_json(metadata)
         if expires_at is not None and (not isinstance(expires_at, datetime) or expires_at.tzinfo is None):
             raise InvalidArgument("expires_at must be a timezone-aware datetime")
@@ -276,7 +180,7 @@ class Ledger:
             done = self._replay(wallet, idempotency_key, kind, amount)
             if done is not None:
                 return done
-        now = utcnow()
+        now = self.db.now()
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument(f"expires_at {expires_at.isoformat()} is not in the future")
 
@@ -288,7 +192,7 @@ class Ledger:
                 .where(*self._owner(wallet))
                 .values(
                     balance=w.c.balance + amount,
-                    next_expiry=_sooner(w.c.next_expiry, expires_at),
+                    next_expiry=sooner(w.c.next_expiry, expires_at),
                     updated_at=now,
                 ),
                 wallet,
@@ -326,7 +230,7 @@ class Ledger:
         self.emit(signals.credits_granted, wallet=wallet, amount=amount, entry=entry)
         return entry
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def spend(
         self,
         wallet: Wallet,
@@ -340,15 +244,15 @@ class Ledger:
         """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits (whose
         ``purchase_url`` is ``purchase_url``, called first if it is a function)."""
         amount = check_amount(amount)
-        _check_text(reason, "reason", 255, optional=False)
-        _check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        check_text(reason, "reason", 255, optional=False)
+        check_text(idempotency_key, "idempotency_key", 255, optional=True)
         meta_json = self._metadata_json(metadata)
         if idempotency_key is not None:
             done = self._replay(wallet, idempotency_key, "spend", amount)
             if done is not None:
                 return done
-        now = utcnow()
-        if self._one_statement:
+        now = self.db.now()
+        if self.db.one_statement:
             try:
                 fast = self._spend_in_one_statement(
                     wallet, amount, reason, idempotency_key, metadata, meta_json, now
@@ -369,8 +273,8 @@ class Ledger:
             # Nothing was written. A fresh read tells a wallet that cannot pay (answered now: two
             # round trips for a 402) from one the statement did not fit (an expiry due, a debit
             # spanning lots, a lot emptied or a grant made while it ran): the long way below.
-            with self.reader.connect() as conn:
-                row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
+            with self.db.reader.connect() as conn:
+                row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).first()
             balance = 0 if row is None else int(row.balance)
             if balance < amount and (row is None or row.next_expiry is None or row.next_expiry > now):
                 return self._refused(wallet, amount, lambda: balance, idempotency_key, purchase_url)
@@ -424,11 +328,11 @@ class Ledger:
         url = purchase_url() if callable(purchase_url) else purchase_url
         raise InsufficientCredits(amount, held, url)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:
         """Return a spend's credits to the very lots it drew from. Refunding twice returns the first
         refund; only spends can be refunded."""
-        _check_text(reason, "reason", 255, optional=False)
+        check_text(reason, "reason", 255, optional=False)
         spend = self.entry(wallet, spend_id)
         if spend.kind != "spend":
             raise NotRefundable(f"entry {spend_id} is a {spend.kind}, only a spend can be refunded")
@@ -436,7 +340,7 @@ class Ledger:
         if existing is not None:
             return self._entry(existing, wallet)
         amount = -spend.amount
-        now = utcnow()
+        now = self.db.now()
         d, lt, w = self.t.draws, self.t.lots, self.t.wallets
 
         def tx(conn: Connection) -> Entry | None:
@@ -453,7 +357,7 @@ class Ledger:
                 .where(*self._owner(wallet))
                 .values(
                     balance=w.c.balance + amount,
-                    next_expiry=_sooner(w.c.next_expiry, soonest),
+                    next_expiry=sooner(w.c.next_expiry, soonest),
                     updated_at=now,
                 ),
                 wallet,
@@ -485,7 +389,7 @@ class Ledger:
             return entry
 
         try:
-            entry = self._run(tx)
+            entry = self.db.run(tx)
         except sa.exc.IntegrityError:
             existing = self._refund_of(spend.id)
             if existing is None:
@@ -495,10 +399,10 @@ class Ledger:
         self.emit(signals.credits_refunded, wallet=wallet, amount=amount, entry=entry, spend=spend)
         return entry
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def expire(self, wallet: Wallet, *, now: datetime | None = None) -> int:
         """Remove the credits of lots whose expiry has passed; return the balance after."""
-        now = now or utcnow()
+        now = now or self.db.now()
         w, lt = self.t.wallets, self.t.lots
 
         def tx(conn: Connection) -> tuple[int, Entry | None]:
@@ -544,17 +448,17 @@ class Ledger:
             self._insert_draws(conn, entry.id, draws)
             return balance - total, entry
 
-        balance, entry = self._run(tx)
+        balance, entry = self.db.run(tx)
         if entry is not None:
             self.emit(signals.credits_expired, wallet=wallet, amount=-entry.amount, entry=entry)
         return balance
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def expire_all(self, *, now: datetime | None = None) -> int:
         """Expire every wallet whose soonest lot expiry has passed; return how many were visited."""
-        now = now or utcnow()
+        now = now or self.db.now()
         w = self.t.wallets
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             due = conn.execute(sa.select(w.c.user_id, w.c.key_id).where(w.c.next_expiry <= now)).all()
         for row in due:
             self.expire(Wallet(row.user_id, row.key_id or None), now=now)
@@ -562,7 +466,7 @@ class Ledger:
 
     # -- purchases ---------------------------------------------------------------------------------
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def fulfil_purchase(
         self,
         purchase_id: int,
@@ -576,7 +480,7 @@ class Ledger:
         first. ``in_tx(conn)`` runs first inside the same transaction (the webhook records its event
         there, so both commit or neither does)."""
         p, w, lt = self.t.purchases, self.t.wallets, self.t.lots
-        now = utcnow()
+        now = self.db.now()
 
         def tx(conn: Connection) -> Fulfilment | None:
             if in_tx is not None:
@@ -586,7 +490,7 @@ class Ledger:
                 .where(p.c.id == purchase_id, p.c.status.in_(FULFILLABLE))
                 .values(status="fulfilled", payment_intent=payment_intent, updated_at=now)
             )
-            if self._returning:
+            if self.db.returning:
                 purchase = conn.execute(win.returning(*p.c)).first()
                 if purchase is None:
                     return None
@@ -594,7 +498,7 @@ class Ledger:
                 if conn.execute(win).rowcount != 1:
                     return None
                 purchase = conn.execute(sa.select(p).where(p.c.id == purchase_id)).one()
-            owner = conn.execute(self._lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
+            owner = conn.execute(self.db.lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
             credits = int(purchase.credits)
             paid = min(int(owner.debt), credits)
@@ -609,7 +513,7 @@ class Ledger:
                 .values(
                     balance=w.c.balance + (credits - paid),
                     debt=w.c.debt - paid,
-                    next_expiry=_sooner(w.c.next_expiry, expires_at),
+                    next_expiry=sooner(w.c.next_expiry, expires_at),
                     updated_at=now,
                 )
             )
@@ -656,9 +560,9 @@ class Ledger:
             conn.execute(sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id))
             return Fulfilment(wallet, entry, paid)
 
-        return self._run(tx)
+        return self.db.run(tx)
 
-    @_unavailable_on_database_errors
+    @unavailable_on_database_errors
     def revoke_purchase(
         self,
         purchase_id: int,
@@ -674,12 +578,12 @@ class Ledger:
         (a dispute won) gives back in the reverse order. Returns ``None`` when the purchase is not
         fulfilled (yet)."""
         p, w, lt, d, e = self.t.purchases, self.t.wallets, self.t.lots, self.t.draws, self.t.entries
-        now = utcnow()
+        now = self.db.now()
 
         def tx(conn: Connection) -> Revocation | None:
             if in_tx is not None:
                 in_tx(conn)
-            purchase = conn.execute(self._lock(sa.select(p).where(p.c.id == purchase_id))).one()
+            purchase = conn.execute(self.db.lock(sa.select(p).where(p.c.id == purchase_id))).one()
             if purchase.status != "fulfilled" or purchase.lot_id is None:
                 return None
             credits = int(purchase.credits)
@@ -691,9 +595,9 @@ class Ledger:
             dispute = min(dispute, credits - refund)
             total, old_total = refund + dispute, old_refund + old_dispute
             from_lot, as_debt = int(purchase.revoked_from_lot), int(purchase.revoked_as_debt)
-            owner = conn.execute(self._lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
+            owner = conn.execute(self.db.lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
-            lot = conn.execute(self._lock(sa.select(lt).where(lt.c.id == purchase.lot_id))).one()
+            lot = conn.execute(self.db.lock(sa.select(lt).where(lt.c.id == purchase.lot_id))).one()
             expired = -int(
                 conn.execute(
                     sa.select(sa.func.coalesce(sa.func.sum(d.c.amount), 0))
@@ -739,7 +643,7 @@ class Ledger:
                     .values(
                         balance=w.c.balance - take,
                         debt=w.c.debt + debt_change,
-                        next_expiry=_sooner(w.c.next_expiry, lot.expires_at if take < 0 else None),
+                        next_expiry=sooner(w.c.next_expiry, lot.expires_at if take < 0 else None),
                         updated_at=now,
                     )
                 )
@@ -762,83 +666,7 @@ class Ledger:
                 self._insert_draws(conn, entry.id, [_Draw(int(lot.id), -take)])
             return Revocation(wallet, entry, take, debt_change, total - old_total)
 
-        return self._run(tx)
-
-    # -- audit -------------------------------------------------------------------------------------
-
-    @_unavailable_on_database_errors
-    def audit(self) -> list[str]:
-        """Check every wallet's invariants; return one line per problem, naming the wallet."""
-        w, e, lt, d = self.t.wallets, self.t.entries, self.t.lots, self.t.draws
-        problems: list[str] = []
-        with self.engine.connect() as conn:
-            wallets = {r.id: r for r in conn.execute(sa.select(w))}
-            sums = {
-                r.wallet_id: r
-                for r in conn.execute(
-                    sa.select(
-                        e.c.wallet_id,
-                        sa.func.sum(e.c.amount).label("total"),
-                        sa.func.max(e.c.id).label("last_id"),
-                    ).group_by(e.c.wallet_id)
-                )
-            }
-            # A join, not IN (ids...): a list of one id per wallet outgrows the bind-parameter limit.
-            last = sa.select(sa.func.max(e.c.id).label("id")).group_by(e.c.wallet_id).subquery()
-            last_after = dict(
-                conn.execute(
-                    sa.select(e.c.wallet_id, e.c.balance_after).join(last, last.c.id == e.c.id)
-                ).all()
-            )
-            lots = {
-                r.wallet_id: r
-                for r in conn.execute(
-                    sa.select(
-                        lt.c.wallet_id,
-                        sa.func.sum(lt.c.remaining).label("remaining"),
-                        sa.func.min(sa.case((lt.c.remaining > 0, lt.c.expires_at), else_=None)).label(
-                            "soonest"
-                        ),
-                    ).group_by(lt.c.wallet_id)
-                )
-            }
-            drawn = sa.func.coalesce(sa.func.sum(d.c.amount), 0)
-            bad_draws = conn.execute(
-                sa.select(e.c.id, e.c.wallet_id, e.c.amount, drawn.label("drawn"))
-                .outerjoin(d, d.c.entry_id == e.c.id)
-                .where(e.c.kind.in_(("spend", "refund", "expire", "revoke", "reinstate", "debt")))
-                .group_by(e.c.id, e.c.wallet_id, e.c.amount)
-                .having(drawn != e.c.amount)
-            ).all()
-            bad_lots = conn.execute(
-                sa.select(lt.c.id, lt.c.wallet_id, lt.c.amount, e.c.amount.label("entry_amount"))
-                .join(e, e.c.id == lt.c.entry_id)
-                .where(lt.c.amount != e.c.amount)
-            ).all()
-        for wid, row in wallets.items():
-            name = f"wallet {Wallet(row.user_id, row.key_id or None)}"
-            total = int(sums[wid].total) if wid in sums else 0
-            remaining = int(lots[wid].remaining) if wid in lots else 0
-            if row.balance != total:
-                problems.append(f"{name}: balance {row.balance} != sum of entries {total}")
-            if row.balance != remaining:
-                problems.append(f"{name}: balance {row.balance} != credits left in lots {remaining}")
-            if wid in last_after and last_after[wid] != row.balance:
-                problems.append(
-                    f"{name}: balance {row.balance} != last entry's balance_after {last_after[wid]}"
-                )
-            soonest = lots[wid].soonest if wid in lots else None
-            if soonest is not None and (row.next_expiry is None or row.next_expiry > soonest):
-                problems.append(f"{name}: next_expiry {row.next_expiry} is after a lot's expiry")
-        for r in bad_draws:
-            problems.append(
-                f"wallet id {r.wallet_id}: entry {r.id} moved {r.amount} but its lots moved {r.drawn}"
-            )
-        for r in bad_lots:
-            problems.append(
-                f"wallet id {r.wallet_id}: lot {r.id} holds {r.amount}, its entry {r.entry_amount}"
-            )
-        return problems
+        return self.db.run(tx)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -852,7 +680,7 @@ class Ledger:
         meta_json: str | None,
         now: datetime,
     ) -> Entry | None:
-        """PostgreSQL's fast path: the whole debit as one statement in autocommit (see ``_SPEND``), so
+        """PostgreSQL's fast path: the whole debit as one statement in autocommit (see ``SPEND``), so
         the wallet row is locked for one statement and its commit, and a debit costs one round trip.
         ``None`` when it did not apply (not enough credits, expiry due, no wallet, the first lot does
         not cover the amount, or a concurrent debit emptied that lot): the caller's transaction then
@@ -868,12 +696,12 @@ class Ledger:
         }
 
         def run(conn: Connection) -> Row[Any] | None:
-            return conn.exec_driver_sql(_SPEND, params).first()
+            return conn.exec_driver_sql(SPEND, params).first()
 
         try:
-            row = self._run(run, autocommit=True)
+            row = self.db.run(run, autocommit=True)
         except sa.exc.DataError as exc:
-            if _sqlstate(exc) != "22012":
+            if sqlstate(exc) != "22012":
                 raise
             return None  # the guard fired: a concurrent debit emptied the lot; nothing was written
         if row is None:
@@ -897,15 +725,15 @@ class Ledger:
         if not isinstance(metadata, dict):
             raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
         try:
-            return self._json(metadata)
+            return self.db.json(metadata)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"metadata must be JSON-serialisable: {exc}") from None
 
     def _debit(self, conn: Connection, wallet: Wallet, amount: int, now: datetime) -> tuple[int, int] | None:
         """Take ``amount`` off the wallet's balance if it holds that much and no expiry is due; return
         (wallet id, balance after), the row locked until the transaction ends, or None."""
-        params = {**self._sql.owner(wallet), "b_amount": amount, "b_now": now}
-        return self._update_wallet(conn, self._sql.debit, wallet, params, prebuilt=True)
+        params = {**self.db.sql.owner(wallet), "b_amount": amount, "b_now": now}
+        return self._update_wallet(conn, self.db.sql.debit, wallet, params, prebuilt=True)
 
     def _wallet_id_of(self, wallet: Wallet) -> sa.ScalarSelect[Any]:
         return sa.select(self.t.wallets.c.id).where(*self._owner(wallet)).scalar_subquery()
@@ -913,11 +741,6 @@ class Ledger:
     def _owner(self, wallet: Wallet) -> tuple[sa.ColumnElement[bool], ...]:
         w = self.t.wallets
         return (w.c.user_id == wallet.user_id, w.c.key_id == (wallet.key_id or ""))
-
-    def _lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
-        """Lock the one row (by primary key) ``query`` reads. SQLite locks the whole database for
-        the writer already. Never used for range reads: see ``_draw``."""
-        return query.with_for_update() if self._lock_rows else query
 
     def _update_wallet(
         self,
@@ -931,22 +754,22 @@ class Ledger:
         """Run an UPDATE of one wallet row; return (wallet id, balance after) or None if no row
         matched. The row stays locked until the transaction ends. A ``prebuilt`` statement (from
         ``_Statements``) already returns the id and balance where the database can."""
-        if self._returning:
+        if self.db.returning:
             if not prebuilt:
                 stmt = stmt.returning(self.t.wallets.c.id, self.t.wallets.c.balance)
             row = conn.execute(stmt, params).first()
             return None if row is None else (int(row.id), int(row.balance))
         if conn.execute(stmt, params).rowcount != 1:
             return None
-        row = conn.execute(self._sql.balance, self._sql.owner(wallet)).one()
+        row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).one()
         return int(row.id), int(row.balance)
 
     def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
         """Take ``amount`` credits from the wallet's lots, soonest expiry first, no-expiry last."""
         lt = self.t.lots
-        if self._returning:
+        if self.db.returning:
             # Most debits fit in the first lot: one UPDATE of it, or nothing changed and the loop below.
-            row = conn.execute(self._sql.draw_first, {"b_wallet_id": wallet_id, "b_amount": amount}).first()
+            row = conn.execute(self.db.sql.draw_first, {"b_wallet_id": wallet_id, "b_amount": amount}).first()
             if row is not None:
                 return [_Draw(int(row.id), -amount)]
         need = amount
@@ -955,7 +778,7 @@ class Ledger:
             # A plain read: the wallet row lock already keeps every other writer out of these lots,
             # and a locking range read would take InnoDB gap locks that collide with the
             # neighbouring wallet's lots (deadlocks between unrelated wallets).
-            batch = conn.execute(self._sql.lots, {"b_wallet_id": wallet_id}).all()
+            batch = conn.execute(self.db.sql.lots, {"b_wallet_id": wallet_id}).all()
             if not batch:
                 raise RuntimeError(
                     f"credits ledger is inconsistent: wallet id {wallet_id} has a balance its lots"
@@ -1002,7 +825,7 @@ class Ledger:
             "meta": metadata,
             "created_at": now,
         }
-        result = conn.execute(self._sql.insert_entry, values)
+        result = conn.execute(self.db.sql.insert_entry, values)
         assert result.inserted_primary_key is not None
         return Entry(
             id=int(result.inserted_primary_key[0]),
@@ -1020,7 +843,7 @@ class Ledger:
     def _insert_draws(self, conn: Connection, entry_id: int, draws: Sequence[_Draw]) -> None:
         if draws:
             conn.execute(
-                self._sql.insert_draws,
+                self.db.sql.insert_draws,
                 [{"entry_id": entry_id, "lot_id": d.lot_id, "amount": d.amount} for d in draws],
             )
 
@@ -1052,18 +875,18 @@ class Ledger:
 
     def _refund_of(self, spend_id: int) -> Row[Any] | None:
         e = self.t.entries
-        with self.reader.connect() as conn:
+        with self.db.reader.connect() as conn:
             return conn.execute(sa.select(e).where(e.c.reverses_id == spend_id)).first()
 
     def _expiry_due(self, wallet: Wallet, now: datetime) -> bool:
-        with self.reader.connect() as conn:
-            row = conn.execute(self._sql.balance, self._sql.owner(wallet)).first()
+        with self.db.reader.connect() as conn:
+            row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).first()
         return row is not None and row.next_expiry is not None and row.next_expiry <= now
 
     def _create_wallet(self, wallet: Wallet) -> None:
-        now = utcnow()
+        now = self.db.now()
         try:
-            with self.engine.begin() as conn:
+            with self.db.engine.begin() as conn:
                 conn.execute(
                     sa.insert(self.t.wallets).values(
                         user_id=wallet.user_id,
@@ -1090,10 +913,10 @@ class Ledger:
         """Run a write; create the wallet first if needed; answer a lost idempotency race with the
         winner's entry."""
         try:
-            entry = self._run(tx)
+            entry = self.db.run(tx)
             if entry is None and create_wallet:
                 self._create_wallet(wallet)
-                entry = self._run(tx)
+                entry = self.db.run(tx)
         except sa.exc.IntegrityError:
             if idempotency_key is None:
                 raise
@@ -1103,150 +926,5 @@ class Ledger:
             return done
         return entry
 
-    def _run(self, tx: Callable[[Connection], T], *, autocommit: bool = False) -> T:
-        """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim. With
-        ``autocommit`` (PostgreSQL), ``tx`` sends one statement, which is its own transaction."""
-        for attempt in range(RETRIES):
-            try:
-                if autocommit:
-                    with self.reader.connect() as conn:
-                        return tx(conn)
-                with self.engine.begin() as conn:
-                    return tx(conn)
-            except sa.exc.OperationalError as exc:
-                if attempt == RETRIES - 1 or not _retryable(exc):
-                    raise
-                log.warning("credits transaction retried after %s", type(exc.orig).__name__)
-                # Randomised, growing pause so the transactions that collided do not collide again.
-                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - not cryptography
-        raise AssertionError("unreachable")  # pragma: no cover
 
-
-class _Statements:
-    """The statements of the hot paths, built once per ledger with bind parameters: building a
-    SQLAlchemy expression and its cache key on every call cost more than running it."""
-
-    def __init__(self, t: Tables, *, returning: bool) -> None:
-        w, lt = t.wallets, t.lots
-        # Bind names must differ from column names: SQLAlchemy reserves those in INSERT and UPDATE.
-        owner = (w.c.user_id == sa.bindparam("b_user_id"), w.c.key_id == sa.bindparam("b_key_id"))
-        amount = sa.bindparam("b_amount", type_=sa.BigInteger())
-        now = sa.bindparam("b_now", type_=w.c.updated_at.type)
-        wallet_id = sa.bindparam("b_wallet_id", type_=sa.BigInteger())
-        self.balance = sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*owner)
-        debit = (
-            sa.update(w)
-            .where(*owner, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
-            .values(balance=w.c.balance - amount, updated_at=now)
-        )
-        self.debit = debit.returning(w.c.id, w.c.balance) if returning else debit
-        # Soonest expiry first, lots that never expire last, then the oldest.
-        order = (sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
-        # A plain read: the wallet row lock already keeps every other writer out of these lots, and
-        # a locking range read would take InnoDB gap locks that collide with the neighbouring
-        # wallet's lots (deadlocks between unrelated wallets).
-        self.lots = (
-            sa.select(lt.c.id, lt.c.remaining)
-            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
-            .order_by(*order)
-            .limit(_LOT_BATCH)
-        )
-        first = (
-            sa.select(lt.c.id)
-            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
-            .order_by(*order)
-            .limit(1)
-            .scalar_subquery()
-        )
-        self.draw_first = (
-            sa.update(lt)
-            .where(lt.c.id == first, lt.c.remaining >= amount)
-            .values(remaining=lt.c.remaining - amount)
-            .returning(lt.c.id)
-        )
-        e = t.entries
-        self.replay = sa.select(e).where(
-            e.c.wallet_id == sa.select(w.c.id).where(*owner).scalar_subquery(),
-            e.c.idempotency_key == sa.bindparam("b_key"),
-        )
-        self.insert_entry = sa.insert(e)
-        self.insert_draws = sa.insert(t.draws)
-
-    @staticmethod
-    def owner(wallet: Wallet) -> dict[str, str]:
-        return {"b_user_id": wallet.user_id, "b_key_id": wallet.key_id or ""}
-
-
-#: PostgreSQL's one-statement debit (``Ledger._spend_in_one_statement``), run in autocommit. ``w``
-#: debits the wallet only if its soonest lot covers the amount (a plain read); ``l`` takes the amount
-#: from that lot; ``e`` and ``d`` write the entry and its draw. Every part of a ``WITH`` sees the
-#: snapshot taken when the statement began, but ``w`` and ``l`` re-check their own row's conditions
-#: after waiting for its lock (READ COMMITTED). So when ``w`` waited for a concurrent debit that
-#: emptied that lot meanwhile, ``l`` writes nothing; the division by the draw count then raises
-#: (SQLSTATE 22012) and the statement, its own transaction, is undone whole. No row back: nothing
-#: written either.
-_SPEND = """\
-WITH w AS (
-    UPDATE credits_wallets SET balance = balance - %(amount)s::bigint, updated_at = %(now)s
-    WHERE user_id = %(user_id)s AND key_id = %(key_id)s AND balance >= %(amount)s::bigint
-      AND (next_expiry IS NULL OR next_expiry > %(now)s)
-      AND (
-        SELECT soonest.remaining FROM credits_lots AS soonest
-        WHERE soonest.wallet_id = credits_wallets.id AND soonest.remaining > 0
-        ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
-        LIMIT 1
-      ) >= %(amount)s::bigint
-    RETURNING id, balance
-), l AS (
-    UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
-    WHERE id = (
-        SELECT lots.id FROM credits_lots AS lots, w
-        WHERE lots.wallet_id = w.id AND lots.remaining > 0
-        ORDER BY CASE WHEN lots.expires_at IS NULL THEN 1 ELSE 0 END, lots.expires_at, lots.id
-        LIMIT 1
-    ) AND remaining >= %(amount)s::bigint
-    RETURNING id
-), e AS (
-    INSERT INTO credits_entries
-        (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
-    SELECT w.id, -%(amount)s::bigint, w.balance, 'spend', %(reason)s, %(key)s, CAST(%(meta)s AS JSON),
-        %(now)s
-    FROM w, l
-    RETURNING id
-), d AS (
-    INSERT INTO credits_draws (entry_id, lot_id, amount)
-    SELECT e.id, l.id, -%(amount)s::bigint FROM e, l
-    RETURNING entry_id
-)
-SELECT w.id, w.balance, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
-"""
-
-
-def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
-    """The SQLSTATE of a PostgreSQL error: ``sqlstate`` on psycopg 3, ``pgcode`` on psycopg2."""
-    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-
-
-def _retryable(exc: sa.exc.DBAPIError) -> bool:
-    if exc.connection_invalidated:
-        return False  # the commit may have happened: never guess
-    orig = exc.orig
-    if _sqlstate(exc) in ("40001", "40P01"):
-        return True
-    args = getattr(orig, "args", ())
-    # MySQL/MariaDB deadlock. Not 1205 (lock wait timeout): the transaction already waited as long as
-    # the server allows, and waiting that long again would outlast a web worker's timeout.
-    if args and args[0] == 1213:
-        return True
-    return "database is locked" in str(orig)
-
-
-def _sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnElement[Any]:
-    """``LEAST(column, when)`` where NULL means "never", portable to SQLite and MySQL."""
-    if when is None:
-        return column
-    bound = sa.literal(when, column.type)
-    return sa.case((sa.or_(column.is_(None), column > bound), bound), else_=column)
-
-
-__all__ = ["MAX_AMOUNT", "Ledger", "check_amount", "make_wallet", "utcnow"]
+__all__ = ["Ledger"]

@@ -1,0 +1,145 @@
+"""The database as the extension uses it: one engine and its tables, an autocommit reader,
+transactions retried when the database picks them as a deadlock victim, and the translation of "the
+database cannot answer" into :class:`~flask_credits.errors.CreditsUnavailable` (HTTP 503)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import CreditsUnavailable
+from .statements import Statements
+from .tables import Tables
+
+log = logging.getLogger("flask_credits")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+#: How often a transaction that lost a deadlock or serialization race is tried again.
+RETRIES = 4
+
+
+def utcnow() -> datetime:
+    """The ledger's clock (tests replace it)."""
+    return datetime.now(timezone.utc)
+
+
+#: What a database that cannot be reached or gave up raises: connection refused or dropped, lock wait
+#: timeout, deadlock or serialization failure (after the retries), no connection left in the pool.
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """Raise :class:`CreditsUnavailable` (HTTP 503) instead of the driver's error when the database
+    cannot be reached or gave up; the original error is chained."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except UNAVAILABLE as exc:
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            log.warning("credits ledger: the database is unavailable (%s)", type(cause).__name__)
+            raise CreditsUnavailable() from exc
+
+    return wrapper
+
+
+class Database:
+    """One engine and the extension's tables on it. ``clock`` is the time every write records
+    (``utcnow`` unless a test gives another)."""
+
+    def __init__(self, engine: Engine, tables: Tables, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.t = tables
+        self.clock = clock
+        self.returning = bool(engine.dialect.update_returning)
+        self.lock_rows = engine.dialect.name != "sqlite"
+        self.pg = engine.dialect.name == "postgresql"
+        # The one-statement debit is written in the "pyformat" style of psycopg (3 and 2).
+        self.one_statement = self.pg and engine.dialect.paramstyle == "pyformat"
+        #: The engine for reads and single statements. On PostgreSQL it runs them in autocommit: one
+        #: round trip instead of BEGIN, SELECT, ROLLBACK, and no ROLLBACK to make psycopg forget its
+        #: prepared statements. Elsewhere it is the engine itself.
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self.pg else engine
+        self.sql = Statements(tables, returning=self.returning)
+        # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
+        # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
+        self.json: Callable[[Any], str] = getattr(
+            engine.dialect, "_json_serializer", None
+        ) or functools.partial(json.dumps, allow_nan=False)
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def lock(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """Lock the one row (by primary key) ``query`` reads. SQLite locks the whole database for
+        the writer already. Never for range reads: InnoDB would take gap locks that collide with the
+        neighbouring wallet's rows."""
+        return query.with_for_update() if self.lock_rows else query
+
+    def run(self, tx: Callable[[Connection], T], *, autocommit: bool = False) -> T:
+        """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim. With
+        ``autocommit`` (PostgreSQL), ``tx`` sends one statement, which is its own transaction."""
+        for attempt in range(RETRIES):
+            try:
+                if autocommit:
+                    with self.reader.connect() as conn:
+                        return tx(conn)
+                with self.engine.begin() as conn:
+                    return tx(conn)
+            except sa.exc.OperationalError as exc:
+                if attempt == RETRIES - 1 or not retryable(exc):
+                    raise
+                log.warning("credits transaction retried after %s", type(exc.orig).__name__)
+                # Randomised, growing pause so the transactions that collided do not collide again.
+                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - not cryptography
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def write(self, statement: sa.Executable) -> int:
+        """Run one statement as its own transaction (autocommit on PostgreSQL), retried like any
+        transaction here; the number of rows it changed."""
+
+        def tx(conn: Connection) -> int:
+            return int(conn.execute(statement).rowcount)
+
+        return self.run(tx, autocommit=self.pg)
+
+    def insert(self, statement: sa.Insert) -> int:
+        """Run one INSERT like ``write``; the new row's id."""
+
+        def tx(conn: Connection) -> int:
+            key = conn.execute(statement).inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+        return self.run(tx, autocommit=self.pg)
+
+
+def sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    """The SQLSTATE of a PostgreSQL error: ``sqlstate`` on psycopg 3, ``pgcode`` on psycopg2."""
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
+def retryable(exc: sa.exc.DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return False  # the commit may have happened: never guess
+    orig = exc.orig
+    if sqlstate(exc) in ("40001", "40P01"):
+        return True
+    args = getattr(orig, "args", ())
+    # MySQL/MariaDB deadlock. Not 1205 (lock wait timeout): the transaction already waited as long as
+    # the server allows, and waiting that long again would outlast a web worker's timeout.
+    if args and args[0] == 1213:
+        return True
+    return "database is locked" in str(orig)

@@ -1,0 +1,123 @@
+"""The statements of the ledger's hot paths, built once per database, and PostgreSQL's one-statement
+debit."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..records import Wallet
+from .tables import Tables
+
+#: Lots fetched per round while drawing a debit.
+LOT_BATCH = 16
+
+
+class Statements:
+    """The statements of the hot paths, built once per ledger with bind parameters: building a
+    SQLAlchemy expression and its cache key on every call cost more than running it."""
+
+    def __init__(self, t: Tables, *, returning: bool) -> None:
+        w, lt = t.wallets, t.lots
+        # Bind names must differ from column names: SQLAlchemy reserves those in INSERT and UPDATE.
+        owner = (w.c.user_id == sa.bindparam("b_user_id"), w.c.key_id == sa.bindparam("b_key_id"))
+        amount = sa.bindparam("b_amount", type_=sa.BigInteger())
+        now = sa.bindparam("b_now", type_=w.c.updated_at.type)
+        wallet_id = sa.bindparam("b_wallet_id", type_=sa.BigInteger())
+        self.balance = sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*owner)
+        debit = (
+            sa.update(w)
+            .where(*owner, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
+            .values(balance=w.c.balance - amount, updated_at=now)
+        )
+        self.debit = debit.returning(w.c.id, w.c.balance) if returning else debit
+        # Soonest expiry first, lots that never expire last, then the oldest.
+        order = (sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
+        # A plain read: the wallet row lock already keeps every other writer out of these lots, and
+        # a locking range read would take InnoDB gap locks that collide with the neighbouring
+        # wallet's lots (deadlocks between unrelated wallets).
+        self.lots = (
+            sa.select(lt.c.id, lt.c.remaining)
+            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+            .order_by(*order)
+            .limit(LOT_BATCH)
+        )
+        first = (
+            sa.select(lt.c.id)
+            .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+            .order_by(*order)
+            .limit(1)
+            .scalar_subquery()
+        )
+        self.draw_first = (
+            sa.update(lt)
+            .where(lt.c.id == first, lt.c.remaining >= amount)
+            .values(remaining=lt.c.remaining - amount)
+            .returning(lt.c.id)
+        )
+        e = t.entries
+        self.replay = sa.select(e).where(
+            e.c.wallet_id == sa.select(w.c.id).where(*owner).scalar_subquery(),
+            e.c.idempotency_key == sa.bindparam("b_key"),
+        )
+        self.insert_entry = sa.insert(e)
+        self.insert_draws = sa.insert(t.draws)
+
+    @staticmethod
+    def owner(wallet: Wallet) -> dict[str, str]:
+        return {"b_user_id": wallet.user_id, "b_key_id": wallet.key_id or ""}
+
+
+#: PostgreSQL's one-statement debit (``Ledger._spend_in_one_statement``), run in autocommit. ``w``
+#: debits the wallet only if its soonest lot covers the amount (a plain read); ``l`` takes the amount
+#: from that lot; ``e`` and ``d`` write the entry and its draw. Every part of a ``WITH`` sees the
+#: snapshot taken when the statement began, but ``w`` and ``l`` re-check their own row's conditions
+#: after waiting for its lock (READ COMMITTED). So when ``w`` waited for a concurrent debit that
+#: emptied that lot meanwhile, ``l`` writes nothing; the division by the draw count then raises
+#: (SQLSTATE 22012) and the statement, its own transaction, is undone whole. No row back: nothing
+#: written either.
+SPEND = """\
+WITH w AS (
+    UPDATE credits_wallets SET balance = balance - %(amount)s::bigint, updated_at = %(now)s
+    WHERE user_id = %(user_id)s AND key_id = %(key_id)s AND balance >= %(amount)s::bigint
+      AND (next_expiry IS NULL OR next_expiry > %(now)s)
+      AND (
+        SELECT soonest.remaining FROM credits_lots AS soonest
+        WHERE soonest.wallet_id = credits_wallets.id AND soonest.remaining > 0
+        ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
+        LIMIT 1
+      ) >= %(amount)s::bigint
+    RETURNING id, balance
+), l AS (
+    UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
+    WHERE id = (
+        SELECT lots.id FROM credits_lots AS lots, w
+        WHERE lots.wallet_id = w.id AND lots.remaining > 0
+        ORDER BY CASE WHEN lots.expires_at IS NULL THEN 1 ELSE 0 END, lots.expires_at, lots.id
+        LIMIT 1
+    ) AND remaining >= %(amount)s::bigint
+    RETURNING id
+), e AS (
+    INSERT INTO credits_entries
+        (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
+    SELECT w.id, -%(amount)s::bigint, w.balance, 'spend', %(reason)s, %(key)s, CAST(%(meta)s AS JSON),
+        %(now)s
+    FROM w, l
+    RETURNING id
+), d AS (
+    INSERT INTO credits_draws (entry_id, lot_id, amount)
+    SELECT e.id, l.id, -%(amount)s::bigint FROM e, l
+    RETURNING entry_id
+)
+SELECT w.id, w.balance, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
+"""
+
+
+def sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnElement[Any]:
+    """``LEAST(column, when)`` where NULL means "never", portable to SQLite and MySQL."""
+    if when is None:
+        return column
+    bound = sa.literal(when, column.type)
+    return sa.case((sa.or_(column.is_(None), column > bound), bound), else_=column)

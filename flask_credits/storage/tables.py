@@ -1,0 +1,238 @@
+"""The extension's tables, defined on the host app's own ``MetaData``.
+
+They are SQLAlchemy Core tables rather than ORM models so that the ledger can issue exactly the
+statements a correct debit needs, and so that they land on the host's ``db.metadata``: the host's own
+``flask db migrate`` then picks them up like its own models.
+
+The database enforces what it can: no negative balance, lot or debt; no zero-amount entry; a lot never
+holds more than it was created with; one idempotency key per wallet; one refund per spend; one
+purchase per Checkout Session; one row per Stripe event.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+
+#: Longest user id or API-key id a wallet can carry.
+ID_LENGTH = 64
+
+#: Longest Idempotency-Key a request may carry, and longest endpoint name it is scoped to.
+KEY_LENGTH = 255
+ENDPOINT_LENGTH = 255
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# A stored response body: MySQL's plain BLOB stops at 64 KiB.
+_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python, naive UTC with microseconds in every database.
+
+    MySQL/MariaDB ``DATETIME`` would otherwise drop the microseconds, and SQLite and MySQL have no
+    time zones; storing naive UTC everywhere keeps comparisons in SQL portable.
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("flask_credits stores aware datetimes only; pass tzinfo=timezone.utc")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Tables:
+    wallets: sa.Table
+    lots: sa.Table
+    entries: sa.Table
+    draws: sa.Table
+    purchases: sa.Table
+    stripe_events: sa.Table
+    requests: sa.Table
+
+
+_cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
+
+
+def tables_for(metadata: sa.MetaData) -> Tables:
+    """Return the extension's tables on ``metadata``, defining them there the first time."""
+    found = _cache.get(metadata)
+    if found is None:
+        found = _cache[metadata] = _define(metadata)
+    return found
+
+
+def _define(md: sa.MetaData) -> Tables:
+    wallets = sa.Table(
+        "credits_wallets",
+        md,
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.String(ID_LENGTH), nullable=False),
+        # "" is the user's own wallet: a NULL would let two rows claim it despite the unique key.
+        sa.Column("key_id", sa.String(ID_LENGTH), nullable=False, server_default=""),
+        sa.Column("balance", sa.BigInteger(), nullable=False, server_default="0"),
+        # Credits owed after a refund or dispute took back credits already spent; purchases pay it first.
+        sa.Column("debt", sa.BigInteger(), nullable=False, server_default="0"),
+        # Soonest expiry among lots with credits left: spends take the slow path only once it passed.
+        sa.Column("next_expiry", UtcDateTime(), nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("user_id", "key_id", name="uq_credits_wallets_owner"),
+        sa.CheckConstraint("balance >= 0", name="ck_credits_wallets_balance"),
+        sa.CheckConstraint("debt >= 0", name="ck_credits_wallets_debt"),
+    )
+    entries = sa.Table(
+        "credits_entries",
+        md,
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("balance_after", sa.BigInteger(), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("reason", sa.String(255), nullable=False, server_default=""),
+        sa.Column("idempotency_key", sa.String(255), nullable=True),
+        # The spend this entry returns (kind "refund"): unique, so a spend is returned at most once.
+        sa.Column("reverses_id", _ID, sa.ForeignKey("credits_entries.id"), nullable=True),
+        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("wallet_id", "idempotency_key", name="uq_credits_entries_idempotency"),
+        sa.UniqueConstraint("reverses_id", name="uq_credits_entries_reverses"),
+        sa.CheckConstraint("amount <> 0", name="ck_credits_entries_amount"),
+        sa.CheckConstraint("balance_after >= 0", name="ck_credits_entries_balance_after"),
+        sa.Index("ix_credits_entries_wallet_id", "wallet_id", "id"),
+    )
+    lots = sa.Table(
+        "credits_lots",
+        md,
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        sa.Column("entry_id", _ID, sa.ForeignKey("credits_entries.id"), nullable=False),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("remaining", sa.BigInteger(), nullable=False),
+        sa.Column("expires_at", UtcDateTime(), nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.CheckConstraint("amount > 0", name="ck_credits_lots_amount"),
+        sa.CheckConstraint("remaining >= 0 AND remaining <= amount", name="ck_credits_lots_remaining"),
+        sa.Index("ix_credits_lots_wallet_expiry", "wallet_id", "expires_at", "id"),
+    )
+    draws = sa.Table(
+        "credits_draws",
+        md,
+        sa.Column("entry_id", _ID, sa.ForeignKey("credits_entries.id"), primary_key=True),
+        sa.Column("lot_id", _ID, sa.ForeignKey("credits_lots.id"), primary_key=True),
+        # Signed like the entry: negative when the entry took credits out of the lot.
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.CheckConstraint("amount <> 0", name="ck_credits_draws_amount"),
+        sa.Index("ix_credits_draws_lot_id", "lot_id"),
+    )
+    purchases = sa.Table(
+        "credits_purchases",
+        md,
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        sa.Column("session_id", sa.String(255), nullable=True),
+        sa.Column("attempt_key", sa.String(64), nullable=False),
+        sa.Column("pack", sa.String(64), nullable=True),
+        sa.Column("quantity", sa.Integer(), nullable=True),
+        sa.Column("credits", sa.BigInteger(), nullable=False),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("currency", sa.String(3), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("expires_after_seconds", sa.BigInteger(), nullable=True),
+        sa.Column("payment_intent", sa.String(255), nullable=True),
+        sa.Column("lot_id", _ID, sa.ForeignKey("credits_lots.id"), nullable=True),
+        # Credits clawed back so far: for refunds (cumulative over partial refunds) and for a
+        # dispute (given back if it is won). Together they are covered by credits taken from the
+        # purchase's lot, by its expired credits, and by debt for credits already spent.
+        sa.Column("refund_revoked", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("dispute_revoked", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("revoked_from_lot", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("revoked_as_debt", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        # When the success page last asked Stripe about this purchase: it asks at most once per
+        # CREDITS_SUCCESS_CHECK_INTERVAL, however often the page is loaded.
+        sa.Column("checked_at", UtcDateTime(), nullable=True),
+        sa.UniqueConstraint("session_id", name="uq_credits_purchases_session_id"),
+        sa.UniqueConstraint("attempt_key", name="uq_credits_purchases_attempt_key"),
+        sa.UniqueConstraint("payment_intent", name="uq_credits_purchases_payment_intent"),
+        sa.CheckConstraint("credits > 0", name="ck_credits_purchases_credits"),
+        sa.CheckConstraint("amount >= 0", name="ck_credits_purchases_amount"),
+        sa.CheckConstraint(
+            "refund_revoked >= 0 AND dispute_revoked >= 0 AND revoked_from_lot >= 0"
+            " AND revoked_as_debt >= 0 AND refund_revoked + dispute_revoked <= credits"
+            " AND revoked_from_lot + revoked_as_debt <= refund_revoked + dispute_revoked",
+            name="ck_credits_purchases_revoked",
+        ),
+        sa.Index("ix_credits_purchases_wallet_id", "wallet_id", "id"),
+    )
+    stripe_events = sa.Table(
+        "credits_stripe_events",
+        md,
+        sa.Column("id", sa.String(255), primary_key=True),
+        sa.Column("type", sa.String(128), nullable=False),
+        sa.Column("outcome", sa.String(32), nullable=False),
+        # No foreign key on purpose: on InnoDB it would share-lock the purchase row that the same
+        # transaction then updates, turning concurrent deliveries into deadlocks.
+        sa.Column("purchase_id", _ID, nullable=True),
+        sa.Column("received_at", UtcDateTime(), nullable=False),
+        sa.Index("ix_credits_stripe_events_purchase_id", "purchase_id"),
+    )
+    requests = sa.Table(
+        "credits_requests",
+        md,
+        # One row per Idempotency-Key of a @requires_credits request, scoped to the wallet and the
+        # endpoint: the unique key lets exactly one request claim it, whatever runs at once.
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.String(ID_LENGTH), nullable=False),
+        sa.Column("key_id", sa.String(ID_LENGTH), nullable=False, server_default=""),
+        sa.Column("endpoint", sa.String(ENDPOINT_LENGTH), nullable=False),
+        sa.Column("idempotency_key", sa.String(KEY_LENGTH), nullable=False),
+        # SHA-256 of the method, path, query and body: the same key with another request is refused.
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        # "running" while a request holds the key, "done" with its stored response, "unstored" when
+        # the response could not be kept (streamed or too large).
+        sa.Column("status", sa.String(16), nullable=False),
+        # Fencing token: bumped when a request takes over the key of one that crashed, so the
+        # crashed one can no longer store its response or free the key.
+        sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"),
+        # Until then the running request owns the key; after it, its worker is taken to be dead.
+        sa.Column("locked_until", UtcDateTime(), nullable=False),
+        # The spend that paid for the run (no foreign key, as for Stripe events: InnoDB would
+        # share-lock the entry row).
+        sa.Column("spend_id", _ID, nullable=True),
+        sa.Column("response_status", sa.Integer(), nullable=True),
+        sa.Column("response_headers", sa.JSON(), nullable=True),
+        sa.Column("response_body", _BLOB, nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("expires_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint(
+            "user_id", "key_id", "endpoint", "idempotency_key", name="uq_credits_requests_key"
+        ),
+        sa.CheckConstraint("status IN ('running', 'done', 'unstored')", name="ck_credits_requests_status"),
+        sa.Index("ix_credits_requests_expires_at", "expires_at"),
+        # Row ids are never reused (SQLite would reuse a deleted last one): a run's ledger spend is
+        # keyed by its row id, and a freed key's next run must not find the refunded spend of the last.
+        sqlite_autoincrement=True,
+    )
+    return Tables(wallets, lots, entries, draws, purchases, stripe_events, requests)
