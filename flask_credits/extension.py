@@ -18,7 +18,7 @@ from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits
 from .records import Entry, Wallet
-from .services import purchases, webhooks
+from .services import webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -65,6 +65,7 @@ class FlaskCredits:
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
         self._engines: weakref.WeakKeyDictionary[Engine, _OnEngine] = weakref.WeakKeyDictionary()
+        self._settings: weakref.WeakKeyDictionary[Flask, settings.Settings] = weakref.WeakKeyDictionary()
         #: The time every write records; tests give a fake clock (a callable returning an aware UTC
         #: datetime).
         self.clock: Callable[[], datetime] = utcnow
@@ -96,17 +97,15 @@ class FlaskCredits:
             )
         tables_for(db.metadata)
         settings.apply_defaults(app)
-        settings.check(app)
-        if app.config["CREDITS_STRIPE_MODE"] not in ("live", "simulated"):
-            raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
-        if app.config["CREDITS_STRIPE_MODE"] == "simulated":
+        parsed = settings.parse(app.config)
+        if parsed.stripe_mode == "simulated":
             check_allowed(app)
-        purchases.limits(app.config)
-        urls.check(app)
+        urls.warn_without_origin(app, parsed)
+        self._settings[app] = parsed
         app.extensions["credits"] = self
-        app.register_blueprint(blueprint.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
-        if app.config["CREDITS_STRIPE_MODE"] == "simulated":
-            app.register_blueprint(simulated.blueprint, url_prefix=app.config["CREDITS_URL_PREFIX"])
+        app.register_blueprint(blueprint.blueprint, url_prefix=parsed.url_prefix)
+        if parsed.stripe_mode == "simulated":
+            app.register_blueprint(simulated.blueprint, url_prefix=parsed.url_prefix)
         app.cli.add_command(cli.credits_cli)
         _exempt_webhook_from_csrf(app)
 
@@ -255,8 +254,7 @@ class FlaskCredits:
         requests whose worker died before they finished (their lease,
         ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, is over): their credits are returned and their key
         freed. Returns (keys deleted, runs whose credits were returned)."""
-        lock_timeout = settings.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
-        return self.request_keys.prune(lock_timeout=lock_timeout)
+        return self.request_keys.prune(lock_timeout=self.settings.idempotency_lock_timeout)
 
     def audit(self) -> list[str]:
         """Check every wallet: balance = sum of entries = credits left in lots, and more. Returns one
@@ -292,6 +290,15 @@ class FlaskCredits:
     # -- plumbing ----------------------------------------------------------------------------------
 
     @property
+    def settings(self) -> settings.Settings:
+        """The current app's settings, parsed from its config by :meth:`init_app`."""
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        try:
+            return self._settings[app]
+        except KeyError:
+            raise RuntimeError("FlaskCredits is not initialised on this app") from None
+
+    @property
     def db(self) -> SQLAlchemy:
         """The Flask-SQLAlchemy instance of the current app."""
         db: SQLAlchemy | None = self._db or current_app.extensions.get("sqlalchemy")
@@ -307,8 +314,8 @@ class FlaskCredits:
     def gateway(self) -> Gateway:
         """Stripe for the current app: live (``StripeClient`` with the configured key, timeout and
         retries) or the simulated one."""
-        cfg = current_app.config
-        if cfg["CREDITS_STRIPE_MODE"] == "simulated":
+        found = self.settings
+        if found.stripe_mode == "simulated":
             check_allowed(current_app._get_current_object())  # type: ignore[attr-defined]
             return SimulatedStripe(
                 self,
@@ -316,15 +323,14 @@ class FlaskCredits:
                     "credits_simulated.checkout", session_id=session_id
                 ),
             )
-        key = cfg["STRIPE_SECRET_KEY"]
-        if not key:
+        if not found.stripe_secret_key:
             log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")
             raise PaymentProviderError("auth", "Payments are not configured on this site yet.")
         options = (
-            str(key),
-            float(cfg["CREDITS_STRIPE_TIMEOUT"]),
-            int(cfg["CREDITS_STRIPE_MAX_RETRIES"]),
-            str(cfg["CREDITS_STRIPE_API_BASE"]) if cfg["CREDITS_STRIPE_API_BASE"] else None,
+            found.stripe_secret_key,
+            found.stripe_timeout,
+            found.stripe_max_retries,
+            found.stripe_api_base,
         )
         gateway = self._gateways.get(options)
         if gateway is None:

@@ -1,10 +1,18 @@
-"""Configuration keys and their defaults. ``docs/configuration.md`` is the table for users."""
+"""Configuration: every key with its default (``DEFAULTS``), and :class:`Settings`, the typed values
+``init_app`` parses from an app's config once, refusing to start with a value that cannot work (the
+message names the key). ``docs/configuration.md`` is the table for users; a test keeps it in step with
+``DEFAULTS``."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from flask import Flask
 
@@ -87,31 +95,227 @@ def apply_defaults(app: Flask) -> None:
         app.config.setdefault(key, value)
 
 
-def duration(app: Flask, key: str) -> timedelta:
-    """``app.config[key]``, a number of seconds or a timedelta, as a positive timedelta; a
-    RuntimeError naming the key otherwise."""
-    value = app.config[key]
-    if isinstance(value, timedelta):
-        found = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        found = timedelta(seconds=value)
-    else:
-        raise RuntimeError(f"{key} must be a number of seconds or a timedelta, not {value!r}")
-    if found <= timedelta(0):
-        raise RuntimeError(f"{key} must be more than 0 seconds, not {value!r}")
-    return found
+@dataclass(frozen=True)
+class Pack:
+    """One of ``CREDITS_PACKS``: ``credits`` for a Stripe ``price`` or an ``amount`` in minor units of
+    ``currency``, expiring ``expires_after`` seconds after purchase (None: never)."""
+
+    id: str
+    name: str
+    credits: int
+    amount: int | None
+    currency: str
+    price: str | None
+    expires_after: int | None
 
 
-def whole_number(app: Flask, key: str, minimum: int = 0) -> int:
-    """``app.config[key]`` as an int of at least ``minimum``; a RuntimeError naming the key otherwise."""
-    value = app.config[key]
+@dataclass(frozen=True)
+class Settings:
+    """The config of one app, checked and typed (see ``DEFAULTS`` for each key's meaning)."""
+
+    url_prefix: str
+    history_page_size: int
+    per_unit: int
+    unit_amount: int
+    currency: str
+    product_name: str
+    max_quantity: int
+    packs: tuple[Pack, ...]
+    purchase_expires_after: int | None
+    stripe_mode: Literal["live", "simulated"]
+    idempotency_header: str | None
+    idempotency_ttl: timedelta
+    idempotency_lock_timeout: timedelta
+    idempotency_max_response_bytes: int
+    max_content_length: int
+    max_open_purchases: int
+    success_check_interval: timedelta
+    site_url: str | None
+    stripe_timeout: float
+    stripe_max_retries: int
+    stripe_api_base: str | None
+    webhook_tolerance: int
+    webhook_max_bytes: int
+    stripe_secret_key: str | None
+    stripe_publishable_key: str | None
+    #: Several while rotating (a list, or comma-separated).
+    stripe_webhook_secrets: tuple[str, ...]
+
+    def pack(self, pack_id: str) -> Pack | None:
+        return next((p for p in self.packs if p.id == pack_id), None)
+
+
+def parse(config: Mapping[str, Any]) -> Settings:
+    """The settings in ``config`` (defaults applied), or a RuntimeError naming the bad key."""
+    mode = config["CREDITS_STRIPE_MODE"]
+    if mode not in ("live", "simulated"):
+        raise RuntimeError('CREDITS_STRIPE_MODE must be "live" or "simulated"')
+    header = config["CREDITS_IDEMPOTENCY_HEADER"]
+    if header is not None and (not isinstance(header, str) or not header):
+        raise RuntimeError(f"CREDITS_IDEMPOTENCY_HEADER must be a header name or None, not {header!r}")
+    prefix = config["CREDITS_URL_PREFIX"]
+    if not isinstance(prefix, str):
+        raise RuntimeError(f"CREDITS_URL_PREFIX must be a path such as '/credits', not {prefix!r}")
+    return Settings(
+        url_prefix=prefix,
+        history_page_size=_whole(config, "CREDITS_HISTORY_PAGE_SIZE", 1, 1000),
+        per_unit=_whole(config, "CREDITS_PER_UNIT", 1),
+        unit_amount=_whole(config, "CREDITS_UNIT_AMOUNT", 0),
+        currency=_currency(config["CREDITS_CURRENCY"], "CREDITS_CURRENCY"),
+        product_name=str(config["CREDITS_PRODUCT_NAME"]),
+        max_quantity=_whole(config, "CREDITS_MAX_QUANTITY", 1),
+        packs=_packs(config),
+        purchase_expires_after=_seconds(
+            config["CREDITS_PURCHASE_EXPIRES_AFTER"], "CREDITS_PURCHASE_EXPIRES_AFTER"
+        ),
+        stripe_mode=mode,
+        idempotency_header=header,
+        idempotency_ttl=_duration(config, "CREDITS_IDEMPOTENCY_TTL"),
+        idempotency_lock_timeout=_duration(config, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"),
+        idempotency_max_response_bytes=_whole(config, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES", 0),
+        max_content_length=_whole(config, "CREDITS_MAX_CONTENT_LENGTH", 1),
+        max_open_purchases=_whole(config, "CREDITS_MAX_OPEN_PURCHASES", 1),
+        success_check_interval=_duration(config, "CREDITS_SUCCESS_CHECK_INTERVAL", minimum=1),
+        site_url=site_origin(config["CREDITS_SITE_URL"]),
+        stripe_timeout=_number(config, "CREDITS_STRIPE_TIMEOUT"),
+        stripe_max_retries=_whole(config, "CREDITS_STRIPE_MAX_RETRIES", 0),
+        stripe_api_base=str(config["CREDITS_STRIPE_API_BASE"]) if config["CREDITS_STRIPE_API_BASE"] else None,
+        webhook_tolerance=_whole(config, "CREDITS_WEBHOOK_TOLERANCE", 1),
+        webhook_max_bytes=_whole(config, "CREDITS_WEBHOOK_MAX_BYTES", 1),
+        stripe_secret_key=str(config["STRIPE_SECRET_KEY"]) if config["STRIPE_SECRET_KEY"] else None,
+        stripe_publishable_key=(
+            str(config["STRIPE_PUBLISHABLE_KEY"]) if config["STRIPE_PUBLISHABLE_KEY"] else None
+        ),
+        stripe_webhook_secrets=_secrets(config["STRIPE_WEBHOOK_SECRET"]),
+    )
+
+
+def _whole(config: Mapping[str, Any], key: str, minimum: int, maximum: int | None = None) -> int:
+    value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise RuntimeError(f"{key} must be a whole number of at least {minimum}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise RuntimeError(f"{key} must be at most {maximum}, not {value!r}")
     return value
 
 
-def check(app: Flask) -> None:
-    """Refuse to start with a setting that would only fail later, under traffic."""
-    duration(app, "CREDITS_IDEMPOTENCY_TTL")
-    duration(app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
-    whole_number(app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES")
+def _number(config: Mapping[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise RuntimeError(f"{key} must be a number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def _duration(config: Mapping[str, Any], key: str, *, minimum: float = 0) -> timedelta:
+    """A number of seconds or a timedelta, more than ``minimum`` seconds (at least it, when not 0)."""
+    value = config[key]
+    if isinstance(value, timedelta):
+        found = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        found = timedelta(seconds=value)
+    else:
+        raise RuntimeError(f"{key} must be a number of seconds or a timedelta, not {value!r}")
+    seconds = found.total_seconds()
+    if seconds <= 0 or seconds < minimum:
+        raise RuntimeError(
+            f"{key} must be at least {max(minimum, 0)} seconds (and more than 0), not {value!r}"
+        )
+    return found
+
+
+def _seconds(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = int(value.total_seconds())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuntimeError(f"{name} must be a number of seconds >= 1, a timedelta, or None")
+    return value
+
+
+def _currency(value: object, where: str) -> str:
+    currency = str(value).lower()
+    if len(currency) != 3 or not currency.isalpha() or not currency.isascii():
+        raise RuntimeError(f"{where} must be a three-letter ISO code, not {value!r}")
+    return currency
+
+
+def _secrets(configured: object) -> tuple[str, ...]:
+    if isinstance(configured, str):
+        return tuple(s.strip() for s in configured.split(",") if s.strip())
+    if configured is None:
+        return ()
+    if not isinstance(configured, (list, tuple)):
+        raise RuntimeError("STRIPE_WEBHOOK_SECRET must be a string, a list of strings, or None")
+    return tuple(str(s) for s in configured if s)
+
+
+def _packs(config: Mapping[str, Any]) -> tuple[Pack, ...]:
+    """``CREDITS_PACKS`` checked and in order; a misconfigured pack is a RuntimeError naming it."""
+    result = []
+    configured = config["CREDITS_PACKS"] or {}
+    if not isinstance(configured, Mapping):
+        raise RuntimeError("CREDITS_PACKS must be a dict of pack id -> pack")
+    default_currency = config["CREDITS_CURRENCY"]
+    for pack_id, spec in configured.items():
+        where = f"CREDITS_PACKS[{pack_id!r}]"
+        if not isinstance(spec, Mapping):
+            raise RuntimeError(f"{where} must be a dict")
+        credits = spec.get("credits")
+        if isinstance(credits, bool) or not isinstance(credits, int) or not 1 <= credits <= 10**15:
+            raise RuntimeError(
+                f"{where}['credits'] must be a whole number of credits from 1, not {credits!r}"
+            )
+        price, amount = spec.get("price"), spec.get("amount")
+        if price is None and amount is None:
+            raise RuntimeError(f"{where} needs a Stripe 'price' id or an 'amount' in minor units")
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int) or amount < 0):
+            raise RuntimeError(f"{where}['amount'] must be a whole number of minor units")
+        result.append(
+            Pack(
+                id=str(pack_id),
+                name=str(spec.get("name") or f"{credits} credits"),
+                credits=credits,
+                amount=amount,
+                currency=_currency(spec.get("currency", default_currency), f"{where}['currency']"),
+                price=price,
+                expires_after=_seconds(
+                    spec.get("expires_after", config["CREDITS_PURCHASE_EXPIRES_AFTER"]),
+                    f"{where}['expires_after']",
+                ),
+            )
+        )
+    return tuple(result)
+
+
+#: A host name or IPv4 address (urlsplit lower-cases it), or an IPv6 address without its brackets.
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]*:[0-9a-f:.]*")
+
+
+def site_origin(value: object) -> str | None:
+    """``CREDITS_SITE_URL`` checked and without its trailing slash (None when unset); anything but a
+    bare ``http(s)://host[:port]`` origin is a RuntimeError naming the key."""
+    if value in (None, ""):
+        return None
+    problem = _origin_problem(value)
+    if problem is not None:
+        raise RuntimeError(f"CREDITS_SITE_URL {problem}, not {str(value)[:200]!r}")
+    assert isinstance(value, str)
+    return value.rstrip("/")
+
+
+def _origin_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+        return "must be a string such as 'https://shop.example.com'"
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    if parts.scheme not in ("http", "https"):
+        return "must start with https:// or http://"
+    if "@" in parts.netloc or not _HOST.fullmatch(parts.hostname or ""):
+        return "must name a host (letters, digits, dots and hyphens, or an IP address), and no user"
+    if parts.path not in ("", "/") or "?" in value or "#" in value:
+        return "must be an origin only: no path, query or fragment"
+    return None

@@ -19,17 +19,15 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from flask import current_app
 
 from .. import signals
-from ..core.inputs import check_amount
 from ..core.ledger import InTx
 from ..errors import CreditsError, InvalidArgument
 from ..records import FULFILLABLE, Purchase, Wallet
+from ..settings import Settings
 from .stripe_gateway import PaymentProviderError
 
 if TYPE_CHECKING:
-    from flask import Flask
     from sqlalchemy.engine import Connection, Row
 
     from ..extension import FlaskCredits
@@ -80,65 +78,7 @@ class Offer:
     expires_after: int | None  # seconds
 
 
-@dataclass(frozen=True)
-class Pack:
-    id: str
-    name: str
-    credits: int
-    amount: int | None
-    currency: str
-    price: str | None
-    expires_after: int | None
-
-
-def _seconds(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        value = int(value.total_seconds())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RuntimeError(f"{name} must be a number of seconds >= 1, a timedelta, or None")
-    return value
-
-
-def packs(app: Flask) -> list[Pack]:
-    """``CREDITS_PACKS`` checked and in order; a misconfigured pack is a RuntimeError naming it."""
-    result = []
-    default_currency = app.config["CREDITS_CURRENCY"]
-    for pack_id, spec in (app.config["CREDITS_PACKS"] or {}).items():
-        where = f"CREDITS_PACKS[{pack_id!r}]"
-        if not isinstance(spec, Mapping):
-            raise RuntimeError(f"{where} must be a dict")
-        try:
-            credits = check_amount(spec.get("credits"), f"{where}['credits']")
-        except InvalidArgument as exc:
-            raise RuntimeError(str(exc)) from None
-        price, amount = spec.get("price"), spec.get("amount")
-        if price is None and amount is None:
-            raise RuntimeError(f"{where} needs a Stripe 'price' id or an 'amount' in minor units")
-        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, int) or amount < 0):
-            raise RuntimeError(f"{where}['amount'] must be a whole number of minor units")
-        currency = str(spec.get("currency", default_currency)).lower()
-        if len(currency) != 3 or not currency.isalpha():
-            raise RuntimeError(f"{where}['currency'] must be a three-letter ISO code")
-        result.append(
-            Pack(
-                id=str(pack_id),
-                name=str(spec.get("name") or f"{credits} credits"),
-                credits=credits,
-                amount=amount,
-                currency=currency,
-                price=price,
-                expires_after=_seconds(
-                    spec.get("expires_after", app.config["CREDITS_PURCHASE_EXPIRES_AFTER"]),
-                    f"{where}['expires_after']",
-                ),
-            )
-        )
-    return result
-
-
-def offer_for(app: Flask, data: Mapping[str, Any]) -> Offer:
+def offer_for(settings: Settings, data: Mapping[str, Any]) -> Offer:
     """Turn a checkout request (``pack`` or ``quantity``) into an Offer, or raise BadCheckout.
 
     Anything else the client sends about credits or prices is ignored.
@@ -147,7 +87,7 @@ def offer_for(app: Flask, data: Mapping[str, Any]) -> Offer:
     if pack_id not in (None, "") and quantity not in (None, ""):
         raise BadCheckout("choose a pack or a quantity, not both")
     if pack_id not in (None, ""):
-        found = {p.id: p for p in packs(app)}.get(str(pack_id))
+        found = settings.pack(str(pack_id))
         if found is None:
             raise BadCheckout(f"unknown pack {str(pack_id)[:64]!r}")
         if found.price:
@@ -164,15 +104,13 @@ def offer_for(app: Flask, data: Mapping[str, Any]) -> Offer:
         return Offer(found.credits, found.amount, found.currency, found.id, None, item, found.expires_after)
     if quantity in (None, ""):
         raise BadCheckout("choose a pack or a quantity")
-    units = _quantity(quantity, int(app.config["CREDITS_MAX_QUANTITY"]))
-    per_unit = int(app.config["CREDITS_PER_UNIT"])
-    unit_amount = int(app.config["CREDITS_UNIT_AMOUNT"])
-    currency = str(app.config["CREDITS_CURRENCY"]).lower()
+    units = _quantity(quantity, settings.max_quantity)
+    per_unit, unit_amount, currency = settings.per_unit, settings.unit_amount, settings.currency
     item = {
         "price_data": {
             "currency": currency,
             "product_data": {
-                "name": app.config["CREDITS_PRODUCT_NAME"],
+                "name": settings.product_name,
                 "description": f"{per_unit} credits",
             },
             "unit_amount": unit_amount,
@@ -186,7 +124,7 @@ def offer_for(app: Flask, data: Mapping[str, Any]) -> Offer:
         None,
         units,
         item,
-        _seconds(app.config["CREDITS_PURCHASE_EXPIRES_AFTER"], "CREDITS_PURCHASE_EXPIRES_AFTER"),
+        settings.purchase_expires_after,
     )
 
 
@@ -203,21 +141,6 @@ def _quantity(value: object, maximum: int) -> int:
     if not 1 <= value <= maximum:
         raise BadCheckout(f"quantity must be between 1 and {maximum}")
     return value
-
-
-def limits(config: Mapping[str, Any]) -> tuple[int, timedelta]:
-    """``CREDITS_MAX_OPEN_PURCHASES`` and ``CREDITS_SUCCESS_CHECK_INTERVAL``, checked (a bad one is a
-    RuntimeError naming it; ``init_app`` calls this so that it fails at startup)."""
-    cap = config["CREDITS_MAX_OPEN_PURCHASES"]
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise RuntimeError(f"CREDITS_MAX_OPEN_PURCHASES must be a whole number >= 1, not {cap!r}")
-    interval = config["CREDITS_SUCCESS_CHECK_INTERVAL"]
-    seconds = interval.total_seconds() if isinstance(interval, timedelta) else interval
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 1:
-        raise RuntimeError(
-            f"CREDITS_SUCCESS_CHECK_INTERVAL must be seconds (>= 1) or a timedelta, not {interval!r}"
-        )
-    return cap, timedelta(seconds=seconds)
 
 
 def start_checkout(
@@ -301,7 +224,7 @@ def _insert_within_cap(ext: FlaskCredits, wallet_id: int, now: datetime, row: di
       read, which is the count, after the lock; the UPDATE is a locking read of the newest row.
     * SQLite: the UPDATE takes the database's write lock; the transaction read nothing before it.
     """
-    cap, _ = limits(current_app.config)
+    cap = ext.settings.max_open_purchases
     p, w = ext.tables.purchases, ext.tables.wallets
 
     def tx(conn: Connection) -> int:
@@ -325,7 +248,7 @@ def claim_stripe_check(ext: FlaskCredits, purchase_id: int) -> bool:
     """Whether this request may ask Stripe about the purchase now: at most one request per
     ``CREDITS_SUCCESS_CHECK_INTERVAL`` may, across threads and processes, decided by one conditional
     UPDATE of ``checked_at`` (the row count says who won). The success and cancel pages share it."""
-    _, interval = limits(current_app.config)
+    interval = ext.settings.success_check_interval
     p = ext.tables.purchases
     now = ext.database.now()
     won = ext.database.write(

@@ -37,7 +37,7 @@ class SimulatedStripe:
         check_allowed(current_app)
         session_id = "cs_sim_" + secrets.token_hex(12)
         total = 0
-        prices = {p.price: p.amount for p in purchases.packs(current_app) if p.price}
+        prices = {p.price: p.amount for p in self.ext.settings.packs if p.price}
         currency = "usd"
         for item in params["line_items"]:
             if "price_data" in item:

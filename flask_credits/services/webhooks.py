@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from flask import current_app
 
 from ..records import FULFILLABLE
 from . import purchases
@@ -48,12 +47,8 @@ def _handles(*event_types: str) -> Callable[[Handler], Handler]:
 
 def secrets_for(ext: FlaskCredits) -> list[str]:
     """Every webhook secret accepted now: several while rotating (a list, or comma-separated)."""
-    configured = current_app.config["STRIPE_WEBHOOK_SECRET"]
-    if isinstance(configured, str):
-        found = [s.strip() for s in configured.split(",") if s.strip()]
-    else:
-        found = [str(s) for s in configured or () if s]
-    if current_app.config["CREDITS_STRIPE_MODE"] == "simulated":
+    found = list(ext.settings.stripe_webhook_secrets)
+    if ext.settings.stripe_mode == "simulated":
         found.append(webhook_secret())
     return found
 
@@ -61,9 +56,7 @@ def secrets_for(ext: FlaskCredits) -> list[str]:
 def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[str, Any]:
     """Verify and handle one delivery; returns the JSON answer. Raises WebhookError (answer 400);
     database or Stripe errors propagate (answer 5xx so Stripe retries)."""
-    event = verify_event(
-        payload, signature, secrets_for(ext), int(current_app.config["CREDITS_WEBHOOK_TOLERANCE"])
-    )
+    event = verify_event(payload, signature, secrets_for(ext), ext.settings.webhook_tolerance)
     event_id, event_type = event["id"], event["type"]
     if _seen(ext, event_id):
         return {"received": True, "id": event_id, "outcome": "duplicate"}

@@ -46,7 +46,7 @@ def current_wallet_or_401() -> Wallet:
 
 
 def _page_args() -> tuple[int, int | None]:
-    size = current_app.config["CREDITS_HISTORY_PAGE_SIZE"]
+    size = extension().settings.history_page_size
     try:
         limit = int(request.args.get("limit", size))
         before = request.args.get("before", type=str)
@@ -67,9 +67,9 @@ def body_limit() -> int:
     """The largest body the current route of the blueprint reads: ``CREDITS_WEBHOOK_MAX_BYTES`` on the
     webhook, ``CREDITS_MAX_CONTENT_LENGTH`` elsewhere, and never more than the app's
     ``MAX_CONTENT_LENGTH``."""
-    config = current_app.config
-    own = int(config["CREDITS_WEBHOOK_MAX_BYTES" if _is_webhook() else "CREDITS_MAX_CONTENT_LENGTH"])
-    app_limit = config["MAX_CONTENT_LENGTH"]
+    settings = extension().settings
+    own = settings.webhook_max_bytes if _is_webhook() else settings.max_content_length
+    app_limit = current_app.config["MAX_CONTENT_LENGTH"]
     return own if app_limit is None else min(own, int(app_limit))
 
 
@@ -164,7 +164,7 @@ def _error(
     if wants_json():
         return jsonify(error=code, message=message), status, headers
     wallet = current_wallet_or_401()
-    entries = extension().ledger.history(wallet, limit=current_app.config["CREDITS_HISTORY_PAGE_SIZE"])
+    entries = extension().ledger.history(wallet, limit=extension().settings.history_page_size)
     return _page(wallet, entries, next_before=None, error=message, submitted=submitted), status, headers
 
 
@@ -183,7 +183,7 @@ def checkout() -> ResponseReturnValue:
             return _error(400, "bad_request", "unknown API key", data)
         wallet = make_wallet(wallet.user_id, key_id)
     try:
-        offer = purchases.offer_for(current_app, data)
+        offer = purchases.offer_for(ext.settings, data)
     except purchases.BadCheckout as exc:
         return _error(400, "bad_request", str(exc), data)
     try:
@@ -310,7 +310,7 @@ def format_money(amount: int, currency: str) -> str:
 @blueprint.app_template_global("credits_packs")
 def credits_packs() -> list[Any]:
     """The configured packs (``CREDITS_PACKS``), checked, for purchase forms."""
-    return purchases.packs(current_app._get_current_object())  # type: ignore[attr-defined]
+    return list(extension().settings.packs)
 
 
 @blueprint.app_template_global("credits_balance")

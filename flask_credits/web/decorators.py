@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from flask import current_app, g, request
 from flask.typing import ResponseReturnValue
 
-from .. import settings
 from ..core.inputs import check_amount
 from ..errors import IdempotencyConflict, IdempotentRequestInProgress, InsufficientCredits
 from ..services import idempotency
@@ -123,7 +122,7 @@ def _run_once(
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     body = request.get_data(cache=True) if limit is None else bodies.read_body(int(limit))
     print_ = idempotency.fingerprint(request.method, request.path, request.query_string, body)
-    view_lease = settings.duration(current_app, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT")
+    view_lease = ext.settings.idempotency_lock_timeout
     for _ in range(2):
         found = keys.claim(
             wallet,
@@ -132,7 +131,7 @@ def _run_once(
             print_,
             # Free requests have no charge to be cut half-way: the view's lease at once.
             lease=min(idempotency.CLAIM_LEASE, view_lease) if amount else view_lease,
-            ttl=settings.duration(current_app, "CREDITS_IDEMPOTENCY_TTL"),
+            ttl=ext.settings.idempotency_ttl,
         )
         if isinstance(found, idempotency.StoredResponse):
             replay = current_app.response_class(found.body, status=found.status, headers=found.headers)
@@ -187,7 +186,7 @@ def _run_once(
         claim,
         response,
         None if spend is None else spend.id,
-        max_bytes=settings.whole_number(current_app, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"),
+        max_bytes=ext.settings.idempotency_max_response_bytes,
     )
     return response
 
@@ -201,7 +200,7 @@ _SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
 def _idempotency_key() -> str | None:
     """The client's Idempotency-Key (unquoted if sent as the IETF draft's quoted string), or None
     without the header; 400 for a key that is not 1 to 200 printable ASCII characters."""
-    header = current_app.config["CREDITS_IDEMPOTENCY_HEADER"]
+    header = _extension().settings.idempotency_header
     value = request.headers.get(header) if header else None
     if value is None:
         return None

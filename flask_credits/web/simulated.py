@@ -21,7 +21,7 @@ blueprint.url_value_preprocessor(read_body_within_limit)
 
 
 def _own_purchase(session_id: str) -> Purchase:
-    if current_app.config["CREDITS_STRIPE_MODE"] != "simulated":
+    if extension().settings.stripe_mode != "simulated":
         abort(404)
     check_allowed(current_app)
     return own_purchase(session_id)

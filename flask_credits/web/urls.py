@@ -18,58 +18,25 @@ a prefix gets its own URLs.
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from flask import current_app, request, url_for
 
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ..settings import Settings
+
 log = logging.getLogger("flask_credits")
 
-#: A host name or IPv4 address (urlsplit lower-cases it), or an IPv6 address without its brackets.
-_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]*:[0-9a-f:.]*")
 
-
-def site_origin(value: object) -> str | None:
-    """``CREDITS_SITE_URL`` checked and without its trailing slash (None when unset); anything but a
-    bare ``http(s)://host[:port]`` origin is a RuntimeError naming the key."""
-    if value in (None, ""):
-        return None
-    problem = _origin_problem(value)
-    if problem is not None:
-        raise RuntimeError(f"CREDITS_SITE_URL {problem}, not {str(value)[:200]!r}")
-    assert isinstance(value, str)
-    return value.rstrip("/")
-
-
-def _origin_problem(value: object) -> str | None:
-    if not isinstance(value, str) or not value.isascii() or not value.isprintable():
-        return "must be a string such as 'https://shop.example.com'"
-    parts = urlsplit(value)
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
-    except ValueError:
-        return "has a port that is not a number from 0 to 65535"
-    if parts.scheme not in ("http", "https"):
-        return "must start with https:// or http://"
-    if "@" in parts.netloc or not _HOST.fullmatch(parts.hostname or ""):
-        return "must name a host (letters, digits, dots and hyphens, or an IP address), and no user"
-    if parts.path not in ("", "/") or "?" in value or "#" in value:
-        return "must be an origin only: no path, query or fragment"
-    return None
-
-
-def check(app: Flask) -> None:
-    """At ``init_app``: refuse a malformed ``CREDITS_SITE_URL``, and warn when a live app leaves the
-    URLs it sends to Stripe to each request's ``Host`` header."""
-    site_origin(app.config["CREDITS_SITE_URL"])
+def warn_without_origin(app: Flask, settings: Settings) -> None:
+    """At ``init_app``: warn when a live app leaves the URLs it sends to Stripe to each request's
+    ``Host`` header."""
     if (
-        app.config["CREDITS_STRIPE_MODE"] == "live"
+        settings.stripe_mode == "live"
         and not (app.debug or app.testing)
-        and not (app.config["CREDITS_SITE_URL"] or app.config["SERVER_NAME"] or app.config["TRUSTED_HOSTS"])
+        and not (settings.site_url or app.config["SERVER_NAME"] or app.config["TRUSTED_HOSTS"])
     ):
         log.warning(
             "flask_credits: set CREDITS_SITE_URL (e.g. 'https://shop.example.com'), SERVER_NAME or"
@@ -81,9 +48,9 @@ def check(app: Flask) -> None:
 def origin() -> str:
     """``scheme://host[:port]`` of the site, as the module docstring decides."""
     config = current_app.config
-    configured = site_origin(config["CREDITS_SITE_URL"])
+    configured = current_app.extensions["credits"].settings.site_url
     if configured is not None:
-        return configured
+        return str(configured)
     if config["SERVER_NAME"]:
         return f"{config['PREFERRED_URL_SCHEME']}://{config['SERVER_NAME']}"
     return f"{request.scheme}://{request.host}"
