@@ -25,6 +25,7 @@ lint: install
 	$(BIN)/ruff check flask_credits example_app tests
 	$(BIN)/ruff format --check flask_credits
 	$(BIN)/mypy flask_credits
+	$(BIN)/lint-imports
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
