@@ -48,15 +48,19 @@ class FlaskCredits:
     several apps. The extension's tables are defined on ``db.metadata``, so ``db.create_all()`` and the
     host's ``flask db migrate`` include them.
 
-    Config keys (each set with ``setdefault``; see ``docs/configuration.md``): ``CREDITS_URL_PREFIX``,
-    ``CREDITS_HISTORY_PAGE_SIZE``, ``CREDITS_PER_UNIT``, ``CREDITS_UNIT_AMOUNT``, ``CREDITS_CURRENCY``,
-    ``CREDITS_PRODUCT_NAME``, ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``,
-    ``CREDITS_PURCHASE_EXPIRES_AFTER``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
-    ``CREDITS_SITE_URL``, ``CREDITS_STRIPE_MODE``, ``CREDITS_STRIPE_TIMEOUT``,
-    ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
-    ``CREDITS_MAX_CONTENT_LENGTH``, ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``,
-    ``STRIPE_WEBHOOK_SECRET`` (the last three also from environment variables of those names or
-    ``StripeSecretKey``, ``StripePublishableKey``, ``StripeWebhookSecret``).
+    Config keys (each set with ``setdefault``, then parsed once into :attr:`settings`; see
+    ``docs/configuration.md``): ``CREDITS_URL_PREFIX``, ``CREDITS_HISTORY_PAGE_SIZE``,
+    ``CREDITS_PER_UNIT``, ``CREDITS_UNIT_AMOUNT``, ``CREDITS_CURRENCY``, ``CREDITS_PRODUCT_NAME``,
+    ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``, ``CREDITS_PURCHASE_EXPIRES_AFTER``,
+    ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
+    ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
+    ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
+    ``CREDITS_SITE_URL``, ``CREDITS_STRIPE_TIMEOUT``, ``CREDITS_STRIPE_MAX_RETRIES``,
+    ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
+    ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``, ``STRIPE_WEBHOOK_SECRET`` (the last three also from
+    environment variables of those names or ``StripeSecretKey``, ``StripePublishableKey``,
+    ``StripeWebhookSecret``). A value that cannot work stops ``init_app`` with a ``RuntimeError`` naming
+    its key.
     """
 
     def __init__(self, app: Flask | None = None, *, db: SQLAlchemy | None = None) -> None:
