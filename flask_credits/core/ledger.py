@@ -239,10 +239,9 @@ class Ledger:
         reason: str,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
-        purchase_url: str | Callable[[], str | None] | None = None,
     ) -> Entry:
-        """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits (whose
-        ``purchase_url`` is ``purchase_url``, called first if it is a function)."""
+        """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits (the
+        HTTP layer adds where to buy more)."""
         amount = check_amount(amount)
         check_text(reason, "reason", 255, optional=False)
         check_text(idempotency_key, "idempotency_key", 255, optional=True)
@@ -277,7 +276,7 @@ class Ledger:
                 row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).first()
             balance = 0 if row is None else int(row.balance)
             if balance < amount and (row is None or row.next_expiry is None or row.next_expiry > now):
-                return self._refused(wallet, amount, lambda: balance, idempotency_key, purchase_url)
+                return self._refused(wallet, amount, lambda: balance, idempotency_key)
 
         def tx(conn: Connection) -> Entry | None:
             found = self._debit(conn, wallet, amount, now)
@@ -305,7 +304,7 @@ class Ledger:
             self.expire(wallet, now=now)
             entry = self._write(tx, wallet, idempotency_key, "spend", amount)
         if entry is None:
-            return self._refused(wallet, amount, lambda: self.balance(wallet), idempotency_key, purchase_url)
+            return self._refused(wallet, amount, lambda: self.balance(wallet), idempotency_key)
         self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
         return entry
 
@@ -315,7 +314,6 @@ class Ledger:
         amount: int,
         balance: Callable[[], int],
         idempotency_key: str | None,
-        purchase_url: str | Callable[[], str | None] | None,
     ) -> Entry:
         """A spend the wallet could not pay: the replay if a concurrent call with the same key took
         the credits and committed while this one waited for the wallet row, else InsufficientCredits."""
@@ -325,8 +323,7 @@ class Ledger:
                 return entry
         held = balance()
         self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=held)
-        url = purchase_url() if callable(purchase_url) else purchase_url
-        raise InsufficientCredits(amount, held, url)
+        raise InsufficientCredits(amount, held)
 
     @unavailable_on_database_errors
     def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:

@@ -69,12 +69,12 @@ def requires_credits(cost: Cost, *, reason: str | None = None) -> Callable[[F], 
             if amount == 0:
                 g.credits_spend = None
                 return run()  # type: ignore[no-any-return]
-            spend = ext.ledger.spend(
+            spend = _spend(
+                ext,
                 wallet,
                 amount,
                 reason=reason or request.endpoint or request.path,
                 metadata={"endpoint": request.endpoint, "method": request.method},
-                purchase_url=ext.purchase_url,  # only built when the wallet cannot pay
             )
             return _run_charged(ext, spend, run)
 
