@@ -92,16 +92,15 @@ def _spend(ext: FlaskCredits, wallet: Wallet, amount: int, **kwargs: Any) -> Ent
         raise
 
 
-def _run_charged(ext: FlaskCredits, spend: Entry | None, run: Callable[[], Any]) -> Response:
+def _run_charged(ext: FlaskCredits, spend: Entry, run: Callable[[], Any]) -> Response:
     """Run the view paid for by ``spend``; give the credits back if it raises or answers 5xx."""
     g.credits_spend = spend
     try:
         response = current_app.make_response(run())
     except BaseException:
-        if spend is not None:
-            _give_back(ext, spend, "the view raised an exception")
+        _give_back(ext, spend, "the view raised an exception")
         raise
-    if spend is not None and response.status_code >= 500:
+    if response.status_code >= 500:
         _give_back(ext, spend, f"the view answered {response.status_code}")
     return response
 
