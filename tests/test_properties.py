@@ -146,11 +146,20 @@ class PurchaseModel:
     created_at: datetime
     status: str = "open"
     lot: Lot | None = None
-    refunded_money: int = 0
-    refund: int = 0
-    dispute: int = 0
-    from_lot: int = 0
-    as_debt: int = 0
+    refunded_money: int = 0  # the largest refunded total Stripe has sent
+    disputed: int = 0  # credits the dispute claws back: its share while lost, none once won
+    # Where each clawed-back credit came from, counted one credit at a time:
+    taken: int = 0  # out of the purchase's lot, while the wallet still held it
+    covered_by_expiry: int = 0  # matched with one of the lot's expired credits: nothing owed
+    owed: int = 0  # spent already, so added to the wallet's debt
+
+    @property
+    def refunded(self) -> int:
+        return share(self, self.refunded_money)
+
+    @property
+    def clawed_back(self) -> int:
+        return self.taken + self.covered_by_expiry + self.owed
 
 
 class Model:
@@ -204,45 +213,49 @@ class Model:
         p.lot = self.new_lot(p.wallet, p.credits, p.credits - paid, expires)
         p.status = "fulfilled"
 
-    def revoke(
-        self, p: PurchaseModel, *, refund_target: int | None = None, dispute_target: int | None = None
-    ) -> int:
-        """Set the purchase's claw-back targets; return how much the clawed-back total moved."""
+    def settle(self, p: PurchaseModel) -> int:
+        """Claw back what the purchase's money says, refund and dispute together but never more
+        than was bought, one credit at a time; return how many more (fewer: negative) that is."""
         assert p.lot is not None
         w, lot = self.wallets[p.wallet], p.lot
-        # Refunds only add up (Stripe's amount_refunded never shrinks): an older, smaller total that
-        # arrives late changes nothing. A dispute's claw-back can go back down (a dispute won).
-        refund = p.refund if refund_target is None else max(p.refund, min(refund_target, p.credits))
-        dispute = p.dispute if dispute_target is None else max(dispute_target, 0)
-        dispute = min(dispute, p.credits - refund)
-        total, old_total = refund + dispute, p.refund + p.dispute
-        if total > old_total:
-            take = min(total - old_total, lot.remaining)
-            lot.remaining -= take
-            p.from_lot += take
-            uncovered = total - p.from_lot
-            new_debt = max(p.as_debt, uncovered - min(uncovered, lot.expired))
-            w.debt += new_debt - p.as_debt
-            p.as_debt = new_debt
-        elif total < old_total:
-            back = old_total - total
-            debt_back = min(back, p.as_debt)
-            covered_by_expiry = old_total - p.from_lot - p.as_debt
-            lot_back = min(back - debt_back - min(back - debt_back, covered_by_expiry), p.from_lot)
-            cancel = min(debt_back, w.debt)
-            give = min(lot_back + debt_back - cancel, lot.amount - lot.remaining)
-            lot.remaining += give
-            w.debt -= cancel
-            p.from_lot -= lot_back
-            p.as_debt -= debt_back
-        p.refund, p.dispute = refund, dispute
-        return total - old_total
+        moved = min(p.credits, p.refunded + p.disputed) - p.clawed_back
+        for _ in range(moved):
+            if lot.remaining:  # still in the wallet
+                lot.remaining -= 1
+                p.taken += 1
+            elif p.covered_by_expiry < lot.expired:  # never used by the customer
+                p.covered_by_expiry += 1
+                event("a claw-back covered by expired credits")
+            else:  # spent
+                p.owed += 1
+                w.debt += 1
+        for _ in range(-moved):  # given back the other way round
+            if p.owed:
+                p.owed -= 1
+                if w.debt:
+                    w.debt -= 1
+                else:  # a later purchase paid that debt: the credit comes back
+                    event("a claw-back undone after its debt was paid")
+                    self.put_back(lot)
+            elif p.covered_by_expiry:
+                p.covered_by_expiry -= 1
+                event("a claw-back undone where expired credits covered it")
+            else:
+                p.taken -= 1
+                self.put_back(lot)
+        return moved
+
+    def put_back(self, lot: Lot) -> None:
+        """A credit back into a lot, unless it is full (its spent credits were refunded meanwhile)."""
+        if lot.remaining < lot.amount:
+            lot.remaining += 1
+        else:
+            event("a credit given back did not fit its lot")
 
 
-def credits_for(p: PurchaseModel, money: int) -> int:
-    if money <= 0 or p.amount <= 0:
-        return 0
-    return min(p.credits, p.credits * money // p.amount)
+def share(p: PurchaseModel, money: int) -> int:
+    """The credits ``money`` pays for, out of the purchase's price, rounded down."""
+    return min(p.credits, p.credits * money // p.amount) if money > 0 else 0
 
 
 def moved(change: int) -> str:
@@ -364,11 +377,17 @@ class Program(RuleBasedStateMachine):
                 (r.user_id, r.key_id or None): r.debt
                 for r in conn.execute(sa.select(t.wallets.c.user_id, t.wallets.c.key_id, t.wallets.c.debt))
             }
-            statuses = dict(conn.execute(sa.select(t.purchases.c.session_id, t.purchases.c.status)).all())
+            purchases = {
+                r.session_id: (r.status, r.refund_revoked, r.dispute_revoked)
+                for r in conn.execute(sa.select(t.purchases))
+            }
         assert {w: d for w, d in debts.items() if d} == {
             w: m.debt for w, m in self.model.wallets.items() if m.debt
         }
-        assert statuses == {p.session_id: p.status for p in self.purchases}
+        # Refunds only add up and a dispute takes what they leave: the purchase's row says so.
+        assert purchases == {
+            p.session_id: (p.status, p.refunded, p.clawed_back - p.refunded) for p in self.purchases
+        }
         if any(debts.values()):
             event("a wallet owed credits after a claw-back")
 
@@ -590,7 +609,7 @@ class PurchaseProgram(Program):
             elif news == "an older refund total, late":
                 self.late_refund_news(p, money)
             else:
-                self.dispute_news(p, news, share=1 + money % 2)
+                self.dispute_news(p, news, parts=1 + money % 2)
         self.model.expire()
 
     def session_news(self, p: PurchaseModel, how: str) -> None:
@@ -630,7 +649,7 @@ class PurchaseProgram(Program):
         outcome = self.deliver(testing.event("charge.refunded", charge))
         if p.lot is not None and p.lot.expires_at is not None and p.lot.expires_at <= self.clock.now:
             event("claw-back from a purchase whose credits expired")
-        change = self.model.revoke(p, refund_target=credits_for(p, p.refunded_money))
+        change = self.model.settle(p)
         assert outcome == moved(change)
 
     def late_refund_news(self, p: PurchaseModel, money: int) -> None:
@@ -639,13 +658,12 @@ class PurchaseProgram(Program):
         older = p.refunded_money - money % (p.refunded_money + 1)
         charge = testing.charge(p.payment_intent, amount=p.amount, amount_refunded=older)
         outcome = self.deliver(testing.event("charge.refunded", charge))
-        change = self.model.revoke(p, refund_target=credits_for(p, older))
-        assert (change, outcome) == (0, "unchanged")
+        assert (self.model.settle(p), outcome) == (0, "unchanged")
         if older < p.refunded_money:
             event("an older refund total arrived late")
 
-    def dispute_news(self, p: PurchaseModel, what: str, share: int) -> None:
-        disputed = p.amount // share
+    def dispute_news(self, p: PurchaseModel, what: str, parts: int) -> None:
+        disputed = p.amount // parts
         if what in ("funds_withdrawn", "funds_reinstated"):
             event_type, status = f"charge.dispute.{what}", "needs_response"
         else:
@@ -657,7 +675,8 @@ class PurchaseProgram(Program):
             assert outcome == "ignored"
             return
         lost = what in ("funds_withdrawn", "lost")
-        change = self.model.revoke(p, dispute_target=credits_for(p, disputed) if lost else 0)
+        p.disputed = share(p, disputed) if lost else 0
+        change = self.model.settle(p)
         assert outcome == moved(change)
         if change < 0 and self.wallet(p.wallet).debt == 0:
             event("a dispute won after its debt was paid")

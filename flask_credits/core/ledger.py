@@ -38,6 +38,7 @@ from ..records import FULFILLABLE, Entry, Wallet
 from ..storage.database import Database, sqlstate, unavailable_on_database_errors
 from ..storage.statements import SPEND, sooner
 from .inputs import MAX_ID, check_amount, check_text
+from .settlement import PurchaseLot, Revoked, claw_back, debt_payment
 
 log = logging.getLogger("flask_credits")
 
@@ -498,7 +499,7 @@ class Ledger:
             owner = conn.execute(self.db.lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
             credits = int(purchase.credits)
-            paid = min(int(owner.debt), credits)
+            paid = debt_payment(int(owner.debt), credits)
             expires_at = (
                 None
                 if purchase.expires_after_seconds is None
@@ -569,10 +570,9 @@ class Ledger:
         in_tx: InTx | None = None,
     ) -> Revocation | None:
         """Set how many of a fulfilled purchase's credits are clawed back for refunds and for a dispute
-        (absolute, cumulative targets, so replays and out-of-order events converge). Credits still in
-        the purchase's lot go first, then credits of it that expired (nothing owed), and credits
-        already spent become the wallet's debt; the balance never goes below zero. Lowering a target
-        (a dispute won) gives back in the reverse order. Returns ``None`` when the purchase is not
+        (absolute, cumulative targets, so replays and out-of-order events converge): the purchase's
+        row, its lot and its wallet are locked and read, ``settlement.claw_back`` says what moves (its
+        docstring has the rules), and this writes it. Returns ``None`` when the purchase is not
         fulfilled (yet)."""
         p, w, lt, d, e = self.t.purchases, self.t.wallets, self.t.lots, self.t.draws, self.t.entries
         now = self.db.now()
@@ -583,15 +583,6 @@ class Ledger:
             purchase = conn.execute(self.db.lock(sa.select(p).where(p.c.id == purchase_id))).one()
             if purchase.status != "fulfilled" or purchase.lot_id is None:
                 return None
-            credits = int(purchase.credits)
-            old_refund, old_dispute = int(purchase.refund_revoked), int(purchase.dispute_revoked)
-            # Refunds only add up (Stripe's amount_refunded never shrinks): a late event carrying an
-            # older, smaller total must not give credits back.
-            refund = old_refund if refund_target is None else max(old_refund, min(refund_target, credits))
-            dispute = old_dispute if dispute_target is None else max(dispute_target, 0)
-            dispute = min(dispute, credits - refund)
-            total, old_total = refund + dispute, old_refund + old_dispute
-            from_lot, as_debt = int(purchase.revoked_from_lot), int(purchase.revoked_as_debt)
             owner = conn.execute(self.db.lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
             lot = conn.execute(self.db.lock(sa.select(lt).where(lt.c.id == purchase.lot_id))).one()
@@ -602,33 +593,27 @@ class Ledger:
                     .where(d.c.lot_id == lot.id, e.c.kind == "expire")
                 ).scalar_one()
             )
-            # The clawed-back total is covered by credits taken from the lot, by the lot's expired
-            # credits (nothing owed for those) and by debt for credits already spent.
-            take = debt_change = 0  # credits out of the wallet (negative: back in); debt added
-            if total > old_total:
-                take = min(total - old_total, int(lot.remaining))
-                uncovered = total - (from_lot + take)
-                new_debt = max(as_debt, uncovered - min(uncovered, expired))
-                debt_change = new_debt - as_debt
-                from_lot, as_debt = from_lot + take, new_debt
-            elif total < old_total:
-                back = old_total - total
-                debt_back = min(back, as_debt)
-                covered_by_expiry = old_total - from_lot - as_debt
-                lot_back = min(back - debt_back - min(back - debt_back, covered_by_expiry), from_lot)
-                cancel = min(debt_back, int(owner.debt))
-                # Debt the wallet has already paid off comes back as credits.
-                give = min(lot_back + debt_back - cancel, int(lot.amount) - int(lot.remaining))
-                take, debt_change = -give, -cancel
-                from_lot, as_debt = from_lot - lot_back, as_debt - debt_back
+            done = claw_back(
+                Revoked(
+                    int(purchase.refund_revoked),
+                    int(purchase.dispute_revoked),
+                    int(purchase.revoked_from_lot),
+                    int(purchase.revoked_as_debt),
+                ),
+                refund_target=refund_target,
+                dispute_target=dispute_target,
+                lot=PurchaseLot(int(lot.amount), int(lot.remaining), expired),
+                wallet_debt=int(owner.debt),
+            )
+            after, take, debt_change = done.revoked, done.credits_taken, done.debt_added
             conn.execute(
                 sa.update(p)
                 .where(p.c.id == purchase_id)
                 .values(
-                    refund_revoked=refund,
-                    dispute_revoked=dispute,
-                    revoked_from_lot=from_lot,
-                    revoked_as_debt=as_debt,
+                    refund_revoked=after.refund,
+                    dispute_revoked=after.dispute,
+                    revoked_from_lot=after.from_lot,
+                    revoked_as_debt=after.as_debt,
                     updated_at=now,
                 )
             )
@@ -657,11 +642,11 @@ class Ledger:
                     kind,
                     reason,
                     None,
-                    {"purchase_id": purchase_id, "refund": refund, "dispute": dispute},
+                    {"purchase_id": purchase_id, "refund": after.refund, "dispute": after.dispute},
                     now,
                 )
                 self._insert_draws(conn, entry.id, [_Draw(int(lot.id), -take)])
-            return Revocation(wallet, entry, take, debt_change, total - old_total)
+            return Revocation(wallet, entry, take, debt_change, done.change)
 
         return self.db.run(tx)
 

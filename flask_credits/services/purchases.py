@@ -505,13 +505,6 @@ def revoke(
     return "revoked" if done.change > 0 else "reinstated"
 
 
-def credits_for(purchase: Purchase, amount: object) -> int:
-    """Credits in proportion to ``amount`` of the purchase's price (floor), capped at its credits."""
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0 or purchase.amount <= 0:
-        return 0
-    return min(purchase.credits, purchase.credits * amount // purchase.amount)
-
-
 class Recorder:
     """Writes a webhook event's row inside the transaction that acts on it."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from ..core.settlement import credits_for
 from ..records import FULFILLABLE
 from . import purchases
 from .purchases import Recorder
@@ -113,7 +114,7 @@ def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recor
     if purchase is None:
         purchases.record_only(ext, record, "unmatched", None)
         return "unmatched"
-    target = purchases.credits_for(purchase, charge.get("amount_refunded"))
+    target = credits_for(purchase.credits, purchase.amount, charge.get("amount_refunded"))
     return purchases.revoke(ext, purchase, cause="refund", refund_target=target, record=record)
 
 
@@ -127,7 +128,7 @@ def _dispute(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder, *,
     if lost is None:
         purchases.record_only(ext, record, "ignored", purchase.id)
         return "ignored"
-    target = purchases.credits_for(purchase, dispute.get("amount")) if lost else 0
+    target = credits_for(purchase.credits, purchase.amount, dispute.get("amount")) if lost else 0
     return purchases.revoke(ext, purchase, cause="dispute", dispute_target=target, record=record)
 
 
