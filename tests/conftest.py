@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -146,16 +146,27 @@ def clear(db: SQLAlchemy) -> None:
 
 @pytest.fixture
 def credits_config() -> dict[str, object]:
-    """Config the ``app`` fixture is built with: a module overrides this fixture for settings that
-    ``FlaskCredits.init_app`` reads once (the Stripe mode, for one)."""
+    """Config the ``app`` fixture is built with, since ``FlaskCredits.init_app`` reads it once (setting
+    ``app.config`` afterwards changes nothing): a module overrides this fixture, and one test adds to it
+    with ``@pytest.mark.config(KEY=value, ...)``."""
     return {}
 
 
 @pytest.fixture
+def app_config(request: pytest.FixtureRequest, credits_config: dict[str, object]) -> dict[str, object]:
+    """The config of this test's app: the module's ``credits_config``, then the test's
+    ``@pytest.mark.config`` keys (the closest marker wins)."""
+    config = dict(credits_config)
+    for marker in reversed(list(request.node.iter_markers("config"))):
+        config.update(marker.kwargs)
+    return config
+
+
+@pytest.fixture
 def app_db_credits(
-    database_url: str, credits_config: dict[str, object]
+    database_url: str, app_config: dict[str, object]
 ) -> Iterator[tuple[Flask, SQLAlchemy, FlaskCredits]]:
-    app, db, credits = make_app(database_url, **credits_config)
+    app, db, credits = make_app(database_url, **app_config)
     with app.app_context():
         db.create_all()
         clear(db)
@@ -163,6 +174,26 @@ def app_db_credits(
             yield app, db, credits
         finally:
             clear(db)
+            db.engine.dispose()
+
+
+@pytest.fixture
+def build_app(
+    database_url: str, app_config: dict[str, object]
+) -> Iterator[Callable[..., tuple[Flask, SQLAlchemy, FlaskCredits]]]:
+    """Build another app on this test's database, with this test's config and ``changes`` on top: for a
+    test that shows what a setting does by comparing two apps (init_app reads config once). Its
+    requests push its own app context; reads through the ``credits`` fixture see the same tables."""
+    built: list[tuple[Flask, SQLAlchemy]] = []
+
+    def build(**changes: object) -> tuple[Flask, SQLAlchemy, FlaskCredits]:
+        app, db, credits = make_app(database_url, **{**app_config, **changes})
+        built.append((app, db))
+        return app, db, credits
+
+    yield build
+    for app, db in built:
+        with app.app_context():
             db.engine.dispose()
 
 

@@ -33,7 +33,11 @@ class Views:
 
 @pytest.fixture
 def views(app):
-    v = Views()
+    return add_views(app, Views())
+
+
+def add_views(app, v):
+    """Register the paid views on ``app``, recording their runs in ``v``."""
 
     @app.post("/persona")
     @app.put("/persona")
@@ -339,10 +343,10 @@ def test_a_first_request_refused_with_402_consumes_nothing(client, login, credit
 
 
 @pytest.mark.parametrize("path", ["/stream", "/big"], ids=["streamed", "larger than the cap"])
+@pytest.mark.config(CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES=100)
 def test_a_response_that_cannot_be_stored_makes_a_replay_409_and_never_a_second_run(
     app, client, login, credits, views, path
 ):
-    app.config["CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"] = 100
     credits.grant("alice", 20, reason="seed")
     login("alice")
     first = post(client, path)
@@ -357,10 +361,10 @@ def test_a_response_that_cannot_be_stored_makes_a_replay_409_and_never_a_second_
 # -- expiry, dead workers and the database failing ----------------------------------------------------
 
 
+@pytest.mark.config(CREDITS_IDEMPOTENCY_TTL=timedelta(hours=1))
 def test_keys_expire_after_the_ttl_and_flask_credits_expire_prunes_them(
     app, client, login, credits, views, db, clock
 ):
-    app.config["CREDITS_IDEMPOTENCY_TTL"] = timedelta(hours=1)
     credits.grant("alice", 20, reason="seed")
     login("alice")
     post(client, "/persona", json={"seed": "a"})
@@ -605,16 +609,19 @@ def test_an_unusable_idempotency_key_is_400_and_charges_nothing(client, login, c
     assert (views.runs, credits.balance("alice")) == ([], 20)
 
 
-def test_the_idempotency_header_can_be_renamed_or_ignored(app, client, login, credits, views):
+@pytest.mark.config(CREDITS_IDEMPOTENCY_HEADER=None)
+def test_the_idempotency_header_can_be_renamed_or_ignored(client, login, credits, views, build_app):
     credits.grant("alice", 20, reason="seed")
     login("alice")
-    app.config["CREDITS_IDEMPOTENCY_HEADER"] = None
     post(client, "/persona", json={"seed": "a"})
     post(client, "/persona", json={"seed": "a"})
     assert credits.balance("alice") == 10
-    app.config["CREDITS_IDEMPOTENCY_HEADER"] = "X-Request-Id"
-    client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
-    client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
+    renamed, _, _ = build_app(CREDITS_IDEMPOTENCY_HEADER="X-Request-Id")
+    add_views(renamed, views)
+    renamed_client = renamed.test_client()
+    assert renamed_client.post("/_login/alice").status_code == 200
+    renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
+    renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
     assert (credits.balance("alice"), len(views.runs)) == (5, 3)
 
 

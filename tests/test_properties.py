@@ -710,16 +710,15 @@ def test_random_ledger_programs_match_the_model_and_keep_the_audit_clean(app, db
     run(LedgerProgram.bind(app, db, credits, clock), backend)
 
 
+@pytest.mark.config(
+    STRIPE_SECRET_KEY="sk_test_properties",
+    STRIPE_WEBHOOK_SECRET=WHSEC,
+    CREDITS_STRIPE_MAX_RETRIES=0,
+    CREDITS_PER_UNIT=PER_UNIT,
+    CREDITS_UNIT_AMOUNT=UNIT_AMOUNT,
+    CREDITS_PACKS=PACKS,
+)
 def test_random_purchase_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
-    app.config.update(
-        STRIPE_SECRET_KEY="sk_test_properties",
-        STRIPE_WEBHOOK_SECRET=WHSEC,
-        CREDITS_STRIPE_MAX_RETRIES=0,
-        CREDITS_PER_UNIT=PER_UNIT,
-        CREDITS_UNIT_AMOUNT=UNIT_AMOUNT,
-        CREDITS_PACKS=PACKS,
-    )
-
     @app.before_request
     def load_the_user_of_this_request() -> None:
         # The fixture holds an app context, which every test request then shares (and so one `g`):

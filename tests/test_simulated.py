@@ -97,8 +97,8 @@ def test_cancel_goes_to_the_cancel_page_which_expires_the_checkout(client, login
     assert credits.balance("alice") == 0
 
 
-def test_the_simulated_checkout_url_is_on_the_configured_origin(app, client, login):
-    app.config["CREDITS_SITE_URL"] = "https://shop.example.com"
+@pytest.mark.config(CREDITS_SITE_URL="https://shop.example.com")
+def test_the_simulated_checkout_url_is_on_the_configured_origin(client, login):
     login("alice")
     response = client.post(
         "/credits/checkout", data={"quantity": "1"}, headers={**HTML, "Host": "evil.example"}
@@ -123,11 +123,16 @@ def test_success_page_rechecks_the_simulated_session(client, login, credits):
     assert credits.balance("alice") == 0
 
 
-def test_simulated_pages_do_not_exist_in_live_mode(app, client, login):
+def test_simulated_pages_do_not_exist_in_live_mode(client, login, build_app):
     login("alice")
     page = start(client)
-    app.config["CREDITS_STRIPE_MODE"] = "live"
-    assert client.get("/" + page).status_code == 404
+    assert client.get("/" + page).status_code == 200
+    # The same shop and database in live mode: alice's checkout page is not there, nor its buttons.
+    live, _, _ = build_app(CREDITS_STRIPE_MODE="live")
+    alice_live = live.test_client()
+    assert alice_live.post("/_login/alice").status_code == 200
+    assert alice_live.get("/" + page).status_code == 404
+    assert choose(alice_live, page, "pay").status_code == 404
 
 
 def test_simulated_mode_is_refused_outside_debug_and_testing(tmp_path):
