@@ -5,7 +5,7 @@ after another, one JSON line each on stdin::
 
     {"url": DATABASE_URL, "user": USER_ID, "amounts": [1, 2, ...], "limit": N}
 
-For each job the worker uses its own app and engine, built here with ``conftest.make_app`` (nothing is
+For each job the worker uses its own app and engine, built here with ``helpers.make_app`` (nothing is
 shared with the parent, and nothing crosses a fork: the worker is a fresh interpreter). It connects,
 prints ``ready``, waits for the line ``go`` (the parent's start signal, sent to every worker at once),
 then spends the amounts in turn, over and over, until the wallet refuses a 1-credit spend or ``limit``
@@ -26,9 +26,9 @@ import sys
 from typing import Any
 
 import responses
-from conftest import make_app
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from helpers import make_app
 
 from flask_credits import FlaskCredits, InsufficientCredits, testing
 

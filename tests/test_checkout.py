@@ -11,7 +11,7 @@ import pytest
 import requests
 import responses
 import sqlalchemy as sa
-from conftest import make_app
+from helpers import logged_in, make_app
 
 from flask_credits import testing
 
@@ -32,12 +32,6 @@ def credits_config():
         "CREDITS_STRIPE_MAX_RETRIES": 0,
         "SERVER_NAME": "shop.test",
     }
-
-
-@pytest.fixture
-def stripe():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 def sent_form(rsps):
@@ -347,9 +341,7 @@ def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, cre
     assert testing.post_event(client, testing.event("checkout.session.expired", expired)).status_code == 200
     # A checkout Stripe never created ends as "error": the same shop, its Stripe key missing, makes one.
     unconfigured, _, _ = build_app(STRIPE_SECRET_KEY=None)
-    alice_there = unconfigured.test_client()
-    assert alice_there.post("/_login/alice").status_code == 200
-    assert alice_there.post("/credits/checkout", json={"quantity": 1}).status_code == 502
+    assert logged_in(unconfigured).post("/credits/checkout", json={"quantity": 1}).status_code == 502
     assert checkout_codes(client, 2) == [200, 429]
     statuses = sorted(row.status for row in purchases(credits))
     assert statuses == ["error", "expired", "fulfilled", "open", "open"]
@@ -373,9 +365,7 @@ def test_checkouts_racing_on_one_wallet_stop_exactly_at_the_cap(app, credits, st
     counting lets exactly CAP through, on every backend."""
     testing.mock_create_session(stripe)
     racers = 20
-    clients = [app.test_client() for _ in range(racers)]
-    for racer in clients:
-        assert racer.post("/_login/alice").status_code == 200
+    clients = [logged_in(app) for _ in range(racers)]
     barrier = threading.Barrier(racers, timeout=60)
 
     def checkout(racer):

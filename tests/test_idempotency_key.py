@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from flask import Response, g, jsonify, request
+from helpers import logged_in, make_app
 
 from flask_credits import CreditsUnavailable, requires_credits
 from flask_credits.core.ledger import Ledger
@@ -246,9 +247,7 @@ def test_a_browser_gets_the_422_as_a_page(client, login, credits, views):
 
 def test_the_key_is_409_with_retry_after_while_its_first_request_runs(app, login, credits, views):
     credits.grant("alice", 20, reason="seed")
-    first_client, second_client = app.test_client(), app.test_client()
-    for c in (first_client, second_client):
-        c.post("/_login/alice")
+    first_client, second_client = logged_in(app), logged_in(app)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, first_client, "/slow", data="job")
         assert views.started.wait(30)
@@ -532,8 +531,7 @@ def test_a_request_charged_so_slowly_that_its_key_was_taken_over_never_runs_the_
 
     credits.grant("alice", 20, reason="seed")
     login("alice")
-    other = app.test_client()
-    other.post("/_login/alice")
+    other = logged_in(app)
     original = Ledger.spend
     overtaken = []
 
@@ -618,8 +616,7 @@ def test_the_idempotency_header_can_be_renamed_or_ignored(client, login, credits
     assert credits.balance("alice") == 10
     renamed, _, _ = build_app(CREDITS_IDEMPOTENCY_HEADER="X-Request-Id")
     add_views(renamed, views)
-    renamed_client = renamed.test_client()
-    assert renamed_client.post("/_login/alice").status_code == 200
+    renamed_client = logged_in(renamed)
     renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
     renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
     assert (credits.balance("alice"), len(views.runs)) == (5, 3)
@@ -629,12 +626,7 @@ def test_the_idempotency_header_can_be_renamed_or_ignored(client, login, credits
 
 
 def clients(app, count, user="alice"):
-    found = []
-    for _ in range(count):
-        c = app.test_client()
-        assert c.post(f"/_login/{user}").status_code == 200
-        found.append(c)
-    return found
+    return [logged_in(app, user) for _ in range(count)]
 
 
 def test_concurrent_requests_with_one_key_run_the_view_once_and_charge_once(app, credits, views, backend):
@@ -712,8 +704,6 @@ def test_a_blocked_first_run_makes_every_concurrent_retry_409(app, credits, view
     ],
 )
 def test_a_bad_idempotency_setting_refuses_to_start_naming_the_key(tmp_path, key, value):
-    from conftest import make_app
-
     with pytest.raises(RuntimeError, match=key):
         make_app(f"sqlite:///{tmp_path / 'x.sqlite3'}", **{key: value})
 

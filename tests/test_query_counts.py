@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import responses
 from sqlalchemy import event
 
 from flask_credits import InsufficientCredits, requires_credits, testing
@@ -207,15 +206,9 @@ def credits_config():
     return {"STRIPE_SECRET_KEY": "sk_test_counts", "CREDITS_STRIPE_MAX_RETRIES": 0}
 
 
-@pytest.fixture
-def stripe():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        testing.mock_create_session(rsps)
-        yield rsps
-
-
 @pytest.mark.config(CREDITS_MAX_OPEN_PURCHASES=10)
 def test_a_checkout(client, login, counter, stripe, backend):
+    testing.mock_create_session(stripe)
     login("alice")
     assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 200  # the wallet exists
     results = count(counter, lambda: client.post("/credits/checkout", json={"quantity": 1}))
@@ -223,6 +216,7 @@ def test_a_checkout(client, login, counter, stripe, backend):
 
 
 def test_a_success_page_loaded_again_within_the_interval(app, client, login, counter, stripe, backend):
+    testing.mock_create_session(stripe)
     login("alice")
     session_id = client.post("/credits/checkout", json={"quantity": 1}).json["id"]
     with app.app_context():

@@ -7,6 +7,7 @@ import responses
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from helpers import logged_in
 
 from flask_credits import FlaskCredits
 
@@ -129,8 +130,7 @@ def test_simulated_pages_do_not_exist_in_live_mode(client, login, build_app):
     assert client.get("/" + page).status_code == 200
     # The same shop and database in live mode: alice's checkout page is not there, nor its buttons.
     live, _, _ = build_app(CREDITS_STRIPE_MODE="live")
-    alice_live = live.test_client()
-    assert alice_live.post("/_login/alice").status_code == 200
+    alice_live = logged_in(live)
     assert alice_live.get("/" + page).status_code == 404
     assert choose(alice_live, page, "pay").status_code == 404
 

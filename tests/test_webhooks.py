@@ -12,6 +12,7 @@ import pytest
 import responses
 import sqlalchemy as sa
 from flask_wtf.csrf import CSRFProtect
+from helpers import logged_in
 
 from flask_credits import testing
 from flask_credits.services import purchases
@@ -27,12 +28,6 @@ def credits_config():
         "CREDITS_STRIPE_MAX_RETRIES": 0,
         "CREDITS_PACKS": {"starter": {"credits": 500, "amount": 400}},
     }
-
-
-@pytest.fixture
-def stripe():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture
@@ -386,9 +381,7 @@ def test_success_pages_loaded_at_once_ask_stripe_once(app, credits, buy, stripe)
     sid = buy()
     testing.mock_retrieve_session(stripe, session(app, sid, payment_status="unpaid", status="open"))
     racers = 10
-    clients = [app.test_client() for _ in range(racers)]
-    for racer in clients:
-        assert racer.post("/_login/alice").status_code == 200
+    clients = [logged_in(app) for _ in range(racers)]
     barrier = threading.Barrier(racers, timeout=60)
 
     def load(racer):
@@ -604,8 +597,7 @@ def test_webhook_and_success_page_racing_credit_once(app, credits, buy, stripe):
         codes.append(deliver(client, "checkout.session.completed", paid).status_code)
 
     def success_page():
-        client = app.test_client()
-        client.post("/_login/alice")
+        client = logged_in(app)
         barrier.wait(timeout=30)
         codes.append(client.get(f"/credits/success?session_id={sid}").status_code)
 
