@@ -5,7 +5,7 @@ after another, one JSON line each on stdin::
 
     {"url": DATABASE_URL, "user": USER_ID, "amounts": [1, 2, ...], "limit": N}
 
-For each job the worker uses its own app and engine, built here with ``conftest.make_app`` (nothing is
+For each job the worker uses its own app and engine, built here with ``helpers.make_app`` (nothing is
 shared with the parent, and nothing crosses a fork: the worker is a fresh interpreter). It connects,
 prints ``ready``, waits for the line ``go`` (the parent's start signal, sent to every worker at once),
 then spends the amounts in turn, over and over, until the wallet refuses a 1-credit spend or ``limit``
@@ -14,8 +14,8 @@ refusals, why it stopped, and how many transactions the ledger had to retry. Any
 the process with a traceback on stderr and a non-zero status. End of input ends the worker.
 
 A job ``{"url": DATABASE_URL, "user": USER_ID, "checkouts": N}`` instead posts N checkouts one after
-another as that user (Stripe answered by ``responses``, as in the tests) and prints
-``{"codes": [...], "stripe_calls": n}``.
+another as that user (the app has a test Stripe key, and Stripe is answered by ``responses``, as in
+the tests) and prints ``{"codes": [...], "stripe_calls": n}``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import sys
 from typing import Any
 
 import responses
-from conftest import make_app
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from helpers import make_app
 
 from flask_credits import FlaskCredits, InsufficientCredits, testing
+
+#: Config of the worker's apps: what a checkout needs (spends need nothing).
+STRIPE_CONFIG = {"STRIPE_SECRET_KEY": "sk_test_worker", "CREDITS_STRIPE_MAX_RETRIES": 0}
 
 
 class Retries(logging.Handler):
@@ -63,7 +66,6 @@ def drain(credits: FlaskCredits, user: str, amounts: list[int], limit: int) -> d
 
 
 def checkouts(app: Flask, user: str, count: int) -> dict[str, Any]:
-    app.config.update(STRIPE_SECRET_KEY="sk_test_worker", CREDITS_STRIPE_MAX_RETRIES=0)
     client = app.test_client()
     assert client.post(f"/_login/{user}").status_code == 200
     with responses.RequestsMock(assert_all_requests_are_fired=False) as stripe:
@@ -86,7 +88,7 @@ def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         if job["url"] not in apps:
-            apps[job["url"]] = make_app(job["url"])
+            apps[job["url"]] = make_app(job["url"], **STRIPE_CONFIG)
         app, db, credits = apps[job["url"]]
         retries.count = 0
         with app.app_context():

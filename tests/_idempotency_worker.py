@@ -6,7 +6,7 @@ after another, one JSON line each on stdin::
 
     {"url": DATABASE_URL, "user": USER_ID, "key": IDEMPOTENCY_KEY, "seed": SEED, "hold": false}
 
-For each job the worker uses its own app (``conftest.make_app`` plus the paid view ``POST /persona``,
+For each job the worker uses its own app (``helpers.make_app`` plus the paid view ``POST /persona``,
 5 credits) and its own Flask test client logged in as USER_ID: nothing is shared with the parent or
 with the other workers but the database. It connects, prints ``ready``, waits for the line ``go`` (the
 parent's start signal, sent to every worker at once), posts ``{"seed": SEED}`` with the key and prints
@@ -27,11 +27,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from conftest import make_app
 from flask import Flask, g, jsonify, request
 from flask.testing import FlaskClient
 from flask.typing import ResponseReturnValue
 from flask_sqlalchemy import SQLAlchemy
+from helpers import make_app
 
 from flask_credits import FlaskCredits, requires_credits
 

@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import responses
 import sqlalchemy as sa
 from flask import Flask
-from flask_login import LoginManager, UserMixin, login_user
 from flask_sqlalchemy import SQLAlchemy
+from helpers import (
+    MAX_QUANTITY,
+    PACKS,
+    SECRET_KEY,
+    WHSEC,
+    Shop,
+    clear,
+    drop_all_tables,
+    fresh_user_per_request,
+    make_app,
+)
 
-from flask_credits import FlaskCredits
+from flask_credits import FlaskCredits, testing
 
 BACKENDS = {
     "sqlite": None,
@@ -72,17 +82,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         admin.dispose()
 
 
-def drop_all_tables(url: str) -> None:
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            found = sa.MetaData()
-            found.reflect(conn)
-            found.drop_all(conn)
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
 def empty_database(database_url: str) -> Iterator[str]:
     """The session's database with no table at all, before and after the test (other modules leave
@@ -99,63 +98,29 @@ def backend(database_url: str) -> str:
     return sa.make_url(database_url).get_backend_name()
 
 
-@dataclass
-class User(UserMixin):  # type: ignore[misc]
-    id: str
-
-
-USERS = {"alice": User("alice"), "bob": User("bob"), "42": User("42")}
-
-
-def make_app(database_url: str, **config: object) -> tuple[Flask, SQLAlchemy, FlaskCredits]:
-    app = Flask(__name__)
-    app.config.update(
-        TESTING=True,
-        SECRET_KEY="test-secret",
-        SQLALCHEMY_DATABASE_URI=database_url,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url),
-        **config,
-    )
-    db = SQLAlchemy(app)
-    manager = LoginManager(app)
-    manager.user_loader(USERS.get)
-    credits = FlaskCredits(app)
-
-    @app.post("/_login/<user_id>")
-    def _login(user_id: str) -> str:
-        login_user(USERS[user_id])
-        return "ok"
-
-    return app, db, credits
-
-
-def engine_options(database_url: str) -> dict[str, object]:
-    if database_url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 30}}
-    return {"pool_size": 10, "max_overflow": 20, "pool_pre_ping": True}
-
-
-def clear(db: SQLAlchemy) -> None:
-    with db.engine.begin() as conn:
-        if "credits_entries" in db.metadata.tables:  # MariaDB checks the self-reference row by row
-            entries = db.metadata.tables["credits_entries"]
-            conn.execute(entries.update().values(reverses_id=None))
-        for table in reversed(db.metadata.sorted_tables):
-            conn.execute(table.delete())
-
-
 @pytest.fixture
 def credits_config() -> dict[str, object]:
-    """Config the ``app`` fixture is built with: a module overrides this fixture for settings that
-    ``FlaskCredits.init_app`` reads once (the Stripe mode, for one)."""
+    """Config the ``app`` fixture is built with, since ``FlaskCredits.init_app`` reads it once (setting
+    ``app.config`` afterwards changes nothing): a module overrides this fixture, and one test adds to it
+    with ``@pytest.mark.config(KEY=value, ...)``."""
     return {}
 
 
 @pytest.fixture
+def app_config(request: pytest.FixtureRequest, credits_config: dict[str, object]) -> dict[str, object]:
+    """The config of this test's app: the module's ``credits_config``, then the test's
+    ``@pytest.mark.config`` keys (the closest marker wins)."""
+    config = dict(credits_config)
+    for marker in reversed(list(request.node.iter_markers("config"))):
+        config.update(marker.kwargs)
+    return config
+
+
+@pytest.fixture
 def app_db_credits(
-    database_url: str, credits_config: dict[str, object]
+    database_url: str, app_config: dict[str, object]
 ) -> Iterator[tuple[Flask, SQLAlchemy, FlaskCredits]]:
-    app, db, credits = make_app(database_url, **credits_config)
+    app, db, credits = make_app(database_url, **app_config)
     with app.app_context():
         db.create_all()
         clear(db)
@@ -163,6 +128,26 @@ def app_db_credits(
             yield app, db, credits
         finally:
             clear(db)
+            db.engine.dispose()
+
+
+@pytest.fixture
+def build_app(
+    database_url: str, app_config: dict[str, object]
+) -> Iterator[Callable[..., tuple[Flask, SQLAlchemy, FlaskCredits]]]:
+    """Build another app on this test's database, with this test's config and ``changes`` on top: for a
+    test that shows what a setting does by comparing two apps (init_app reads config once). Its
+    requests push its own app context; reads through the ``credits`` fixture see the same tables."""
+    built: list[tuple[Flask, SQLAlchemy]] = []
+
+    def build(**changes: object) -> tuple[Flask, SQLAlchemy, FlaskCredits]:
+        app, db, credits = make_app(database_url, **{**app_config, **changes})
+        built.append((app, db))
+        return app, db, credits
+
+    yield build
+    for app, db in built:
+        with app.app_context():
             db.engine.dispose()
 
 
@@ -233,3 +218,69 @@ def received():  # type: ignore[no-untyped-def]
     yield log
     for signal, receiver in receivers:
         signal.disconnect(receiver)
+
+
+@pytest.fixture
+def stripe() -> Iterator[responses.RequestsMock]:
+    """Stripe's API answered by ``responses``: a test registers the answers it expects
+    (``flask_credits.testing.mock_create_session`` and the like); any other call fails."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+# -- the shop that the hostile-input tests attack (test_hostile_*.py) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def shop_per_backend(database_url) -> Iterator[Shop]:
+    """One app per backend for the whole module (building one per test would take most of its time)."""
+    app, db, credits = make_app(
+        database_url,
+        STRIPE_SECRET_KEY=SECRET_KEY,
+        STRIPE_WEBHOOK_SECRET=WHSEC,
+        CREDITS_STRIPE_MAX_RETRIES=0,
+        CREDITS_PACKS=PACKS,
+        CREDITS_MAX_QUANTITY=MAX_QUANTITY,
+    )
+    fresh_user_per_request(app)
+
+    @credits.wallet_checker
+    def owns(user_id: str, key_id: str | None) -> bool:
+        return (user_id, key_id) in {("alice", None), ("bob", None), ("alice", "key-1")}
+
+    @app.get("/_boom")
+    def boom() -> str:
+        return str({}["missing"])  # a view that fails
+
+    with app.app_context(), responses.RequestsMock(assert_all_requests_are_fired=False) as stripe:
+        db.create_all()
+        testing.mock_create_session(stripe)  # a new open session for each checkout
+        # A payment intent Stripe knows nothing about (refunds and disputes look it up).
+        stripe.add(
+            responses.GET,
+            f"{testing.STRIPE_API}/v1/checkout/sessions",
+            json={"object": "list", "data": [], "has_more": False},
+        )
+        found = Shop(app, db, credits, stripe)
+        try:
+            yield found
+        finally:
+            clear(db)
+            db.engine.dispose()
+
+
+@pytest.fixture
+def shop(shop_per_backend) -> Iterator[Shop]:
+    """The shop as ``Shop.reset`` leaves it (reset again only if the last test changed it), with
+    Stripe's call log empty, no purchase checked at Stripe lately, and the app's config restored
+    afterwards."""
+    found = shop_per_backend
+    if not found.baseline or found.state() != found.baseline:
+        found.reset()
+    with found.db.engine.begin() as conn:  # so that the success page may ask Stripe in every test
+        conn.execute(sa.update(found.credits.tables.purchases).values(checked_at=None))
+    found.stripe.calls.reset()
+    config = dict(found.app.config)
+    yield found
+    found.app.config.clear()
+    found.app.config.update(config)

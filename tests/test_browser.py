@@ -20,6 +20,7 @@ import flask_migrate
 import pytest
 import requests
 from _browser_server import live_server  # tests/ is on sys.path (pytest's rootdir-relative import)
+from helpers import PASSWORD
 
 from example_app import create_app
 from example_app.models import db
@@ -41,7 +42,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 REQUIRE_BROWSER = os.environ.get("CREDITS_TEST_REQUIRE_BROWSER") == "1"
 TIMEOUT = 15  # seconds, for any one page to load or element to appear
 WIDTH, HEIGHT = 1200, 900  # the viewport, and so the screenshots
-PASSWORD = "correct horse battery"
 COST = 5  # the example app's PERSONA_COST
 
 pytestmark = pytest.mark.timeout(120)

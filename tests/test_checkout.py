@@ -11,6 +11,7 @@ import pytest
 import requests
 import responses
 import sqlalchemy as sa
+from helpers import logged_in, make_app
 
 from flask_credits import testing
 
@@ -22,21 +23,15 @@ PACKS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def stripe_config(app):
-    app.config.update(
-        STRIPE_SECRET_KEY=SECRET,
-        STRIPE_WEBHOOK_SECRET="whsec_test_1",
-        CREDITS_PACKS=PACKS,
-        CREDITS_STRIPE_MAX_RETRIES=0,
-        SERVER_NAME="shop.test",
-    )
-
-
 @pytest.fixture
-def stripe():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
+def credits_config():
+    return {
+        "STRIPE_SECRET_KEY": SECRET,
+        "STRIPE_WEBHOOK_SECRET": "whsec_test_1",
+        "CREDITS_PACKS": PACKS,
+        "CREDITS_STRIPE_MAX_RETRIES": 0,
+        "SERVER_NAME": "shop.test",
+    }
 
 
 def sent_form(rsps):
@@ -220,9 +215,9 @@ def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, strip
     assert purchases(credits)[0].status == "error"
 
 
+@pytest.mark.config(CREDITS_STRIPE_API_BASE="http://127.0.0.1:12111")
 def test_the_stripe_api_address_can_be_set(app, client, login, credits, stripe):
     """CREDITS_STRIPE_API_BASE points stripe-python at a stand-in (stripe-mock, a test server)."""
-    app.config["CREDITS_STRIPE_API_BASE"] = "http://127.0.0.1:12111"
     session = testing.checkout_session("cs_test_elsewhere", amount_total=100)
     stripe.add(responses.POST, "http://127.0.0.1:12111/v1/checkout/sessions", json=session)
     login("alice")
@@ -231,8 +226,8 @@ def test_the_stripe_api_address_can_be_set(app, client, login, credits, stripe):
     assert [call.request.url for call in stripe.calls] == ["http://127.0.0.1:12111/v1/checkout/sessions"]
 
 
+@pytest.mark.config(STRIPE_SECRET_KEY=None)
 def test_missing_secret_key_is_a_clear_502_without_calling_stripe(app, client, login, credits, stripe):
-    app.config["STRIPE_SECRET_KEY"] = None
     login("alice")
     response = client.post("/credits/checkout", json={"quantity": 1})
     assert (response.status_code, response.json["message"]) == (
@@ -272,12 +267,10 @@ def test_the_credits_page_shows_packs_and_prices(client, login):
     assert "Units of 100 credits at 1.00 USD each" in page
 
 
-def test_a_misconfigured_pack_is_named_in_the_error(app, client, login):
-    app.config["CREDITS_PACKS"] = {"broken": {"credits": 0, "amount": 100}}
-    app.config["PROPAGATE_EXCEPTIONS"] = True
-    login("alice")
-    with pytest.raises(RuntimeError, match=r"CREDITS_PACKS\['broken'\]"):
-        client.post("/credits/checkout", json={"pack": "broken"})
+def test_a_misconfigured_pack_is_named_when_the_app_starts(database_url):
+    packs = {**PACKS, "broken": {"credits": 0, "amount": 100}}
+    with pytest.raises(RuntimeError, match=r"CREDITS_PACKS\['broken'\]\['credits'\]"):
+        make_app(database_url, STRIPE_SECRET_KEY=SECRET, CREDITS_PACKS=packs)
 
 
 # -- the cap on unfinished checkouts ----------------------------------------------------------------
@@ -334,8 +327,8 @@ def test_retry_after_says_when_the_oldest_unfinished_checkout_stops_counting(cli
     assert checkout_codes(client, 2) == [200, 429]  # the oldest stopped counting, the new one counts
 
 
-def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, credits, stripe):
-    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 2
+@pytest.mark.config(CREDITS_MAX_OPEN_PURCHASES=2)
+def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, credits, stripe, build_app):
     testing.mock_create_session(stripe)
     login("alice")
     assert checkout_codes(client, 3) == [200, 200, 429]
@@ -346,9 +339,9 @@ def test_only_unfinished_checkouts_count_against_the_cap(app, client, login, cre
     assert testing.post_event(client, testing.event("checkout.session.completed", paid)).status_code == 200
     assert checkout_codes(client, 2) == [200, 429]
     assert testing.post_event(client, testing.event("checkout.session.expired", expired)).status_code == 200
-    app.config["STRIPE_SECRET_KEY"] = None  # a checkout Stripe never created ends as "error"
-    assert client.post("/credits/checkout", json={"quantity": 1}).status_code == 502
-    app.config["STRIPE_SECRET_KEY"] = SECRET
+    # A checkout Stripe never created ends as "error": the same shop, its Stripe key missing, makes one.
+    unconfigured, _, _ = build_app(STRIPE_SECRET_KEY=None)
+    assert logged_in(unconfigured).post("/credits/checkout", json={"quantity": 1}).status_code == 502
     assert checkout_codes(client, 2) == [200, 429]
     statuses = sorted(row.status for row in purchases(credits))
     assert statuses == ["error", "expired", "fulfilled", "open", "open"]
@@ -372,9 +365,7 @@ def test_checkouts_racing_on_one_wallet_stop_exactly_at_the_cap(app, credits, st
     counting lets exactly CAP through, on every backend."""
     testing.mock_create_session(stripe)
     racers = 20
-    clients = [app.test_client() for _ in range(racers)]
-    for racer in clients:
-        assert racer.post("/_login/alice").status_code == 200
+    clients = [logged_in(app) for _ in range(racers)]
     barrier = threading.Barrier(racers, timeout=60)
 
     def checkout(racer):
@@ -403,8 +394,8 @@ def started(client, stripe, session_id):
     return cancel_url
 
 
+@pytest.mark.config(CREDITS_MAX_OPEN_PURCHASES=1)
 def test_cancelling_expires_the_checkout_at_stripe_and_frees_its_place(app, client, login, credits, stripe):
-    app.config["CREDITS_MAX_OPEN_PURCHASES"] = 1
     login("alice")
     cancel_url = started(client, stripe, "cs_test_cancel_1")
     assert checkout_codes(client, 1) == [429]
@@ -471,26 +462,27 @@ def sent_urls(rsps):
 
 
 @pytest.mark.parametrize(
-    ("config", "origin"),
+    "origin",
     [
         pytest.param(
-            {"CREDITS_SITE_URL": "https://shop.example.com/"},
             "https://shop.example.com",
+            marks=pytest.mark.config(SERVER_NAME=None, CREDITS_SITE_URL="https://shop.example.com/"),
             id="CREDITS_SITE_URL",
         ),
         pytest.param(
-            {"SERVER_NAME": "shop.example.com:8443", "PREFERRED_URL_SCHEME": "https"},
             "https://shop.example.com:8443",
+            marks=pytest.mark.config(SERVER_NAME="shop.example.com:8443", PREFERRED_URL_SCHEME="https"),
             id="SERVER_NAME",
         ),
         # The control: in testing, with neither, the forged header does reach the URLs.
-        pytest.param({}, "http://evil.example", id="neither (testing)"),
+        pytest.param(
+            "http://evil.example", marks=pytest.mark.config(SERVER_NAME=None), id="neither (testing)"
+        ),
     ],
 )
 def test_a_forged_host_header_never_reaches_the_urls_sent_to_stripe(
-    app, client, login, credits, stripe, config, origin
+    app, client, login, credits, stripe, origin
 ):
-    app.config.update({"SERVER_NAME": None, **config})
     testing.mock_create_session(stripe)
     login("alice")
     response = client.post("/credits/checkout", json={"quantity": 1}, headers={"Host": "evil.example"})
@@ -500,8 +492,8 @@ def test_a_forged_host_header_never_reaches_the_urls_sent_to_stripe(
     assert cancel == f"{origin}/credits/cancel?attempt={purchases(credits)[0].attempt_key}"
 
 
+@pytest.mark.config(CREDITS_SITE_URL="https://shop.example.com")
 def test_an_app_mounted_under_a_prefix_keeps_it_in_the_urls(app, client, login, credits, stripe):
-    app.config["CREDITS_SITE_URL"] = "https://shop.example.com"
     testing.mock_create_session(stripe)
     client.post("/_login/alice", base_url="http://shop.test/shop")
     response = client.post("/credits/checkout", json={"quantity": 1}, base_url="http://shop.test/shop")
@@ -511,12 +503,9 @@ def test_an_app_mounted_under_a_prefix_keeps_it_in_the_urls(app, client, login, 
     assert urlsplit(cancel).path == "/shop/credits/cancel"
 
 
-def test_with_trusted_hosts_the_request_host_is_used_and_any_other_is_refused(
-    app, client, login, credits, stripe
-):
-    app.config["SERVER_NAME"] = None
-    login("alice")
-    app.config["TRUSTED_HOSTS"] = ["shop.example.com"]
+@pytest.mark.config(SERVER_NAME=None, TRUSTED_HOSTS=["shop.example.com"])
+def test_with_trusted_hosts_the_request_host_is_used_and_any_other_is_refused(client, credits, stripe):
+    assert client.post("/_login/alice", headers={"Host": "shop.example.com"}).status_code == 200
     testing.mock_create_session(stripe)
     forged = client.post("/credits/checkout", json={"quantity": 1}, headers={"Host": "evil.example"})
     assert forged.status_code == 400

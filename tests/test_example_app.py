@@ -4,30 +4,32 @@ signals and CSRF, on the schema built by migrations/."""
 from __future__ import annotations
 
 import logging
-import re
 
 import flask_migrate
 import pytest
 import sqlalchemy as sa
+from helpers import (
+    PASSWORD,
+    balance,
+    build_example_app,
+    create_key,
+    csrf_token,
+    grant,
+    new_key,
+    sign_up,
+    signed_up,
+)
 
-from example_app import create_app
 from example_app.extensions import credits
 from example_app.models import User, db
 from example_app.personas import generate_persona
 
 HTML = {"Accept": "text/html"}
-PASSWORD = "correct horse battery"
-
-
-def build_app(database_url: str, **config: object):
-    return create_app(
-        {"TESTING": True, "WTF_CSRF_ENABLED": False, "SQLALCHEMY_DATABASE_URI": database_url, **config}
-    )
 
 
 @pytest.fixture
 def app(empty_database):
-    app = build_app(empty_database)
+    app = build_example_app(empty_database)
     with app.app_context():
         flask_migrate.upgrade()
     yield app  # no app context held: each request gets its own g and session
@@ -40,52 +42,9 @@ def client(app):
     return app.test_client()
 
 
-def sign_up(client, username: str = "ada"):
-    form = {"username": username, "password": PASSWORD, "confirm": PASSWORD}
-    return client.post("/signup", data=form)
-
-
 def log_in(client, username: str = "ada", password: str = PASSWORD, next_url: str | None = None):
     url = "/login" + (f"?next={next_url}" if next_url else "")
     return client.post(url, data={"username": username, "password": password})
-
-
-def user_id(app, username: str = "ada") -> str:
-    with app.app_context():
-        return str(db.session.scalar(sa.select(User.id).where(User.username == username)))
-
-
-def balance(app, user: str, key_id: str | None = None) -> int:
-    with app.app_context():
-        return credits.balance(user, key_id)
-
-
-def grant(app, user: str, amount: int, key_id: str | None = None):
-    args = ["credits", "grant", user, str(amount), "--reason", "test"]
-    return app.test_cli_runner().invoke(args=[*args, "--key", key_id] if key_id else args)
-
-
-def new_key(response) -> tuple[str, str]:
-    """The id and the secret on the "key created" page, the only place the secret is shown."""
-    assert response.status_code == 200
-    assert response.headers["Cache-Control"] == "no-store"
-    page = response.get_data(as_text=True)
-    key_id = re.search(r'data-testid="key-id">([^<]+)<', page)
-    secret = re.search(r'data-testid="secret">([^<]+)<', page)
-    assert key_id is not None
-    assert secret is not None
-    return key_id.group(1), secret.group(1)
-
-
-def create_key(client, name: str = "laptop") -> tuple[str, str]:
-    return new_key(client.post("/keys/", data={"name": name}))
-
-
-def csrf_token(client, path: str) -> str:
-    page = client.get(path).get_data(as_text=True)
-    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page)
-    assert token is not None
-    return token.group(1)
 
 
 def make_persona(client, seed: str = "lighthouse"):
@@ -147,8 +106,7 @@ def test_password_is_stored_hashed(app, client):
 
 
 def test_persona_costs_five_credits_and_needs_them(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
 
     response = make_persona(client)
     assert response.status_code == 402
@@ -167,17 +125,15 @@ def test_persona_costs_five_credits_and_needs_them(app, client):
 
 
 def test_an_invalid_seed_costs_nothing(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 20)
     assert make_persona(client, seed="   ").status_code == 400
     assert balance(app, uid) == 20
 
 
 def test_the_price_comes_from_the_config(database_url, app):
-    client = build_app(database_url, PERSONA_COST=7).test_client()
-    sign_up(client)
-    uid = user_id(app)
+    client = build_example_app(database_url, PERSONA_COST=7).test_client()
+    uid = signed_up(client)
     grant(app, uid, 10)
     assert make_persona(client).status_code == 200
     assert balance(app, uid) == 3
@@ -196,8 +152,7 @@ def test_the_same_seed_gives_the_same_persona():
 
 def test_low_balance_is_logged_and_shown(app, client, caplog):
     caplog.set_level(logging.INFO, logger="example_app")
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 14)
 
     page = make_persona(client).get_data(as_text=True)  # 9 left: below the threshold of 10
@@ -213,8 +168,7 @@ def test_low_balance_is_logged_and_shown(app, client, caplog):
 
 
 def test_an_api_key_spends_from_its_own_wallet(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 20)
     key_id, secret = create_key(client)
     assert key_id in client.get("/keys/").get_data(as_text=True)
@@ -242,8 +196,7 @@ def test_an_api_key_spends_from_its_own_wallet(app, client):
 
 def test_credits_bought_for_a_key_with_the_simulated_checkout_are_the_keys(app, client, caplog):
     caplog.set_level(logging.INFO, logger="example_app")
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     key_id, secret = create_key(client)
     assert f"key-balance-{key_id}" in client.get("/credits/", headers=HTML).get_data(as_text=True)
 
@@ -259,8 +212,7 @@ def test_credits_bought_for_a_key_with_the_simulated_checkout_are_the_keys(app, 
 def test_one_idempotency_key_buys_one_persona_not_one_per_seed(app, client):
     """Issue 10's attack: a key wallet holding 5 credits, one Idempotency-Key, four seeds. Before, each
     request got 200 and a different persona for one debit; now the first runs, the rest get 422."""
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     key_id, secret = create_key(client)
     grant(app, uid, 5, key_id)
     headers = {"X-API-Key": secret, "Idempotency-Key": "same"}
@@ -280,8 +232,7 @@ def test_one_idempotency_key_buys_one_persona_not_one_per_seed(app, client):
 
 
 def test_the_api_also_accepts_the_session(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 5)
     response = client.post("/api/personas", json={"seed": "harbour"})
     assert response.status_code == 200
@@ -290,8 +241,7 @@ def test_the_api_also_accepts_the_session(app, client):
 
 
 def test_a_bad_api_request_costs_nothing(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 5)
     assert client.post("/api/personas", json={"seed": ""}).status_code == 400
     assert client.post("/api/personas", json=["lighthouse"]).status_code == 400
@@ -300,8 +250,7 @@ def test_a_bad_api_request_costs_nothing(app, client):
 
 
 def test_revoked_and_unknown_keys_get_401(app, client):
-    sign_up(client)
-    uid = user_id(app)
+    uid = signed_up(client)
     grant(app, uid, 20)
     key_id, secret = create_key(client)
     grant(app, uid, 20, key_id)
@@ -328,11 +277,11 @@ def test_keys_belong_to_their_owner(app, client):
     sign_up(client)
     key_id, _ = create_key(client)
     client.post("/logout")
-    sign_up(client, "bea")
+    bea = signed_up(client, "bea")
 
     assert client.post(f"/keys/{key_id}/revoke").status_code == 404
     assert key_id not in client.get("/keys/").get_data(as_text=True)
-    result = grant(app, user_id(app, "bea"), 5, key_id)
+    result = grant(app, bea, 5, key_id)
     assert result.exit_code != 0
     assert "unknown user" in result.output
 
@@ -348,7 +297,7 @@ def test_pages_need_a_login(client):
 
 
 def test_forms_need_a_csrf_token_but_the_api_does_not(app, database_url):
-    client = build_app(database_url, WTF_CSRF_ENABLED=True).test_client()
+    client = build_example_app(database_url, WTF_CSRF_ENABLED=True).test_client()
     form = {"username": "ada", "password": PASSWORD, "confirm": PASSWORD}
 
     assert client.post("/signup", data=form).status_code == 400

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import sqlalchemy as sa
-from conftest import make_app
+from helpers import make_app
 
 from flask_credits import signals, testing
 

@@ -49,7 +49,7 @@ from _reliability import (
     until_not_in_progress,
     via,
 )
-from conftest import drop_all_tables
+from helpers import drop_all_tables
 
 from flask_credits import testing
 

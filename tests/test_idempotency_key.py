@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from flask import Response, g, jsonify, request
+from helpers import logged_in, make_app
 
 from flask_credits import CreditsUnavailable, requires_credits
 from flask_credits.core.ledger import Ledger
@@ -33,7 +34,11 @@ class Views:
 
 @pytest.fixture
 def views(app):
-    v = Views()
+    return add_views(app, Views())
+
+
+def add_views(app, v):
+    """Register the paid views on ``app``, recording their runs in ``v``."""
 
     @app.post("/persona")
     @app.put("/persona")
@@ -242,9 +247,7 @@ def test_a_browser_gets_the_422_as_a_page(client, login, credits, views):
 
 def test_the_key_is_409_with_retry_after_while_its_first_request_runs(app, login, credits, views):
     credits.grant("alice", 20, reason="seed")
-    first_client, second_client = app.test_client(), app.test_client()
-    for c in (first_client, second_client):
-        c.post("/_login/alice")
+    first_client, second_client = logged_in(app), logged_in(app)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, first_client, "/slow", data="job")
         assert views.started.wait(30)
@@ -339,10 +342,10 @@ def test_a_first_request_refused_with_402_consumes_nothing(client, login, credit
 
 
 @pytest.mark.parametrize("path", ["/stream", "/big"], ids=["streamed", "larger than the cap"])
+@pytest.mark.config(CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES=100)
 def test_a_response_that_cannot_be_stored_makes_a_replay_409_and_never_a_second_run(
     app, client, login, credits, views, path
 ):
-    app.config["CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES"] = 100
     credits.grant("alice", 20, reason="seed")
     login("alice")
     first = post(client, path)
@@ -357,10 +360,10 @@ def test_a_response_that_cannot_be_stored_makes_a_replay_409_and_never_a_second_
 # -- expiry, dead workers and the database failing ----------------------------------------------------
 
 
+@pytest.mark.config(CREDITS_IDEMPOTENCY_TTL=timedelta(hours=1))
 def test_keys_expire_after_the_ttl_and_flask_credits_expire_prunes_them(
     app, client, login, credits, views, db, clock
 ):
-    app.config["CREDITS_IDEMPOTENCY_TTL"] = timedelta(hours=1)
     credits.grant("alice", 20, reason="seed")
     login("alice")
     post(client, "/persona", json={"seed": "a"})
@@ -528,8 +531,7 @@ def test_a_request_charged_so_slowly_that_its_key_was_taken_over_never_runs_the_
 
     credits.grant("alice", 20, reason="seed")
     login("alice")
-    other = app.test_client()
-    other.post("/_login/alice")
+    other = logged_in(app)
     original = Ledger.spend
     overtaken = []
 
@@ -605,16 +607,18 @@ def test_an_unusable_idempotency_key_is_400_and_charges_nothing(client, login, c
     assert (views.runs, credits.balance("alice")) == ([], 20)
 
 
-def test_the_idempotency_header_can_be_renamed_or_ignored(app, client, login, credits, views):
+@pytest.mark.config(CREDITS_IDEMPOTENCY_HEADER=None)
+def test_the_idempotency_header_can_be_renamed_or_ignored(client, login, credits, views, build_app):
     credits.grant("alice", 20, reason="seed")
     login("alice")
-    app.config["CREDITS_IDEMPOTENCY_HEADER"] = None
     post(client, "/persona", json={"seed": "a"})
     post(client, "/persona", json={"seed": "a"})
     assert credits.balance("alice") == 10
-    app.config["CREDITS_IDEMPOTENCY_HEADER"] = "X-Request-Id"
-    client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
-    client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
+    renamed, _, _ = build_app(CREDITS_IDEMPOTENCY_HEADER="X-Request-Id")
+    add_views(renamed, views)
+    renamed_client = logged_in(renamed)
+    renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
+    renamed_client.post("/persona", json={"seed": "a"}, headers={"X-Request-Id": "r"})
     assert (credits.balance("alice"), len(views.runs)) == (5, 3)
 
 
@@ -622,12 +626,7 @@ def test_the_idempotency_header_can_be_renamed_or_ignored(app, client, login, cr
 
 
 def clients(app, count, user="alice"):
-    found = []
-    for _ in range(count):
-        c = app.test_client()
-        assert c.post(f"/_login/{user}").status_code == 200
-        found.append(c)
-    return found
+    return [logged_in(app, user) for _ in range(count)]
 
 
 def test_concurrent_requests_with_one_key_run_the_view_once_and_charge_once(app, credits, views, backend):
@@ -705,8 +704,6 @@ def test_a_blocked_first_run_makes_every_concurrent_retry_409(app, credits, view
     ],
 )
 def test_a_bad_idempotency_setting_refuses_to_start_naming_the_key(tmp_path, key, value):
-    from conftest import make_app
-
     with pytest.raises(RuntimeError, match=key):
         make_app(f"sqlite:///{tmp_path / 'x.sqlite3'}", **{key: value})
 

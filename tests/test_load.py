@@ -50,7 +50,7 @@ from _reliability import (
     spend,
     via,
 )
-from conftest import drop_all_tables
+from helpers import drop_all_tables
 
 from flask_credits import testing
 

@@ -17,7 +17,6 @@ times as many programs; ``CREDITS_FUZZ_RANDOM=1`` explores new ones on each run.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,9 +25,8 @@ from typing import Any
 import pytest
 import responses
 import sqlalchemy as sa
-from conftest import clear
-from flask import g
-from hypothesis import HealthCheck, Phase, settings
+from helpers import PHASES, RANDOM, SCALE, clear, fresh_user_per_request, logged_in
+from hypothesis import HealthCheck, settings
 from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -41,10 +39,6 @@ from hypothesis.stateful import (
 )
 
 from flask_credits import EntryNotFound, IdempotencyConflict, InsufficientCredits, NotRefundable, testing
-
-SCALE = float(os.environ.get("CREDITS_FUZZ_SCALE", "1"))
-RANDOM = os.environ.get("CREDITS_FUZZ_RANDOM") == "1"
-PHASES = tuple(Phase) if os.environ.get("CREDITS_FUZZ_SHRINK") == "1" else (Phase.reuse, Phase.generate)
 
 #: (programs, steps per program) per machine and backend: a step costs ~3x on the server databases.
 BUDGET = {
@@ -478,9 +472,7 @@ class PurchaseProgram(Program):
     def client(self, user: str = "stripe") -> Any:
         """One test client per user, logged in once per program."""
         if user not in self.clients:
-            self.clients[user] = self.app.test_client()
-            if user != "stripe":
-                assert self.clients[user].post(f"/_login/{user}").status_code == 200
+            self.clients[user] = self.app.test_client() if user == "stripe" else logged_in(self.app, user)
         return self.clients[user]
 
     def deliver(self, stripe_event: dict[str, Any]) -> str:
@@ -710,21 +702,16 @@ def test_random_ledger_programs_match_the_model_and_keep_the_audit_clean(app, db
     run(LedgerProgram.bind(app, db, credits, clock), backend)
 
 
+@pytest.mark.config(
+    STRIPE_SECRET_KEY="sk_test_properties",
+    STRIPE_WEBHOOK_SECRET=WHSEC,
+    CREDITS_STRIPE_MAX_RETRIES=0,
+    CREDITS_PER_UNIT=PER_UNIT,
+    CREDITS_UNIT_AMOUNT=UNIT_AMOUNT,
+    CREDITS_PACKS=PACKS,
+)
 def test_random_purchase_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
-    app.config.update(
-        STRIPE_SECRET_KEY="sk_test_properties",
-        STRIPE_WEBHOOK_SECRET=WHSEC,
-        CREDITS_STRIPE_MAX_RETRIES=0,
-        CREDITS_PER_UNIT=PER_UNIT,
-        CREDITS_UNIT_AMOUNT=UNIT_AMOUNT,
-        CREDITS_PACKS=PACKS,
-    )
-
-    @app.before_request
-    def load_the_user_of_this_request() -> None:
-        # The fixture holds an app context, which every test request then shares (and so one `g`):
-        # without this, Flask-Login would keep the first user it loaded for every client.
-        g.pop("_login_user", None)
+    fresh_user_per_request(app)
 
     @credits.wallet_checker
     def owns(user_id: str, key_id: str | None) -> bool:

@@ -7,6 +7,7 @@ import responses
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from helpers import logged_in
 
 from flask_credits import FlaskCredits
 
@@ -97,8 +98,8 @@ def test_cancel_goes_to_the_cancel_page_which_expires_the_checkout(client, login
     assert credits.balance("alice") == 0
 
 
-def test_the_simulated_checkout_url_is_on_the_configured_origin(app, client, login):
-    app.config["CREDITS_SITE_URL"] = "https://shop.example.com"
+@pytest.mark.config(CREDITS_SITE_URL="https://shop.example.com")
+def test_the_simulated_checkout_url_is_on_the_configured_origin(client, login):
     login("alice")
     response = client.post(
         "/credits/checkout", data={"quantity": "1"}, headers={**HTML, "Host": "evil.example"}
@@ -123,11 +124,15 @@ def test_success_page_rechecks_the_simulated_session(client, login, credits):
     assert credits.balance("alice") == 0
 
 
-def test_simulated_pages_do_not_exist_in_live_mode(app, client, login):
+def test_simulated_pages_do_not_exist_in_live_mode(client, login, build_app):
     login("alice")
     page = start(client)
-    app.config["CREDITS_STRIPE_MODE"] = "live"
-    assert client.get("/" + page).status_code == 404
+    assert client.get("/" + page).status_code == 200
+    # The same shop and database in live mode: alice's checkout page is not there, nor its buttons.
+    live, _, _ = build_app(CREDITS_STRIPE_MODE="live")
+    alice_live = logged_in(live)
+    assert alice_live.get("/" + page).status_code == 404
+    assert choose(alice_live, page, "pay").status_code == 404
 
 
 def test_simulated_mode_is_refused_outside_debug_and_testing(tmp_path):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import make_app
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import logged_in, make_app
 
 from flask_credits import CreditsUnavailable, requires_credits, testing
 
@@ -48,9 +48,7 @@ def app(request: pytest.FixtureRequest) -> Iterator[Flask]:
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
-    client = app.test_client()
-    assert client.post("/_login/alice").status_code == 200
-    return client
+    return logged_in(app)
 
 
 def assert_503(response, *, json: bool = True) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import pytest
 import responses
 import sqlalchemy as sa
 from flask_wtf.csrf import CSRFProtect
+from helpers import logged_in
 
 from flask_credits import testing
 from flask_credits.services import purchases
@@ -19,20 +20,14 @@ from flask_credits.services import purchases
 WHSEC = "whsec_test_current"
 
 
-@pytest.fixture(autouse=True)
-def stripe_config(app):
-    app.config.update(
-        STRIPE_SECRET_KEY="sk_test_webhooks",
-        STRIPE_WEBHOOK_SECRET=WHSEC,
-        CREDITS_STRIPE_MAX_RETRIES=0,
-        CREDITS_PACKS={"starter": {"credits": 500, "amount": 400}},
-    )
-
-
 @pytest.fixture
-def stripe():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
+def credits_config():
+    return {
+        "STRIPE_SECRET_KEY": "sk_test_webhooks",
+        "STRIPE_WEBHOOK_SECRET": WHSEC,
+        "CREDITS_STRIPE_MAX_RETRIES": 0,
+        "CREDITS_PACKS": {"starter": {"credits": 500, "amount": 400}},
+    }
 
 
 @pytest.fixture
@@ -147,19 +142,22 @@ def test_a_huge_body_is_refused_before_anything_else(client, credits):
     assert events(credits) == {}
 
 
-def test_rotated_secrets_are_all_accepted(app, client, credits, buy):
-    app.config["STRIPE_WEBHOOK_SECRET"] = ["whsec_old", WHSEC]
+@pytest.mark.config(STRIPE_WEBHOOK_SECRET=["whsec_old", WHSEC])
+def test_rotated_secrets_are_all_accepted(app, client, credits, buy, build_app):
     sid = buy()
     stripe_event = testing.event("checkout.session.completed", session(app, sid))
     assert testing.post_event(client, stripe_event, secret="whsec_old").status_code == 200
-    app.config["STRIPE_WEBHOOK_SECRET"] = f"{WHSEC}, whsec_next"
+    # The same shop restarted with the secrets as one comma-separated string, the old one dropped.
+    rotated, _, _ = build_app(STRIPE_WEBHOOK_SECRET=f"{WHSEC}, whsec_next")
     again = testing.event("checkout.session.async_payment_succeeded", session(app, sid))
-    assert testing.post_event(client, again, secret="whsec_next").status_code == 200
+    assert testing.post_event(rotated.test_client(), again, secret="whsec_next").status_code == 200
+    dropped = testing.event("checkout.session.completed", session(app, sid))
+    assert testing.post_event(rotated.test_client(), dropped, secret="whsec_old").status_code == 400
     assert credits.balance("alice") == 200
 
 
+@pytest.mark.config(STRIPE_WEBHOOK_SECRET=None)
 def test_no_secret_configured_refuses_everything(app, client, credits, paid_payload):
-    app.config["STRIPE_WEBHOOK_SECRET"] = None
     payload, _ = paid_payload
     response = client.post("/credits/stripe-webhook", data=payload, headers=signed(payload))
     assert response.status_code == 400
@@ -383,9 +381,7 @@ def test_success_pages_loaded_at_once_ask_stripe_once(app, credits, buy, stripe)
     sid = buy()
     testing.mock_retrieve_session(stripe, session(app, sid, payment_status="unpaid", status="open"))
     racers = 10
-    clients = [app.test_client() for _ in range(racers)]
-    for racer in clients:
-        assert racer.post("/_login/alice").status_code == 200
+    clients = [logged_in(app) for _ in range(racers)]
     barrier = threading.Barrier(racers, timeout=60)
 
     def load(racer):
@@ -601,8 +597,7 @@ def test_webhook_and_success_page_racing_credit_once(app, credits, buy, stripe):
         codes.append(deliver(client, "checkout.session.completed", paid).status_code)
 
     def success_page():
-        client = app.test_client()
-        client.post("/_login/alice")
+        client = logged_in(app)
         barrier.wait(timeout=30)
         codes.append(client.get(f"/credits/success?session_id={sid}").status_code)
 
@@ -617,19 +612,31 @@ def test_webhook_and_success_page_racing_credit_once(app, credits, buy, stripe):
 
 
 @pytest.mark.parametrize(
-    ("config", "data", "lifetime"),
+    ("data", "lifetime"),
     [
-        ({"CREDITS_PURCHASE_EXPIRES_AFTER": 3600}, {"quantity": 2}, timedelta(hours=1)),
-        ({"CREDITS_PURCHASE_EXPIRES_AFTER": timedelta(days=2)}, {"quantity": 2}, timedelta(days=2)),
-        (
-            {"CREDITS_PACKS": {"trial": {"credits": 200, "amount": 200, "expires_after": 60}}},
+        pytest.param(
+            {"quantity": 2},
+            timedelta(hours=1),
+            marks=pytest.mark.config(CREDITS_PURCHASE_EXPIRES_AFTER=3600),
+            id="seconds",
+        ),
+        pytest.param(
+            {"quantity": 2},
+            timedelta(days=2),
+            marks=pytest.mark.config(CREDITS_PURCHASE_EXPIRES_AFTER=timedelta(days=2)),
+            id="timedelta",
+        ),
+        pytest.param(
             {"pack": "trial"},
             timedelta(minutes=1),
+            marks=pytest.mark.config(
+                CREDITS_PACKS={"trial": {"credits": 200, "amount": 200, "expires_after": 60}}
+            ),
+            id="pack",
         ),
     ],
 )
-def test_purchased_credits_expire_when_configured(app, client, credits, buy, clock, config, data, lifetime):
-    app.config.update(config)
+def test_purchased_credits_expire_when_configured(app, client, credits, buy, clock, data, lifetime):
     sid = buy(**data)
     deliver(client, "checkout.session.completed", session(app, sid))
     assert credits.balance("alice") == 200
