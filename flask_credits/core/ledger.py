@@ -186,18 +186,7 @@ class Ledger:
             raise InvalidArgument(f"expires_at {expires_at.isoformat()} is not in the future")
 
         def tx(conn: Connection) -> Entry | None:
-            w = self.t.wallets
-            found = self._update_wallet(
-                conn,
-                sa.update(w)
-                .where(*self._owner(wallet))
-                .values(
-                    balance=w.c.balance + amount,
-                    next_expiry=sooner(w.c.next_expiry, expires_at),
-                    updated_at=now,
-                ),
-                wallet,
-            )
+            found = self._add_to_wallet(conn, wallet, amount, expires_at, now)
             if found is None:
                 return None
             wallet_id, balance_after = found
@@ -339,7 +328,7 @@ class Ledger:
             return self._entry(existing, wallet)
         amount = -spend.amount
         now = self.db.now()
-        d, lt, w = self.t.draws, self.t.lots, self.t.wallets
+        d, lt = self.t.draws, self.t.lots
 
         def tx(conn: Connection) -> Entry | None:
             taken = conn.execute(
@@ -349,17 +338,7 @@ class Ledger:
                 .order_by(d.c.lot_id)
             ).all()
             soonest = min((r.expires_at for r in taken if r.expires_at is not None), default=None)
-            found = self._update_wallet(
-                conn,
-                sa.update(w)
-                .where(*self._owner(wallet))
-                .values(
-                    balance=w.c.balance + amount,
-                    next_expiry=sooner(w.c.next_expiry, soonest),
-                    updated_at=now,
-                ),
-                wallet,
-            )
+            found = self._add_to_wallet(conn, wallet, amount, soonest, now)
             if found is None:  # pragma: no cover - the spend proves the wallet exists
                 return None
             wallet_id, balance_after = found
@@ -717,6 +696,24 @@ class Ledger:
     def _owner(self, wallet: Wallet) -> tuple[sa.ColumnElement[bool], ...]:
         w = self.t.wallets
         return (w.c.user_id == wallet.user_id, w.c.key_id == (wallet.key_id or ""))
+
+    def _add_to_wallet(
+        self, conn: Connection, wallet: Wallet, amount: int, expires_at: datetime | None, now: datetime
+    ) -> tuple[int, int] | None:
+        """Add credits (a grant, a refund) that expire at ``expires_at``: (wallet id, balance after),
+        the row locked, or None when the wallet does not exist."""
+        w = self.t.wallets
+        return self._update_wallet(
+            conn,
+            sa.update(w)
+            .where(*self._owner(wallet))
+            .values(
+                balance=w.c.balance + amount,
+                next_expiry=sooner(w.c.next_expiry, expires_at),
+                updated_at=now,
+            ),
+            wallet,
+        )
 
     def _update_wallet(
         self,

@@ -189,17 +189,7 @@ class RequestKeys:
                 raise IdempotentResponseNotStored()
             if row.locked_until > now:
                 raise IdempotentRequestInProgress()
-            taken = self.db.write(
-                sa.update(r)
-                .where(
-                    r.c.id == row.id,
-                    r.c.attempt == row.attempt,
-                    r.c.status == "running",
-                    r.c.locked_until <= now,
-                )
-                .values(attempt=row.attempt + 1, locked_until=now + lease)
-            )
-            if taken == 1:
+            if self._take_over(int(row.id), int(row.attempt), now, now + lease):
                 log.warning(
                     "Idempotency-Key request %s: attempt %s never finished; attempt %s takes over",
                     row.id,
@@ -208,6 +198,17 @@ class RequestKeys:
                 )
                 return Claim(int(row.id), int(row.attempt) + 1, wallet, _spend_key(int(row.id)), True)
         raise IdempotentRequestInProgress()
+
+    def _take_over(self, row_id: int, attempt: int, now: datetime, until: datetime) -> bool:
+        """Take a running key whose lease is over from ``attempt`` (one conditional UPDATE: whoever
+        changes the row won it), holding it ``until``."""
+        r = self.t
+        taken = self.db.write(
+            sa.update(r)
+            .where(r.c.id == row_id, r.c.attempt == attempt, r.c.status == "running", r.c.locked_until <= now)
+            .values(attempt=attempt + 1, locked_until=until)
+        )
+        return taken == 1
 
     @unavailable_on_database_errors
     def extend(self, claim: Claim, lease: timedelta) -> bool:
@@ -292,17 +293,7 @@ class RequestKeys:
         for row in dead:
             # Take the key over first, as a retry would: a retry arriving meanwhile then gets 409
             # instead of running on the spend refunded here.
-            taken = self.db.write(
-                sa.update(r)
-                .where(
-                    r.c.id == row.id,
-                    r.c.attempt == row.attempt,
-                    r.c.status == "running",
-                    r.c.locked_until <= now,
-                )
-                .values(attempt=row.attempt + 1, locked_until=now + lock_timeout)
-            )
-            if taken != 1:
+            if not self._take_over(int(row.id), int(row.attempt), now, now + lock_timeout):
                 continue
             claim = Claim(int(row.id), int(row.attempt) + 1, Wallet(row.user_id, row.key_id or None), "")
             spend = self.ledger.find_by_key(claim.wallet, _spend_key(claim.id))
