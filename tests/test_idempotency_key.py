@@ -384,7 +384,7 @@ def test_keys_expire_after_the_ttl_and_flask_credits_expire_prunes_them(
     assert (len(views.runs), credits.balance("alice")) == (3, 5)
 
 
-def dead_run(app, credits, *, path, body, amount, spent=True, user="alice"):
+def dead_run(app, credits, *, path, body, amount, spent=True, user="alice", ttl=timedelta(days=1)):
     """What a worker killed in the middle of a paid view leaves behind: the key claimed, and (with
     ``spent``) the run's spend committed."""
     from flask_credits import Wallet
@@ -397,7 +397,7 @@ def dead_run(app, credits, *, path, body, amount, spent=True, user="alice"):
         "k",
         fingerprint("POST", path, b"", body),
         lease=timedelta(seconds=300),
-        ttl=timedelta(days=1),
+        ttl=ttl,
     )
     if spent:
         credits.ledger.spend(wallet, amount, reason="dead run", idempotency_key=claim.spend_key)
@@ -449,6 +449,24 @@ def test_flask_credits_expire_returns_the_credits_of_a_dead_run_and_frees_its_ke
     assert request_rows(db) == []
     assert post(client, "/flaky").status_code == 200  # a new run, charged once
     assert (credits.balance("alice"), credits.audit()) == (17, [])
+
+
+def test_a_dead_run_whose_key_expired_is_settled_and_the_key_is_new_again(
+    app, client, login, credits, views, db, clock
+):
+    """Nobody ran `flask credits expire`: the key is past its TTL while its dead run still holds it.
+    The next request with the key is a new request (even another one), and the dead run's credits
+    are returned first."""
+    credits.grant("alice", 20, reason="seed")
+    login("alice")
+    dead_run(app, credits, path="/flaky", body=b"", amount=3, ttl=timedelta(seconds=600))
+    clock.advance(seconds=601)
+    fresh = post(client, "/flaky", json={"another": "request"})
+    assert fresh.status_code == 200
+    assert (len(views.runs), credits.balance("alice")) == (1, 17)  # 3 returned, 3 charged
+    assert [e.kind for e in credits.history("alice")][:2] == ["spend", "refund"]
+    assert len(request_rows(db)) == 1
+    assert credits.audit() == []
 
 
 def test_a_spend_cut_by_the_database_lets_the_retry_take_over_and_charges_once(

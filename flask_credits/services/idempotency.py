@@ -174,8 +174,12 @@ class RequestKeys:
             if row is None:
                 continue  # freed meanwhile: try to take it again
             if row.expires_at <= now:
-                # An expired key is a new key: remove the old row (if still that one) and start over.
-                self.db.write(sa.delete(r).where(r.c.id == row.id, r.c.expires_at <= now))
+                # An expired key is a new key: remove the old row (if still that one; a run that never
+                # finished is settled first, its credits returned) and start over.
+                if row.status == "running":
+                    self._settle_dead(int(row.id), int(row.attempt), wallet, now, lease)
+                else:
+                    self.db.write(sa.delete(r).where(r.c.id == row.id, r.c.expires_at <= now))
                 continue
             if row.fingerprint != fingerprint:
                 raise IdempotencyKeyReused()
@@ -198,6 +202,21 @@ class RequestKeys:
                 )
                 return Claim(int(row.id), int(row.attempt) + 1, wallet, _spend_key(int(row.id)), True)
         raise IdempotentRequestInProgress()
+
+    def _settle_dead(self, row_id: int, attempt: int, wallet: Wallet, now: datetime, lease: timedelta) -> int:
+        """Settle a run whose lease is over: return its credits (if it was charged) and free its key.
+        1 when credits went back. The key is taken over first, as a retry would: a retry arriving
+        meanwhile gets 409 instead of running on the spend refunded here."""
+        if not self._take_over(row_id, attempt, now, now + lease):
+            return 0
+        spend = self.ledger.find_by_key(wallet, _spend_key(row_id))
+        returned = 0
+        if spend is not None and self.ledger.refund_of(spend) is None:
+            reason = "returned: the request with this Idempotency-Key never finished"
+            self.ledger.refund(wallet, spend.id, reason=reason)
+            returned = 1
+        self.release(Claim(row_id, attempt + 1, wallet, _spend_key(row_id)))
+        return returned
 
     def _take_over(self, row_id: int, attempt: int, now: datetime, until: datetime) -> bool:
         """Take a running key whose lease is over from ``attempt`` (one conditional UPDATE: whoever
@@ -291,20 +310,8 @@ class RequestKeys:
                 .limit(_PRUNE_BATCH)
             ).all()
         for row in dead:
-            # Take the key over first, as a retry would: a retry arriving meanwhile then gets 409
-            # instead of running on the spend refunded here.
-            if not self._take_over(int(row.id), int(row.attempt), now, now + lock_timeout):
-                continue
-            claim = Claim(int(row.id), int(row.attempt) + 1, Wallet(row.user_id, row.key_id or None), "")
-            spend = self.ledger.find_by_key(claim.wallet, _spend_key(claim.id))
-            if spend is not None and self.ledger.refund_of(spend) is None:
-                self.ledger.refund(
-                    claim.wallet,
-                    spend.id,
-                    reason="returned: the request with this Idempotency-Key never finished",
-                )
-                returned += 1
-            self.release(claim)
+            wallet = Wallet(row.user_id, row.key_id or None)
+            returned += self._settle_dead(int(row.id), int(row.attempt), wallet, now, lock_timeout)
         deleted = 0
         while True:
             with self.db.reader.connect() as conn:
