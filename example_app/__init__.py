@@ -4,16 +4,26 @@
     flask --app example_app run --debug
 
 Environment: ``DATABASE_URL`` (e.g. ``postgresql+psycopg://user@host/db``; SQLite in the instance folder
-when unset), ``SECRET_KEY`` (set it anywhere but on your own machine), ``CREDITS_STRIPE_MODE``
-("simulated" by default in debug and testing: an offline checkout, no Stripe account needed; "live"
-otherwise, with the ``STRIPE_*`` keys). Config keys of its own: ``PERSONA_COST`` (credits per
-persona, default 5) and ``LOW_BALANCE_THRESHOLD`` (warn below this balance, default 10); Flask's
+when unset), ``SECRET_KEY``, ``CREDITS_STRIPE_MODE`` ("simulated" by default in debug and testing: an
+offline checkout, no Stripe account needed; "live" otherwise, with the ``STRIPE_*`` keys),
+``RATELIMIT_STORAGE_URI`` (the login throttle's counts, e.g. ``redis://127.0.0.1:6379``; in memory in
+debug and testing), ``SESSION_COOKIE_SECURE`` (on outside debug and testing: "0" for plain HTTP), and
+``PROXY_FIX_X_FOR`` and friends (see :mod:`example_app.deployment`).
+
+Outside debug and testing the app refuses to serve requests (under gunicorn or ``flask run``) without a
+real ``SECRET_KEY``, Stripe keys in live mode and a shared ``RATELIMIT_STORAGE_URI``; other ``flask``
+commands (``db upgrade``, ``credits expire``) run without them.
+
+Config keys of its own: ``PERSONA_COST`` (credits per persona, default 5), ``LOW_BALANCE_THRESHOLD``
+(warn below this balance, default 10), ``LOGIN_LIMIT_PER_IP`` and ``LOGIN_LIMIT_PER_USERNAME`` (posts
+of the login or sign-up form, flask-limiter notation, default "10 per minute" and "5 per minute"); Flask's
 ``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or not).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,30 +34,44 @@ from flask.typing import ResponseReturnValue
 
 from flask_credits import CreditsUnavailable, SafeJSONProvider, read_body
 
-from . import auth, keys, notifications, views
-from .extensions import credits, csrf, login_manager, migrate
+from . import auth, deployment, keys, notifications, views
+from .deployment import DATABASE_UNAVAILABLE
+from .extensions import credits, csrf, limiter, login_manager, migrate
 from .models import db
 
 #: The top-level ``migrations/`` folder of this repository, whatever the working directory.
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-#: The database cannot be reached or gave up (connection refused or dropped, lock wait timeout, pool
-#: exhausted): the request may succeed if tried again.
-DATABASE_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+#: Read from the environment variable of the same name when set (``config`` still overrides them).
+FROM_ENVIRONMENT = (
+    "SECRET_KEY",
+    "RATELIMIT_STORAGE_URI",
+    "LOGIN_LIMIT_PER_IP",
+    "LOGIN_LIMIT_PER_USERNAME",
+    "CONTENT_SECURITY_POLICY",
+    *(f"PROXY_FIX_{name.upper()}" for name in deployment.PROXY_FIX_KEYS),
+)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app; ``config`` overrides the defaults and the environment (tests use it)."""
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(
-        SECRET_KEY=os.environ.get("SECRET_KEY", "dev-only-secret-key-change-me"),
         SQLALCHEMY_DATABASE_URI=database_url(os.environ.get("DATABASE_URL")),
         SESSION_COOKIE_SAMESITE="Lax",
         PERSONA_COST=5,
         LOW_BALANCE_THRESHOLD=10,
         # The largest legitimate body here is a small form or a JSON seed; see bound_the_body.
         MAX_CONTENT_LENGTH=1024 * 1024,
+        LOGIN_LIMIT_PER_IP="10 per minute",
+        LOGIN_LIMIT_PER_USERNAME="5 per minute",
     )
+    app.config.from_mapping({name: os.environ[name] for name in FROM_ENVIRONMENT if os.environ.get(name)})
     app.config.update(config or {})
+    development = app.debug or app.testing
+    secure = os.environ.get("SESSION_COOKIE_SECURE")
+    if "SESSION_COOKIE_SECURE" not in (config or {}):
+        # Production is served over HTTPS: the session cookie never travels in clear text.
+        app.config["SESSION_COOKIE_SECURE"] = secure.lower() in ("1", "true") if secure else not development
     # flask_credits refuses the simulated Stripe outside debug and testing, so that a deployed app
     # cannot fake payments: simulated under `flask run --debug` and in tests, live otherwise (which
     # also lets `flask db upgrade` and `flask credits ...` run without --debug).
@@ -55,6 +79,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         "CREDITS_STRIPE_MODE",
         os.environ.get("CREDITS_STRIPE_MODE") or ("simulated" if app.debug or app.testing else "live"),
     )
+    serving = not development and deployment.serving()
+    if not serving:
+        # Debug and testing; or a CLI command (flask db upgrade, flask credits ...), where no cookie it
+        # signs reaches a browser and no request is throttled.
+        app.config["SECRET_KEY"] = app.config["SECRET_KEY"] or (
+            deployment.DEVELOPMENT_SECRET_KEY if development else secrets.token_hex(32)
+        )
+        app.config.setdefault("RATELIMIT_STORAGE_URI", "memory://")
+    deployment.proxy_fix(app)
     if not app.config["SQLALCHEMY_DATABASE_URI"]:
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{Path(app.instance_path) / 'example.sqlite3'}"
@@ -76,6 +109,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     login_manager.init_app(app)
     csrf.init_app(app)
     credits.init_app(app)  # after db.init_app: the credits tables live in this app's database
+    if serving:  # after credits.init_app, which reads the Stripe keys from the environment too
+        deployment.check_serving_config(app)
+    limiter.init_app(app)
     notifications.connect(app)
 
     def database_unavailable(exc: Exception) -> ResponseReturnValue:
@@ -111,6 +147,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(views.main)
     app.register_blueprint(views.api)
     app.register_blueprint(keys.bp)
+    deployment.install(app)
     return app
 
 

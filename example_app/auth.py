@@ -10,15 +10,16 @@ A request pays from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, login_url, login_user, logout_user
 from werkzeug.wrappers import Response
 
-from .extensions import credits, login_manager
+from .extensions import credits, limiter, login_manager
 from .forms import LoginForm, SignupForm
 from .models import ApiKey, User, db
 
@@ -90,6 +91,21 @@ def live_keys(user_id: str) -> list[tuple[str, str]]:
     return [(key.id, key.name) for key in keys]
 
 
+def _username() -> str:
+    """The throttle's key for the name tried, as the forms compare it (case-insensitive, stripped)."""
+    return "username:" + str(request.form.get("username", "")).strip().lower()[:100]
+
+
+def _throttled(view: Callable[[], ResponseReturnValue]) -> Callable[[], ResponseReturnValue]:
+    """At most ``LOGIN_LIMIT_PER_IP`` posts from one address and ``LOGIN_LIMIT_PER_USERNAME`` for one
+    name (password guessing spread over many addresses), then 429. Only POSTs count; the form is free."""
+    per_ip = limiter.limit(lambda: current_app.config["LOGIN_LIMIT_PER_IP"], methods=["POST"])
+    per_name = limiter.limit(
+        lambda: current_app.config["LOGIN_LIMIT_PER_USERNAME"], key_func=_username, methods=["POST"]
+    )
+    return per_ip(per_name(view))
+
+
 def _safe_next(target: str | None) -> str:
     """Only redirect to a path on this site after logging in (never to another host)."""
     if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
@@ -100,6 +116,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.route("/signup", methods=["GET", "POST"])
+@_throttled
 def signup() -> ResponseReturnValue:
     form = SignupForm()
     if form.validate_on_submit():
@@ -121,6 +138,7 @@ def signup() -> ResponseReturnValue:
 
 
 @bp.route("/login", methods=["GET", "POST"])
+@_throttled
 def login() -> ResponseReturnValue:
     form = LoginForm()
     if form.validate_on_submit():

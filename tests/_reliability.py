@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WHSEC = "whsec_reliability_test"
 STRIPE_KEY = "sk_test_reliability"
+REDIS_URL = "redis://127.0.0.1:6379"
 COST = 5  # PERSONA_COST of the app under test
 #: Bound on any single HTTP call the clients make.
 HTTP_TIMEOUT = 30.0
@@ -117,6 +118,9 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
     known webhook secret, and CSRF off (clients here are API clients with X-API-Key)."""
     return {
         "SECRET_KEY": "reliability-secret-key",
+        # Served outside debug and testing, the app wants a shared store for its login throttle (the
+        # clients here use API keys, so nothing is counted in it).
+        "RATELIMIT_STORAGE_URI": REDIS_URL,
         "SQLALCHEMY_DATABASE_URI": database_url,
         "SQLALCHEMY_ENGINE_OPTIONS": engine_options(),
         "WTF_CSRF_ENABLED": False,

@@ -90,6 +90,16 @@ def drop_all_tables(url: str) -> None:
         engine.dispose()
 
 
+#: A port nothing listens on (the "discard" service is never enabled here): connections are refused.
+CLOSED = "127.0.0.1:9"
+#: A database URL per backend that refuses connections (a closed port; a folder that does not exist).
+UNREACHABLE = {
+    "sqlite": "sqlite:////nonexistent-folder-of-flask-credits/credits.db",
+    "postgresql": f"postgresql+psycopg://root@{CLOSED}/test?connect_timeout=5",
+    "mariadb": f"mysql+pymysql://root@{CLOSED}/test?connect_timeout=5",
+}
+
+
 def logged_in(app: Flask, user: str = "alice") -> FlaskClient:
     """A new test client of ``app`` (one built by ``make_app``), logged in as ``user``."""
     client = app.test_client()

@@ -108,6 +108,8 @@ def browser(tmp_path_factory):
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):
         options.add_argument(argument)
+    # The console, where Chromium reports what a Content-Security-Policy refused.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path means Selenium Manager is never asked to find (or download) anything.
     service = Service(executable_path=CHROMEDRIVER)
     try:
@@ -408,6 +410,10 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     assert key_id in row
     assert "185" in row
     page.screenshot(screenshots, "api-keys")
+
+    # Every page ran under the example app's Content-Security-Policy, and nothing on them was refused.
+    console = [entry["message"] for entry in page.driver.get_log("browser")]
+    assert not [message for message in console if "Content Security Policy" in message], console
 
 
 def test_pay_later_settles_and_fail_and_cancel_add_nothing(page):

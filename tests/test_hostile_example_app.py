@@ -50,11 +50,13 @@ def example_apps(database_url) -> Iterator[dict[bool, Any]]:
 
 @pytest.fixture
 def example(example_apps) -> Callable[..., Any]:
-    """``example(csrf=False)``: the example app with its tables empty."""
+    """``example(csrf=False)``: the example app with its tables empty and no login attempts counted."""
+    from example_app.extensions import limiter
     from example_app.models import db
 
     with example_apps[False].app_context():
         clear(db)
+        limiter.reset()
 
     def app(*, csrf: bool = False) -> Any:
         return example_apps[csrf]

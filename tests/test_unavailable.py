@@ -13,17 +13,9 @@ from collections.abc import Iterator
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import logged_in, make_app
+from helpers import UNREACHABLE, logged_in, make_app
 
 from flask_credits import CreditsUnavailable, requires_credits, testing
-
-#: A port nothing listens on (the "discard" service is never enabled here): connections are refused.
-CLOSED = "127.0.0.1:9"
-UNREACHABLE = {
-    "sqlite": "sqlite:////nonexistent-folder-of-flask-credits/credits.db",
-    "postgresql": f"postgresql+psycopg://root@{CLOSED}/test?connect_timeout=5",
-    "mariadb": f"mysql+pymysql://root@{CLOSED}/test?connect_timeout=5",
-}
 
 
 @pytest.fixture(params=sorted(UNREACHABLE))
