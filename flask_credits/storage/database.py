@@ -55,6 +55,34 @@ def unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+def without_server_side_prepares(engine: Engine) -> None:
+    """Make ``engine`` safe behind a transaction pooler (``CREDITS_DATABASE_POOLER = "transaction"``):
+    psycopg 3 prepares a statement on the server after 5 uses, and a prepared statement belongs to one
+    server connection, which a transaction pooler hands to another client after each transaction
+    ("prepared statement ... does not exist" / "already exists"). Its connections are made with
+    ``prepare_threshold = None`` (psycopg2 never prepares on the server). Raises ``RuntimeError`` for
+    a database or driver this cannot cover."""
+    url = engine.url.render_as_string(hide_password=True)
+    if engine.dialect.name != "postgresql":
+        raise RuntimeError(f'CREDITS_DATABASE_POOLER = "transaction" is for PostgreSQL, not {url}')
+    driver = engine.dialect.driver
+    if driver == "psycopg2":
+        return
+    if driver != "psycopg":
+        raise RuntimeError(
+            f'CREDITS_DATABASE_POOLER = "transaction" needs the psycopg (3) or psycopg2 driver,'
+            f" not {driver}: use a postgresql+psycopg:// URL ({url})"
+        )
+    if not sa.event.contains(engine, "connect", _no_server_side_prepares):
+        sa.event.listen(engine, "connect", _no_server_side_prepares)
+        engine.dispose()  # a connection opened before this would still prepare
+    log.info("credits: server-side prepared statements off on %s (CREDITS_DATABASE_POOLER)", url)
+
+
+def _no_server_side_prepares(dbapi_connection: Any, connection_record: Any) -> None:
+    dbapi_connection.prepare_threshold = None
+
+
 class Database:
     """One engine and the extension's tables on it. ``clock`` is the time every write records
     (``utcnow`` unless a test gives another)."""
