@@ -23,7 +23,7 @@ from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
 from .services.stripe_gateway import Gateway, LiveStripe, PaymentProviderError
-from .storage.database import Database, utcnow, without_server_side_prepares
+from .storage.database import Database, utcnow, watch_for_transaction_pooler, without_server_side_prepares
 from .storage.tables import Tables, tables_for
 from .web import blueprint, cli, responses, simulated, urls
 
@@ -106,10 +106,12 @@ class FlaskCredits:
         if parsed.stripe_mode == "simulated":
             check_allowed(app)
         urls.warn_without_origin(app, parsed)
-        if parsed.database_pooler == "transaction":
-            with app.app_context():  # every bind: the app's own queries share the pooler too
-                for engine in db.engines.values():
+        with app.app_context():  # every bind: the app's own queries share the pooler too
+            for engine in db.engines.values():
+                if parsed.database_pooler == "transaction":
                     without_server_side_prepares(engine)
+                elif parsed.database_pooler is None:
+                    watch_for_transaction_pooler(engine)
         self._settings[app] = parsed
         app.extensions["credits"] = self
         app.register_blueprint(blueprint.blueprint, url_prefix=parsed.url_prefix)

@@ -72,7 +72,9 @@ DEFAULTS: dict[str, Any] = {
     # "transaction" when the app reaches PostgreSQL through a transaction-pooling pooler (PgBouncer's
     # pool_mode = transaction, Supavisor, Neon's pooled endpoint): server-side prepared statements are
     # turned off on the app's engines (psycopg 3), since the next transaction may run on another server
-    # connection. None: a direct connection (or a session pooler).
+    # connection. "session": a session pooler (or a direct connection on a pooler's port): prepared
+    # statements are kept. None: not said; a URL on a pooler's port (6432, 6543) or host ("pooler")
+    # logs a warning at startup, and an error from a lost prepared statement names this key.
     "CREDITS_DATABASE_POOLER": None,
     # Stripe keys. The webhook secret may be a list (or comma-separated) while rotating secrets.
     "STRIPE_SECRET_KEY": None,
@@ -141,7 +143,7 @@ class Settings:
     stripe_api_base: str | None
     webhook_tolerance: int
     webhook_max_bytes: int
-    database_pooler: Literal["transaction"] | None
+    database_pooler: Literal["transaction", "session"] | None
     stripe_secret_key: str | None
     stripe_publishable_key: str | None
     #: Several while rotating (a list, or comma-separated).
@@ -160,8 +162,10 @@ def parse(config: Mapping[str, Any]) -> Settings:
     if header is not None and (not isinstance(header, str) or not header):
         raise RuntimeError(f"CREDITS_IDEMPOTENCY_HEADER must be a header name or None, not {header!r}")
     pooler = config["CREDITS_DATABASE_POOLER"]
-    if pooler not in (None, "transaction"):
-        raise RuntimeError(f'CREDITS_DATABASE_POOLER must be "transaction" or None, not {pooler!r}')
+    if pooler not in (None, "transaction", "session"):
+        raise RuntimeError(
+            f'CREDITS_DATABASE_POOLER must be "transaction", "session" or None, not {pooler!r}'
+        )
     prefix = config["CREDITS_URL_PREFIX"]
     if not isinstance(prefix, str):
         raise RuntimeError(f"CREDITS_URL_PREFIX must be a path such as '/credits', not {prefix!r}")

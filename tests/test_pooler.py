@@ -4,6 +4,7 @@ own queries through PgBouncer as safe as the ledger's (the races are in test_con
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,8 +23,8 @@ def on(*backends: str) -> pytest.MarkDecorator:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("session", 'CREDITS_DATABASE_POOLER must be "transaction" or None'),
-        (True, 'CREDITS_DATABASE_POOLER must be "transaction" or None'),
+        ("statement", 'CREDITS_DATABASE_POOLER must be "transaction", "session" or None'),
+        (True, 'CREDITS_DATABASE_POOLER must be "transaction", "session" or None'),
         ("transaction", "is for PostgreSQL, not sqlite"),
     ],
 )
@@ -35,6 +36,46 @@ def test_a_pooler_setting_that_cannot_work_is_refused_at_startup(tmp_path, value
     SQLAlchemy(app)
     with pytest.raises(RuntimeError, match=message):
         FlaskCredits(app)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://app@db.internal:6432/shop",
+        "postgresql+psycopg://app@aws-0-eu-west-1.pooler.supabase.com:6543/postgres",
+        "postgresql+psycopg://app@ep-cool-name-123-pooler.eu-central-1.aws.neon.tech/shop",
+    ],
+)
+def test_a_url_that_looks_like_a_poolers_gets_a_warning_at_startup_naming_the_setting(url, caplog):
+    with caplog.at_level(logging.WARNING, logger="flask_credits"):
+        make_app(url)
+    assert any(
+        "looks like a connection pooler" in r.message
+        and 'CREDITS_DATABASE_POOLER = "transaction"' in r.message
+        for r in caplog.records
+    )
+    caplog.clear()
+    for value in ("session", "transaction"):
+        make_app(url, CREDITS_DATABASE_POOLER=value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@on("postgresql")
+def test_a_lost_prepared_statement_is_logged_with_the_setting_to_use(app, db, caplog):
+    """What a transaction pooler does to psycopg's prepared statements, done on a direct connection:
+    the statement is prepared (6th use), then the server forgets it behind psycopg's back."""
+    query = sa.text("SELECT 1 WHERE CAST(:x AS integer) = 1")
+    with db.engine.connect() as conn:
+        for _ in range(6):
+            conn.execute(query, {"x": 1})
+        conn.execute(sa.text("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
+        with pytest.raises(sa.exc.ProgrammingError, match="does not exist"):
+            conn.execute(query, {"x": 1})
+    assert any(
+        'CREDITS_DATABASE_POOLER = "transaction"' in r.message
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+    )
 
 
 def prepare_thresholds(app: Flask, db: SQLAlchemy) -> list[int | None]:
