@@ -98,6 +98,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
+def through_pgbouncer(database_url: str) -> str:
+    """The session's PostgreSQL database reached through the test PgBouncer (transaction mode)."""
+    pooled = sa.make_url(server_url("pgbouncer"))
+    url = sa.make_url(database_url).set(host=pooled.host, port=pooled.port)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
 def empty_database(database_url: str) -> Iterator[str]:
     """The session's database with no table at all, before and after the test (other modules leave
     their create_all() tables behind; a migration must start from nothing)."""
