@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import env, loads, profiling, queries, scale, web, webhooks
+from . import env, loads, prepares, profiling, queries, scale, web, webhooks
 from .app import BIG, build_app
 from .report import BackendReport, Check, Table, checks_table, ms, num, pct, text_table
 from .settings import FULL, QUICK, Settings
@@ -110,6 +110,9 @@ def run_backend(backend: str, settings: Settings) -> BackendReport:
         report.tables.append(queries_table(rows, mixed, backend, settings.query_repeat))
         if profile is not None:
             report.tables.append(profile)
+        if backend == "postgresql":
+            log("spend() with and without server-side prepared statements")
+            report.tables.append(prepares_table(run_prepares(backend, settings)))
         log("scale")
         grown = run_scale(backend, settings)
         report.tables.extend(scale_tables(grown))
@@ -117,6 +120,14 @@ def run_backend(backend: str, settings: Settings) -> BackendReport:
     finally:
         target.drop()
     return report
+
+
+def run_prepares(backend: str, settings: Settings) -> list[prepares.PrepareResult]:
+    target = env.create_target(backend)
+    try:
+        return prepares.run(target, settings)
+    finally:
+        target.drop()
 
 
 def run_scale(backend: str, settings: Settings) -> scale.ScaleResult:
@@ -251,6 +262,41 @@ def debit_tables(results: list[loads.LoadResult], counts: dict[str, queries.Coun
         )
     )
     return [main, gap, ladder]
+
+
+def prepares_table(results: list[prepares.PrepareResult]) -> Table:
+    table = Table(
+        "spend() with and without server-side prepared statements (CREDITS_DATABASE_POOLER), direct",
+        [
+            "load",
+            "prepared ops/s",
+            "p50 ms",
+            "unprepared ops/s",
+            "p50 ms",
+            "unprepared / prepared",
+            "per round",
+        ],
+    )
+    for r in results:
+        rounds = [u / p for p, u in zip(r.prepared.rounds, r.unprepared.rounds, strict=True)]
+        table.rows.append(
+            [
+                r.load.name,
+                num(r.prepared.throughput),
+                ms(r.prepared.p50),
+                num(r.unprepared.throughput),
+                ms(r.unprepared.p50),
+                pct(r.ratio),
+                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+            ]
+        )
+    table.notes.append(
+        "prepared: psycopg's default, spend()'s one statement prepared on the server after 5 uses."
+        ' unprepared: CREDITS_DATABASE_POOLER = "transaction" (prepare_threshold = None), what a transaction'
+        " pooler needs: the server parses and plans the statement every time. Two apps on one database, on"
+        " direct connections, taking turns in the same rounds; wallets hold one lot each."
+    )
+    return table
 
 
 def request_table(inproc: web.WebResult, served: web.WebResult) -> Table:

@@ -55,12 +55,17 @@ def unauthorized() -> Response:
 def request_wallet() -> tuple[str, str | None] | None:
     """The wallet this request spends from (see the module docstring)."""
     secret = request.headers.get(API_KEY_HEADER)
+    wallet = None
     if secret is not None:
         key = ApiKey.find_active(secret.strip())
-        return (str(key.user_id), key.id) if key is not None else None
-    if current_user.is_authenticated:
-        return (current_user.get_id(), None)
-    return None
+        wallet = (str(key.user_id), key.id) if key is not None else None
+    elif current_user.is_authenticated:
+        wallet = (current_user.get_id(), None)
+    # End the lookup's transaction before the ledger takes a connection of its own: behind a
+    # transaction pooler an open transaction holds a server connection, and N requests holding the N
+    # server connections while each waits for one more would wait for ever (docs/deployment.md).
+    db.session.rollback()
+    return wallet
 
 
 @credits.wallet_checker

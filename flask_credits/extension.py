@@ -23,7 +23,7 @@ from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
 from .services.stripe_gateway import Gateway, LiveStripe, PaymentProviderError
-from .storage.database import Database, utcnow
+from .storage.database import Database, utcnow, watch_for_transaction_pooler, without_server_side_prepares
 from .storage.tables import Tables, tables_for
 from .web import blueprint, cli, responses, simulated, urls
 
@@ -55,8 +55,9 @@ class FlaskCredits:
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
-    ``CREDITS_SITE_URL``, ``CREDITS_STRIPE_TIMEOUT``, ``CREDITS_STRIPE_MAX_RETRIES``,
-    ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``, ``CREDITS_WEBHOOK_MAX_BYTES``,
+    ``CREDITS_SITE_URL``, ``CREDITS_DATABASE_POOLER``, ``CREDITS_STRIPE_TIMEOUT``,
+    ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``,
+    ``CREDITS_WEBHOOK_MAX_BYTES``,
     ``STRIPE_SECRET_KEY``, ``STRIPE_PUBLISHABLE_KEY``, ``STRIPE_WEBHOOK_SECRET`` (the last three also from
     environment variables of those names or ``StripeSecretKey``, ``StripePublishableKey``,
     ``StripeWebhookSecret``). A value that cannot work stops ``init_app`` with a ``RuntimeError`` naming
@@ -105,6 +106,12 @@ class FlaskCredits:
         if parsed.stripe_mode == "simulated":
             check_allowed(app)
         urls.warn_without_origin(app, parsed)
+        with app.app_context():  # every bind: the app's own queries share the pooler too
+            for engine in db.engines.values():
+                if parsed.database_pooler == "transaction":
+                    without_server_side_prepares(engine)
+                elif parsed.database_pooler is None:
+                    watch_for_transaction_pooler(engine)
         self._settings[app] = parsed
         app.extensions["credits"] = self
         app.register_blueprint(blueprint.blueprint, url_prefix=parsed.url_prefix)

@@ -69,6 +69,13 @@ DEFAULTS: dict[str, Any] = {
     "CREDITS_WEBHOOK_TOLERANCE": 300,
     # Largest webhook body accepted, in bytes.
     "CREDITS_WEBHOOK_MAX_BYTES": 256 * 1024,
+    # "transaction" when the app reaches PostgreSQL through a transaction-pooling pooler (PgBouncer's
+    # pool_mode = transaction, Supavisor, Neon's pooled endpoint): server-side prepared statements are
+    # turned off on the app's engines (psycopg 3), since the next transaction may run on another server
+    # connection. "session": a session pooler (or a direct connection on a pooler's port): prepared
+    # statements are kept. None: not said; a URL on a pooler's port (6432, 6543) or host ("pooler")
+    # logs a warning at startup, and an error from a lost prepared statement names this key.
+    "CREDITS_DATABASE_POOLER": None,
     # Stripe keys. The webhook secret may be a list (or comma-separated) while rotating secrets.
     "STRIPE_SECRET_KEY": None,
     "STRIPE_PUBLISHABLE_KEY": None,
@@ -136,6 +143,7 @@ class Settings:
     stripe_api_base: str | None
     webhook_tolerance: int
     webhook_max_bytes: int
+    database_pooler: Literal["transaction", "session"] | None
     stripe_secret_key: str | None
     stripe_publishable_key: str | None
     #: Several while rotating (a list, or comma-separated).
@@ -153,6 +161,11 @@ def parse(config: Mapping[str, Any]) -> Settings:
     header = config["CREDITS_IDEMPOTENCY_HEADER"]
     if header is not None and (not isinstance(header, str) or not header):
         raise RuntimeError(f"CREDITS_IDEMPOTENCY_HEADER must be a header name or None, not {header!r}")
+    pooler = config["CREDITS_DATABASE_POOLER"]
+    if pooler not in (None, "transaction", "session"):
+        raise RuntimeError(
+            f'CREDITS_DATABASE_POOLER must be "transaction", "session" or None, not {pooler!r}'
+        )
     prefix = config["CREDITS_URL_PREFIX"]
     if not isinstance(prefix, str):
         raise RuntimeError(f"CREDITS_URL_PREFIX must be a path such as '/credits', not {prefix!r}")
@@ -182,6 +195,7 @@ def parse(config: Mapping[str, Any]) -> Settings:
         stripe_api_base=str(config["CREDITS_STRIPE_API_BASE"]) if config["CREDITS_STRIPE_API_BASE"] else None,
         webhook_tolerance=_whole(config, "CREDITS_WEBHOOK_TOLERANCE", 1),
         webhook_max_bytes=_whole(config, "CREDITS_WEBHOOK_MAX_BYTES", 1),
+        database_pooler=pooler,
         stripe_secret_key=str(config["STRIPE_SECRET_KEY"]) if config["STRIPE_SECRET_KEY"] else None,
         stripe_publishable_key=(
             str(config["STRIPE_PUBLISHABLE_KEY"]) if config["STRIPE_PUBLISHABLE_KEY"] else None

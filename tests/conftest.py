@@ -7,6 +7,16 @@ Database tests run on SQLite always, and on PostgreSQL and MariaDB/MySQL when th
 
 Each run creates a fresh database of its own on those servers and drops it afterwards. Without a URL
 those cases skip with a reason; with CREDITS_TEST_REQUIRE_DATABASES=1 (as in CI) they fail instead.
+
+A module that must also hold behind a transaction pooler adds a fourth target with
+``pytestmark = helpers.also_through_pgbouncer`` (the concurrency tests):
+
+    CREDITS_TEST_PGBOUNCER_URL=postgresql+psycopg://root@127.0.0.1:6432/test
+
+PgBouncer in ``pool_mode = transaction`` in front of the PostgreSQL of CREDITS_TEST_POSTGRES_URL, with
+``[databases] * = host=... port=...`` so that it serves any database name: the run's database is made
+on PostgreSQL directly and reached through PgBouncer, and ``make_app`` sets
+``CREDITS_DATABASE_POOLER = "transaction"`` for it.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from helpers import (
+    DIRECT_BACKENDS,
     MAX_QUANTITY,
     PACKS,
     SECRET_KEY,
@@ -39,6 +50,7 @@ BACKENDS = {
     "sqlite": None,
     "postgresql": "CREDITS_TEST_POSTGRES_URL",
     "mariadb": "CREDITS_TEST_MARIADB_URL",
+    "pgbouncer": "CREDITS_TEST_PGBOUNCER_URL",
 }
 REQUIRE_ALL = os.environ.get("CREDITS_TEST_REQUIRE_DATABASES") == "1"
 
@@ -56,7 +68,7 @@ def server_url(backend: str) -> str:
     return url
 
 
-@pytest.fixture(scope="session", params=list(BACKENDS))
+@pytest.fixture(scope="session", params=DIRECT_BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh, empty database on each backend, for the whole test session."""
     backend = request.param
@@ -64,6 +76,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'credits.sqlite3'}"
         return
     url = sa.make_url(server_url(backend))
+    reached = url
+    if backend == "pgbouncer":  # made on PostgreSQL itself, reached through PgBouncer
+        url = sa.make_url(server_url("postgresql"))
     name = f"fc_test_{secrets.token_hex(4)}"
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     create = f"CREATE DATABASE {name}"
@@ -72,14 +87,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     with admin.connect() as conn:
         conn.execute(sa.text(create))
     try:
-        yield url.set(database=name).render_as_string(hide_password=False)
+        yield reached.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            if backend == "postgresql":
+            if backend != "mariadb":
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             else:
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
         admin.dispose()
+
+
+@pytest.fixture
+def through_pgbouncer(database_url: str) -> str:
+    """The session's PostgreSQL database reached through the test PgBouncer (transaction mode)."""
+    pooled = sa.make_url(server_url("pgbouncer"))
+    url = sa.make_url(database_url).set(host=pooled.host, port=pooled.port)
+    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import responses
 import sqlalchemy as sa
 from flask import Flask, g
@@ -30,6 +31,22 @@ from hypothesis import strategies as st
 from flask_credits import FlaskCredits, testing
 
 # -- test apps -----------------------------------------------------------------------------------------
+
+#: The targets every database test runs on (conftest's ``database_url``).
+DIRECT_BACKENDS = ["sqlite", "postgresql", "mariadb"]
+#: ``pytestmark`` of a module that must also hold through PgBouncer in transaction mode.
+also_through_pgbouncer = pytest.mark.parametrize(
+    "database_url", [*DIRECT_BACKENDS, "pgbouncer"], indirect=True, scope="session"
+)
+
+
+def pooler_config(database_url: str) -> dict[str, object]:
+    """``CREDITS_DATABASE_POOLER`` for a URL through the test PgBouncer (CREDITS_TEST_PGBOUNCER_URL)."""
+    pooled = os.environ.get("CREDITS_TEST_PGBOUNCER_URL")
+    url = sa.make_url(database_url)
+    if pooled and (url.host, url.port) == (sa.make_url(pooled).host, sa.make_url(pooled).port):
+        return {"CREDITS_DATABASE_POOLER": "transaction"}
+    return {}
 
 
 @dataclass
@@ -49,7 +66,7 @@ def make_app(database_url: str, **config: object) -> tuple[Flask, SQLAlchemy, Fl
         SECRET_KEY="test-secret",
         SQLALCHEMY_DATABASE_URI=database_url,
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url),
-        **config,
+        **{**pooler_config(database_url), **config},
     )
     db = SQLAlchemy(app)
     manager = LoginManager(app)

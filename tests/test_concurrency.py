@@ -25,9 +25,14 @@ from typing import IO, Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
+from helpers import also_through_pgbouncer
 
 from flask_credits import InsufficientCredits
 from flask_credits.storage.database import utcnow
+
+#: Every race also runs through PgBouncer in transaction mode: many hosts' connections share a few
+#: server connections, one transaction at a time.
+pytestmark = also_through_pgbouncer
 
 T = TypeVar("T")
 

@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import also_through_pgbouncer
 from test_concurrency import Workers
+
+pytestmark = also_through_pgbouncer
 
 COUNT = 6
 COST = 5  # of the workers' view

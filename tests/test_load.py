@@ -434,6 +434,26 @@ def test_many_clients_spending_buying_and_webhooks_at_once_leave_every_credit_ex
     report(f"load {stack.shop.label}", figures(tally, stored, elapsed))
 
 
+def test_the_same_load_through_pgbouncer_in_transaction_mode_leaves_every_credit_exact(
+    stack, through_pgbouncer
+):
+    """Every worker's connections through PgBouncer (pool_mode = transaction, 4 server connections):
+    each transaction may run on another server connection, as with many app hosts behind a pooler."""
+    if stack.backend != "postgresql":
+        pytest.skip("PgBouncer pools PostgreSQL connections")
+    server = stack.server(through_pgbouncer, CREDITS_DATABASE_POOLER="transaction")
+    try:
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS)
+    finally:
+        server.close()
+    stored = stack.shop.check(wallets, tally)
+    assert stored["creating"] == 0
+    assert set(tally.statuses) <= {"spend 200", "spend 402", "checkout 200", "webhook 200"}
+    assert sum(tally.spent_ok.values()) > 0
+    assert len(tally.paid) > 0
+    report(f"load {stack.shop.label} through PgBouncer", figures(tally, stored, elapsed))
+
+
 def test_one_event_delivered_fifty_times_at_once_credits_once(stack):
     shop = stack.shop
     tally = Tally()

@@ -55,6 +55,66 @@ def unavailable_on_database_errors(method: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+def without_server_side_prepares(engine: Engine) -> None:
+    """Make ``engine`` safe behind a transaction pooler (``CREDITS_DATABASE_POOLER = "transaction"``):
+    psycopg 3 prepares a statement on the server after 5 uses, and a prepared statement belongs to one
+    server connection, which a transaction pooler hands to another client after each transaction
+    ("prepared statement ... does not exist" / "already exists"). Its connections are made with
+    ``prepare_threshold = None`` (psycopg2 never prepares on the server). Raises ``RuntimeError`` for
+    a database or driver this cannot cover."""
+    url = engine.url.render_as_string(hide_password=True)
+    if engine.dialect.name != "postgresql":
+        raise RuntimeError(f'CREDITS_DATABASE_POOLER = "transaction" is for PostgreSQL, not {url}')
+    driver = engine.dialect.driver
+    if driver == "psycopg2":
+        return
+    if driver != "psycopg":
+        raise RuntimeError(
+            f'CREDITS_DATABASE_POOLER = "transaction" needs the psycopg (3) or psycopg2 driver,'
+            f" not {driver}: use a postgresql+psycopg:// URL ({url})"
+        )
+    if not sa.event.contains(engine, "connect", _no_server_side_prepares):
+        sa.event.listen(engine, "connect", _no_server_side_prepares)
+        engine.dispose()  # a connection opened before this would still prepare
+    log.info("credits: server-side prepared statements off on %s (CREDITS_DATABASE_POOLER)", url)
+
+
+def _no_server_side_prepares(dbapi_connection: Any, connection_record: Any) -> None:
+    dbapi_connection.prepare_threshold = None
+
+
+#: Ports of transaction poolers: PgBouncer's default, Supabase's pooler (Neon's pooled hosts end in
+#: "-pooler").
+POOLER_PORTS = (6432, 6543)
+#: What psycopg 3 gets when a pooler hands its prepared statements' server connection to another
+#: client: "prepared statement ... does not exist" and "... already exists".
+LOST_PREPARED_STATEMENT = ("26000", "42P05")
+ADVICE = 'behind a transaction pooler, set CREDITS_DATABASE_POOLER = "transaction"'
+
+
+def watch_for_transaction_pooler(engine: Engine) -> None:
+    """For an app that has not set ``CREDITS_DATABASE_POOLER``, on psycopg 3: warn at startup when
+    the URL looks like a transaction pooler's, and log the setting to use with each error that says
+    the engine's prepared statements met one (the app's own queries included)."""
+    if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+        return
+    url = engine.url
+    if url.port in POOLER_PORTS or "pooler" in (url.host or ""):
+        log.warning(
+            'credits: %s looks like a connection pooler\'s address; %s (or "session" for a session'
+            " pooler), or its queries fail under load with 'prepared statement does not exist'",
+            url.render_as_string(hide_password=True),
+            ADVICE,
+        )
+    if not sa.event.contains(engine, "handle_error", _explain_lost_prepared_statement):
+        sa.event.listen(engine, "handle_error", _explain_lost_prepared_statement)
+
+
+def _explain_lost_prepared_statement(context: sa.engine.ExceptionContext) -> None:
+    if getattr(context.original_exception, "sqlstate", None) in LOST_PREPARED_STATEMENT:
+        log.error("credits: the database lost a prepared statement of this connection: %s", ADVICE)
+
+
 class Database:
     """One engine and the extension's tables on it. ``clock`` is the time every write records
     (``utcnow`` unless a test gives another)."""
