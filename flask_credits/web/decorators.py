@@ -120,14 +120,14 @@ def _run_once(
     # word, and a request padded past it would share its first bytes' fingerprint: read it whole or 413.
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     body = request.get_data(cache=True) if limit is None else bodies.read_body(int(limit))
-    print_ = idempotency.fingerprint(request.method, request.path, request.query_string, body)
+    request_print = idempotency.fingerprint(request.method, request.path, request.query_string, body)
     view_lease = ext.settings.idempotency_lock_timeout
     for _ in range(2):
         found = keys.claim(
             wallet,
             endpoint,
             key,
-            print_,
+            request_print,
             # Free requests have no charge to be cut half-way: the view's lease at once.
             lease=min(idempotency.CLAIM_LEASE, view_lease) if amount else view_lease,
             ttl=ext.settings.idempotency_ttl,
