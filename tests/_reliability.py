@@ -5,7 +5,8 @@ everything around it that the tests need to drive and to break it:
 
 * :class:`Gunicorn` starts ``_reliability:wsgi()`` (the example app, configured from a JSON
   environment variable) against a database URL, and finds its workers, including the one that serves a
-  given database connection (so a test can SIGKILL exactly the worker stuck inside a transaction);
+  given database connection (so a test can SIGKILL exactly the worker stuck inside a transaction), or
+  SIGKILLs the whole host (master and workers);
 * :class:`TcpProxy` is a loopback TCP proxy put between gunicorn and the database (or Stripe): ``down()``
   cuts every connection and refuses new ones, ``up()`` accepts them again; the real database servers
   are never touched, other tests use them;
@@ -136,7 +137,8 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
 
 
 class Gunicorn:
-    """``gunicorn _reliability:wsgi()`` on a free loopback port, as a subprocess (gthread workers)."""
+    """``gunicorn _reliability:wsgi()`` on a free loopback port, as a subprocess (gthread workers) in a
+    process group of its own, so that :meth:`kill` can take down the master and its workers at once."""
 
     def __init__(
         self, config: dict[str, Any], *, stripe_api: str | None, workers: int = 3, threads: int = 4
@@ -174,6 +176,7 @@ class Gunicorn:
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             self.wait_ready()
@@ -235,6 +238,18 @@ class Gunicorn:
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not replace worker {pid}:\n{self.output()}")
 
+    def kill(self) -> None:
+        """SIGKILL the master and its workers at once (the whole process group), as when a host dies,
+        and wait until none of them runs."""
+        workers = self.worker_pids()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(WAIT)
+        deadline = time.monotonic() + WAIT
+        while any(_running(pid) for pid in workers):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {workers} of the killed gunicorn still run")
+            time.sleep(0.05)
+
     def output(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
@@ -254,6 +269,14 @@ class Gunicorn:
         else:
             with contextlib.suppress(OSError):
                 os.unlink(self.log.name)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def socket_inode(local_port: int, remote_port: int) -> int | None:

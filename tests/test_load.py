@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import queue
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ from helpers import drop_all_tables
 from flask_credits import testing
 
 LOAD_SECONDS = SECONDS or 4.0
+TWO_HOSTS_SECONDS = SECONDS or 4.0
 CHAOS_SECONDS = SECONDS or 6.0
 STORM_SECONDS = SECONDS or 3.0
 #: Wallets (groups of 4 clients) of the same-key storm, alone and within the load with faults.
@@ -99,12 +101,34 @@ def stack(database_url: str) -> Iterator[Stack]:
 # -- the clients ------------------------------------------------------------------------------------
 
 
+class Hosts:
+    """The app hosts the clients reach, by loopback port. Client ``n`` uses host ``n`` (modulo their
+    number) while it is up, else one that is up, as a load balancer's health check would move it;
+    ``picked`` counts the requests sent to each."""
+
+    def __init__(self, *ports: int) -> None:
+        self.ports, self.up = list(ports), list(ports)
+        self.picked: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def port(self, client: int) -> int:
+        with self._lock:
+            home = self.ports[client % len(self.ports)]
+            port = home if home in self.up else self.up[client % len(self.up)]
+            self.picked[port] += 1
+            return port
+
+    def down(self, port: int) -> None:
+        with self._lock:
+            self.up.remove(port)
+
+
 class Webhooks:
     """Stripe's side of the webhook: a few threads deliver queued events in whatever order they come,
     and deliver again (later) any event not answered 200, as Stripe retries."""
 
-    def __init__(self, port: int, tally: Tally, *, threads: int, faults: bool) -> None:
-        self.port, self.tally, self.faults = port, tally, faults
+    def __init__(self, hosts: Hosts, tally: Tally, *, threads: int, faults: bool) -> None:
+        self.hosts, self.tally, self.faults = hosts, tally, faults
         self.queue: queue.Queue[tuple[dict[str, Any], int] | None] = queue.Queue()
         self.pending = 0
         self._lock = threading.Lock()
@@ -120,10 +144,11 @@ class Webhooks:
             self.queue.put((event, 0))
 
     def _run(self) -> None:
+        rng = random.Random()
         while (item := self.queue.get()) is not None:
             event, attempt = item
             try:
-                reply = deliver(self.port, event)
+                reply = deliver(self.hosts.port(rng.randrange(1 << 16)), event)  # to any host
                 status: int | str = reply.status
             except (OSError, http.client.HTTPException) as exc:  # a killed worker, an outage
                 status, reply = type(exc).__name__, None
@@ -256,7 +281,7 @@ FAULT_OK = {200, 402, 503}
 
 
 def spender(
-    port: int, wallets: list[Wallet], hot: Wallet, tally: Tally, deadline: float, faults: bool, seed: int
+    hosts: Hosts, wallets: list[Wallet], hot: Wallet, tally: Tally, deadline: float, faults: bool, seed: int
 ) -> None:
     """Spend until the deadline, half the time from the hot wallet."""
     rng = random.Random(seed)
@@ -265,7 +290,7 @@ def spender(
             break
         wallet = hot if rng.random() < 0.5 else rng.choice(wallets)
         try:
-            reply = spend(port, wallet.secret, seed=f"s{seed}-{n}")
+            reply = spend(hosts.port(seed), wallet.secret, seed=f"s{seed}-{n}")
             status: int | str = reply.status
         except (OSError, http.client.HTTPException) as exc:
             status, reply = type(exc).__name__, None
@@ -291,7 +316,7 @@ def spender(
 
 
 def buyer(
-    port: int,
+    hosts: Hosts,
     stripe: FakeStripe,
     webhooks: Webhooks,
     wallets: list[Wallet],
@@ -310,7 +335,7 @@ def buyer(
         wallet = rng.choice(wallets)
         quantity = rng.randint(1, 3)
         try:
-            reply = checkout(port, wallet.secret, quantity)
+            reply = checkout(hosts.port(seed), wallet.secret, quantity)
             status: int | str = reply.status
         except (OSError, http.client.HTTPException) as exc:
             status, reply = type(exc).__name__, None
@@ -344,17 +369,20 @@ def buyer(
 
 def run_load(
     stack: Stack,
-    port: int,
+    port: int | Hosts,
     seconds: float,
     *,
     faults: bool = False,
     chaos: Any = None,
     storm: int = 0,
+    tally: Tally | None = None,
 ) -> tuple[list[Wallet], Tally, float]:
-    """Many spenders and a few buyers for ``seconds``, webhooks delivered meanwhile, and a same-key
-    storm on ``storm`` wallets of its own; ``chaos(deadline)`` runs in a thread of its own when given.
-    Returns the wallets, the tally and the elapsed time."""
-    shop, tally = stack.shop, Tally()
+    """Many spenders and a few buyers for ``seconds``, spread over the ``Hosts`` if given, webhooks
+    delivered meanwhile, and a same-key storm on ``storm`` wallets of its own (on the first host);
+    ``chaos(deadline)`` runs in a thread of its own when given. Returns the wallets, the tally and the
+    elapsed time."""
+    shop, tally = stack.shop, tally if tally is not None else Tally()
+    hosts = port if isinstance(port, Hosts) else Hosts(port)
     wallets = shop.wallets(users=4, keys_per_user=2)
     hot = wallets[0]
     for w in wallets:
@@ -362,22 +390,22 @@ def run_load(
     storm_wallets = shop.wallets(users=1, keys_per_user=storm) if storm else []
     for w in storm_wallets:
         shop.grant(w, 100_000, tally)
-    webhooks = Webhooks(port, tally, threads=3, faults=faults)
+    webhooks = Webhooks(hosts, tally, threads=3, faults=faults)
     begin = time.monotonic()
     deadline = begin + seconds
     threads = [
-        threading.Thread(target=spender, args=(port, wallets, hot, tally, deadline, faults, i))
+        threading.Thread(target=spender, args=(hosts, wallets, hot, tally, deadline, faults, i))
         for i in range(8)
     ]
     threads += [
         threading.Thread(
-            target=buyer, args=(port, stack.stripe, webhooks, wallets, tally, deadline, faults, 100 + i)
+            target=buyer, args=(hosts, stack.stripe, webhooks, wallets, tally, deadline, faults, 100 + i)
         )
         for i in range(2)
     ]
     if chaos is not None:
         threads.append(threading.Thread(target=chaos, args=(deadline,)))
-    storming = Storm(port, storm_wallets, tally, deadline)
+    storming = Storm(hosts.ports[0], storm_wallets, tally, deadline)
     storming.start()
     for t in threads:
         t.start()
@@ -452,6 +480,52 @@ def test_the_same_load_through_pgbouncer_in_transaction_mode_leaves_every_credit
     assert sum(tally.spent_ok.values()) > 0
     assert len(tally.paid) > 0
     report(f"load {stack.shop.label} through PgBouncer", figures(tally, stored, elapsed))
+
+
+def test_two_hosts_behind_pgbouncer_share_the_load_and_losing_one_loses_nothing(stack, through_pgbouncer):
+    """Two app hosts (two gunicorn masters on their own ports, the same SECRET_KEY) on one database
+    through PgBouncer in transaction mode: spenders and buyers spread over both, and Stripe delivers
+    each event and its duplicates to either. Halfway, one host dies: its master and workers are
+    SIGKILLed at once. Its clients move to the survivor; the answers lost with it count as "unknown",
+    as in the load with faults, and webhooks not answered are delivered again, to the survivor."""
+    if stack.backend != "postgresql":
+        pytest.skip("PgBouncer pools PostgreSQL connections")
+    servers: list[Gunicorn] = []
+    tally = Tally()
+    at_kill: dict[str, Any] = {}
+
+    def chaos(deadline: float) -> None:
+        time.sleep(max(0.0, deadline - TWO_HOSTS_SECONDS / 2 - time.monotonic()))
+        dead = servers[1]
+        with tally.lock:
+            at_kill["spends_ok"] = sum(tally.spent_ok.values())
+        at_kill["picked"] = [hosts.picked[s.port] for s in servers]
+        hosts.down(dead.port)  # the load balancer takes it out as it dies
+        dead.kill()
+
+    try:
+        for _ in range(2):
+            servers.append(stack.server(through_pgbouncer, CREDITS_DATABASE_POOLER="transaction"))
+        hosts = Hosts(*(s.port for s in servers))
+        wallets, _, elapsed = run_load(stack, hosts, TWO_HOSTS_SECONDS, faults=True, chaos=chaos, tally=tally)
+    finally:
+        for server in servers:
+            server.close()
+    stored = stack.shop.check(wallets, tally)
+    assert servers[1].proc.returncode == -signal.SIGKILL
+    assert min(at_kill["picked"]) > 0, at_kill  # both hosts took requests before the kill
+    assert sum(tally.spent_ok.values()) > at_kill["spends_ok"], at_kill  # the survivor kept serving
+    assert not any(status.endswith(" 500") for status in tally.statuses), tally.statuses
+    assert len(tally.paid) > 0
+    assert tally.deliveries > len(tally.events)  # duplicates were delivered
+    report(
+        f"two hosts through PgBouncer, one killed, {stack.shop.label}",
+        {
+            **figures(tally, stored, elapsed),
+            "requests_per_host_before_kill": at_kill["picked"],
+            "requests_per_host": [hosts.picked[s.port] for s in servers],
+        },
+    )
 
 
 def test_one_event_delivered_fifty_times_at_once_credits_once(stack):
