@@ -204,18 +204,23 @@ class RequestKeys:
         raise IdempotentRequestInProgress()
 
     def _settle_dead(self, row_id: int, attempt: int, wallet: Wallet, now: datetime, lease: timedelta) -> int:
-        """Settle a run whose lease is over: return its credits (if it was charged) and free its key.
-        1 when credits went back. The key is taken over first, as a retry would: a retry arriving
-        meanwhile gets 409 instead of running on the spend refunded here."""
+        """Settle a run whose lease is over (see :meth:`settle`); 1 when credits went back. The key is
+        taken over first, as a retry would: a retry arriving meanwhile gets 409 instead of running on
+        the spend refunded here."""
         if not self._take_over(row_id, attempt, now, now + lease):
             return 0
-        spend = self.ledger.find_by_key(wallet, _spend_key(row_id))
-        returned = 0
-        if spend is not None and self.ledger.refund_of(spend) is None:
+        return int(self.settle(Claim(row_id, attempt + 1, wallet, _spend_key(row_id))))
+
+    @unavailable_on_database_errors
+    def settle(self, claim: Claim) -> bool:
+        """End a run that will never finish, whose key this request holds: return its credits (if it
+        was charged and they were not returned yet) and free the key. True when credits went back."""
+        spend = self.ledger.find_by_key(claim.wallet, claim.spend_key)
+        returned = spend is not None and self.ledger.refund_of(spend) is None
+        if spend is not None and returned:
             reason = "returned: the request with this Idempotency-Key never finished"
-            self.ledger.refund(wallet, spend.id, reason=reason)
-            returned = 1
-        self.release(Claim(row_id, attempt + 1, wallet, _spend_key(row_id)))
+            self.ledger.refund(claim.wallet, spend.id, reason=reason)
+        self.release(claim)
         return returned
 
     def _take_over(self, row_id: int, attempt: int, now: datetime, until: datetime) -> bool:

@@ -82,8 +82,7 @@ def _seen(ext: FlaskCredits, event_id: str) -> bool:
 
 
 def _ignore(ext: FlaskCredits, obj: Mapping[str, Any], record: Recorder) -> str:
-    purchases.record_only(ext, record, "ignored", None)
-    return "ignored"
+    return "ignored"  # recorded by process(), as any outcome a handler did not record itself
 
 
 @_handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
@@ -112,7 +111,6 @@ def _payment_intent(obj: Mapping[str, Any]) -> str | None:
 def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recorder) -> str:
     purchase = purchases.purchase_for_payment(ext, _payment_intent(charge))
     if purchase is None:
-        purchases.record_only(ext, record, "unmatched", None)
         return "unmatched"
     target = credits_for(purchase.credits, purchase.amount, charge.get("amount_refunded"))
     return purchases.revoke(ext, purchase, cause="refund", refund_target=target, record=record)
@@ -123,7 +121,6 @@ def _dispute(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder, *,
     None: nothing moved (for example closed as ``warning_closed``)."""
     purchase = purchases.purchase_for_payment(ext, _payment_intent(dispute))
     if purchase is None:
-        purchases.record_only(ext, record, "unmatched", None)
         return "unmatched"
     if lost is None:
         purchases.record_only(ext, record, "ignored", purchase.id)

@@ -154,7 +154,7 @@ def _run_once(
             except IdempotencyConflict:
                 # Taken over from a run charged another cost (the price changed since): return
                 # that charge and start afresh under a new key row.
-                _settle_abandoned(ext, claim)
+                keys.settle(claim)
                 continue
             except BaseException:
                 # The database failed under the spend, which may still commit: keep the row, end its
@@ -163,7 +163,7 @@ def _run_once(
                 raise
             if spend.replayed and ext.ledger.refund_of(spend) is not None:
                 # Taken over from a run that failed and was refunded but could not free its key.
-                _settle_abandoned(ext, claim)
+                keys.settle(claim)
                 continue
         break
     else:  # pragma: no cover - a freshly claimed key cannot hold a refunded spend
@@ -211,14 +211,6 @@ def _idempotency_key() -> str | None:
             400, "bad_request", f"{header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
         )
     return value
-
-
-def _settle_abandoned(ext: FlaskCredits, claim: idempotency.Claim) -> None:
-    """Return the credits of the dead run this request took over (if not yet), then free its key."""
-    old = ext.ledger.find_by_key(claim.wallet, claim.spend_key)
-    if old is not None:
-        ext.ledger.refund(claim.wallet, old.id, reason="returned: the request with this key never finished")
-    ext.request_keys.release(claim)
 
 
 def _failed(ext: FlaskCredits, claim: idempotency.Claim, spend: Entry | None, why: str) -> None:
