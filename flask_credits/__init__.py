@@ -8,6 +8,8 @@ from .errors import (
     CreditsError,
     CreditsUnavailable,
     EntryNotFound,
+    HoldAlreadySettled,
+    HoldNotFound,
     IdempotencyConflict,
     IdempotencyKeyReused,
     IdempotentRequestInProgress,
@@ -19,7 +21,7 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import Entry, Wallet
+from .records import Entry, Hold, Wallet
 from .web.bodies import SafeJSONProvider, read_body
 from .web.decorators import requires_credits
 
@@ -32,6 +34,9 @@ __all__ = [
     "Entry",
     "EntryNotFound",
     "FlaskCredits",
+    "Hold",
+    "HoldAlreadySettled",
+    "HoldNotFound",
     "IdempotencyConflict",
     "IdempotencyKeyReused",
     "IdempotentRequestInProgress",

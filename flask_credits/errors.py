@@ -60,6 +60,16 @@ class NotRefundable(CreditsError):
     """Only a spend can be refunded, and only once."""
 
 
+class HoldNotFound(CreditsError, LookupError):
+    """No hold has that id."""
+
+
+class HoldAlreadySettled(CreditsError):
+    """The hold has ended and cannot become something else: settled already with another amount,
+    released and then settled with a charge, settled and then released, or extended after it ended.
+    Settling again with the same amount, and releasing twice, are not errors."""
+
+
 class InsufficientCredits(HTTPCreditsError):
     """The wallet cannot pay: HTTP 402 Payment Required. Nothing was written.
 

@@ -6,7 +6,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app
@@ -16,8 +16,8 @@ from . import settings
 from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
-from .errors import HTTPCreditsError, InsufficientCredits
-from .records import Entry, Wallet
+from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
+from .records import Entry, Hold, Wallet
 from .services import webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
@@ -54,6 +54,7 @@ class FlaskCredits:
     ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``, ``CREDITS_PURCHASE_EXPIRES_AFTER``,
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
+    ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
     ``CREDITS_SITE_URL``, ``CREDITS_DATABASE_POOLER``, ``CREDITS_STRIPE_TIMEOUT``,
     ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``,
@@ -183,8 +184,95 @@ class FlaskCredits:
     # -- the ledger --------------------------------------------------------------------------------
 
     def balance(self, user_id: str, key_id: str | None = None) -> int:
-        """Credits the wallet can spend now (expired lots no longer count)."""
+        """Credits the wallet can spend now: expired lots no longer count, and credits reserved by
+        live holds (:meth:`held`) are not included."""
         return self.ledger.balance(make_wallet(user_id, key_id))
+
+    def held(self, user_id: str, key_id: str | None = None) -> int:
+        """Credits reserved by the wallet's live holds: still the wallet's, but not spendable until
+        the holds are settled, released or expire."""
+        return self.ledger.held(make_wallet(user_id, key_id))
+
+    def holds(self, user_id: str, key_id: str | None = None) -> list[Hold]:
+        """The wallet's live holds, soonest expiry first (``flask credits holds USER``)."""
+        return self.ledger.holds(make_wallet(user_id, key_id))
+
+    def get_hold(self, hold_id: int) -> Hold:
+        """The hold with this id, live or ended; :class:`HoldNotFound` if there is none."""
+        return self.ledger.get_hold(hold_id)
+
+    def hold(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        key_id: str | None = None,
+        ttl: timedelta | float | None = None,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve ``amount`` credits for work whose cost is known only afterwards: they stay in the
+        wallet but cannot be spent or held again until :meth:`settle` charges what the work cost,
+        :meth:`release` gives them back, or ``ttl`` (a ``timedelta`` or seconds; default
+        ``CREDITS_HOLD_TTL``) passes, after which they count again. Drawn from the lots as a spend
+        would be (soonest expiry first). Raises :class:`InsufficientCredits` (402), writing nothing,
+        when the wallet cannot cover it. Replaying ``idempotency_key`` returns the same hold. Sends
+        ``credits_held`` (or ``credits_insufficient``)."""
+        try:
+            return self.ledger.hold(
+                make_wallet(user_id, key_id),
+                amount,
+                ttl=self._hold_ttl(ttl),
+                reason=reason,
+                idempotency_key=idempotency_key,
+            )
+        except InsufficientCredits as exc:
+            exc.purchase_url = self.purchase_url()
+            raise
+
+    def settle(
+        self,
+        hold_id: int,
+        amount: int,
+        *,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Entry | None:
+        """Charge ``amount`` credits for a hold and give the rest back, in one transaction; one spend
+        entry records the charge and is returned. ``amount`` may exceed the hold: the excess comes
+        from what the wallet can still spend, and what it cannot cover becomes debt (the next purchase
+        pays it first; ``credits_overdrawn``). A hold past its expiry is settled from what the wallet
+        can spend now, the rest as debt. Settling again with the same amount returns the same entry;
+        with another raises :class:`HoldAlreadySettled`. ``settle(hold_id, 0)`` is a release and
+        returns ``None`` (as does a settle whose whole charge became debt). Sends
+        ``credits_settled`` (``credits_released`` for 0)."""
+        return self.ledger.settle(hold_id, amount, reason=reason, idempotency_key=idempotency_key)
+
+    def release(self, hold_id: int) -> None:
+        """Give a hold's credits back. Idempotent; raises :class:`HoldAlreadySettled` for a settled
+        hold. Sends ``credits_released``."""
+        self.ledger.release(hold_id)
+
+    def extend_hold(self, hold_id: int, amount: int, *, ttl: timedelta | float | None = None) -> Hold:
+        """Reserve ``amount`` more credits for a live hold, which then lasts at least ``ttl`` from now
+        (default ``CREDITS_HOLD_TTL``). Raises :class:`InsufficientCredits` when the wallet cannot
+        cover it (the hold is unchanged) and :class:`HoldAlreadySettled` when the hold has ended."""
+        try:
+            return self.ledger.extend(hold_id, amount, ttl=self._hold_ttl(ttl))
+        except InsufficientCredits as exc:
+            exc.purchase_url = self.purchase_url()
+            raise
+
+    def _hold_ttl(self, ttl: timedelta | float | None) -> timedelta:
+        if ttl is None:
+            return self.settings.hold_ttl
+        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            ttl = timedelta(seconds=ttl)
+        if not isinstance(ttl, timedelta) or not timedelta(0) < ttl <= timedelta(days=366):
+            raise InvalidArgument(
+                f"ttl must be a timedelta or seconds, above 0 and at most a year, not {ttl!r}"
+            )
+        return ttl
 
     def grant(
         self,
@@ -255,9 +343,9 @@ class FlaskCredits:
         return self.ledger.history(make_wallet(user_id, key_id), limit=limit, before=before)
 
     def expire(self) -> int:
-        """Expire the due lots of every wallet (spends and balances also do it lazily); returns how
-        many wallets were visited. Run it from cron with ``flask credits expire``, which also runs
-        :meth:`prune_request_keys`."""
+        """Expire the due lots and release the expired holds of every wallet (spends and balances
+        also do it lazily); returns how many wallets were visited. Run it from cron with
+        ``flask credits expire``, which also runs :meth:`prune_request_keys`."""
         return self.ledger.expire_all()
 
     def prune_request_keys(self) -> tuple[int, int]:

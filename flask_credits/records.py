@@ -19,8 +19,9 @@ class Wallet(NamedTuple):
 class Entry:
     """One row of the append-only ledger: a change of one wallet's balance.
 
-    ``amount`` is signed (credits in are positive), ``balance_after`` is the wallet's balance once this
-    entry applied, ``kind`` is one of ``grant``, ``purchase``, ``spend``, ``refund``, ``expire``,
+    ``amount`` is signed (credits in are positive), ``balance_after`` is what the wallet held once this
+    entry applied (credits reserved by live holds included: it is the running sum of the amounts),
+    ``kind`` is one of ``grant``, ``purchase``, ``spend``, ``refund``, ``expire``,
     ``revoke``, ``reinstate``, ``debt``.
 
     ``replayed`` is about the call that returned it, not the row: ``True`` when an idempotency key
@@ -53,6 +54,44 @@ class Entry:
             "metadata": self.metadata,
             "created_at": self.created_at.isoformat(),
             "reverses_id": self.reverses_id,
+        }
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Credits reserved in one wallet for work whose cost is known only afterwards
+    (:meth:`FlaskCredits.hold`); :meth:`FlaskCredits.settle` charges what it really cost.
+
+    ``amount`` is what the hold reserves (it grows when extended), ``expires_at`` when it stops
+    counting if nobody settles or releases it, ``status`` one of ``held``, ``settled``, ``released``
+    or ``expired``. ``replayed`` is ``True`` when an idempotency key returned a hold placed earlier.
+    """
+
+    id: int
+    user_id: str
+    key_id: str | None
+    amount: int
+    expires_at: datetime
+    status: str
+    reason: str
+    idempotency_key: str | None
+    created_at: datetime
+    replayed: bool = field(default=False, compare=False)
+
+    @property
+    def wallet(self) -> Wallet:
+        return Wallet(self.user_id, self.key_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "key_id": self.key_id,
+            "amount": self.amount,
+            "status": self.status,
+            "reason": self.reason,
+            "expires_at": self.expires_at.isoformat(),
+            "created_at": self.created_at.isoformat(),
         }
 
 

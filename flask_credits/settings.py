@@ -48,6 +48,12 @@ DEFAULTS: dict[str, Any] = {
     # Largest response body stored for replays, in bytes; a larger (or streamed) response is sent
     # once, and a retry with its key gets 409.
     "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES": 1024 * 1024,
+    # How long a hold lasts when neither the call nor the decorator says (seconds or a timedelta):
+    # past it, its credits count again, and a settle charges what the wallet can spend then.
+    "CREDITS_HOLD_TTL": 900,
+    # What @requires_credits(hold=...) does when the view returns without settling its hold:
+    # "charge" the whole hold, or "release" it (a view that used credits then settles them itself).
+    "CREDITS_HOLD_UNSETTLED": "charge",
     # Largest request body the blueprint's routes read (checkout, JSON endpoints), in bytes; the
     # webhook has CREDITS_WEBHOOK_MAX_BYTES. The app's MAX_CONTENT_LENGTH still applies if smaller.
     "CREDITS_MAX_CONTENT_LENGTH": 64 * 1024,
@@ -134,6 +140,8 @@ class Settings:
     idempotency_ttl: timedelta
     idempotency_lock_timeout: timedelta
     idempotency_max_response_bytes: int
+    hold_ttl: timedelta
+    hold_unsettled: Literal["charge", "release"]
     max_content_length: int
     max_open_purchases: int
     success_check_interval: timedelta
@@ -166,6 +174,9 @@ def parse(config: Mapping[str, Any]) -> Settings:
         raise RuntimeError(
             f'CREDITS_DATABASE_POOLER must be "transaction", "session" or None, not {pooler!r}'
         )
+    unsettled = config["CREDITS_HOLD_UNSETTLED"]
+    if unsettled not in ("charge", "release"):
+        raise RuntimeError(f'CREDITS_HOLD_UNSETTLED must be "charge" or "release", not {unsettled!r}')
     prefix = config["CREDITS_URL_PREFIX"]
     if not isinstance(prefix, str):
         raise RuntimeError(f"CREDITS_URL_PREFIX must be a path such as '/credits', not {prefix!r}")
@@ -186,6 +197,8 @@ def parse(config: Mapping[str, Any]) -> Settings:
         idempotency_ttl=_duration(config, "CREDITS_IDEMPOTENCY_TTL"),
         idempotency_lock_timeout=_duration(config, "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT"),
         idempotency_max_response_bytes=_whole(config, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES", 0),
+        hold_ttl=_duration(config, "CREDITS_HOLD_TTL", minimum=1),
+        hold_unsettled=unsettled,
         max_content_length=_whole(config, "CREDITS_MAX_CONTENT_LENGTH", 1),
         max_open_purchases=_whole(config, "CREDITS_MAX_OPEN_PURCHASES", 1),
         success_check_interval=_duration(config, "CREDITS_SUCCESS_CHECK_INTERVAL", minimum=1),

@@ -45,13 +45,37 @@ credits_revoked = _signals.signal("credits-revoked")
 #: Arguments: ``wallet``, ``purchase``.
 credits_payment_failed = _signals.signal("credits-payment-failed")
 
+#: Credits were reserved by :meth:`FlaskCredits.hold` (or ``@requires_credits(hold=...)``); they stay
+#: in the wallet but cannot be spent until the hold is settled, released or expires.
+#: Arguments: ``wallet``, ``hold`` (a :class:`flask_credits.Hold`), ``amount`` (int, credits reserved
+#: by this call: the whole hold, or what an extension added).
+credits_held = _signals.signal("credits-held")
+
+#: A hold was settled: ``amount`` credits were charged (one spend entry) and the rest given back.
+#: Arguments: ``wallet``, ``hold``, ``held`` (int, credits the hold reserved), ``amount`` (int, the
+#: charge), ``entry`` (the spend, or ``None`` when nothing left the wallet: all of it became debt).
+credits_settled = _signals.signal("credits-settled")
+
+#: A hold ended without a charge: released, settled at 0, or past its expiry.
+#: Arguments: ``wallet``, ``hold``, ``amount`` (int, credits given back), ``expired`` (bool).
+credits_released = _signals.signal("credits-released")
+
+#: A settle charged more than the wallet could pay (the work was done): the rest became debt, which
+#: the next purchase pays first.
+#: Arguments: ``wallet``, ``hold``, ``amount`` (int, credits added to the debt), ``entry`` (or None).
+credits_overdrawn = _signals.signal("credits-overdrawn")
+
 __all__ = [
     "credits_expired",
     "credits_granted",
+    "credits_held",
     "credits_insufficient",
+    "credits_overdrawn",
     "credits_payment_failed",
     "credits_purchased",
     "credits_refunded",
+    "credits_released",
     "credits_revoked",
+    "credits_settled",
     "credits_spent",
 ]

@@ -17,6 +17,8 @@ CREDITS_TABLES = {
     "credits_entries",
     "credits_lots",
     "credits_draws",
+    "credits_holds",
+    "credits_hold_draws",
     "credits_purchases",
     "credits_stripe_events",
     "credits_requests",

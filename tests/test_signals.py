@@ -84,4 +84,8 @@ def test_signal_names_are_kebab_case_in_one_namespace():
         "credits-purchased",
         "credits-revoked",
         "credits-payment-failed",
+        "credits-held",
+        "credits-settled",
+        "credits-released",
+        "credits-overdrawn",
     }

@@ -12,6 +12,7 @@ from ..storage.database import Database, unavailable_on_database_errors
 def audit(db: Database) -> list[str]:
     """Check every wallet's invariants; return one line per problem, naming the wallet."""
     w, e, lt, d = db.t.wallets, db.t.entries, db.t.lots, db.t.draws
+    h, hd = db.t.holds, db.t.hold_draws
     problems: list[str] = []
     with db.engine.connect() as conn:
         wallets = {r.id: r for r in conn.execute(sa.select(w))}
@@ -48,6 +49,25 @@ def audit(db: Database) -> list[str]:
             .group_by(e.c.id, e.c.wallet_id, e.c.amount)
             .having(drawn != e.c.amount)
         ).all()
+        live = {
+            r.wallet_id: r
+            for r in conn.execute(
+                sa.select(
+                    h.c.wallet_id,
+                    sa.func.sum(h.c.amount).label("held"),
+                    sa.func.min(h.c.expires_at).label("soonest"),
+                )
+                .where(h.c.status == "held")
+                .group_by(h.c.wallet_id)
+            )
+        }
+        held_draws = sa.func.coalesce(sa.func.sum(hd.c.amount), 0)
+        bad_holds = conn.execute(
+            sa.select(h.c.id, h.c.wallet_id, h.c.status, h.c.amount, held_draws.label("drawn"))
+            .outerjoin(hd, hd.c.hold_id == h.c.id)
+            .group_by(h.c.id, h.c.wallet_id, h.c.status, h.c.amount)
+            .having(sa.case((h.c.status == "held", h.c.amount), else_=0) != held_draws)
+        ).all()
         bad_lots = conn.execute(
             sa.select(lt.c.id, lt.c.wallet_id, lt.c.amount, e.c.amount.label("entry_amount"))
             .join(e, e.c.id == lt.c.entry_id)
@@ -57,18 +77,32 @@ def audit(db: Database) -> list[str]:
         name = f"wallet {Wallet(row.user_id, row.key_id or None)}"
         total = int(sums[wid].total) if wid in sums else 0
         remaining = int(lots[wid].remaining) if wid in lots else 0
-        if row.balance != total:
-            problems.append(f"{name}: balance {row.balance} != sum of entries {total}")
+        held = int(live[wid].held) if wid in live else 0
+        if row.balance + row.held != total:
+            problems.append(f"{name}: balance {row.balance} + held {row.held} != sum of entries {total}")
+        if row.held != held:
+            problems.append(f"{name}: held {row.held} != credits of its live holds {held}")
         if row.balance != remaining:
             problems.append(f"{name}: balance {row.balance} != credits left in lots {remaining}")
-        if wid in last_after and last_after[wid] != row.balance:
-            problems.append(f"{name}: balance {row.balance} != last entry's balance_after {last_after[wid]}")
+        if wid in last_after and last_after[wid] != row.balance + row.held:
+            problems.append(
+                f"{name}: balance {row.balance} + held {row.held} != last entry's balance_after"
+                f" {last_after[wid]}"
+            )
         soonest = lots[wid].soonest if wid in lots else None
         if soonest is not None and (row.next_expiry is None or row.next_expiry > soonest):
             problems.append(f"{name}: next_expiry {row.next_expiry} is after a lot's expiry")
+        hold_expiry = live[wid].soonest if wid in live else None
+        if hold_expiry is not None and (row.next_expiry is None or row.next_expiry > hold_expiry):
+            problems.append(f"{name}: next_expiry {row.next_expiry} is after a live hold's expiry")
     for r in bad_draws:
         problems.append(
             f"wallet id {r.wallet_id}: entry {r.id} moved {r.amount} but its lots moved {r.drawn}"
+        )
+    for hr in bad_holds:
+        problems.append(
+            f"wallet id {hr.wallet_id}: hold {hr.id} ({hr.status}, {hr.amount}) has {hr.drawn} credits"
+            " drawn from lots"
         )
     for r in bad_lots:
         problems.append(f"wallet id {r.wallet_id}: lot {r.id} holds {r.amount}, its entry {r.entry_amount}")

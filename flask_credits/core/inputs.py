@@ -13,12 +13,12 @@ MAX_AMOUNT = 10**15
 MAX_ID = 2**63 - 1
 
 
-def check_amount(amount: object, name: str = "amount") -> int:
-    """Return ``amount`` if it is a whole number of credits between 1 and ``MAX_AMOUNT``."""
+def check_amount(amount: object, name: str = "amount", *, minimum: int = 1) -> int:
+    """Return ``amount`` if it is a whole number of credits between ``minimum`` and ``MAX_AMOUNT``."""
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidAmount(f"{name} must be a whole number of credits, not {amount!r}")
-    if amount < 1:
-        raise InvalidAmount(f"{name} must be at least 1, not {amount}")
+    if amount < minimum:
+        raise InvalidAmount(f"{name} must be at least {minimum}, not {amount}")
     if amount > MAX_AMOUNT:
         raise InvalidAmount(f"{name} must be at most {MAX_AMOUNT}, not {amount}")
     return amount

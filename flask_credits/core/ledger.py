@@ -29,12 +29,14 @@ from sqlalchemy.engine import Connection, Row
 from .. import signals
 from ..errors import (
     EntryNotFound,
+    HoldAlreadySettled,
+    HoldNotFound,
     IdempotencyConflict,
     InsufficientCredits,
     InvalidArgument,
     NotRefundable,
 )
-from ..records import FULFILLABLE, Entry, Wallet
+from ..records import FULFILLABLE, Entry, Hold, Wallet
 from ..storage.database import Database, sqlstate, unavailable_on_database_errors
 from ..storage.statements import SPEND, sooner
 from .inputs import MAX_ID, check_amount, check_text
@@ -69,6 +71,22 @@ class Revocation:
 class _Draw:
     lot_id: int
     amount: int  # signed, as stored
+
+
+def _merge(draws: list[_Draw]) -> list[_Draw]:
+    """One draw per lot (a settle may take from a lot both the held credits and more)."""
+    merged: dict[int, int] = {}
+    for d in draws:
+        merged[d.lot_id] = merged.get(d.lot_id, 0) + d.amount
+    return [_Draw(lot_id, amount) for lot_id, amount in merged.items()]
+
+
+@dataclass(frozen=True)
+class _Settled:
+    hold: Hold
+    entry: Entry | None
+    held: int
+    debt: int
 
 
 class Ledger:
@@ -377,17 +395,26 @@ class Ledger:
 
     @unavailable_on_database_errors
     def expire(self, wallet: Wallet, *, now: datetime | None = None) -> int:
-        """Remove the credits of lots whose expiry has passed; return the balance after."""
+        """Give back the credits of holds past their expiry, then remove the credits of lots whose
+        expiry has passed; return what the wallet can spend after."""
         now = now or self.db.now()
         w, lt = self.t.wallets, self.t.lots
 
-        def tx(conn: Connection) -> tuple[int, Entry | None]:
-            found = self._update_wallet(
-                conn, sa.update(w).where(*self._owner(wallet)).values(updated_at=now), wallet
-            )
-            if found is None:
-                return 0, None
-            wallet_id, balance = found
+        def tx(conn: Connection) -> tuple[int, Entry | None, list[tuple[Hold, int]]]:
+            locked = self._lock_wallet(conn, sa.and_(*self._owner(wallet)), now)
+            if locked is None:
+                return 0, None, []
+            wallet_id = int(locked.id)
+            h = self.t.holds
+            ended: list[tuple[Hold, int]] = []
+            for row in conn.execute(
+                sa.select(h).where(h.c.wallet_id == wallet_id, h.c.status == "held", h.c.expires_at <= now)
+            ):
+                self._unhold(conn, int(row.id), 0)
+                conn.execute(sa.update(h).where(h.c.id == row.id).values(status="expired", updated_at=now))
+                ended.append((self._hold(row, wallet, status="expired"), int(row.amount)))
+            released = sum(amount for _, amount in ended)
+            # After the holds gave their credits back: those of lots that expired meanwhile go too.
             due = (
                 sa.select(lt.c.id, lt.c.remaining)
                 .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0, lt.c.expires_at <= now)
@@ -397,35 +424,37 @@ class Ledger:
             for draw in draws:
                 conn.execute(sa.update(lt).where(lt.c.id == draw.lot_id).values(remaining=0))
             total = -sum(d.amount for d in draws)
-            next_expiry = (
-                sa.select(sa.func.min(lt.c.expires_at))
-                .where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
-                .scalar_subquery()
-            )
             conn.execute(
                 sa.update(w)
                 .where(w.c.id == wallet_id)
-                .values(balance=w.c.balance - total, next_expiry=next_expiry)
+                .values(
+                    balance=w.c.balance + released - total,
+                    held=w.c.held - released,
+                    next_expiry=self._next_expiry(conn, wallet_id),
+                )
             )
+            available = int(locked.balance) + released - total
             if not total:
-                return balance, None
+                return available, None, ended
             entry = self._insert_entry(
                 conn,
                 wallet,
                 wallet_id,
                 amount=-total,
-                balance_after=balance - total,
+                balance_after=int(locked.balance) + int(locked.held) - total,
                 kind="expire",
                 reason="credits expired",
                 now=now,
             )
             self._insert_draws(conn, entry.id, draws)
-            return balance - total, entry
+            return available, entry, ended
 
-        balance, entry = self.db.run(tx)
+        available, entry, ended = self.db.run(tx)
+        for hold, amount in ended:
+            self.emit(signals.credits_released, wallet=wallet, hold=hold, amount=amount, expired=True)
         if entry is not None:
             self.emit(signals.credits_expired, wallet=wallet, amount=-entry.amount, entry=entry)
-        return balance
+        return available
 
     @unavailable_on_database_errors
     def expire_all(self, *, now: datetime | None = None) -> int:
@@ -437,6 +466,335 @@ class Ledger:
         for row in due:
             self.expire(Wallet(row.user_id, row.key_id or None), now=now)
         return len(due)
+
+    # -- holds -----------------------------------------------------------------------------------
+
+    @unavailable_on_database_errors
+    def held(self, wallet: Wallet) -> int:
+        """Credits reserved by the wallet's live holds (those past their expiry no longer count)."""
+        now = self.db.now()
+        with self.db.reader.connect() as conn:
+            row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).first()
+        if row is None:
+            return 0
+        if row.next_expiry is not None and row.next_expiry <= now:
+            self.expire(wallet, now=now)
+            with self.db.reader.connect() as conn:
+                row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).one()
+        return int(row.held)
+
+    @unavailable_on_database_errors
+    def holds(self, wallet: Wallet) -> list[Hold]:
+        """The wallet's live holds, soonest expiry first."""
+        h = self.t.holds
+        now = self.db.now()
+        with self.db.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(h)
+                .where(
+                    h.c.wallet_id == self._wallet_id_of(wallet), h.c.status == "held", h.c.expires_at > now
+                )
+                .order_by(h.c.expires_at, h.c.id)
+            ).all()
+        return [self._hold(row, wallet) for row in rows]
+
+    @unavailable_on_database_errors
+    def get_hold(self, hold_id: int) -> Hold:
+        """The hold with this id, in whatever state it is (``HoldNotFound`` if there is none)."""
+        row, wallet = self._hold_row(hold_id)
+        return self._hold(row, wallet)
+
+    @unavailable_on_database_errors
+    def hold(
+        self,
+        wallet: Wallet,
+        amount: int,
+        *,
+        ttl: timedelta,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve ``amount`` credits, drawn from the lots as a spend would draw them, until
+        ``ttl`` from now; or raise InsufficientCredits, nothing written. A replayed
+        ``idempotency_key`` returns the hold it placed."""
+        amount = check_amount(amount)
+        check_text(reason, "reason", 255, optional=True)
+        check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        if idempotency_key is not None:
+            done = self._hold_replay(wallet, idempotency_key, amount)
+            if done is not None:
+                return done
+        now = self.db.now()
+        expires_at = now + ttl
+        w, h = self.t.wallets, self.t.holds
+        reserve = (
+            sa.update(w)
+            .where(
+                *self._owner(wallet),
+                w.c.balance >= amount,
+                sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
+            )
+            .values(
+                balance=w.c.balance - amount,
+                held=w.c.held + amount,
+                next_expiry=sooner(w.c.next_expiry, expires_at),
+                updated_at=now,
+            )
+        )
+
+        def tx(conn: Connection) -> Hold | None:
+            found = self._update_wallet(conn, reserve, wallet)
+            if found is None:
+                return None
+            wallet_id = found[0]
+            draws = self._draw(conn, wallet_id, amount)
+            hold_id = conn.execute(
+                sa.insert(h).values(
+                    wallet_id=wallet_id,
+                    amount=amount,
+                    requested=amount,
+                    status="held",
+                    reason=reason,
+                    idempotency_key=idempotency_key,
+                    expires_at=expires_at,
+                    debt=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
+            self._insert_hold_draws(conn, int(hold_id), draws)
+            return Hold(
+                id=int(hold_id),
+                user_id=wallet.user_id,
+                key_id=wallet.key_id,
+                amount=amount,
+                expires_at=expires_at,
+                status="held",
+                reason=reason,
+                idempotency_key=idempotency_key,
+                created_at=now,
+            )
+
+        placed = self._run_hold(tx, wallet, idempotency_key, amount)
+        if placed is None and self._expiry_due(wallet, now):
+            self.expire(wallet, now=now)
+            placed = self._run_hold(tx, wallet, idempotency_key, amount)
+        if placed is None:
+            balance = self.balance(wallet)
+            self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
+            raise InsufficientCredits(amount, balance)
+        if not placed.replayed:
+            self.emit(signals.credits_held, wallet=wallet, hold=placed, amount=amount)
+        return placed
+
+    @unavailable_on_database_errors
+    def extend(self, hold_id: int, amount: int, *, ttl: timedelta | None = None) -> Hold:
+        """Reserve ``amount`` more credits for a live hold (same rules as :meth:`hold`); with
+        ``ttl``, the hold also lasts at least that long from now. InsufficientCredits when the
+        wallet cannot cover it (the hold stays as it was); HoldAlreadySettled when it has ended."""
+        amount = check_amount(amount)
+        row, wallet = self._hold_row(hold_id)
+        if row.status != "held":
+            raise HoldAlreadySettled(f"hold {hold_id} is {row.status}: it cannot be extended")
+        now = self.db.now()
+        w, h, hd = self.t.wallets, self.t.holds, self.t.hold_draws
+        later = None if ttl is None else now + ttl
+        reserve = (
+            sa.update(w)
+            .where(
+                w.c.id == row.wallet_id,
+                w.c.balance >= amount,
+                sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
+            )
+            .values(
+                balance=w.c.balance - amount,
+                held=w.c.held + amount,
+                next_expiry=sooner(w.c.next_expiry, later),
+                updated_at=now,
+            )
+        )
+
+        def tx(conn: Connection) -> Hold | None:
+            if conn.execute(reserve).rowcount != 1:
+                return None
+            current = conn.execute(sa.select(h).where(h.c.id == hold_id)).one()
+            if current.status != "held" or current.expires_at <= now:
+                # Raised inside the transaction: the reservation above is undone with it.
+                raise HoldAlreadySettled(f"hold {hold_id} has ended ({current.status}): it cannot grow")
+            for draw in self._draw(conn, int(row.wallet_id), amount):
+                added = conn.execute(
+                    sa.update(hd)
+                    .where(hd.c.hold_id == hold_id, hd.c.lot_id == draw.lot_id)
+                    .values(amount=hd.c.amount - draw.amount)
+                )
+                if added.rowcount != 1:
+                    self._insert_hold_draws(conn, hold_id, [draw])
+            expires_at = current.expires_at if later is None else max(current.expires_at, later)
+            conn.execute(
+                sa.update(h)
+                .where(h.c.id == hold_id)
+                .values(amount=h.c.amount + amount, expires_at=expires_at, updated_at=now)
+            )
+            return self._hold(current, wallet, amount=int(current.amount) + amount, expires_at=expires_at)
+
+        extended = self.db.run(tx)
+        if extended is None and self._expiry_due(wallet, now):
+            self.expire(wallet, now=now)
+            extended = self.db.run(tx)
+        if extended is None:
+            balance = self.balance(wallet)
+            self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
+            raise InsufficientCredits(amount, balance)
+        self.emit(signals.credits_held, wallet=wallet, hold=extended, amount=amount)
+        return extended
+
+    @unavailable_on_database_errors
+    def settle(
+        self,
+        hold_id: int,
+        amount: int,
+        *,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Entry | None:
+        """Charge ``amount`` for a hold and give the rest back, in one transaction: the held credits
+        pay first (soonest-expiring lots first), then what the wallet can spend, and what it cannot
+        becomes debt. One spend entry records the charge (``None`` when nothing left the wallet: a
+        settle at 0 is a release). Settling again with the same amount returns the same entry
+        (marked replayed); with another, HoldAlreadySettled. A hold that expired is settled from
+        what the wallet can spend now."""
+        amount = check_amount(amount, minimum=0)
+        check_text(reason, "reason", 255, optional=True)
+        check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        row, wallet = self._hold_row(hold_id)
+        done = self._settled(row, wallet, amount)
+        if done is not None:
+            return done[0]
+        now = self.db.now()
+        if row.expires_at <= now or self._expiry_due(wallet, now):
+            self.expire(wallet, now=now)  # an expired hold stops counting; expired lots go first
+        w, h = self.t.wallets, self.t.holds
+
+        def tx(conn: Connection) -> _Settled | tuple[Entry | None]:
+            locked = self._lock_wallet(conn, w.c.id == row.wallet_id, now)
+            assert locked is not None  # the hold's wallet
+            current = conn.execute(sa.select(h).where(h.c.id == hold_id)).one()
+            replay = self._settled(current, wallet, amount)
+            if replay is not None:
+                return replay
+            held = int(current.amount) if current.status == "held" else 0
+            from_hold = min(amount, held)
+            charged, soonest = self._unhold(conn, hold_id, from_hold) if held else ([], None)
+            given_back = held - from_hold
+            extra = min(amount - from_hold, int(locked.balance))
+            if extra:
+                charged = _merge(charged + self._draw(conn, int(locked.id), extra))
+            debt = amount - from_hold - extra
+            charge = from_hold + extra
+            conn.execute(
+                sa.update(w)
+                .where(w.c.id == locked.id)
+                .values(
+                    balance=w.c.balance + given_back - extra,
+                    held=w.c.held - held,
+                    debt=w.c.debt + debt,
+                    next_expiry=sooner(w.c.next_expiry, soonest),
+                    updated_at=now,
+                )
+            )
+            entry = None
+            if charge:
+                metadata: dict[str, Any] = {"hold_id": hold_id, "held": held, "amount": amount}
+                if debt:
+                    metadata["debt"] = debt
+                entry = self._insert_entry(
+                    conn,
+                    wallet,
+                    int(locked.id),
+                    amount=-charge,
+                    balance_after=int(locked.balance) + int(locked.held) - charge,
+                    kind="spend",
+                    reason=reason or current.reason or "settled hold",
+                    idempotency_key=idempotency_key,
+                    metadata=metadata,
+                    now=now,
+                )
+                self._insert_draws(conn, entry.id, charged)
+            conn.execute(
+                sa.update(h)
+                .where(h.c.id == hold_id)
+                .values(
+                    status="settled" if amount else "released",
+                    settled_amount=amount,
+                    entry_id=None if entry is None else entry.id,
+                    debt=debt,
+                    updated_at=now,
+                )
+            )
+            status = "settled" if amount else "released"
+            return _Settled(self._hold(current, wallet, status=status), entry, held, debt)
+
+        try:
+            result = self.db.run(tx)
+        except sa.exc.IntegrityError:
+            # The idempotency key is taken: by this very settle, committed by a concurrent call
+            # (a replay), or by another entry of the wallet (a conflict).
+            row, wallet = self._hold_row(hold_id)
+            done = self._settled(row, wallet, amount)
+            if done is None or idempotency_key is None:
+                raise
+            return done[0]
+        if not isinstance(result, _Settled):
+            return result[0]
+        hold, entry, held = result.hold, result.entry, result.held
+        if amount:
+            settled = {"held": held, "amount": amount, "entry": entry}
+            self.emit(signals.credits_settled, wallet=wallet, hold=hold, **settled)
+        else:
+            self.emit(signals.credits_released, wallet=wallet, hold=hold, amount=held, expired=False)
+        if result.debt:
+            self.emit(signals.credits_overdrawn, wallet=wallet, hold=hold, amount=result.debt, entry=entry)
+        return entry
+
+    @unavailable_on_database_errors
+    def release(self, hold_id: int) -> None:
+        """Give a hold's credits back to the lots they came from. Releasing a released or expired
+        hold does nothing; a settled one raises HoldAlreadySettled."""
+        row, wallet = self._hold_row(hold_id)
+        if row.status == "settled":
+            raise HoldAlreadySettled(f"hold {hold_id} was settled: it can no longer be released")
+        if row.status != "held":
+            return
+        now = self.db.now()
+        w, h = self.t.wallets, self.t.holds
+
+        def tx(conn: Connection) -> tuple[Hold, int] | None:
+            locked = self._lock_wallet(conn, w.c.id == row.wallet_id, now)
+            assert locked is not None
+            current = conn.execute(sa.select(h).where(h.c.id == hold_id)).one()
+            if current.status == "settled":
+                raise HoldAlreadySettled(f"hold {hold_id} was settled: it can no longer be released")
+            if current.status != "held":
+                return None
+            held = int(current.amount)
+            soonest = self._unhold(conn, hold_id, 0)[1]
+            conn.execute(
+                sa.update(w)
+                .where(w.c.id == locked.id)
+                .values(
+                    balance=w.c.balance + held,
+                    held=w.c.held - held,
+                    next_expiry=sooner(w.c.next_expiry, soonest),
+                    updated_at=now,
+                )
+            )
+            conn.execute(sa.update(h).where(h.c.id == hold_id).values(status="released", updated_at=now))
+            return self._hold(current, wallet, status="released"), held
+
+        released = self.db.run(tx)
+        if released is not None:
+            hold, held = released
+            self.emit(signals.credits_released, wallet=wallet, hold=hold, amount=held, expired=False)
 
     # -- purchases ---------------------------------------------------------------------------------
 
@@ -493,7 +851,7 @@ class Ledger:
             )
             if changed.rowcount != 1:  # pragma: no cover - the wallet row is locked
                 raise RuntimeError(f"wallet {wallet} changed under its lock")
-            balance = int(owner.balance) + credits
+            balance = int(owner.balance) + int(owner.held) + credits
             meta = {"purchase_id": purchase_id, "session_id": purchase.session_id}
             entry = self._insert_entry(
                 conn,
@@ -612,7 +970,7 @@ class Ledger:
                     wallet,
                     owner.id,
                     amount=-take,
-                    balance_after=int(owner.balance) - take,
+                    balance_after=int(owner.balance) + int(owner.held) - take,
                     kind=kind,
                     reason=reason,
                     metadata={"purchase_id": purchase_id, "refund": after.refund, "dispute": after.dispute},
@@ -665,13 +1023,144 @@ class Ledger:
             id=int(row.entry_id),
             wallet=wallet,
             amount=-amount,
-            balance_after=int(row.balance),
+            balance_after=int(row.balance) + int(row.held),
             kind="spend",
             reason=reason,
             idempotency_key=idempotency_key,
             metadata=metadata,
             created_at=now,
         )
+
+    def _lock_wallet(self, conn: Connection, where: sa.ColumnElement[bool], now: datetime) -> Row[Any] | None:
+        """Lock one wallet row (a write takes the lock on every backend, SQLite's database lock
+        included) and read it; None if there is no such wallet."""
+        w = self.t.wallets
+        if conn.execute(sa.update(w).where(where).values(updated_at=now)).rowcount != 1:
+            return None
+        return conn.execute(sa.select(w).where(where)).one()
+
+    def _next_expiry(self, conn: Connection, wallet_id: int) -> datetime | None:
+        """The soonest expiry among the wallet's lots with credits left and its live holds."""
+        lt, h = self.t.lots, self.t.holds
+        lots = conn.execute(
+            sa.select(sa.func.min(lt.c.expires_at)).where(lt.c.wallet_id == wallet_id, lt.c.remaining > 0)
+        ).scalar_one()
+        holds = conn.execute(
+            sa.select(sa.func.min(h.c.expires_at)).where(h.c.wallet_id == wallet_id, h.c.status == "held")
+        ).scalar_one()
+        found = [when for when in (lots, holds) if when is not None]
+        return min(found) if found else None
+
+    def _hold_draws(self, conn: Connection, hold_id: int) -> list[Row[Any]]:
+        """The lots a live hold drew on, in the order a spend draws: soonest expiry first."""
+        hd, lt = self.t.hold_draws, self.t.lots
+        return list(
+            conn.execute(
+                sa.select(hd.c.lot_id, hd.c.amount, lt.c.expires_at)
+                .join(lt, lt.c.id == hd.c.lot_id)
+                .where(hd.c.hold_id == hold_id)
+                .order_by(sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
+            )
+        )
+
+    def _unhold(self, conn: Connection, hold_id: int, keep: int) -> tuple[list[_Draw], datetime | None]:
+        """End a hold's reservation: ``keep`` of its credits are charged (returned as the draws of a
+        spend), the rest go back to the lots they came from. Returns the draws and the soonest expiry
+        among the lots credits went back to (the wallet's ``next_expiry`` must not be later)."""
+        hd, lt = self.t.hold_draws, self.t.lots
+        charged: list[_Draw] = []
+        soonest: datetime | None = None
+        rows = self._hold_draws(conn, hold_id)
+        for r in rows:
+            take = min(keep, int(r.amount))
+            keep -= take
+            if take:
+                charged.append(_Draw(int(r.lot_id), -take))
+            back = int(r.amount) - take
+            if back:
+                conn.execute(sa.update(lt).where(lt.c.id == r.lot_id).values(remaining=lt.c.remaining + back))
+                if r.expires_at is not None and (soonest is None or r.expires_at < soonest):
+                    soonest = r.expires_at
+        if keep:  # pragma: no cover - the wallet lock keeps a hold's draws equal to its amount
+            raise RuntimeError(f"credits hold {hold_id} holds fewer credits than it says")
+        if rows:
+            conn.execute(sa.delete(hd).where(hd.c.hold_id == hold_id))
+        return charged, soonest
+
+    def _insert_hold_draws(self, conn: Connection, hold_id: int, draws: Sequence[_Draw]) -> None:
+        if draws:
+            conn.execute(
+                sa.insert(self.t.hold_draws),
+                [{"hold_id": hold_id, "lot_id": d.lot_id, "amount": -d.amount} for d in draws],
+            )
+
+    def _hold_row(self, hold_id: int) -> tuple[Row[Any], Wallet]:
+        if isinstance(hold_id, bool) or not isinstance(hold_id, int) or not 1 <= hold_id <= MAX_ID:
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        h, w = self.t.holds, self.t.wallets
+        with self.db.reader.connect() as conn:
+            row = conn.execute(
+                sa.select(h, w.c.user_id, w.c.key_id)
+                .join(w, w.c.id == h.c.wallet_id)
+                .where(h.c.id == hold_id)
+            ).first()
+        if row is None:
+            raise HoldNotFound(f"no hold {hold_id}")
+        return row, Wallet(row.user_id, row.key_id or None)
+
+    def _hold(self, row: Row[Any], wallet: Wallet, **changes: Any) -> Hold:
+        hold = Hold(
+            id=int(row.id),
+            user_id=wallet.user_id,
+            key_id=wallet.key_id,
+            amount=int(row.amount),
+            expires_at=row.expires_at,
+            status=row.status,
+            reason=row.reason,
+            idempotency_key=row.idempotency_key,
+            created_at=row.created_at,
+        )
+        return dataclasses.replace(hold, **changes) if changes else hold
+
+    def _settled(self, row: Row[Any], wallet: Wallet, amount: int) -> tuple[Entry | None] | None:
+        """For a hold that ended: what settling it at ``amount`` again answers (its entry, marked
+        replayed), or HoldAlreadySettled. ``None`` while it can still be settled (held, expired)."""
+        if row.status == "settled" or (row.status == "released" and row.settled_amount is not None):
+            if int(row.settled_amount) != amount:
+                raise HoldAlreadySettled(f"hold {row.id} was settled at {row.settled_amount}, not {amount}")
+            if row.entry_id is None:
+                return (None,)
+            return (dataclasses.replace(self.entry(wallet, int(row.entry_id)), replayed=True),)
+        if row.status == "released":
+            if amount:
+                raise HoldAlreadySettled(f"hold {row.id} was released: it can no longer be charged")
+            return (None,)
+        return None
+
+    def _hold_replay(self, wallet: Wallet, key: str, amount: int) -> Hold | None:
+        h = self.t.holds
+        with self.db.reader.connect() as conn:
+            row = conn.execute(
+                sa.select(h).where(h.c.wallet_id == self._wallet_id_of(wallet), h.c.idempotency_key == key)
+            ).first()
+        if row is None:
+            return None
+        if int(row.requested) != amount:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for a hold of {row.requested}, not {amount}"
+            )
+        return dataclasses.replace(self._hold(row, wallet), replayed=True)
+
+    def _run_hold(
+        self, tx: Callable[[Connection], Hold | None], wallet: Wallet, key: str | None, amount: int
+    ) -> Hold | None:
+        try:
+            return self.db.run(tx)
+        except sa.exc.IntegrityError:
+            done = None if key is None else self._hold_replay(wallet, key, amount)
+            if done is None:
+                raise
+            return done
 
     def _metadata_json(self, metadata: object) -> str | None:
         """``metadata`` as the JSON the database will store, or InvalidArgument if it has none."""
@@ -724,18 +1213,20 @@ class Ledger:
         *,
         prebuilt: bool = False,
     ) -> tuple[int, int] | None:
-        """Run an UPDATE of one wallet row; return (wallet id, balance after) or None if no row
-        matched. The row stays locked until the transaction ends. A ``prebuilt`` statement (from
-        ``_Statements``) already returns the id and balance where the database can."""
+        """Run an UPDATE of one wallet row; return (wallet id, credits in the wallet after it, held
+        ones included: an entry's ``balance_after``) or None if no row matched. The row stays locked
+        until the transaction ends. A ``prebuilt`` statement (from ``Statements``) already returns
+        the id, balance and held credits where the database can."""
+        w = self.t.wallets
         if self.db.returning:
             if not prebuilt:
-                stmt = stmt.returning(self.t.wallets.c.id, self.t.wallets.c.balance)
+                stmt = stmt.returning(w.c.id, w.c.balance, w.c.held)
             row = conn.execute(stmt, params).first()
-            return None if row is None else (int(row.id), int(row.balance))
+            return None if row is None else (int(row.id), int(row.balance) + int(row.held))
         if conn.execute(stmt, params).rowcount != 1:
             return None
         row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).one()
-        return int(row.id), int(row.balance)
+        return int(row.id), int(row.balance) + int(row.held)
 
     def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
         """Take ``amount`` credits from the wallet's lots, soonest expiry first, no-expiry last."""

@@ -26,13 +26,13 @@ class Statements:
         amount = sa.bindparam("b_amount", type_=sa.BigInteger())
         now = sa.bindparam("b_now", type_=w.c.updated_at.type)
         wallet_id = sa.bindparam("b_wallet_id", type_=sa.BigInteger())
-        self.balance = sa.select(w.c.id, w.c.balance, w.c.next_expiry).where(*owner)
+        self.balance = sa.select(w.c.id, w.c.balance, w.c.held, w.c.next_expiry).where(*owner)
         debit = (
             sa.update(w)
             .where(*owner, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
             .values(balance=w.c.balance - amount, updated_at=now)
         )
-        self.debit = debit.returning(w.c.id, w.c.balance) if returning else debit
+        self.debit = debit.returning(w.c.id, w.c.balance, w.c.held) if returning else debit
         # Soonest expiry first, lots that never expire last, then the oldest.
         order = (sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
         # A plain read: the wallet row lock already keeps every other writer out of these lots, and
@@ -89,7 +89,7 @@ WITH w AS (
         ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
         LIMIT 1
       ) >= %(amount)s::bigint
-    RETURNING id, balance
+    RETURNING id, balance, held
 ), l AS (
     UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
     WHERE id = (
@@ -102,8 +102,8 @@ WITH w AS (
 ), e AS (
     INSERT INTO credits_entries
         (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
-    SELECT w.id, -%(amount)s::bigint, w.balance, 'spend', %(reason)s, %(key)s, CAST(%(meta)s AS JSON),
-        %(now)s
+    SELECT w.id, -%(amount)s::bigint, w.balance + w.held, 'spend', %(reason)s, %(key)s,
+        CAST(%(meta)s AS JSON), %(now)s
     FROM w, l
     RETURNING id
 ), d AS (
@@ -111,7 +111,7 @@ WITH w AS (
     SELECT e.id, l.id, -%(amount)s::bigint FROM e, l
     RETURNING entry_id
 )
-SELECT w.id, w.balance, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
+SELECT w.id, w.balance, w.held, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
 """
 
 

@@ -69,6 +69,8 @@ class Tables:
     purchases: sa.Table
     stripe_events: sa.Table
     requests: sa.Table
+    holds: sa.Table
+    hold_draws: sa.Table
 
 
 _cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
@@ -93,13 +95,18 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("balance", sa.BigInteger(), nullable=False, server_default="0"),
         # Credits owed after a refund or dispute took back credits already spent; purchases pay it first.
         sa.Column("debt", sa.BigInteger(), nullable=False, server_default="0"),
-        # Soonest expiry among lots with credits left: spends take the slow path only once it passed.
+        # Credits reserved by live holds: out of ``balance`` (which is what can be spent now) and out
+        # of the lots they were drawn from (``credits_hold_draws`` says which), still the wallet's.
+        sa.Column("held", sa.BigInteger(), nullable=False, server_default="0"),
+        # Soonest expiry among lots with credits left and live holds (or earlier): spends take the
+        # slow path only once it passed.
         sa.Column("next_expiry", UtcDateTime(), nullable=True),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.Column("updated_at", UtcDateTime(), nullable=False),
         sa.UniqueConstraint("user_id", "key_id", name="uq_credits_wallets_owner"),
         sa.CheckConstraint("balance >= 0", name="ck_credits_wallets_balance"),
         sa.CheckConstraint("debt >= 0", name="ck_credits_wallets_debt"),
+        sa.CheckConstraint("held >= 0", name="ck_credits_wallets_held"),
     )
     entries = sa.Table(
         "credits_entries",
@@ -235,4 +242,45 @@ def _define(md: sa.MetaData) -> Tables:
         # keyed by its row id, and a freed key's next run must not find the refunded spend of the last.
         sqlite_autoincrement=True,
     )
-    return Tables(wallets, lots, entries, draws, purchases, stripe_events, requests)
+    holds = sa.Table(
+        "credits_holds",
+        md,
+        # A reservation of credits for work whose cost is known only afterwards (hold, then settle).
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        # Credits the hold reserves now (it grows when extended); what was asked for first.
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("requested", sa.BigInteger(), nullable=False),
+        # "held" while it counts; "settled" (charged), "released" (given back) or "expired" (given
+        # back by expiry: it can still be settled, from what the wallet can spend then).
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.String(255), nullable=False, server_default=""),
+        sa.Column("idempotency_key", sa.String(255), nullable=True),
+        sa.Column("expires_at", UtcDateTime(), nullable=False),
+        # What the settle charged, the spend entry it wrote (none when nothing left the wallet), and
+        # the part of the charge the wallet could not pay, which became debt.
+        sa.Column("settled_amount", sa.BigInteger(), nullable=True),
+        sa.Column("entry_id", _ID, nullable=True),
+        sa.Column("debt", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("wallet_id", "idempotency_key", name="uq_credits_holds_idempotency"),
+        sa.CheckConstraint("amount >= 0 AND requested > 0 AND debt >= 0", name="ck_credits_holds_amount"),
+        sa.CheckConstraint(
+            "status IN ('held', 'settled', 'released', 'expired')", name="ck_credits_holds_status"
+        ),
+        sa.Index("ix_credits_holds_wallet_status", "wallet_id", "status", "expires_at"),
+        sa.Index("ix_credits_holds_status_expires_at", "status", "expires_at"),
+    )
+    hold_draws = sa.Table(
+        "credits_hold_draws",
+        md,
+        # Which lots a live hold's credits came from: a settle charges them (soonest expiry first)
+        # and gives the rest back to the same lots. Deleted when the hold ends.
+        sa.Column("hold_id", _ID, sa.ForeignKey("credits_holds.id"), primary_key=True),
+        sa.Column("lot_id", _ID, sa.ForeignKey("credits_lots.id"), primary_key=True),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.CheckConstraint("amount > 0", name="ck_credits_hold_draws_amount"),
+        sa.Index("ix_credits_hold_draws_lot_id", "lot_id"),
+    )
+    return Tables(wallets, lots, entries, draws, purchases, stripe_events, requests, holds, hold_draws)
