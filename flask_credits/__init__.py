@@ -22,8 +22,9 @@ from .errors import (
 )
 from .extension import FlaskCredits
 from .records import Entry, Hold, Wallet
+from .services.holds import MeteredHold
 from .web.bodies import SafeJSONProvider, read_body
-from .web.decorators import requires_credits
+from .web.decorators import current_hold, requires_credits
 
 __version__ = "0.1.0"
 
@@ -45,9 +46,11 @@ __all__ = [
     "InvalidAmount",
     "InvalidArgument",
     "InvalidWallet",
+    "MeteredHold",
     "NotRefundable",
     "SafeJSONProvider",
     "Wallet",
+    "current_hold",
     "read_body",
     "requires_credits",
     "signals",

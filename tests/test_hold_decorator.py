@@ -1,0 +1,311 @@
+"""@requires_credits(hold=N): reserve before the view, charge what it used, meter a streamed response."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Response, g, jsonify, request, stream_with_context
+
+from flask_credits import (
+    HoldAlreadySettled,
+    InsufficientCredits,
+    current_hold,
+    requires_credits,
+)
+
+JSON = {"Accept": "application/json"}
+
+
+@pytest.fixture
+def views(app):
+    seen: dict[str, object] = {}
+
+    @app.post("/quiet")
+    @requires_credits(hold=10)
+    def quiet():
+        seen["held"] = current_hold.amount
+        return {"ok": True}
+
+    @app.post("/quiet-release")
+    @requires_credits(hold=10, unsettled="release")
+    def quiet_release():
+        return {"ok": True}
+
+    @app.post("/tokens/<int:n>")
+    @requires_credits(hold=10)
+    def tokens(n):
+        current_hold.add(n)
+        return {"used": current_hold.used, "reserved": current_hold.amount}
+
+    @app.post("/settle/<int:n>")
+    @requires_credits(hold=10, reason="summary")
+    def settle(n):
+        entry = current_hold.settle(n)
+        return {"entry": None if entry is None else entry.id}
+
+    @app.post("/settle-then-fail")
+    @requires_credits(hold=10)
+    def settle_then_fail():
+        current_hold.settle(4)
+        raise RuntimeError("crashed after settling")
+
+    @app.post("/boom")
+    @requires_credits(hold=10)
+    def boom():
+        current_hold.add(3)
+        raise RuntimeError("model crashed")
+
+    @app.post("/upstream")
+    @requires_credits(hold=10)
+    def upstream():
+        current_hold.add(3)
+        return jsonify(error="upstream down"), 502
+
+    @app.post("/sized")
+    @requires_credits(hold=lambda: int(request.args["n"]))
+    def sized():
+        return {"held": current_hold.amount}
+
+    @app.get("/stream/<int:chunks>")
+    @requires_credits(hold=4)
+    def stream(chunks):
+        def generate():
+            for i in range(chunks):
+                try:
+                    current_hold.add(2)
+                except InsufficientCredits:
+                    yield "[out of credits]\n"
+                    return
+                yield f"chunk {i}\n"
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    @app.get("/stream-fails")
+    @requires_credits(hold=4)
+    def stream_fails():
+        def generate():
+            current_hold.add(1)
+            yield "one\n"
+            raise RuntimeError("the model went away")
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    return seen
+
+
+def test_a_view_that_reports_nothing_is_charged_the_whole_hold(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.post("/quiet")
+    assert response.status_code == 200
+    assert views["held"] == 10
+    assert (credits.balance("alice"), credits.held("alice")) == (15, 0)
+    spend = credits.history("alice")[0]
+    assert (spend.kind, spend.amount, spend.reason) == ("spend", -10, "quiet")
+    assert credits.audit() == []
+
+
+def test_unsettled_release_charges_nothing_when_the_view_reports_nothing(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/quiet-release").status_code == 200
+    assert (credits.balance("alice"), credits.held("alice")) == (25, 0)
+    assert [e.kind for e in credits.history("alice")] == ["grant"]
+
+
+@pytest.mark.config(CREDITS_HOLD_UNSETTLED="release")
+def test_the_unsettled_default_comes_from_config(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/quiet").status_code == 200
+    assert credits.balance("alice") == 25
+
+
+@pytest.mark.parametrize(("used", "balance"), [(0, 25), (3, 22), (10, 15)])
+def test_a_view_is_charged_what_it_reported(client, login, credits, views, used, balance):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.post(f"/tokens/{used}")
+    assert response.json == {"used": used, "reserved": 10}
+    assert (credits.balance("alice"), credits.held("alice")) == (balance, 0)
+    assert credits.audit() == []
+
+
+def test_usage_past_the_hold_grows_it_from_the_wallet(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.post("/tokens/17")
+    assert response.json == {"used": 17, "reserved": 20}
+    assert credits.balance("alice") == 8
+    assert credits.history("alice")[0].amount == -17
+
+
+def test_usage_past_what_the_wallet_can_cover_is_refused_and_nothing_is_charged(
+    client, login, credits, views
+):
+    credits.grant("alice", 12, reason="welcome")
+    login("alice")
+    response = client.post("/tokens/13", headers=JSON)
+    # The view did not catch it: a 402 like a refused debit, and the hold given back.
+    assert response.status_code == 402
+    assert (credits.balance("alice"), credits.held("alice")) == (12, 0)
+    assert credits.audit() == []
+
+
+def test_a_view_may_settle_itself(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.post("/settle/7")
+    spend = credits.history("alice")[0]
+    assert response.json == {"entry": spend.id}
+    assert (spend.amount, spend.reason) == (-7, "summary")
+    assert credits.balance("alice") == 18
+
+
+def test_settling_at_zero_charges_nothing(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/settle/0").json == {"entry": None}
+    assert credits.balance("alice") == 25
+
+
+@pytest.mark.parametrize("path", ["/boom", "/upstream"])
+def test_a_failed_view_is_charged_nothing(client, login, credits, views, path):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    if path == "/boom":
+        with pytest.raises(RuntimeError):
+            client.post(path)
+    else:
+        assert client.post(path).status_code == 502
+    assert (credits.balance("alice"), credits.held("alice")) == (25, 0)
+    assert [e.kind for e in credits.history("alice")] == ["grant"]
+    assert credits.audit() == []
+
+
+def test_a_settle_made_before_the_view_failed_is_refunded(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    with pytest.raises(RuntimeError):
+        client.post("/settle-then-fail")
+    assert credits.balance("alice") == 25
+    assert [e.kind for e in credits.history("alice")] == ["refund", "spend", "grant"]
+
+
+def test_a_hold_the_wallet_cannot_cover_is_402_and_the_view_never_runs(client, login, credits, views):
+    credits.grant("alice", 9, reason="welcome")
+    login("alice")
+    response = client.post("/quiet", headers=JSON)
+    assert response.status_code == 402
+    assert response.json["required"] == 10
+    assert "held" not in views
+    assert credits.balance("alice") == 9
+
+
+def test_the_hold_may_be_a_callable(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/sized?n=6").json == {"held": 6}
+    assert credits.balance("alice") == 19
+
+
+def test_a_finished_stream_is_charged_per_chunk_once_it_closes(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/stream/5")
+    assert response.get_data(as_text=True) == "".join(f"chunk {i}\n" for i in range(5))
+    response.close()
+    assert (credits.balance("alice"), credits.held("alice")) == (15, 0)
+    assert [e.amount for e in credits.history("alice")] == [-10, 25]
+    assert credits.audit() == []
+
+
+def test_a_client_that_leaves_mid_stream_pays_for_what_was_produced(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/stream/8", buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks) == b"chunk 0\n"
+    assert next(chunks) == b"chunk 1\n"
+    # Mid-stream the hold is still open (both chunks fit in its 4 credits); nothing is charged yet.
+    assert credits.held("alice") == 4
+    response.close()  # the client went away: the server closes the response
+    assert (credits.balance("alice"), credits.held("alice")) == (21, 0)
+    response.close()  # closing again charges nothing more
+    assert credits.balance("alice") == 21
+    assert len(credits.history("alice")) == 2
+
+
+def test_a_stream_that_runs_out_of_credits_ends_with_a_final_message(client, login, credits, views):
+    credits.grant("alice", 7, reason="welcome")
+    login("alice")
+    response = client.get("/stream/10")
+    assert response.get_data(as_text=True).splitlines() == [
+        "chunk 0",
+        "chunk 1",
+        "chunk 2",
+        "[out of credits]",
+    ]
+    response.close()
+    assert (credits.balance("alice"), credits.held("alice")) == (1, 0)
+
+
+def test_a_stream_broken_by_an_error_is_charged_what_it_produced(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/stream-fails", buffered=False)
+    with pytest.raises(RuntimeError):
+        b"".join(response.response)
+    response.close()
+    assert (credits.balance("alice"), credits.held("alice")) == (24, 0)
+
+
+def test_keyed_requests_with_a_hold_run_once_and_are_charged_once(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    first = client.post("/tokens/6", headers={"Idempotency-Key": "abc"})
+    again = client.post("/tokens/6", headers={"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == first.get_data()
+    assert credits.balance("alice") == 19
+    assert [e.amount for e in credits.history("alice")] == [-6, 25]
+
+
+def test_a_keyed_request_that_fails_frees_its_key_and_is_charged_nothing(client, login, credits, views):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/upstream", headers={"Idempotency-Key": "k"}).status_code == 502
+    assert client.post("/upstream", headers={"Idempotency-Key": "k"}).status_code == 502
+    assert credits.balance("alice") == 25
+
+
+def test_current_hold_outside_a_hold_view_says_so(app):
+    with app.test_request_context(), pytest.raises(RuntimeError, match="requires_credits\\(hold"):
+        current_hold.add(1)
+
+
+def test_cost_and_hold_are_exclusive_and_checked_at_decoration_time():
+    with pytest.raises(TypeError):
+        requires_credits(3, hold=4)
+    with pytest.raises(TypeError):
+        requires_credits()
+    with pytest.raises(ValueError, match="hold must be at least 1"):
+        requires_credits(hold=0)
+    with pytest.raises(ValueError, match="unsettled"):
+        requires_credits(hold=5, unsettled="maybe")  # type: ignore[arg-type]
+
+
+def test_usage_after_the_settle_is_refused(app, client, login, credits):
+    @app.post("/late")
+    @requires_credits(hold=5)
+    def late():
+        current_hold.settle(2)
+        with pytest.raises(HoldAlreadySettled):
+            current_hold.add(1)
+        g.checked = True
+        return {"ok": True}
+
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    assert client.post("/late").status_code == 200
+    assert credits.balance("alice") == 23
