@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from flask import Response, g, jsonify, request, stream_with_context
 
 from flask_credits import (
     HoldAlreadySettled,
     InsufficientCredits,
+    Wallet,
     current_hold,
     requires_credits,
 )
+from flask_credits.services.idempotency import fingerprint
 
 JSON = {"Accept": "application/json"}
 
@@ -309,3 +313,48 @@ def test_usage_after_the_settle_is_refused(app, client, login, credits):
     login("alice")
     assert client.post("/late").status_code == 200
     assert credits.balance("alice") == 23
+
+
+def test_a_keyed_hold_run_whose_worker_died_is_taken_over_on_the_same_hold(
+    app, client, login, credits, views, clock
+):
+    """The dead run placed its hold under the run's ledger key; the retry after the lease finds that
+    very hold (no second reservation) and settles it at what it used."""
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    claim = _dead_hold_run(app, credits, "/tokens/4")
+    assert (credits.balance("alice"), credits.held("alice")) == (15, 10)
+    clock.advance(seconds=301)
+    response = client.post("/tokens/4", headers={"Idempotency-Key": "k"})
+    assert response.status_code == 200
+    assert (credits.balance("alice"), credits.held("alice")) == (21, 0)
+    assert credits.ledger.find_hold(Wallet("alice"), claim.spend_key).status == "settled"
+    assert credits.audit() == []
+
+
+def test_flask_credits_expire_releases_the_hold_of_a_dead_keyed_run(app, credits, views, clock):
+    credits.grant("alice", 25, reason="welcome")
+    _dead_hold_run(app, credits, "/tokens/4")
+    clock.advance(seconds=301)
+    result = app.test_cli_runner().invoke(args=["credits", "expire"])
+    assert "returned the credits of 1 unfinished requests" in result.output, result.output
+    assert (credits.balance("alice"), credits.held("alice")) == (25, 0)
+    assert credits.audit() == []
+
+
+def _dead_hold_run(app, credits, path):
+    """A request to ``path`` with Idempotency-Key "k" whose worker died after placing its hold."""
+    endpoint = app.url_map.bind("localhost").match(path, method="POST")[0]
+    wallet = Wallet("alice")
+    claim = credits.request_keys.claim(
+        wallet,
+        endpoint,
+        "k",
+        fingerprint("POST", path, b"", b""),
+        lease=timedelta(seconds=300),
+        ttl=timedelta(days=1),
+    )
+    credits.ledger.hold(
+        wallet, 10, ttl=timedelta(seconds=900), reason=endpoint, idempotency_key=claim.spend_key
+    )
+    return claim

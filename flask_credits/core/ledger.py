@@ -505,6 +505,18 @@ class Ledger:
         return self._hold(row, wallet)
 
     @unavailable_on_database_errors
+    def find_hold(self, wallet: Wallet, idempotency_key: str) -> Hold | None:
+        """The hold placed with ``idempotency_key`` in this wallet, if any (never marked replayed)."""
+        h = self.t.holds
+        with self.db.reader.connect() as conn:
+            row = conn.execute(
+                sa.select(h).where(
+                    h.c.wallet_id == self._wallet_id_of(wallet), h.c.idempotency_key == idempotency_key
+                )
+            ).first()
+        return None if row is None else self._hold(row, wallet)
+
+    @unavailable_on_database_errors
     def hold(
         self,
         wallet: Wallet,

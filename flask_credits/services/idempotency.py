@@ -25,6 +25,7 @@ request that outlived its lease: it can then neither store its response nor dele
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ import sqlalchemy as sa
 from ..core.ledger import Ledger
 from ..errors import (
     CreditsUnavailable,
+    HoldAlreadySettled,
     IdempotencyKeyReused,
     IdempotentRequestInProgress,
     IdempotentResponseNotStored,
@@ -214,12 +216,21 @@ class RequestKeys:
     @unavailable_on_database_errors
     def settle(self, claim: Claim) -> bool:
         """End a run that will never finish, whose key this request holds: return its credits (if it
-        was charged and they were not returned yet) and free the key. True when credits went back."""
+        was charged and they were not returned yet; a hold it still had is released) and free the
+        key. True when credits went back."""
+        returned = False
+        # The hold first: if it is settled meanwhile, its spend entry (under the same ledger key) is
+        # then found below and refunded.
+        held = self.ledger.find_hold(claim.wallet, claim.spend_key)
+        if held is not None and held.status == "held":
+            with contextlib.suppress(HoldAlreadySettled):
+                self.ledger.release(held.id)
+                returned = True
         spend = self.ledger.find_by_key(claim.wallet, claim.spend_key)
-        returned = spend is not None and self.ledger.refund_of(spend) is None
-        if spend is not None and returned:
+        if spend is not None and self.ledger.refund_of(spend) is None:
             reason = "returned: the request with this Idempotency-Key never finished"
             self.ledger.refund(claim.wallet, spend.id, reason=reason)
+            returned = True
         self.release(claim)
         return returned
 
