@@ -83,6 +83,11 @@ def views(app):
 
         return Response(stream_with_context(generate()), mimetype="text/plain")
 
+    @app.get("/file")
+    @requires_credits(hold=4)
+    def file():
+        return Response(iter([b"a", b"b"]), mimetype="application/octet-stream")
+
     @app.get("/stream-fails")
     @requires_credits(hold=4)
     def stream_fails():
@@ -251,6 +256,17 @@ def test_a_stream_that_runs_out_of_credits_ends_with_a_final_message(client, log
     ]
     response.close()
     assert (credits.balance("alice"), credits.held("alice")) == (1, 0)
+
+
+def test_a_stream_that_reports_nothing_is_charged_the_whole_hold_when_it_closes(
+    client, login, credits, views
+):
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/file")
+    assert response.get_data() == b"ab"
+    response.close()
+    assert (credits.balance("alice"), credits.held("alice")) == (21, 0)
 
 
 def test_a_stream_broken_by_an_error_is_charged_what_it_produced(client, login, credits, views):

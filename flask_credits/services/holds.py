@@ -23,8 +23,8 @@ class MeteredHold:
     the wallet first (by at least the first reservation again, else by what is missing), and
     :class:`InsufficientCredits` is raised, nothing counted, when the wallet cannot cover it.
     ``settle(amount=None)`` charges ``amount`` (default: what was used) and releases the rest;
-    ``release()`` gives the whole hold back; ``close()`` settles at what was used unless that already
-    happened. Safe to call from more than one thread.
+    ``release()`` gives the whole hold back; ``finish()`` ends it for work that is over. Safe to call
+    from more than one thread.
     """
 
     def __init__(
@@ -132,15 +132,20 @@ class MeteredHold:
             self._ledger.release(self.id)
             self._ended = True
 
-    def close(self) -> None:
-        """Settle at what was used, unless the hold already ended: for the end of a streamed
-        response, whatever ended it (finished, client gone, error). A failure is logged: the hold
-        then expires and its credits count again."""
+    def finish(self, unsettled: str = "charge") -> None:
+        """End the hold of work that is over, unless it already ended: settle at what was reported
+        with :meth:`add`, or, when nothing was, charge the whole hold (``unsettled="charge"``) or
+        release it (``"release"``). For the end of a view, or of a streamed response whatever ended
+        it (finished, client gone, error). A failure is logged, not raised: the work is done and
+        answered; the hold then expires and its credits count again."""
         with self._lock:
             if self._ended:
                 return
             try:
-                self.settle()
+                if self._reported or unsettled != "charge":
+                    self.settle(self._used)
+                else:
+                    self.settle(self._hold.amount)
             except Exception:
                 log.exception("could not settle hold %s at %s credits used", self.id, self._used)
 

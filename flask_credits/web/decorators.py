@@ -225,21 +225,11 @@ class _Held(_Charge):
         meter = self.meter
         if meter is None:
             return None
-        if meter.ended:
-            pass
-        elif response.is_streamed:
-            # The generator runs after this returns: settle when the server closes the response.
-            response.call_on_close(meter.close)
+        if response.is_streamed:
+            # The body is produced after this returns: end the hold when the server closes it.
+            response.call_on_close(functools.partial(meter.finish, self.unsettled))
             return None
-        else:
-            try:
-                if meter.reported or self.unsettled == "charge":
-                    meter.settle(meter.used if meter.reported else meter.amount)
-                else:
-                    meter.release()
-            except Exception:
-                # The work is done and answered; the hold expires and its credits count again.
-                log.exception("could not settle hold %s of %s", meter.id, self.wallet)
+        meter.finish(self.unsettled)
         g.credits_spend = meter.entry
         return None if meter.entry is None else meter.entry.id
 
