@@ -86,7 +86,12 @@ def test_json_balance_and_transactions_for_the_logged_in_user(client, login, cre
         credits.grant("alice", i + 1, reason=f"g{i}")
     credits.grant("bob", 100, reason="not alice's")
     login("alice")
-    assert client.get("/credits/balance").json == {"user_id": "alice", "key_id": None, "balance": 15}
+    assert client.get("/credits/balance").json == {
+        "user_id": "alice",
+        "key_id": None,
+        "balance": 15,
+        "held": 0,
+    }
     first = client.get("/credits/transactions?limit=2").json
     assert [t["amount"] for t in first["transactions"]] == [5, 4]
     second = client.get(f"/credits/transactions?limit=2&before={first['next_before']}").json

@@ -191,7 +191,7 @@ def test_an_api_key_spends_from_its_own_wallet(app, client):
     assert balance(app, uid, key_id) == 7
     assert balance(app, uid) == 20  # the user's own wallet is untouched
     response = client.get("/credits/balance", headers={"X-API-Key": secret})
-    assert response.get_json() == {"user_id": uid, "key_id": key_id, "balance": 7}
+    assert response.get_json() == {"user_id": uid, "key_id": key_id, "balance": 7, "held": 0}
 
 
 def test_credits_bought_for_a_key_with_the_simulated_checkout_are_the_keys(app, client, caplog):

@@ -109,7 +109,7 @@ def test_cli_group_is_registered(tmp_path):
     FlaskCredits(app)
     result = app.test_cli_runner().invoke(args=["credits", "--help"])
     assert result.exit_code == 0
-    for command in ("balance", "grant", "history", "audit", "expire"):
+    for command in ("balance", "grant", "history", "holds", "audit", "expire"):
         assert command in result.output
 
 

@@ -103,14 +103,20 @@ def _page(
     submitted: dict[str, Any] | None = None,
 ) -> str:
     ext = extension()
-    keys = ext.api_keys(wallet.user_id) if wallet.key_id is None else []
+    keys, keys_held = [], {}
+    for key_id, label in ext.api_keys(wallet.user_id) if wallet.key_id is None else []:
+        key_balance, keys_held[key_id] = _balance_and_held(make_wallet(wallet.user_id, key_id))
+        keys.append((key_id, label, key_balance))
+    balance, held = _balance_and_held(wallet)
     return render_template(
         "credits/index.html",
         wallet=wallet,
-        balance=ext.ledger.balance(wallet),
-        keys=[
-            (key_id, label, ext.ledger.balance(make_wallet(wallet.user_id, key_id))) for key_id, label in keys
-        ],
+        balance=balance,
+        held=held,
+        # (key id, label, balance) as before holds, so that templates apps overrode still unpack it;
+        # what each key's holds reserve comes beside it.
+        keys=keys,
+        keys_held=keys_held,
         entries=entries,
         next_before=next_before,
         error=error,
@@ -118,11 +124,20 @@ def _page(
     )
 
 
+def _balance_and_held(wallet: Wallet) -> tuple[int, int]:
+    """What the wallet can spend now, and what its live holds reserve."""
+    ledger = extension().ledger
+    # Balance first: it expires what is due (holds included), so the held credits read next are live.
+    return ledger.balance(wallet), ledger.held(wallet)
+
+
 @blueprint.get("/balance")
 def balance() -> ResponseReturnValue:
-    """``{"user_id", "key_id", "balance"}`` for the current wallet."""
+    """``{"user_id", "key_id", "balance", "held"}`` for the current wallet: ``balance`` is what it can
+    spend now, ``held`` what running requests have reserved (not included in ``balance``)."""
     wallet = current_wallet_or_401()
-    return jsonify(user_id=wallet.user_id, key_id=wallet.key_id, balance=extension().ledger.balance(wallet))
+    spendable, held = _balance_and_held(wallet)
+    return jsonify(user_id=wallet.user_id, key_id=wallet.key_id, balance=spendable, held=held)
 
 
 @blueprint.get("/transactions")
