@@ -246,15 +246,6 @@ def test_credits_page_shows_what_each_api_keys_holds_reserve_only_when_some_do(c
     assert 'data-testid="key-held-' not in page
 
 
-# -- found while documenting holds (ledger behaviour; the ledger's owner moves or fixes these) ----------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=sa.exc.IntegrityError,
-    reason="Ledger.settle lets the unique-key violation of an idempotency key already used by another"
-    " entry of the wallet escape as sqlalchemy's IntegrityError; spend() answers IdempotencyConflict",
-)
 @pytest.mark.parametrize("first", ["spend", "settle of another hold"])
 def test_settle_with_an_idempotency_key_another_entry_used_is_a_conflict(credits, first):
     from flask_credits.errors import IdempotencyConflict

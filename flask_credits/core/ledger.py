@@ -751,10 +751,15 @@ class Ledger:
         except sa.exc.IntegrityError:
             # The idempotency key is taken: by this very settle, committed by a concurrent call
             # (a replay), or by another entry of the wallet (a conflict).
+            if idempotency_key is None:
+                raise
             row, wallet = self._hold_row(hold_id)
             done = self._settled(row, wallet, amount)
-            if done is None or idempotency_key is None:
-                raise
+            if done is None:
+                raise IdempotencyConflict(
+                    f"idempotency key {idempotency_key!r} was used for another entry of {wallet},"
+                    f" not the settle of hold {hold_id}"
+                ) from None
             return done[0]
         if not isinstance(result, _Settled):
             return result[0]
@@ -894,7 +899,7 @@ class Ledger:
                     amount=-paid,
                     balance_after=balance - paid,
                     kind="debt",
-                    reason="paid credits owed after a refund or dispute",
+                    reason="paid credits owed (a refund, a dispute, or a settle beyond the balance)",
                     metadata=meta,
                     now=now,
                 )
@@ -1147,6 +1152,8 @@ class Ledger:
             if amount:
                 raise HoldAlreadySettled(f"hold {row.id} was released: it can no longer be charged")
             return (None,)
+        if row.status == "expired" and not amount:
+            return (None,)  # given back by its expiry already: a settle at 0 has nothing left to do
         return None
 
     def _hold_replay(self, wallet: Wallet, key: str, amount: int) -> Hold | None:
