@@ -222,10 +222,31 @@ def test_a_finished_stream_is_charged_per_chunk_once_it_closes(client, login, cr
     login("alice")
     response = client.get("/stream/5")
     assert response.get_data(as_text=True) == "".join(f"chunk {i}\n" for i in range(5))
+    # Settled as the body ended, before the response was closed.
+    assert (credits.balance("alice"), credits.held("alice")) == (15, 0)
     response.close()
     assert (credits.balance("alice"), credits.held("alice")) == (15, 0)
     assert [e.amount for e in credits.history("alice")] == [-10, 25]
     assert credits.audit() == []
+
+
+def test_signals_of_a_stream_settled_after_the_request_reach_the_apps_receivers(
+    app, client, login, credits, views
+):
+    from flask_credits import signals
+
+    settled = []
+
+    @signals.credits_settled.connect_via(app)
+    def on_settled(sender, hold, held, amount, entry, **extra):
+        settled.append((sender, held, amount, entry.amount))
+
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/stream/3", buffered=False)
+    assert b"".join(response.response) == b"chunk 0\nchunk 1\nchunk 2\n"
+    response.close()
+    assert settled == [(app, 8, 6, -6)]  # the hold of 4 grew by 4 once for the third chunk
 
 
 def test_a_client_that_leaves_mid_stream_pays_for_what_was_produced(client, login, credits, views):

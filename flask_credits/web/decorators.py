@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from flask import current_app, g, has_app_context, request
@@ -226,12 +226,30 @@ class _Held(_Charge):
         if meter is None:
             return None
         if response.is_streamed:
-            # The body is produced after this returns: end the hold when the server closes it.
-            response.call_on_close(functools.partial(meter.finish, self.unsettled))
+            # The body is produced after this returns, outside the request: end the hold as the body
+            # ends (before the server sends its last bytes, so a client that reads its balance next
+            # sees the charge), is closed early (client gone) or breaks; or, if the server never
+            # started it, when it closes the response.
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+            def end() -> None:
+                with app.app_context():
+                    meter.finish(self.unsettled)
+
+            response.response = _then(response.response, end)
+            response.call_on_close(end)
             return None
         meter.finish(self.unsettled)
         g.credits_spend = meter.entry
         return None if meter.entry is None else meter.entry.id
+
+
+def _then(body: Iterable[Any], end: Callable[[], None]) -> Iterator[Any]:
+    """``body``, then ``end()`` once it is exhausted, closed early or broken."""
+    try:
+        yield from body
+    finally:
+        end()
 
 
 def _run_charged(charge: _Charge, run: Callable[[], Any]) -> Response:
