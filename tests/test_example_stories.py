@@ -52,7 +52,11 @@ def client(app) -> Any:
 
 
 def write(
-    client: Any, secret: str | None = None, seed: str = SEED, headers: dict[str, str] | None = None, **kwargs: Any
+    client: Any,
+    secret: str | None = None,
+    seed: str = SEED,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """POST /api/stories with ``{"seed": seed}`` (over the API key ``secret`` if given); the response."""
     headers = {**(headers or {}), **({"X-API-Key": secret} if secret is not None else {})}
