@@ -8,6 +8,7 @@ bad request costs nothing: the decorator only gives credits back when the view f
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -138,7 +139,7 @@ def new_story() -> ResponseReturnValue:
         form=PersonaForm(),
         hold=story_hold(),
         words_per_credit=words_per_credit,
-        about=-(-STORY_WORDS // words_per_credit),
+        about=math.ceil(STORY_WORDS / words_per_credit),
     )
 
 
