@@ -14,7 +14,11 @@ Outside debug and testing the app refuses to serve requests (under gunicorn or `
 real ``SECRET_KEY``, Stripe keys in live mode and a shared ``RATELIMIT_STORAGE_URI``; other ``flask``
 commands (``db upgrade``, ``credits expire``) run without them.
 
-Config keys of its own: ``PERSONA_COST`` (credits per persona, default 5), ``LOW_BALANCE_THRESHOLD``
+Config keys of its own: ``PERSONA_COST`` (credits per persona, default 5), ``STORY_HOLD`` (credits
+reserved before a story starts streaming, default 10; the hold grows while the story runs past it),
+``STORY_WORDS_PER_CREDIT`` (a story is charged one credit per this many words streamed, a shorter last
+chunk counting whole, default 10), ``STORY_CHUNK_DELAY`` (seconds between two chunks of a story, the
+pace of a language model, default 0.05; 0 in testing), ``LOW_BALANCE_THRESHOLD``
 (warn below this balance, default 10), ``LOGIN_LIMIT_PER_IP`` and ``LOGIN_LIMIT_PER_USERNAME`` (posts
 of the login or sign-up form, flask-limiter notation, default "10 per minute" and "5 per minute"); Flask's
 ``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or not).
@@ -59,6 +63,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         SQLALCHEMY_DATABASE_URI=database_url(os.environ.get("DATABASE_URL")),
         SESSION_COOKIE_SAMESITE="Lax",
         PERSONA_COST=5,
+        STORY_HOLD=10,
+        STORY_WORDS_PER_CREDIT=10,
+        STORY_CHUNK_DELAY=0.05,
         LOW_BALANCE_THRESHOLD=10,
         # The largest legitimate body here is a small form or a JSON seed; see bound_the_body.
         MAX_CONTENT_LENGTH=1024 * 1024,
@@ -68,6 +75,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping({name: os.environ[name] for name in FROM_ENVIRONMENT if os.environ.get(name)})
     app.config.update(config or {})
     development = app.debug or app.testing
+    if app.testing and "STORY_CHUNK_DELAY" not in (config or {}):
+        app.config["STORY_CHUNK_DELAY"] = 0  # tests wait for nothing
     secure = os.environ.get("SESSION_COOKIE_SECURE")
     if "SESSION_COOKIE_SECURE" not in (config or {}):
         # Production is served over HTTPS: the session cookie never travels in clear text.

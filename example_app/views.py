@@ -1,4 +1,5 @@
-"""The pages and the JSON API. Generating a persona costs ``PERSONA_COST`` credits.
+"""The pages and the JSON API. Generating a persona costs ``PERSONA_COST`` credits; a story is streamed
+and charged per chunk as it goes (``STORY_HOLD``, ``STORY_WORDS_PER_CREDIT``).
 
 The request is checked (who is asking, is the seed valid) *before* ``@requires_credits`` charges, so a
 bad request costs nothing: the decorator only gives credits back when the view fails with a 5xx.
@@ -7,18 +8,31 @@ bad request costs nothing: the decorator only gives credits back when the view f
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, render_template, request
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
-from flask_credits import requires_credits
+from flask_credits import InsufficientCredits, current_hold, requires_credits
 
 from .extensions import credits, csrf, login_manager
 from .forms import PersonaForm
 from .personas import generate_persona
+from .stories import STORY_WORDS, story_chunks
 
 View = Callable[..., ResponseReturnValue]
 
@@ -29,6 +43,11 @@ api = Blueprint("api", __name__, url_prefix="/api")
 def persona_cost() -> int:
     """Read per request, so the price can change with the config."""
     return int(current_app.config["PERSONA_COST"])
+
+
+def story_hold() -> int:
+    """Credits reserved before a story starts: read per request, like the persona's price."""
+    return int(current_app.config["STORY_HOLD"])
 
 
 def seed_from_form(view: View) -> View:
@@ -107,3 +126,53 @@ def create_persona(seed: str) -> ResponseReturnValue:
 @requires_credits(persona_cost, reason="generate persona (API)")
 def api_create_persona(seed: str) -> ResponseReturnValue:
     return jsonify(persona=generate_persona(seed).to_dict(), **charged())
+
+
+@main.get("/stories")
+@login_required
+def new_story() -> ResponseReturnValue:
+    """The story page: its script (static/stories.js) posts the seed to ``/api/stories`` and shows the
+    story as it streams in."""
+    words_per_credit = int(current_app.config["STORY_WORDS_PER_CREDIT"])
+    return render_template(
+        "stories/new.html",
+        form=PersonaForm(),
+        hold=story_hold(),
+        words_per_credit=words_per_credit,
+        about=math.ceil(STORY_WORDS / words_per_credit),
+    )
+
+
+@api.post("/stories")
+@csrf.exempt  # as for /api/personas: an API key or a JSON body, neither of which a cross-site page can send
+@seed_from_json
+@requires_credits(hold=story_hold, reason="write story (API)")
+def api_write_story(seed: str) -> ResponseReturnValue:
+    """Stream the seed's story as plain text, one credit per ``STORY_WORDS_PER_CREDIT`` words, charged
+    as each chunk goes out; a client that leaves mid-story pays for the chunks it was sent."""
+    words_per_credit = int(current_app.config["STORY_WORDS_PER_CREDIT"])
+    delay = float(current_app.config["STORY_CHUNK_DELAY"])
+    buy_more = url_for("credits.index", _external=True)
+
+    def generate() -> Iterator[str]:
+        ending = ""
+        for number, chunk in enumerate(story_chunks(seed, words_per_credit)):
+            if number and delay:
+                time.sleep(delay)  # a language model takes its time
+            try:
+                current_hold.add(1)  # grows the hold from the wallet when the story runs past it
+            except InsufficientCredits:
+                ending = f"\n[out of credits: buy more at {buy_more}]\n"
+                break
+            yield chunk
+        # Settle before the last bytes go out: the server closes the response (which settles too)
+        # only after the client has read the end of the stream, and a client that then asks for its
+        # balance must see what the story cost. A failure is logged; the close tries again.
+        current_hold.close()
+        if ending:
+            yield ending
+
+    response = Response(stream_with_context(generate()), mimetype="text/plain")
+    response.headers["X-Accel-Buffering"] = "no"  # nginx would otherwise hold the chunks back
+    response.headers["Cache-Control"] = "no-store"
+    return response

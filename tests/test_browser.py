@@ -24,6 +24,7 @@ from helpers import PASSWORD
 
 from example_app import create_app
 from example_app.models import db
+from example_app.stories import story_chunks, write_story
 
 try:
     from selenium import webdriver
@@ -68,6 +69,8 @@ def base_url(tmp_path_factory):
             "SQLALCHEMY_DATABASE_URI": f"sqlite:///{database}",
             "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"timeout": 30}},
             "CREDITS_STRIPE_MODE": "simulated",
+            # A pause between a story's chunks, so that the page visibly fills in as they arrive.
+            "STORY_CHUNK_DELAY": 0.05,
         }
     )
     with app.app_context():
@@ -412,6 +415,57 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     page.screenshot(screenshots, "api-keys")
 
     # Every page ran under the example app's Content-Security-Policy, and nothing on them was refused.
+    console = [entry["message"] for entry in page.driver.get_log("browser")]
+    assert not [message for message in console if "Content Security Policy" in message], console
+
+
+def test_a_story_streams_into_the_page_and_costs_one_credit_per_chunk(page, screenshots):
+    seed = "lighthouse"
+    chunks = len(list(story_chunks(seed, 10)))  # one credit per 10 words, the default
+    page.sign_up("hedy")
+
+    # No credits: the hold cannot be placed, the API answers 402 and the page links to the credits page.
+    page.nav("Write a story")
+    assert page.heading == "Write a story"
+    page.fill("#seed", seed)
+    page.button("Write a story").click()
+    page.wait().until(lambda d: "Not enough credits" in page.find("#story-status").text)
+    assert page.find("#story-status").text.startswith(
+        "Not enough credits: a story needs 10 to start; you have 0."
+    )
+    page.follow(page.find("#story-status a"), "Buy credits")
+    assert page.path == "/credits/"
+
+    page.start_checkout(quantity=1)
+    page.press("Pay")
+    assert page.balance() == 100
+
+    page.nav("Write a story")
+    page.fill("#seed", seed)
+    # Every length the story's text goes through, recorded by the page itself as it changes.
+    page.driver.execute_script(
+        """const text = document.querySelector('[data-testid="story-text"]');
+        window.__lengths = [];
+        new MutationObserver(() => window.__lengths.push(text.textContent.length))
+          .observe(text, { childList: true, characterData: true, subtree: true });"""
+    )
+    page.button("Write a story").click()
+    page.wait().until(lambda d: page.find("#story-status").text == "Done.")
+    story = page.driver.execute_script(
+        "return document.querySelector('[data-testid=\"story-text\"]').textContent"
+    )
+    assert story == write_story(seed)
+    lengths = page.driver.execute_script("return window.__lengths")
+    partial = {length for length in lengths if 0 < length < len(story)}
+    assert len(partial) >= 2, lengths  # it arrived in pieces, shown as they came
+    assert page.testid("story-cost") == f"This story cost {chunks} credits. You have {100 - chunks} left."
+    assert page.testid("credits-balance") == str(100 - chunks)  # the badge in the navigation, updated
+    page.screenshot(screenshots, "story")
+
+    page.nav("Buy credits")
+    assert page.balance() == 100 - chunks
+    assert "Spend: write story (API)" in page.find("main table tbody").text
+
     console = [entry["message"] for entry in page.driver.get_log("browser")]
     assert not [message for message in console if "Content Security Policy" in message], console
 
