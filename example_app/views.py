@@ -165,12 +165,10 @@ def api_write_story(seed: str) -> ResponseReturnValue:
                 ending = f"\n[out of credits: buy more at {buy_more}]\n"
                 break
             yield chunk
-        # Settle before the last bytes go out: the server closes the response (which settles too)
-        # only after the client has read the end of the stream, and a client that then asks for its
-        # balance must see what the story cost. A failure is logged; the close tries again.
-        current_hold.close()
         if ending:
             yield ending
+        # No settle here: @requires_credits settles at what was added as the body ends (before its
+        # last bytes go out), or when a client that left closes it early.
 
     response = Response(stream_with_context(generate()), mimetype="text/plain")
     response.headers["X-Accel-Buffering"] = "no"  # nginx would otherwise hold the chunks back
