@@ -7,18 +7,30 @@ bad request costs nothing: the decorator only gives credits back when the view f
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, render_template, request
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
-from flask_credits import requires_credits
+from flask_credits import InsufficientCredits, current_hold, requires_credits
 
 from .extensions import credits, csrf, login_manager
 from .forms import PersonaForm
 from .personas import generate_persona
+from .stories import story_chunks
 
 View = Callable[..., ResponseReturnValue]
 
@@ -107,3 +119,34 @@ def create_persona(seed: str) -> ResponseReturnValue:
 @requires_credits(persona_cost, reason="generate persona (API)")
 def api_create_persona(seed: str) -> ResponseReturnValue:
     return jsonify(persona=generate_persona(seed).to_dict(), **charged())
+
+
+def story_hold() -> int:
+    return int(current_app.config.get("STORY_HOLD", 10))
+
+
+@api.post("/stories")
+@csrf.exempt  # as /api/personas
+@seed_from_json
+@requires_credits(hold=story_hold, reason="write story (API)")
+def api_write_story(seed: str) -> ResponseReturnValue:
+    """Stream a story, one credit per chunk of ``STORY_WORDS_PER_CREDIT`` words."""
+    words = int(current_app.config.get("STORY_WORDS_PER_CREDIT", 10))
+    delay = float(current_app.config.get("STORY_CHUNK_DELAY", 0.05))
+    buy = url_for("credits.index", _external=True)
+
+    def generate() -> Iterator[str]:
+        for n, chunk in enumerate(story_chunks(seed, words)):
+            if n and delay:
+                time.sleep(delay)
+            try:
+                current_hold.add(1)
+            except InsufficientCredits:
+                yield f"\n[out of credits: buy more at {buy}]\n"
+                return
+            yield chunk
+
+    response = Response(stream_with_context(generate()), mimetype="text/plain")
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers["Cache-Control"] = "no-store"
+    return response
