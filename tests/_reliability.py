@@ -228,9 +228,14 @@ class Gunicorn:
                             return pid
         return None
 
-    def kill_worker(self, pid: int) -> None:
-        """SIGKILL one worker and wait until the master has replaced it."""
+    def kill_worker(self, pid: int, *, wait: bool = True) -> None:
+        """SIGKILL one worker and (unless ``wait`` is False) wait until the master has replaced it."""
         os.kill(pid, signal.SIGKILL)
+        if wait:
+            self.wait_replaced(pid)
+
+    def wait_replaced(self, pid: int) -> None:
+        """Wait until the master has replaced the dead worker ``pid``."""
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             pids = self.worker_pids()
@@ -364,7 +369,7 @@ class Streamed:
     status: int | str  # the HTTP status, or the exception's name when no answer came
     headers: dict[str, str] = field(default_factory=dict)  # names in lower case
     chunks: list[str] = field(default_factory=list)  # the story's chunks read, in order
-    ended: bool = False  # the server ended the body (its last, empty chunk arrived)
+    ended: bool = False  # the body's last, empty chunk arrived, then the server closed the connection
     out_of_credits: bool = False  # the story stopped with the "[out of credits ...]" line
     left_after: int | None = None  # the client hung up on purpose after reading this many chunks
     arrived: int = 0  # chunks the server had started sending, not read, when the client hung up
@@ -466,7 +471,8 @@ def stream_story(
     timeout: float = HTTP_TIMEOUT,
 ) -> Streamed:
     """POST /api/stories with the wallet's API key and read the streamed story chunk by chunk, to the
-    end, or hang up (close the socket) after ``leave_after`` chunks. ``on_connect`` gets the client's
+    end (the last chunk, then the server closing the connection), or hang up (close the socket) after
+    ``leave_after`` chunks. ``on_connect`` gets the client's
     local port once connected. A dropped connection is recorded in the result (``lost``), not raised.
     Each socket operation is bounded by ``timeout``."""
     payload = json.dumps({"seed": seed}).encode()
@@ -500,6 +506,11 @@ def stream_story(
                 return seen  # the socket is closed below, with whatever the server sent unread
             data = reader.chunk()
             if data is None:
+                # Asked for "Connection: close", the server closes the socket after it closed the
+                # response, so once the socket is closed the story's hold has been settled.
+                with contextlib.suppress(http.client.IncompleteRead):
+                    while True:
+                        reader.exactly(len(reader.buf) + 1)
                 seen.ended = True
                 return seen
             text = data.decode()
@@ -983,6 +994,19 @@ class Shop:
             )
             return list(conn.execute(query).all())
 
+    def rows_where(self, table: str, wallet: Wallet) -> list[Any]:
+        """The wallet's rows of a credits table with a ``wallet_id`` (holds, lots...), by id."""
+        t = getattr(self.credits.tables, table)
+        with self.engine.connect() as conn:
+            query = sa.select(t).where(t.c.wallet_id == self.wallet_id(wallet)).order_by(t.c.id)
+            return list(conn.execute(query).all())
+
+    def wallet_row(self, wallet: Wallet) -> Any:
+        """The wallet's row as stored (no lazy expiry runs)."""
+        w = self.credits.tables.wallets
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(w).where(w.c.id == self.wallet_id(wallet))).one()
+
     def purchases_of(self, wallet: Wallet) -> list[Any]:
         p = self.credits.tables.purchases
         with self.engine.connect() as conn:
@@ -1419,7 +1443,7 @@ class Shop:
                     problems.append(f"{where}: left {h.status}")
                 elif h.status == "expired" and not s.lost:
                     problems.append(f"{where}: expired, but its stream ended")
-                elif (h.status == "released") != (charged == 0):
+                elif (h.status == "settled") != (charged > 0):
                     problems.append(f"{where}: {h.status} having charged {charged}")
                 if h.entry_id is not None:
                     entry = settle_entries[h.entry_id]
