@@ -20,6 +20,7 @@ from ..services.holds import MeteredHold
 from . import bodies, responses
 
 if TYPE_CHECKING:
+    from flask import Flask
     from werkzeug.wrappers import Response
 
     from ..extension import FlaskCredits
@@ -228,8 +229,11 @@ class _Held(_Charge):
         if meter.ended:
             pass
         elif response.is_streamed:
-            # The generator runs after this returns: settle when the server closes the response.
-            response.call_on_close(meter.close)
+            # The generator runs after this returns: settle when the server closes the response. By
+            # then stream_with_context has let go of the request's context, so the settle runs in
+            # one of this app's own: its signals go out from this app, to this app's receivers.
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            response.call_on_close(functools.partial(_in_app_context, app, meter.close))
             return None
         else:
             try:
@@ -242,6 +246,11 @@ class _Held(_Charge):
                 log.exception("could not settle hold %s of %s", meter.id, self.wallet)
         g.credits_spend = meter.entry
         return None if meter.entry is None else meter.entry.id
+
+
+def _in_app_context(app: Flask, step: Callable[[], None]) -> None:
+    with app.app_context():
+        step()
 
 
 def _run_charged(charge: _Charge, run: Callable[[], Any]) -> Response:
