@@ -433,10 +433,14 @@ class _ChunkedReader:
             return b"".join(iter(self.chunk, None))
         if "content-length" in headers:
             return self.exactly(int(headers["content-length"]))
+        self.until_closed()
+        return self.buf
+
+    def until_closed(self) -> None:
+        """Read on until the server closes the connection."""
         with contextlib.suppress(http.client.IncompleteRead):
             while True:
                 self._fill()
-        return self.buf
 
     def started_chunks(self) -> int:
         """Chunks the server has started sending that were not read yet (in this buffer or still in
@@ -450,10 +454,11 @@ class _ChunkedReader:
             end = pending.find(b"\r\n", at)
             if end < 0:
                 return count + 1
-            if int(pending[at:end].split(b";")[0], 16) == 0:
+            size = int(pending[at:end].split(b";")[0], 16)
+            if size == 0:
                 break
             count += 1
-            at = end + 2 + int(pending[at:end].split(b";")[0], 16) + 2
+            at = end + 2 + size + 2
         return count
 
 
@@ -508,9 +513,7 @@ def stream_story(
             if data is None:
                 # Asked for "Connection: close", the server closes the socket after it closed the
                 # response, so once the socket is closed the story's hold has been settled.
-                with contextlib.suppress(http.client.IncompleteRead):
-                    while True:
-                        reader.exactly(len(reader.buf) + 1)
+                reader.until_closed()
                 seen.ended = True
                 return seen
             text = data.decode()

@@ -65,7 +65,7 @@ LOAD_SECONDS = SECONDS or 4.0
 TWO_HOSTS_SECONDS = SECONDS or 4.0
 CHAOS_SECONDS = SECONDS or 6.0
 STORM_SECONDS = SECONDS or 3.0
-STORIES_SECONDS = SECONDS or 2.5
+STORIES_SECONDS = SECONDS or 2.0
 #: The story's config in the streaming scenario. The pause between chunks is far longer than a
 #: loopback round trip, so the server notices a client that hung up within two writes (the bound
 #: ``Shop.check_streams`` checks), and a story (20 chunks) streams for about 0.2 s.
@@ -381,13 +381,17 @@ def buyer(
 
 
 def storyteller(port: int, wallet: Wallet, tally: Tally, deadline: float, seed: int) -> None:
-    """Stream stories from one wallet, one after the other, until the deadline: read to the end, or,
-    two times in five, hang up after 0 to 12 chunks."""
+    """Stream stories from one wallet, one after the other, until the deadline: the first cut off after
+    0 to 3 chunks (far less than its hold), the second read to the end, then either, at random (two
+    in five cut off after 0 to 12 chunks)."""
     rng = random.Random(seed)
-    for _ in range(100_000):
-        if time.monotonic() > deadline:
+    for n in range(100_000):
+        if n > 1 and time.monotonic() > deadline:
             break
-        leave = rng.randint(0, 12) if rng.random() < 0.4 else None
+        if n < 2:
+            leave = rng.randint(0, 3) if n == 0 else None
+        else:
+            leave = rng.randint(0, 12) if rng.random() < 0.4 else None
         seen: Streamed = stream_story(port, wallet, rng.choice(STORY_SEEDS), leave_after=leave)
         tally.count("story", seen.status)
         with tally.lock:
