@@ -146,6 +146,7 @@ class Gunicorn:
         self.port = free_port()
         self.workers = workers
         self.log = tempfile.NamedTemporaryFile(prefix="fc_reliability_", suffix=".log", delete=False)  # noqa: SIM115
+        self._final_output: str | None = None  # the log as it was when close() deleted it
         env = {
             **os.environ,
             "FC_RELIABILITY_APP": json.dumps({"config": config, "stripe_api": stripe_api}),
@@ -227,9 +228,14 @@ class Gunicorn:
                             return pid
         return None
 
-    def kill_worker(self, pid: int) -> None:
-        """SIGKILL one worker and wait until the master has replaced it."""
+    def kill_worker(self, pid: int, *, wait: bool = True) -> None:
+        """SIGKILL one worker and (unless ``wait`` is False) wait until the master has replaced it."""
         os.kill(pid, signal.SIGKILL)
+        if wait:
+            self.wait_replaced(pid)
+
+    def wait_replaced(self, pid: int) -> None:
+        """Wait until the master has replaced the dead worker ``pid``."""
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             pids = self.worker_pids()
@@ -251,6 +257,9 @@ class Gunicorn:
             time.sleep(0.05)
 
     def output(self) -> str:
+        """What gunicorn and the app logged so far (all of it, after :meth:`close`)."""
+        if self._final_output is not None:
+            return self._final_output
         with open(self.log.name, errors="replace") as f:
             return f.read()
 
@@ -264,6 +273,7 @@ class Gunicorn:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        self._final_output = self.output()
         if keep:
             print(f"\ngunicorn log kept: {self.log.name}")
         else:
@@ -348,6 +358,177 @@ def spend(port: int, secret: str, seed: str = "reliability", *, key: str | None 
     the ``Idempotency-Key`` header)."""
     headers = {"X-API-Key": secret} | ({"Idempotency-Key": key} if key else {})
     return call(port, "POST", "/api/personas", {"seed": seed}, headers)
+
+
+@dataclass
+class Streamed:
+    """One ``POST /api/stories`` as its client saw it (the streaming scenario)."""
+
+    wallet: str
+    seed: str
+    status: int | str  # the HTTP status, or the exception's name when no answer came
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+    chunks: list[str] = field(default_factory=list)  # the story's chunks read, in order
+    ended: bool = False  # the body's last, empty chunk arrived, then the server closed the connection
+    out_of_credits: bool = False  # the story stopped with the "[out of credits ...]" line
+    left_after: int | None = None  # the client hung up on purpose after reading this many chunks
+    arrived: int = 0  # chunks the server had started sending, not read, when the client hung up
+    body: Any = None  # the answer when it was not a stream (a 402...)
+    broken: str | None = None  # the exception that cut the stream
+
+    @property
+    def lost(self) -> bool:
+        """No answer, or a stream broken without the client hanging up (a killed worker)."""
+        return isinstance(self.status, str) or (
+            self.status == 200 and not self.ended and self.left_after is None
+        )
+
+
+class _ChunkedReader:
+    """An HTTP/1.1 response read off a socket, one chunk of a chunked body at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise http.client.IncompleteRead(self.buf)
+        self.buf += data
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            self._fill()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        status = int(self.line().split()[1])
+        headers = {}
+        while line := self.line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def chunk(self) -> bytes | None:
+        """The next chunk's data, or None at the end of the body."""
+        size = int(self.line().split(b";")[0], 16)
+        if size == 0:
+            while self.line():  # trailers, up to the blank line
+                pass
+            return None
+        data = self.exactly(size)
+        if self.exactly(2) != b"\r\n":
+            raise http.client.HTTPException("a chunk without its CRLF")
+        return data
+
+    def body(self, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding") == "chunked":
+            return b"".join(iter(self.chunk, None))
+        if "content-length" in headers:
+            return self.exactly(int(headers["content-length"]))
+        self.until_closed()
+        return self.buf
+
+    def until_closed(self) -> None:
+        """Read on until the server closes the connection."""
+        with contextlib.suppress(http.client.IncompleteRead):
+            while True:
+                self._fill()
+
+    def started_chunks(self) -> int:
+        """Chunks the server has started sending that were not read yet (in this buffer or still in
+        the socket), counted without reading them; a partial size line counts."""
+        pending = self.buf
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            pending += self.sock.recv(1 << 20, socket.MSG_PEEK)
+        count, at = 0, 0
+        while at < len(pending):
+            end = pending.find(b"\r\n", at)
+            if end < 0:
+                return count + 1
+            size = int(pending[at:end].split(b";")[0], 16)
+            if size == 0:
+                break
+            count += 1
+            at = end + 2 + size + 2
+        return count
+
+
+#: The line a story ends with when its wallet cannot pay for the next chunk.
+OUT_OF_CREDITS = "[out of credits"
+
+
+def stream_story(
+    port: int,
+    wallet: Wallet,
+    seed: str,
+    *,
+    leave_after: int | None = None,
+    on_connect: Callable[[int], object] | None = None,
+    timeout: float = HTTP_TIMEOUT,
+) -> Streamed:
+    """POST /api/stories with the wallet's API key and read the streamed story chunk by chunk, to the
+    end (the last chunk, then the server closing the connection), or hang up (close the socket) after
+    ``leave_after`` chunks. ``on_connect`` gets the client's
+    local port once connected. A dropped connection is recorded in the result (``lost``), not raised.
+    Each socket operation is bounded by ``timeout``."""
+    payload = json.dumps({"seed": seed}).encode()
+    head = (
+        f"POST /api/stories HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {wallet.secret}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    seen = Streamed(wallet.name, seed, "ConnectionError")
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError as exc:
+        seen.status = type(exc).__name__
+        return seen
+    try:
+        if on_connect is not None:
+            on_connect(sock.getsockname()[1])
+        sock.sendall(head.encode() + payload)
+        reader = _ChunkedReader(sock)
+        status, seen.headers = reader.head()
+        seen.status = status
+        if status != 200:
+            raw = reader.body(seen.headers)
+            try:
+                seen.body = json.loads(raw)
+            except ValueError:
+                seen.body = raw.decode(errors="replace")
+            return seen
+        while True:
+            if leave_after is not None and len(seen.chunks) >= leave_after:
+                seen.left_after, seen.arrived = len(seen.chunks), reader.started_chunks()
+                return seen  # the socket is closed below, with whatever the server sent unread
+            data = reader.chunk()
+            if data is None:
+                # Asked for "Connection: close", the server closes the socket after it closed the
+                # response, so once the socket is closed the story's hold has been settled.
+                reader.until_closed()
+                seen.ended = True
+                return seen
+            text = data.decode()
+            if OUT_OF_CREDITS in text:
+                seen.out_of_credits = True
+            else:
+                seen.chunks.append(text)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if isinstance(seen.status, int):
+            seen.broken = type(exc).__name__
+        else:
+            seen.status = type(exc).__name__
+        return seen
+    finally:
+        sock.close()
 
 
 def until_not_in_progress(send: Callable[[], Reply]) -> tuple[Reply, int]:
@@ -702,6 +883,9 @@ class Tally:
     deliveries: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     keyed: list[Keyed] = field(default_factory=list)  # every answer of the same-key storm
+    # Every story streamed. A wallet's stories come from one client, one after the other, so its
+    # holds in id order are its stories answered 200, in order (``Shop.check_streams``).
+    streams: list[Streamed] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -812,6 +996,19 @@ class Shop:
                 .order_by(r.c.id)
             )
             return list(conn.execute(query).all())
+
+    def rows_where(self, table: str, wallet: Wallet) -> list[Any]:
+        """The wallet's rows of a credits table with a ``wallet_id`` (holds, lots...), by id."""
+        t = getattr(self.credits.tables, table)
+        with self.engine.connect() as conn:
+            query = sa.select(t).where(t.c.wallet_id == self.wallet_id(wallet)).order_by(t.c.id)
+            return list(conn.execute(query).all())
+
+    def wallet_row(self, wallet: Wallet) -> Any:
+        """The wallet's row as stored (no lazy expiry runs)."""
+        w = self.credits.tables.wallets
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(w).where(w.c.id == self.wallet_id(wallet))).one()
 
     def purchases_of(self, wallet: Wallet) -> list[Any]:
         p = self.credits.tables.purchases
@@ -937,6 +1134,7 @@ class Shop:
                         t.wallets.c.user_id,
                         t.wallets.c.key_id,
                         t.wallets.c.balance,
+                        t.wallets.c.held,
                         t.wallets.c.debt,
                     )
                 )
@@ -944,14 +1142,25 @@ class Shop:
             by_id = {r.id: f"{r.user_id}/{r.key_id}" for r in wallet_rows.values()}
             entries = conn.execute(
                 sa.select(
+                    t.entries.c.id,
                     t.entries.c.wallet_id,
                     t.entries.c.kind,
                     t.entries.c.amount,
+                    t.entries.c.reverses_id,
                     t.entries.c.balance_after,
                     t.entries.c.meta,
                     t.entries.c.created_at,
                 )
             ).all()
+            # When each wallet placed its first hold: entries' balance_after counts held credits.
+            first_hold = {
+                by_id[r.wallet_id]: r.first
+                for r in conn.execute(
+                    sa.select(t.holds.c.wallet_id, sa.func.min(t.holds.c.created_at).label("first")).group_by(
+                        t.holds.c.wallet_id
+                    )
+                )
+            }
             purchases = {r.session_id: r for r in conn.execute(sa.select(t.purchases)) if r.session_id}
             creating = conn.execute(
                 sa.select(sa.func.count()).select_from(t.purchases).where(t.purchases.c.status == "creating")
@@ -1001,12 +1210,28 @@ class Shop:
         keyed_problems, keyed_figures, keyed_ok, keyed_unknown = self.check_keyed(tally)
         problems += keyed_problems
 
+        # The settles of holds (stories) are spends of any amount: ``check_streams`` judges them.
+        stream_problems, stream_figures, stories = self.check_streams(tally)
+        problems += stream_problems
+        settles = {e.id for e in entries if e.kind == "spend" and "hold_id" in (e.meta or {})}
+        story_charged = Counter[str]()
+        totals = Counter[str]()
+        for e in entries:
+            totals[by_id[e.wallet_id]] += e.amount
+            if e.id in settles or e.reverses_id in settles:
+                story_charged[by_id[e.wallet_id]] += -e.amount
+        for name, charged in story_charged.items():
+            if name in stories and stories[name] != charged:
+                problems.append(
+                    f"wallet {name}: its settle entries charge {charged}, its holds {stories[name]}"
+                )
+
         # Spends: the database holds exactly the spends the clients were told about (plus, at most, the
-        # ones whose answer was lost), and every balance is what the grants, purchases, spends and
-        # claw-backs leave.
+        # ones whose answer was lost), and every balance is what the grants, purchases, spends, stories
+        # and claw-backs leave.
         spends = Counter[str]()
         for e in entries:
-            if e.kind in ("spend", "refund"):
+            if e.kind in ("spend", "refund") and e.id not in settles and e.reverses_id not in settles:
                 spends[by_id[e.wallet_id]] += -e.amount // COST
         for w in wallets:
             row = wallet_rows.get((w.user_id, w.key_id))
@@ -1020,9 +1245,21 @@ class Shop:
                 problems.append(
                     f"wallet {w.name}: {db_spends} spends stored, clients saw {ok} (+{unknown} unknown)"
                 )
-            expected = tally.granted[w.name] + purchased[w.name] - COST * db_spends - clawed[w.name]
+            expected = (
+                tally.granted[w.name]
+                + purchased[w.name]
+                - COST * db_spends
+                - story_charged[w.name]
+                - clawed[w.name]
+            )
             if row.balance - row.debt != expected:
                 problems.append(f"wallet {w.name}: balance {row.balance} - debt {row.debt} != {expected}")
+            if row.held:
+                problems.append(f"wallet {w.name}: {row.held} credits still held after the run")
+            if row.balance + row.held != totals[w.name]:
+                problems.append(
+                    f"wallet {w.name}: balance {row.balance} + held {row.held} != entries {totals[w.name]}"
+                )
         # A 402 whose answer showed enough credits: the wallet must have been unable to pay at some
         # moment before the answer (the credits shown arrived after the refusal).
         first_low: dict[str, datetime] = {}
@@ -1031,6 +1268,8 @@ class Shop:
             if e.balance_after < COST and (name not in first_low or e.created_at < first_low[name]):
                 first_low[name] = e.created_at
         for name, answered in tally.late_402:
+            if name in first_hold and first_hold[name] <= answered + timedelta(seconds=1):
+                continue  # balance_after counts held credits: the wallet may have been short then
             if name not in first_low or first_low[name] > answered + timedelta(seconds=1):
                 problems.append(f"wallet {name} refused at {answered} but was never below {COST} before")
         if cli:
@@ -1049,6 +1288,7 @@ class Shop:
             "events": len(recorded),
             "spends": sum(spends.values()),
             **keyed_figures,
+            **stream_figures,
         }
 
     def check_keyed(self, tally: Tally) -> tuple[list[str], dict[str, int], Counter[str], Counter[str]]:
@@ -1145,6 +1385,116 @@ class Shop:
             "lost": sum(1 for a in tally.keyed if a.lost),
         }
         return problems, figures, ok, unknown
+
+    def check_streams(self, tally: Tally) -> tuple[list[str], dict[str, Any], Counter[str]]:
+        """The stories (``tally.streams``) against their holds. A wallet's stories come from one
+        client in turn, so its holds in id order are its stories answered 200. Per story:
+
+        * every hold ended: ``settled`` at what it charged or ``released`` (charged nothing), none
+          left ``held``; ``expired`` only for a story whose worker died (``lost``), charged nothing;
+        * a story read to its end is charged exactly its chunks, one credit each;
+        * a story its client hung up on after reading ``r`` chunks, when ``a`` more had started to
+          arrive unread, is charged ``r <= charged <= r + a + 2``: each chunk is counted before it is
+          sent, and the server notices the client is gone at the latest on its second write after the
+          close (the first may still be accepted, the peer then answers RST, the next fails) — so
+          never a full hold for the few chunks of a partial story;
+        * the settle's spend entry charges what the hold says, and names the hold;
+        * every story of a seed is the same text (a partial one a prefix of it), and each answer 200
+          is a stream (chunked ``text/plain``, ``X-Accel-Buffering: no``, ``Cache-Control: no-store``).
+
+        Returns the problems, figures, and per wallet what its holds charged."""
+        problems: list[str] = []
+        charged_by = Counter[str]()
+        if not tally.streams:
+            return problems, {}, charged_by
+        t = self.credits.tables
+        with self.engine.connect() as conn:
+            names = {
+                r.id: f"{r.user_id}/{r.key_id}"
+                for r in conn.execute(sa.select(t.wallets.c.id, t.wallets.c.user_id, t.wallets.c.key_id))
+            }
+            holds = conn.execute(sa.select(t.holds).order_by(t.holds.c.id)).all()
+            settle_entries = {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(t.entries.c.id, t.entries.c.amount, t.entries.c.meta).where(
+                        t.entries.c.id.in_([h.entry_id for h in holds if h.entry_id is not None] or [-1])
+                    )
+                )
+            }
+        by_wallet: dict[str, list[Any]] = {}
+        for h in holds:
+            by_wallet.setdefault(names[h.wallet_id], []).append(h)
+        streams: dict[str, list[Streamed]] = {}
+        for s in tally.streams:
+            streams.setdefault(s.wallet, []).append(s)
+        over = Counter[int]()  # charged - read, for the stories their clients hung up on
+        fates = Counter[str]()
+        for wallet, seen in streams.items():
+            answered = [s for s in seen if s.status == 200]
+            placed = by_wallet.get(wallet, [])
+            if len(placed) != len(answered):
+                problems.append(
+                    f"wallet {wallet}: {len(placed)} holds for {len(answered)} stories answered 200"
+                )
+            for s, h in zip(answered, placed, strict=False):
+                where = f"wallet {wallet} hold {h.id} ({s.seed!r}, {len(s.chunks)} chunks read)"
+                charged = int(h.settled_amount or 0)
+                charged_by[wallet] += charged
+                read = len(s.chunks)
+                if h.status not in ("settled", "released", "expired"):
+                    problems.append(f"{where}: left {h.status}")
+                elif h.status == "expired" and not s.lost:
+                    problems.append(f"{where}: expired, but its stream ended")
+                elif (h.status == "settled") != (charged > 0):
+                    problems.append(f"{where}: {h.status} having charged {charged}")
+                if h.entry_id is not None:
+                    entry = settle_entries[h.entry_id]
+                    if -entry.amount != charged or (entry.meta or {}).get("hold_id") != h.id:
+                        problems.append(f"{where}: charged {charged}, its entry {entry.amount} {entry.meta}")
+                elif charged:
+                    problems.append(f"{where}: charged {charged} without an entry")
+                if s.lost:
+                    fates["lost"] += 1
+                    if h.status == "settled" and charged < read:
+                        problems.append(f"{where}: a broken stream charged {charged}")
+                elif s.left_after is None:
+                    fates["out of credits" if s.out_of_credits else "read to the end"] += 1
+                    if charged != read:
+                        problems.append(f"{where}: read to the end, charged {charged}")
+                else:
+                    fates["hung up"] += 1
+                    fates["hung up, charged less than the hold"] += charged < h.requested
+                    over[charged - read] += 1
+                    if not read <= charged <= read + s.arrived + 2:
+                        problems.append(f"{where}: hung up with {s.arrived} more arriving, charged {charged}")
+                headers = (
+                    s.headers.get("transfer-encoding"),
+                    s.headers.get("content-type", "").split(";")[0],
+                    s.headers.get("x-accel-buffering"),
+                    s.headers.get("cache-control"),
+                )
+                if headers != ("chunked", "text/plain", "no", "no-store"):
+                    problems.append(f"{where}: answered with headers {s.headers}")
+        stories = {}
+        for s in tally.streams:
+            if s.ended and not s.out_of_credits:
+                text = "".join(s.chunks)
+                if stories.setdefault(s.seed, text) != text:
+                    problems.append(f"two stories for {s.seed!r}: {stories[s.seed][:80]!r}, {text[:80]!r}")
+        for s in tally.streams:
+            if s.seed in stories and not stories[s.seed].startswith("".join(s.chunks)):
+                problems.append(f"a story for {s.seed!r} is not the start of the others: {s.chunks[:3]}")
+        statuses = Counter(str(s.status) for s in tally.streams)
+        figures = {
+            "stories": len(tally.streams),
+            "story_statuses": dict(sorted(statuses.items())),
+            "story_fates": dict(sorted(fates.items())),
+            "story_chunks_read": sum(len(s.chunks) for s in tally.streams),
+            "story_credits_charged": sum(charged_by.values()),
+            "hung_up_charged_minus_read": dict(sorted(over.items())),
+        }
+        return problems, figures, charged_by
 
     def settle_requests(self) -> dict[str, int]:
         """What an operator does after workers died: wait until the lease of every request left

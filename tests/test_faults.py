@@ -3,6 +3,8 @@ moments, made deterministic with row locks held by the test.
 
 * A worker SIGKILLed while its spend, or its webhook's fulfilment, waits inside the transaction for a
   row lock the test holds: nothing half-written, the audit passes, Stripe's retry credits exactly once.
+* A worker SIGKILLed mid-stream, while its story waits to grow its hold: the hold stays reserved (and
+  the wallet usable) until it expires, then ``flask credits expire`` gives it back.
 * The database connection dropped (a loopback proxy cuts it) in the middle of a spend, a webhook and a
   checkout, and the database unreachable for new requests: 503 (the webhook 503 too, so Stripe
   retries), nothing half-written; when it is back everything resumes.
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import functools
 import http.client
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -37,6 +41,7 @@ from _reliability import (
     Paid,
     Reply,
     Shop,
+    Streamed,
     Tally,
     TcpProxy,
     Wallet,
@@ -46,14 +51,19 @@ from _reliability import (
     engine_options,
     report,
     spend,
+    stream_story,
     until_not_in_progress,
     via,
 )
 from helpers import drop_all_tables
 
+from example_app.stories import story_chunks
 from flask_credits import testing
 
 ROUNDS = max(1, int(SECONDS // 30))
+#: CREDITS_HOLD_TTL of the app under test, in seconds: the mid-stream kill waits it out.
+HOLD_TTL = 3
+STORY_HOLD = 10  # credits a story reserves; a story is 21 to 23 chunks of 10 words, one credit each
 LOST = (OSError, http.client.HTTPException)  # the answer never came: a killed worker
 
 pytestmark = MARKS
@@ -114,7 +124,15 @@ def faults(database_url: str) -> Iterator[Faults]:
     try:
         shop.migrate()
         server = Gunicorn(
-            app_config(via(database_url, db_line.port)), stripe_api=f"http://127.0.0.1:{stripe_line.port}"
+            app_config(
+                via(database_url, db_line.port),
+                # A hold whose worker died is waited out (the stories' test); a story streams at once.
+                CREDITS_HOLD_TTL=HOLD_TTL,
+                STORY_HOLD=STORY_HOLD,
+                STORY_WORDS_PER_CREDIT=10,
+                STORY_CHUNK_DELAY=0,
+            ),
+            stripe_api=f"http://127.0.0.1:{stripe_line.port}",
         )
         yield Faults(shop, stripe, stripe_line, db_line, server, database_url)
     finally:
@@ -280,6 +298,89 @@ def test_a_worker_killed_mid_run_with_an_idempotency_key_is_taken_over_or_settle
     shop.check(wallets, tally)
     faults.assert_no_bare_500()
     report(f"worker killed mid-run with an idempotency key {faults.shop.label}", {"rounds": ROUNDS, **seen})
+
+
+def story_killed_mid_stream(server: Gunicorn, shop: Shop, wallet: Wallet, seed: str) -> tuple[Streamed, int]:
+    """Stream a story from a wallet of two lots while the test locks the second, so that the worker
+    waits for it when the hold must grow (chunk 11), mid-stream; SIGKILL that worker there (without
+    waiting for its replacement). Returns what the client got, and the dead worker's pid."""
+    ports: queue.Queue[int] = queue.Queue()
+    outcome: queue.Queue[Streamed] = queue.Queue()
+    story = threading.Thread(
+        target=lambda: outcome.put(stream_story(server.port, wallet, seed, on_connect=ports.put)), daemon=True
+    )
+    with shop.holding("lots", shop.lot_ids(wallet)[1]):
+        story.start()
+        session, _ = shop.lock_waiter(lambda: None if outcome.empty() else outcome.queue[0])
+        pid = server.worker_with_connection(server.port, ports.get(timeout=WAIT))
+        assert pid is not None, "no worker holds the story's connection"
+        server.kill_worker(pid, wait=False)
+        story.join(WAIT)
+        killed = outcome.get(timeout=WAIT)
+    shop.wait_gone(session)  # the dead worker's transaction, rolled back
+    return killed, pid
+
+
+def test_a_worker_killed_mid_stream_leaves_its_hold_reserved_until_flask_credits_expire_releases_it(faults):
+    """A story streams from a wallet of two lots: its hold (10) takes the first; at chunk 11 the hold
+    must grow from the second, which the test has locked, so the worker waits there, mid-stream, and
+    is SIGKILLed. The client's stream breaks after its 10 chunks. Its hold stays reserved, counted out
+    of the balance (no settle ran, and the dead worker's growth was rolled back), while the wallet
+    keeps serving a spend and a whole story. Once ``CREDITS_HOLD_TTL`` has passed, nothing read the
+    wallet, so the hold is still in the database until ``flask credits expire`` releases it
+    (``expired``, held 0): the dead stream is charged nothing, every balance adds up, audit passes."""
+    shop, server, tally, seen = faults.shop, faults.server, Tally(), Counter[str]()
+    wallets = []
+    for round_number in range(ROUNDS):
+        (wallet,) = shop.wallets(users=1, keys_per_user=1)
+        wallets.append(wallet)
+        shop.grant(wallet, STORY_HOLD, tally)  # the first lot: the hold
+        shop.grant(wallet, 100, tally)  # the second: what the hold grows from
+        killed, pid = story_killed_mid_stream(server, shop, wallet, f"killed-{round_number}")
+        tally.streams.append(killed)
+        assert (killed.status, killed.lost, len(killed.chunks)) == (200, True, STORY_HOLD), killed
+
+        # The hold is reserved as it was placed: the growth died with the worker.
+        (hold,) = shop.rows_where("holds", wallet)
+        assert (hold.status, hold.amount) == ("held", STORY_HOLD)
+        assert (hold.expires_at - hold.created_at).total_seconds() == pytest.approx(HOLD_TTL, abs=0.01)
+        assert shop.audit() == []
+
+        # Meanwhile the wallet works: a spend and a whole story, from what is not held.
+        answered(spend(server.port, wallet.secret), 200)
+        tally.spent_ok[wallet.name] += 1
+        seed = f"whole-{round_number}"
+        cost = len(list(story_chunks(seed, 10)))  # one credit per chunk of 10 words
+        whole = stream_story(server.port, wallet, seed)
+        tally.streams.append(whole)
+        assert (whole.status, whole.ended, len(whole.chunks)) == (200, True, cost), whole
+        dead, done = shop.rows_where("holds", wallet)
+        took = datetime.now(timezone.utc) - dead.created_at
+        assert dead.status == "held", f"{dead.status} after {took}: was CREDITS_HOLD_TTL too short?"
+        assert (done.status, done.settled_amount) == ("settled", cost)
+        assert shop.wallet_row(wallet).held == STORY_HOLD
+        assert shop.balance(wallet) == 100 - COST - cost
+        assert datetime.now(timezone.utc) < dead.expires_at, f"took {took}, past CREDITS_HOLD_TTL"
+        seen["slowest kill and requests, seconds"] = max(
+            seen["slowest kill and requests, seconds"], round(took.total_seconds(), 2)
+        )
+
+        # Past its expiry, nobody read the wallet: the hold is still in the database, until the
+        # operator's sweep gives it back.
+        server.wait_replaced(pid)
+        time.sleep(max(0.0, (dead.expires_at - datetime.now(timezone.utc)).total_seconds()))
+        assert shop.rows_where("holds", wallet)[0].status == "held"
+        result = shop.cli("credits", "expire")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "checked 0 wallets" not in result.stdout, result.stdout
+        expired = shop.rows_where("holds", wallet)[0]
+        assert (expired.status, expired.settled_amount, expired.entry_id) == ("expired", None, None)
+        row = shop.wallet_row(wallet)
+        assert (row.balance, row.held, row.debt) == (STORY_HOLD + 100 - COST - cost, 0, 0)
+        seen["chunks streamed by killed workers, not charged"] += len(killed.chunks)
+    shop.check(wallets, tally, cli=False)  # audit() here; flask credits audit costs CI seconds
+    faults.assert_no_bare_500()
+    report(f"worker killed mid-stream {faults.shop.label}", {"rounds": ROUNDS, **seen})
 
 
 # -- the database connection dropped, the database unreachable ----------------------------------------

@@ -13,6 +13,7 @@ from flask_credits import (
     Wallet,
     current_hold,
     requires_credits,
+    signals,
 )
 from flask_credits.services.idempotency import fingerprint
 
@@ -263,6 +264,38 @@ def test_a_client_that_leaves_mid_stream_pays_for_what_was_produced(client, logi
     response.close()  # closing again charges nothing more
     assert credits.balance("alice") == 21
     assert len(credits.history("alice")) == 2
+
+
+def test_a_stream_closed_after_its_context_is_gone_settles_and_signals_from_its_own_app(app, build_app):
+    """A WSGI server closes a streamed response after ``stream_with_context`` let go of the request's
+    context (here only another app's is current, as in a process serving several apps): the settle
+    still runs, and ``credits_settled`` goes out from the app that served the stream."""
+    served, _, served_credits = build_app()
+
+    @served.get("/story")
+    @requires_credits(hold=4)
+    def story():
+        def generate():
+            for i in range(3):
+                current_hold.add(1)
+                yield f"chunk {i}\n"
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    settled = []
+    with served.app_context():
+        served_credits.grant("alice", 25, reason="welcome")
+    client = served.test_client()
+    assert client.post("/_login/alice").status_code == 200
+    with signals.credits_settled.connected_to(
+        lambda sender, **kw: settled.append(kw["amount"]), sender=served
+    ):
+        response = client.get("/story", buffered=False)
+        assert b"".join(response.response) == b"chunk 0\nchunk 1\nchunk 2\n"
+        response.close()
+    assert settled == [3]
+    with served.app_context():
+        assert (served_credits.balance("alice"), served_credits.held("alice")) == (22, 0)
 
 
 def test_a_stream_that_runs_out_of_credits_ends_with_a_final_message(client, login, credits, views):

@@ -7,6 +7,10 @@ zero, ``audit()`` and ``flask credits audit`` pass, every paid purchase credited
 clawed back exactly as far as its refunds and disputes say, the spends stored are exactly the ones
 answered 200, and each balance is what the grants, purchases, spends and claw-backs leave.
 
+Stories streamed (``storyteller``) from wallets that spenders and grants use at the same time, read
+to the end or cut off by their client after a few chunks: each is charged what the server produced,
+one credit per chunk, within the bound ``Shop.check_streams`` states, and no hold is left.
+
 A same-key storm (``Storm``) sends each Idempotency-Key from several clients at once, with the same or
 different bodies: per key the view runs at most once, the charges are exactly the runs, and every
 replay is the run's answer byte for byte.
@@ -41,6 +45,7 @@ from _reliability import (
     Keyed,
     Paid,
     Shop,
+    Streamed,
     Tally,
     TcpProxy,
     Wallet,
@@ -49,6 +54,7 @@ from _reliability import (
     deliver,
     report,
     spend,
+    stream_story,
     via,
 )
 from helpers import drop_all_tables
@@ -59,6 +65,13 @@ LOAD_SECONDS = SECONDS or 4.0
 TWO_HOSTS_SECONDS = SECONDS or 4.0
 CHAOS_SECONDS = SECONDS or 6.0
 STORM_SECONDS = SECONDS or 3.0
+STORIES_SECONDS = SECONDS or 2.0
+#: The story's config in the streaming scenario. The pause between chunks is far longer than a
+#: loopback round trip, so the server notices a client that hung up within two writes (the bound
+#: ``Shop.check_streams`` checks), and a story (20 chunks) streams for about 0.2 s.
+STORY_HOLD = 10
+STORY_CONFIG = {"STORY_HOLD": STORY_HOLD, "STORY_WORDS_PER_CREDIT": 10, "STORY_CHUNK_DELAY": 0.01}
+STORY_SEEDS = [f"story-{n}" for n in range(6)]
 #: Wallets (groups of 4 clients) of the same-key storm, alone and within the load with faults.
 STORM_GROUPS, STORM_FAULT_GROUPS = 5, 2
 
@@ -367,6 +380,65 @@ def buyer(
         time.sleep(0.02)  # a purchase is rarer than a spend
 
 
+def storyteller(port: int, wallet: Wallet, tally: Tally, deadline: float, seed: int) -> None:
+    """Stream stories from one wallet, one after the other, until the deadline: the first cut off after
+    0 to 3 chunks (far less than its hold), the second read to the end, then either, at random (two
+    in five cut off after 0 to 12 chunks)."""
+    rng = random.Random(seed)
+    for n in range(100_000):
+        if n > 1 and time.monotonic() > deadline:
+            break
+        if n < 2:
+            leave = rng.randint(0, 3) if n == 0 else None
+        else:
+            leave = rng.randint(0, 12) if rng.random() < 0.4 else None
+        seen: Streamed = stream_story(port, wallet, rng.choice(STORY_SEEDS), leave_after=leave)
+        tally.count("story", seen.status)
+        with tally.lock:
+            tally.streams.append(seen)
+            if seen.lost or seen.status not in (200, 402):
+                tally.problems.append(f"story answered {seen.status} ({seen.broken}): {str(seen.body)[:300]}")
+            elif seen.status == 402 and seen.body.get("required") != STORY_HOLD:
+                tally.problems.append(f"story refused with {seen.body}")
+        if seen.status == 402:
+            time.sleep(0.01)  # pace the refusals: the grants come every 50 ms
+
+
+def granter(shop: Shop, wallets: list[Wallet], tally: Tally, deadline: float, seed: int) -> None:
+    """Grant a few credits to one of the wallets every 50 ms until the deadline."""
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        shop.grant(rng.choice(wallets), rng.randint(5, 40), tally)
+        time.sleep(0.05)
+
+
+def run_stories(stack: Stack, port: int, seconds: float) -> tuple[list[Wallet], Tally, float]:
+    """Four storytellers, each on a wallet of its own, and on the same four wallets four spenders
+    (half of their spends from the first) and a granter, for ``seconds``."""
+    shop, tally = stack.shop, Tally()
+    wallets = shop.wallets(users=1, keys_per_user=4)
+    for w in wallets:
+        shop.grant(w, 60, tally)
+    begin = time.monotonic()
+    deadline = begin + seconds
+    threads = [
+        threading.Thread(target=storyteller, args=(port, w, tally, deadline, 300 + i))
+        for i, w in enumerate(wallets)
+    ]
+    threads += [
+        threading.Thread(
+            target=spender, args=(Hosts(port), wallets, wallets[0], tally, deadline, False, 400 + i)
+        )
+        for i in range(4)
+    ]
+    threads.append(threading.Thread(target=granter, args=(shop, wallets, tally, deadline, 500)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    return wallets, tally, time.monotonic() - begin
+
+
 def run_load(
     stack: Stack,
     port: int | Hosts,
@@ -645,4 +717,51 @@ def test_load_with_database_outages_and_killed_workers_loses_nothing(stack):
     report(
         f"load with faults {stack.shop.label}",
         {**figures(tally, stored, elapsed), "faults": dict(faults), "settled": settled},
+    )
+
+
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
+def test_stories_streamed_and_cut_off_amid_spends_and_grants_are_charged_what_was_produced(
+    stack, route, request
+):
+    """Stories streamed from wallets that spenders and grants use at the same time, some read to the
+    end, some cut off by their client after a few chunks (``run_stories``), directly and through
+    PgBouncer in transaction mode. Afterwards (``Shop.check``, ``Shop.check_streams``): a story read
+    to the end is charged its chunks, one cut off between what its client read and that plus what
+    was in flight (never the whole hold for a few chunks); every hold ended when its response closed
+    (none left held), each balance is what the grants, spends and stories leave, balance + held equals
+    the entries, ``audit()`` passes, no 500."""
+    if route == "pgbouncer":
+        if stack.backend != "postgresql":
+            pytest.skip("PgBouncer pools PostgreSQL connections")
+        server = stack.server(
+            request.getfixturevalue("through_pgbouncer"),
+            CREDITS_DATABASE_POOLER="transaction",
+            **STORY_CONFIG,
+        )
+    else:
+        server = stack.server(**STORY_CONFIG)
+    try:
+        wallets, tally, elapsed = run_stories(stack, server.port, STORIES_SECONDS)
+    finally:
+        server.close()
+    log = server.output()
+    stored = stack.shop.check(wallets, tally, cli=False)  # audit() in this process: CI time
+    assert set(tally.statuses) <= {"story 200", "story 402", "spend 200", "spend 402"}, tally.statuses
+    assert "Error handling request" not in log, log[-5000:]
+    assert "Traceback" not in log, log[-5000:]
+    fates = stored["story_fates"]
+    assert fates.get("read to the end", 0) > 0, fates
+    assert fates.get("hung up", 0) > 0, fates
+    assert fates.get("hung up, charged less than the hold", 0) > 0, fates
+    assert sum(tally.spent_ok.values()) > 0
+    name = f"stories {stack.shop.label}" + (" through PgBouncer" if route == "pgbouncer" else "")
+    report(
+        name,
+        {
+            "seconds": round(elapsed, 1),
+            "requests_per_second": round(sum(tally.statuses.values()) / elapsed),
+            "statuses": dict(sorted(tally.statuses.items())),
+            **{k: v for k, v in stored.items() if k not in ("purchases", "creating", "events")},
+        },
     )
