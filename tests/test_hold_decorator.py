@@ -428,3 +428,32 @@ def _dead_hold_run(app, credits, path):
         wallet, 10, ttl=timedelta(seconds=900), reason=endpoint, idempotency_key=claim.spend_key
     )
     return claim
+
+
+def test_a_stream_that_reports_usage_outlives_its_first_ttl(app, client, login, credits, clock):
+    """Five chunks 400 s apart (2,000 s, past the 900 s hold TTL) within the hold: usage reported in
+    the second half of the hold's life renews it, so it never expires mid-stream."""
+
+    @app.get("/slow-stream")
+    @requires_credits(hold=10)
+    def slow_stream():
+        def generate():
+            for i in range(5):
+                clock.advance(seconds=400)
+                current_hold.add(1)
+                held.append(credits.held("alice"))
+                yield f"chunk {i}\n"
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    held = []
+    credits.grant("alice", 25, reason="welcome")
+    login("alice")
+    response = client.get("/slow-stream")
+    assert response.get_data(as_text=True).count("chunk") == 5
+    assert held == [10] * 5  # never expired under the stream
+    response.close()
+    hold = credits.get_hold(credits.history("alice")[0].metadata["hold_id"])
+    assert (hold.status, credits.balance("alice"), credits.held("alice")) == ("settled", 20, 0)
+    assert [e.kind for e in credits.history("alice")] == ["spend", "grant"]
+    assert credits.audit() == []

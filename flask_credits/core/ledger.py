@@ -409,9 +409,13 @@ class Ledger:
             ended: list[tuple[Hold, int]] = []
             for row in conn.execute(
                 sa.select(h).where(h.c.wallet_id == wallet_id, h.c.status == "held", h.c.expires_at <= now)
-            ):
+            ).all():
+                # Conditional, and before its credits move: a renewal (``renew``, which does not lock
+                # the wallet) that committed since the read above wins.
+                expired = sa.update(h).where(h.c.id == row.id, h.c.status == "held", h.c.expires_at <= now)
+                if conn.execute(expired.values(status="expired", updated_at=now)).rowcount != 1:
+                    continue
                 self._unhold(conn, int(row.id), 0)
-                conn.execute(sa.update(h).where(h.c.id == row.id).values(status="expired", updated_at=now))
                 ended.append((self._hold(row, wallet, status="expired"), int(row.amount)))
             released = sum(amount for _, amount in ended)
             # After the holds gave their credits back: those of lots that expired meanwhile go too.
@@ -659,6 +663,24 @@ class Ledger:
             raise InsufficientCredits(amount, balance)
         self.emit(signals.credits_held, wallet=wallet, hold=extended, amount=amount)
         return extended
+
+    @unavailable_on_database_errors
+    def renew(self, hold_id: int, *, ttl: timedelta) -> datetime | None:
+        """Make a live hold last ``ttl`` from now (never shorter than it was): one conditional UPDATE
+        of the hold, for work that goes on longer than the hold's first ``ttl`` without growing it.
+        The new expiry, or None when the hold has ended or already expired."""
+        h = self.t.holds
+        now = self.db.now()
+        later = now + ttl
+        renewed = self.db.write(
+            sa.update(h)
+            .where(h.c.id == hold_id, h.c.status == "held", h.c.expires_at > now, h.c.expires_at < later)
+            .values(expires_at=later, updated_at=now)
+        )
+        if renewed:
+            return later
+        row, _ = self._hold_row(hold_id)
+        return row.expires_at if row.status == "held" and row.expires_at > now else None
 
     @unavailable_on_database_errors
     def settle(

@@ -4,6 +4,7 @@ it, and settled exactly once at what was used (``@requires_credits(hold=...)`` g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from datetime import timedelta
@@ -21,7 +22,9 @@ class MeteredHold:
 
     ``add(n)`` reports usage; when the running total would pass the hold, the hold is extended from
     the wallet first (by at least the first reservation again, else by what is missing), and
-    :class:`InsufficientCredits` is raised, nothing counted, when the wallet cannot cover it.
+    :class:`InsufficientCredits` is raised, nothing counted, when the wallet cannot cover it. Usage
+    reported in the second half of the hold's life renews it for ``ttl`` from then, so a long stream
+    keeps its hold while it reports usage.
     ``settle(amount=None)`` charges ``amount`` (default: what was used) and releases the rest;
     ``release()`` gives the whole hold back; ``finish()`` ends it for work that is over. Safe to call
     from more than one thread.
@@ -99,6 +102,11 @@ class MeteredHold:
             missing = total - self._hold.amount
             if missing > 0:
                 self._hold = self._grow(missing)
+            elif self._hold.expires_at - self._ledger.db.now() < self._ttl / 2:
+                # Long work that stays within its hold: keep the hold alive while usage comes in.
+                renewed = self._ledger.renew(self.id, ttl=self._ttl)
+                if renewed is not None:
+                    self._hold = dataclasses.replace(self._hold, expires_at=renewed)
             self._used = total
             self._reported = True
             return total
