@@ -178,7 +178,8 @@ SELECT d.hold_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON tr
 #: the long way, and every other writer of a hold or a lot holds that lock too. When a concurrent
 #: settle, release, extension or expiry of the hold committed while ``w`` waited, ``h`` re-checks the
 #: newest row and writes nothing: the division by zero (SQLSTATE 22012) undoes the statement whole.
-#: No row back: nothing written either; the long way decides.
+#: No row back: nothing written either; the long way decides. The hold is found by its id in every
+#: part (a ``bigint``, so that the planner takes the primary key, not the index of live holds).
 SETTLE = """\
 WITH s AS (
     SELECT holds.id, holds.wallet_id, holds.amount, holds.reason, draws.lot_id, lots.expires_at AS lot_expiry,
@@ -186,7 +187,7 @@ WITH s AS (
     FROM credits_holds AS holds
     JOIN credits_hold_draws AS draws ON draws.hold_id = holds.id AND draws.amount = holds.amount
     JOIN credits_lots AS lots ON lots.id = draws.lot_id
-    WHERE holds.id = %(hold_id)s AND holds.status = 'held' AND holds.expires_at > %(now)s
+    WHERE holds.id = %(hold_id)s::bigint AND holds.status = 'held' AND holds.expires_at > %(now)s
       AND holds.amount >= %(amount)s::bigint
       AND (SELECT count(*) FROM credits_hold_draws AS others WHERE others.hold_id = holds.id) = 1
 ), w AS (
@@ -212,7 +213,8 @@ WITH s AS (
     UPDATE credits_holds SET status = 'settled', settled_amount = %(amount)s::bigint, entry_id = e.id,
         debt = 0, updated_at = %(now)s
     FROM e, s
-    WHERE credits_holds.id = s.id AND credits_holds.status = 'held' AND credits_holds.amount = s.amount
+    WHERE credits_holds.id = %(hold_id)s::bigint AND credits_holds.status = 'held'
+      AND credits_holds.amount = s.amount
     RETURNING credits_holds.*
 ), l AS (
     UPDATE credits_lots SET remaining = remaining + s.back
@@ -221,7 +223,7 @@ WITH s AS (
     RETURNING credits_lots.id
 ), gone AS (
     DELETE FROM credits_hold_draws AS draws USING h, s
-    WHERE draws.hold_id = h.id AND draws.lot_id = s.lot_id
+    WHERE draws.hold_id = %(hold_id)s::bigint AND draws.lot_id = s.lot_id
     RETURNING draws.hold_id
 ), d AS (
     INSERT INTO credits_draws (entry_id, lot_id, amount)
