@@ -44,7 +44,7 @@ class Counts:
 def _first_words(statement: str) -> str:
     words = statement.split()
     if words and words[0] == "WITH":  # a data-modifying WITH: name the writes it makes
-        writes = re.findall(r"\b(UPDATE \w+|INSERT INTO \w+)", statement)
+        writes = re.findall(r"\b(UPDATE \w+|INSERT INTO \w+|DELETE FROM \w+)", statement)
         return "WITH (" + ", ".join(writes) + ") SELECT"
     head = " ".join(words[:2])
     if words and words[0] in ("UPDATE", "INSERT", "DELETE"):
