@@ -35,6 +35,9 @@ def build_app(url: str, *, pool_size: int = 10, **config: Any) -> tuple[Flask, S
         STRIPE_SECRET_KEY=STRIPE_KEY,
         STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
         CREDITS_STRIPE_MAX_RETRIES=0,
+        # The webhook section starts 1000 checkouts for 50 buyers, none finished: above the default cap
+        # on unfinished checkouts per wallet (5), which would answer 429.
+        CREDITS_MAX_OPEN_PURCHASES=1000,
         **config,
     )
     db = SQLAlchemy(app)

@@ -261,7 +261,60 @@ def debit_tables(results: list[loads.LoadResult], counts: dict[str, queries.Coun
             else ""
         )
     )
-    return [main, gap, ladder]
+    return [main, gap, ladder, hold_table(results, counts, pg)]
+
+
+def hold_table(results: list[loads.LoadResult], counts: dict[str, queries.Counts], pg: bool) -> Table:
+    reference = "floor" if pg else "limit"
+    table = Table(
+        "Holds: hold + settle below the hold against the one-statement floor"
+        if pg
+        else "Holds: hold + settle below the hold against the hand-written limit",
+        [
+            "load",
+            f"{reference} ops/s",
+            "p50 ms",
+            "spend() / " + reference,
+            "hold + settle ops/s",
+            "p50 ms",
+            "p99 ms",
+            "hold + settle / " + reference,
+            "per round",
+        ],
+    )
+    for r in results:
+        ref = r.floor or r.limit
+        rounds = r.hold_round_ratios
+        table.rows.append(
+            [
+                r.load.name,
+                num(ref.throughput),
+                ms(ref.p50),
+                pct(r.spend.throughput / ref.throughput),
+                num(r.hold_settle.throughput),
+                ms(r.hold_settle.p50),
+                ms(r.hold_settle.p99),
+                pct(r.hold_ratio),
+                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+            ]
+        )
+    hold, settle = counts["hold"], counts["settle below the hold"]
+    table.notes.append(
+        "hold + settle: one operation is credits.hold(user_id, 2) then credits.settle(hold.id, 1) through"
+        f" the pool (hold: {describe(hold)}; settle: {describe(settle)}; the rest of the hold goes back"
+        " to its lot); wallets of their own, one lot each, taking turns with the contenders above in"
+        " the same rounds."
+    )
+    if pg:
+        table.notes.append(
+            "floor: the cheapest debit one statement in autocommit can make, on tables of its own"
+            " (bench_floor_wallets: id, balance; bench_floor_entries: id, wallet_id, amount,"
+            " balance_after), raw psycopg with autocommit=True: " + loads.FLOOR.replace("%(id)s", "$1") + "."
+            " One round trip, no BEGIN, no COMMIT, and no lot, draw, hold or index beyond the keys."
+        )
+    else:
+        table.notes.append("SQLite has no one-statement debit: the reference is the hand-written limit.")
+    return table
 
 
 def prepares_table(results: list[prepares.PrepareResult]) -> Table:
@@ -505,7 +558,27 @@ def checks(
         Check(f"spend >= {share:.0%} of limit, {r.load.name}", pct(r.ratio), r.ratio >= share if pg else None)
         for r, share in ((one, 0.8), (hot, 0.8), (many, 0.7))
     ]
+    out += [
+        Check(
+            f"hold + settle >= 40% of the one-statement floor, {r.load.name}",
+            pct(r.hold_ratio),
+            r.hold_ratio >= 0.4 if pg else None,
+        )
+        for r in results
+    ]
     by_name = {row.name: row.counts for row in rows}
+    if pg:
+        for name in ("hold", "settle below the hold"):
+            trips = by_name[name].round_trips
+            out.append(Check(f"{name}: one round trip", describe(by_name[name]), trips == 1))
+    beside = by_name["spend next to a live hold"]
+    out.append(
+        Check(
+            "spend() sends the same with a live hold in the wallet",
+            describe(beside),
+            same_work(beside, by_name["spend (fast path)"]),
+        )
+    )
     free, paid = (
         by_name["request POST /free (undecorated)"],
         by_name["request POST /paid (@requires_credits(1))"],

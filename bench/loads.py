@@ -62,6 +62,68 @@ def limit_statements(target: Target) -> tuple[str, str]:
     )
 
 
+#: The one-statement floor's own tables (PostgreSQL): a wallet and an entry, nothing else, so it is
+#: the cheapest debit one statement in autocommit can make: the floor for the ledger's one statements.
+FLOOR_TABLES = (
+    "CREATE TABLE bench_floor_wallets (id bigint PRIMARY KEY, balance bigint NOT NULL)",
+    "CREATE TABLE bench_floor_entries (id bigserial PRIMARY KEY, wallet_id bigint NOT NULL,"
+    " amount bigint NOT NULL, balance_after bigint NOT NULL)",
+)
+FLOOR = (
+    "WITH w AS (UPDATE bench_floor_wallets SET balance = balance - 1 WHERE id = %(id)s AND balance >= 1"
+    " RETURNING balance) INSERT INTO bench_floor_entries (wallet_id, amount, balance_after)"
+    " SELECT %(id)s, -1, balance FROM w"
+)
+
+
+def prepare_floor(target: Target, settings: Settings) -> dict[str, int]:
+    """The floor's tables and one wallet per name of the loads (``BIG`` credits); name -> id."""
+    names = sorted({name for load in loads(settings) for name in load.wallets("floor")})
+    ids = {name: i for i, name in enumerate(names, start=1)}
+    conn = target.raw_connect()
+    try:
+        cur = conn.cursor()
+        for ddl in FLOOR_TABLES:
+            cur.execute(ddl)
+        cur.executemany(
+            "INSERT INTO bench_floor_wallets (id, balance) VALUES (%s, %s)", [(i, BIG) for i in ids.values()]
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return ids
+
+
+def floor_worker(target: Target, wallet_id: int) -> Worker:
+    """The one-statement floor: ``FLOOR`` on a raw psycopg connection in autocommit (one round trip,
+    its own transaction)."""
+    import psycopg
+
+    conn = psycopg.connect(target.conninfo, autocommit=True)
+    cur = conn.cursor()
+    params = {"id": wallet_id}
+
+    def debit() -> None:
+        cur.execute(FLOOR, params)
+        if cur.rowcount != 1:
+            raise RuntimeError("the floor's wallet ran out of credits")
+
+    return debit, conn.close
+
+
+def hold_settle_worker(app: Flask, credits: FlaskCredits, user_id: str) -> Worker:
+    """``credits.hold(user_id, 2)`` then ``credits.settle(hold.id, 1)``: one operation, charged below
+    what it held (the rest goes back), in an app context pushed once for the thread."""
+    ctx = app.app_context()
+    ctx.push()
+
+    def hold_then_settle() -> None:
+        hold = credits.hold(user_id, 2, reason="bench")
+        credits.settle(hold.id, 1)
+
+    return hold_then_settle, ctx.pop
+
+
 def limit_worker(target: Target, wallet_id: int) -> Worker:
     """One raw connection debiting ``wallet_id``: UPDATE, INSERT, COMMIT."""
     return ladder_worker(target, wallet_id, 2)
@@ -174,6 +236,18 @@ class LoadResult:
     spend: Measurement
     spend_sql: Measurement
     ladder: dict[str, Measurement]  # one connection only: the limit plus the lot's writes
+    hold_settle: Measurement
+    floor: Measurement | None  # PostgreSQL only
+
+    @property
+    def hold_ratio(self) -> float:
+        """hold + settle against the one-statement floor (PostgreSQL) or the limit (elsewhere)."""
+        return self.hold_settle.throughput / (self.floor or self.limit).throughput
+
+    @property
+    def hold_round_ratios(self) -> list[float]:
+        reference = (self.floor or self.limit).rounds
+        return [h / f for h, f in zip(self.hold_settle.rounds, reference, strict=True) if f]
 
     @property
     def sql_ratio(self) -> float:
@@ -193,7 +267,7 @@ def prepare_wallets(app: Flask, credits: FlaskCredits, settings: Settings) -> di
     names = {
         name
         for load in loads(settings)
-        for prefix in ("limit", "spend", "sql", "ladder3", "ladder4")
+        for prefix in ("limit", "spend", "sql", "ladder3", "ladder4", "hold")
         for name in load.wallets(prefix)
     }
     ids = {}
@@ -224,6 +298,7 @@ def limit_run(
 def run_loads(
     target: Target, app: Flask, credits: FlaskCredits, settings: Settings, wallet_ids: dict[str, int]
 ) -> list[LoadResult]:
+    floor_ids = prepare_floor(target, settings) if target.backend == "postgresql" else {}
     results = []
     for load in loads(settings):
 
@@ -236,7 +311,12 @@ def run_loads(
             ("limit", limit_run(target, load, settings, wallet_ids)),
             ("spend", contender("spend", lambda name: spend_worker(app, credits, name))),
             ("sql", contender("sql", lambda name: spend_sql_worker(target, name))),
+            ("hold", contender("hold", lambda name: hold_settle_worker(app, credits, name))),
         ]
+        if floor_ids:
+            contenders.append(
+                ("floor", contender("floor", lambda name: floor_worker(target, floor_ids[name])))
+            )
         if load.kind == "one":
             contenders += [
                 ("ladder3", contender("ladder3", lambda name: ladder_worker(target, wallet_ids[name], 3))),
@@ -250,6 +330,8 @@ def run_loads(
                 pooled["spend"],
                 pooled["sql"],
                 {name: m for name, m in pooled.items() if name.startswith("ladder")},
+                pooled["hold"],
+                pooled.get("floor"),
             )
         )
     return results

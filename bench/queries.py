@@ -44,7 +44,7 @@ class Counts:
 def _first_words(statement: str) -> str:
     words = statement.split()
     if words and words[0] == "WITH":  # a data-modifying WITH: name the writes it makes
-        writes = re.findall(r"\b(UPDATE \w+|INSERT INTO \w+)", statement)
+        writes = re.findall(r"\b(UPDATE \w+|INSERT INTO \w+|DELETE FROM \w+)", statement)
         return "WITH (" + ", ".join(writes) + ") SELECT"
     head = " ".join(words[:2])
     if words and words[0] in ("UPDATE", "INSERT", "DELETE"):
@@ -255,6 +255,19 @@ def _operations(
     ]
     for name, op in operations:
         rows.append(QueryRow(name, counter.measure(op, repeat)))
+    credits.grant("q-hold", BIG, reason="bench")
+    holds: list[int] = []
+    rows.append(QueryRow("hold", counter.measure(lambda: holds.append(credits.hold("q-hold", 2).id), repeat)))
+    rows.append(
+        QueryRow("settle below the hold", counter.measure(lambda: credits.settle(holds.pop(), 1), repeat))
+    )
+    credits.hold("q-spend", 1)
+    rows.append(
+        QueryRow(
+            "spend next to a live hold",
+            counter.measure(lambda: credits.spend("q-spend", 1, reason="bench"), repeat),
+        )
+    )
     for _ in range(repeat + WARMUP):
         spends.append(credits.spend("q-spend", 1, reason="bench").id)
     rows.append(QueryRow("refund of a spend", counter.measure(refund, repeat)))

@@ -30,6 +30,11 @@ METHOD = """### Method
   warm-up; the limit, `credits.spend()` and the diagnostic contenders alternate, {rounds} round(s)
   each, and the ratio is taken from totals in the same run. "per round" shows the spread of the ratio
   between rounds.
+- **Holds** (issue 13): one operation is `credits.hold(user_id, 2)` then `credits.settle(hold.id, 1)`,
+  under the same loads and in the same rounds. On PostgreSQL its reference is **the one-statement
+  floor**: `WITH w AS (UPDATE wallet SET balance = balance - 1 WHERE id = $1 AND balance >= 1
+  RETURNING balance) INSERT INTO entry (wallet_id, amount, balance_after) SELECT $1, -1, balance FROM
+  w`, raw psycopg in autocommit, on two tables of its own; on SQLite, the limit.
 - **Requests**: `POST /free` and `POST /paid` (the same view, decorated with `@requires_credits(1)`),
   the wallet taken from an `X-Wallet` header by a `wallet_loader`; in process with `app.test_client()`
   and through gunicorn ({workers} sync workers) on 127.0.0.1 with {threads} client threads,

@@ -47,6 +47,15 @@ EXPECTED: dict[str, dict[str, tuple[int, int, int]]] = {
         "mysql": (2, 0, 2),
     },
     "history page": {"postgresql": (1, 0, 1), "sqlite": (1, 0, 1), "mysql": (1, 0, 1)},
+    # postgresql: WITH (reserve on the wallet, lot, hold, its draw) in autocommit
+    # sqlite: UPDATE wallet RETURNING; UPDATE the first lot RETURNING; INSERT hold; INSERT its draw
+    # mysql: UPDATE wallet; SELECT it; SELECT lots; UPDATE lot; INSERT hold; INSERT its draw
+    "hold": {"postgresql": (1, 0, 1), "sqlite": (4, 1, 0), "mysql": (6, 1, 0)},
+    # postgresql: WITH (wallet, entry, hold, lot, hold draw, draw) in autocommit
+    # elsewhere: SELECT the hold; SELECT the wallet's next_expiry; then one transaction: UPDATE the
+    # wallet (to lock it), SELECT it, SELECT the hold, SELECT its draws, UPDATE the lot, DELETE the
+    # draws, UPDATE the wallet, INSERT the entry, INSERT its draw, UPDATE the hold
+    "settle below the hold": {"postgresql": (1, 0, 1), "sqlite": (12, 1, 2), "mysql": (12, 1, 2)},
     # SELECT the wallet's id; one transaction: UPDATE the wallet (changing nothing, to lock it), SELECT
     # how many unfinished checkouts it has, INSERT the purchase; then Stripe; UPDATE the purchase with
     # its session. The cap on unfinished checkouts (issue 10) is the UPDATE and the count: 3 before.
@@ -149,6 +158,23 @@ def test_refused_spend(credits, counter, backend):
             credits.spend("bob", 1, reason="test")
 
     assert count(counter, refused) == [expected("refused spend", backend)] * 3
+
+
+def test_hold_and_settle_below_the_hold(credits, counter, funded, backend):
+    holds = []
+    held = count(counter, lambda: holds.append(credits.hold(funded, 10)))
+    settled = count(counter, lambda: credits.settle(holds.pop().id, 4))
+    assert held == [expected("hold", backend)] * 3
+    assert settled == [expected("settle below the hold", backend)] * 3
+    if backend == "postgresql":
+        assert counter.statements[0].lstrip().upper().startswith("WITH")
+    assert credits.held(funded) == 0
+
+
+def test_spend_next_to_a_live_hold_costs_what_it_costs_without(credits, counter, funded, backend):
+    credits.hold(funded, 10)
+    results = count(counter, lambda: credits.spend(funded, 1, reason="test"))
+    assert results == [expected("spend", backend)] * 3
 
 
 def test_grant_to_an_existing_wallet(credits, counter, funded, backend):

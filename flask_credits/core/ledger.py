@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..records import FULFILLABLE, Entry, Hold, Wallet
 from ..storage.database import Database, sqlstate, unavailable_on_database_errors
-from ..storage.statements import SPEND, sooner
+from ..storage.statements import HOLD, SETTLE, SPEND, sooner
 from .inputs import MAX_ID, check_amount, check_text
 from .settlement import PurchaseLot, Revoked, claw_back, debt_payment
 
@@ -71,6 +71,11 @@ class Revocation:
 class _Draw:
     lot_id: int
     amount: int  # signed, as stored
+
+
+def _naive_utc(when: datetime) -> datetime:
+    """``when`` as the one-statement writes send it: naive UTC, like ``UtcDateTime`` stores it."""
+    return when.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _merge(draws: list[_Draw]) -> list[_Draw]:
@@ -542,6 +547,12 @@ class Ledger:
                 return done
         now = self.db.now()
         expires_at = now + ttl
+        if self.db.one_statement:
+            fast = self._hold_in_one_statement(wallet, amount, reason, idempotency_key, expires_at, now)
+            if fast is not None:
+                if not fast.replayed:
+                    self.emit(signals.credits_held, wallet=wallet, hold=fast, amount=amount)
+                return fast
         w, h = self.t.wallets, self.t.holds
         reserve = (
             sa.update(w)
@@ -700,6 +711,12 @@ class Ledger:
         amount = check_amount(amount, minimum=0)
         check_text(reason, "reason", 255, optional=True)
         check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        if self.db.one_statement and amount:
+            fast = self._settle_in_one_statement(hold_id, amount, reason, idempotency_key)
+            if fast is not None:
+                settled = {"held": fast.held, "amount": amount, "entry": fast.entry}
+                self.emit(signals.credits_settled, wallet=fast.hold.wallet, hold=fast.hold, **settled)
+                return fast.entry
         row, wallet = self._hold_row(hold_id)
         done = self._settled(row, wallet, amount)
         if done is not None:
@@ -1041,21 +1058,12 @@ class Ledger:
             "user_id": wallet.user_id,
             "key_id": wallet.key_id or "",
             "amount": amount,
-            "now": now.astimezone(timezone.utc).replace(tzinfo=None),
+            "now": _naive_utc(now),
             "reason": reason,
             "key": idempotency_key,
             "meta": meta_json,
         }
-
-        def run(conn: Connection) -> Row[Any] | None:
-            return conn.exec_driver_sql(SPEND, params).first()
-
-        try:
-            row = self.db.run(run, autocommit=True)
-        except sa.exc.DataError as exc:
-            if sqlstate(exc) != "22012":
-                raise
-            return None  # the guard fired: a concurrent debit emptied the lot; nothing was written
+        row = self._one_statement(SPEND, params)
         if row is None:
             return None
         return Entry(
@@ -1069,6 +1077,114 @@ class Ledger:
             metadata=metadata,
             created_at=now,
         )
+
+    def _hold_in_one_statement(
+        self,
+        wallet: Wallet,
+        amount: int,
+        reason: str,
+        idempotency_key: str | None,
+        expires_at: datetime,
+        now: datetime,
+    ) -> Hold | None:
+        """PostgreSQL's fast hold: one statement in autocommit (see ``HOLD``), one round trip. ``None``
+        when it did not apply (not enough credits, expiry due, no wallet, the soonest lot does not
+        cover the amount, or a concurrent debit emptied that lot); nothing is written then, and the
+        caller's transaction does it the long way. A concurrent hold with the same key that committed
+        first is answered with that hold, as the long way answers it."""
+        params = {
+            "user_id": wallet.user_id,
+            "key_id": wallet.key_id or "",
+            "amount": amount,
+            "now": _naive_utc(now),
+            "expires_at": _naive_utc(expires_at),
+            "reason": reason,
+            "key": idempotency_key,
+        }
+        try:
+            row = self._one_statement(HOLD, params)
+        except sa.exc.IntegrityError:
+            done = None if idempotency_key is None else self._hold_replay(wallet, idempotency_key, amount)
+            if done is None:
+                raise
+            return done
+        if row is None:
+            return None
+        return Hold(
+            id=int(row.hold_id),
+            user_id=wallet.user_id,
+            key_id=wallet.key_id,
+            amount=amount,
+            expires_at=expires_at,
+            status="held",
+            reason=reason,
+            idempotency_key=idempotency_key,
+            created_at=now,
+        )
+
+    def _settle_in_one_statement(
+        self, hold_id: int, amount: int, reason: str | None, idempotency_key: str | None
+    ) -> _Settled | None:
+        """PostgreSQL's fast settle of the common case (see ``SETTLE``): a live hold drawn from one
+        lot, charged ``amount`` (1 up to what it holds), in a wallet with no expiry due; one statement
+        in autocommit, one round trip. ``None`` in every other case, nothing written: the long way
+        then decides (replays, HoldAlreadySettled, HoldNotFound, expiry, overshoot, debt, a taken
+        idempotency key) exactly as it does without this."""
+        if isinstance(hold_id, bool) or not isinstance(hold_id, int) or not 1 <= hold_id <= MAX_ID:
+            return None  # the long way names the error
+        now = self.db.now()
+        params = {
+            "hold_id": hold_id,
+            "amount": amount,
+            "now": _naive_utc(now),
+            "reason": reason,
+            "key": idempotency_key,
+        }
+        try:
+            row = self._one_statement(SETTLE, params)
+        except sa.exc.IntegrityError:
+            return None  # the key is taken: the long way tells a replay from a conflict
+        if row is None:
+            return None
+        wallet = Wallet(row.user_id, row.key_id or None)
+        held = int(row.amount)
+        hold = Hold(
+            id=hold_id,
+            user_id=wallet.user_id,
+            key_id=wallet.key_id,
+            amount=held,
+            expires_at=row.expires_at.replace(tzinfo=timezone.utc),
+            status="settled",
+            reason=row.reason,
+            idempotency_key=row.idempotency_key,
+            created_at=row.created_at.replace(tzinfo=timezone.utc),
+        )
+        entry = Entry(
+            id=int(row.spend_id),
+            wallet=wallet,
+            amount=-amount,
+            balance_after=int(row.balance_after),
+            kind="spend",
+            reason=row.spend_reason,
+            idempotency_key=idempotency_key,
+            metadata={"hold_id": hold_id, "held": held, "amount": amount},
+            created_at=now,
+        )
+        return _Settled(hold, entry, held, 0)
+
+    def _one_statement(self, statement: str, params: dict[str, Any]) -> Row[Any] | None:
+        """Run one of PostgreSQL's one-statement writes in autocommit: its row, or ``None`` when it
+        wrote nothing (no row back, or its guard undid it: SQLSTATE 22012)."""
+
+        def run(conn: Connection) -> Row[Any] | None:
+            return conn.exec_driver_sql(statement, params).first()
+
+        try:
+            return self.db.run(run, autocommit=True)
+        except sa.exc.DataError as exc:
+            if sqlstate(exc) != "22012":
+                raise
+            return None
 
     def _lock_wallet(self, conn: Connection, where: sa.ColumnElement[bool], now: datetime) -> Row[Any] | None:
         """Lock one wallet row (a write takes the lock on every backend, SQLite's database lock

@@ -121,3 +121,116 @@ def sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnEle
         return column
     bound = sa.literal(when, column.type)
     return sa.case((sa.or_(column.is_(None), column > bound), bound), else_=column)
+
+
+#: PostgreSQL's one-statement hold (``Ledger._hold_in_one_statement``), run in autocommit, built like
+#: ``SPEND``: ``w`` reserves the credits on the wallet (``LEAST`` skips a NULL ``next_expiry``, which
+#: means "never") only if its soonest lot covers them, ``l`` takes them from that lot, ``h`` and ``d``
+#: write the hold and its one draw. Every write but ``w`` reads a row of the one before it, so the
+#: wallet row is always locked first, as in the long way. The same guard undoes it whole when a
+#: concurrent debit emptied the lot while ``w`` waited.
+HOLD = """\
+WITH w AS (
+    UPDATE credits_wallets SET balance = balance - %(amount)s::bigint, held = held + %(amount)s::bigint,
+        next_expiry = LEAST(next_expiry, %(expires_at)s), updated_at = %(now)s
+    WHERE user_id = %(user_id)s AND key_id = %(key_id)s AND balance >= %(amount)s::bigint
+      AND (next_expiry IS NULL OR next_expiry > %(now)s)
+      AND (
+        SELECT soonest.remaining FROM credits_lots AS soonest
+        WHERE soonest.wallet_id = credits_wallets.id AND soonest.remaining > 0
+        ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
+        LIMIT 1
+      ) >= %(amount)s::bigint
+    RETURNING id
+), l AS (
+    UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
+    WHERE id = (
+        SELECT lots.id FROM credits_lots AS lots, w
+        WHERE lots.wallet_id = w.id AND lots.remaining > 0
+        ORDER BY CASE WHEN lots.expires_at IS NULL THEN 1 ELSE 0 END, lots.expires_at, lots.id
+        LIMIT 1
+    ) AND remaining >= %(amount)s::bigint
+    RETURNING id
+), h AS (
+    INSERT INTO credits_holds
+        (wallet_id, amount, requested, status, reason, idempotency_key, expires_at, debt, created_at,
+         updated_at)
+    SELECT w.id, %(amount)s::bigint, %(amount)s::bigint, 'held', %(reason)s, %(key)s, %(expires_at)s, 0,
+        %(now)s, %(now)s
+    FROM w, l
+    RETURNING id
+), d AS (
+    INSERT INTO credits_hold_draws (hold_id, lot_id, amount)
+    SELECT h.id, l.id, %(amount)s::bigint FROM h, l
+    RETURNING hold_id
+)
+SELECT d.hold_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
+"""
+
+#: PostgreSQL's one-statement settle (``Ledger._settle_in_one_statement``) of the common case, run in
+#: autocommit: a live hold drawn from one lot, settled at 1 up to its amount, in a wallet with no
+#: expiry due. ``s`` reads the hold and its draw (a plain read, the snapshot); ``w`` gives the rest
+#: back to the wallet's balance and ends the reservation, only if the wallet still reserves that
+#: much; ``e`` writes the spend entry (metadata written as ``json.dumps`` writes the long way's);
+#: ``h`` marks the hold settled only if it is still held with the amount ``s`` read; then ``l``
+#: gives the rest back to the lot, ``gone`` deletes the hold's draw and ``d`` writes the entry's.
+#: Lock order: each write reads a row of one after ``w``, so the wallet row is locked first, as in
+#: the long way, and every other writer of a hold or a lot holds that lock too. When a concurrent
+#: settle, release, extension or expiry of the hold committed while ``w`` waited, ``h`` re-checks the
+#: newest row and writes nothing: the division by zero (SQLSTATE 22012) undoes the statement whole.
+#: No row back: nothing written either; the long way decides. The hold is found by its id in every
+#: part (a ``bigint``, so that the planner takes the primary key, not the index of live holds).
+SETTLE = """\
+WITH s AS (
+    SELECT holds.id, holds.wallet_id, holds.amount, holds.reason, draws.lot_id, lots.expires_at AS lot_expiry,
+        holds.amount - %(amount)s::bigint AS back
+    FROM credits_holds AS holds
+    JOIN credits_hold_draws AS draws ON draws.hold_id = holds.id AND draws.amount = holds.amount
+    JOIN credits_lots AS lots ON lots.id = draws.lot_id
+    WHERE holds.id = %(hold_id)s::bigint AND holds.status = 'held' AND holds.expires_at > %(now)s
+      AND holds.amount >= %(amount)s::bigint
+      AND (SELECT count(*) FROM credits_hold_draws AS others WHERE others.hold_id = holds.id) = 1
+), w AS (
+    UPDATE credits_wallets SET balance = balance + s.back, held = held - s.amount,
+        next_expiry = CASE WHEN s.back > 0 THEN LEAST(next_expiry, s.lot_expiry) ELSE next_expiry END,
+        updated_at = %(now)s
+    FROM s
+    WHERE credits_wallets.id = s.wallet_id AND credits_wallets.held >= s.amount
+      AND (credits_wallets.next_expiry IS NULL OR credits_wallets.next_expiry > %(now)s)
+    RETURNING credits_wallets.id, credits_wallets.user_id, credits_wallets.key_id,
+        credits_wallets.balance + credits_wallets.held AS balance_after
+), e AS (
+    INSERT INTO credits_entries
+        (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
+    SELECT w.id, -%(amount)s::bigint, w.balance_after, 'spend',
+        COALESCE(NULLIF(%(reason)s, ''), NULLIF(s.reason, ''), 'settled hold'), %(key)s,
+        CAST('{"hold_id": ' || s.id || ', "held": ' || s.amount || ', "amount": ' || %(amount)s::bigint
+            || '}' AS JSON),
+        %(now)s
+    FROM w, s
+    RETURNING id, reason
+), h AS (
+    UPDATE credits_holds SET status = 'settled', settled_amount = %(amount)s::bigint, entry_id = e.id,
+        debt = 0, updated_at = %(now)s
+    FROM e, s
+    WHERE credits_holds.id = %(hold_id)s::bigint AND credits_holds.status = 'held'
+      AND credits_holds.amount = s.amount
+    RETURNING credits_holds.*
+), l AS (
+    UPDATE credits_lots SET remaining = remaining + s.back
+    FROM h, s
+    WHERE credits_lots.id = s.lot_id AND s.back > 0
+    RETURNING credits_lots.id
+), gone AS (
+    DELETE FROM credits_hold_draws AS draws USING h, s
+    WHERE draws.hold_id = %(hold_id)s::bigint AND draws.lot_id = s.lot_id
+    RETURNING draws.hold_id
+), d AS (
+    INSERT INTO credits_draws (entry_id, lot_id, amount)
+    SELECT e.id, s.lot_id, -%(amount)s::bigint FROM e, h, s
+    RETURNING entry_id
+)
+SELECT w.user_id, w.key_id, w.balance_after, e.id AS spend_id, e.reason AS spend_reason, h.*,
+    1 / ((SELECT count(*) FROM gone) * (SELECT count(*) FROM d)) AS guard
+FROM w CROSS JOIN e LEFT JOIN h ON true
+"""
