@@ -269,8 +269,9 @@ def _define(md: sa.MetaData) -> Tables:
         sa.CheckConstraint(
             "status IN ('held', 'settled', 'released', 'expired')", name="ck_credits_holds_status"
         ),
+        # A wallet's live holds (its expiry, ``holds()``). No index across wallets: the sweep finds
+        # wallets by ``next_expiry``, and every index written costs each hold and settle.
         sa.Index("ix_credits_holds_wallet_status", "wallet_id", "status", "expires_at"),
-        sa.Index("ix_credits_holds_status_expires_at", "status", "expires_at"),
     )
     hold_draws = sa.Table(
         "credits_hold_draws",

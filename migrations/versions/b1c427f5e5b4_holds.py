@@ -43,7 +43,6 @@ def upgrade():
     sa.UniqueConstraint('wallet_id', 'idempotency_key', name='uq_credits_holds_idempotency')
     )
     with op.batch_alter_table('credits_holds', schema=None) as batch_op:
-        batch_op.create_index('ix_credits_holds_status_expires_at', ['status', 'expires_at'], unique=False)
         batch_op.create_index('ix_credits_holds_wallet_status', ['wallet_id', 'status', 'expires_at'], unique=False)
 
     op.create_table('credits_hold_draws',
