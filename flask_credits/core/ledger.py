@@ -739,11 +739,17 @@ class Ledger:
         except sa.exc.IntegrityError:
             # The idempotency key is taken: by this very settle, committed by a concurrent call
             # (a replay), or by another entry of the wallet (a conflict).
+            if idempotency_key is None:
+                raise
             row, wallet = self._hold_row(hold_id)
             done = self._settled(row, wallet, amount)
-            if done is None or idempotency_key is None:
+            if done is not None:
+                return done[0]
+            if self.find_by_key(wallet, idempotency_key) is None:
                 raise
-            return done[0]
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r} was used for another entry, not a settle of hold {hold_id}"
+            ) from None
         if not isinstance(result, _Settled):
             return result[0]
         hold, entry, held = result.hold, result.entry, result.held
