@@ -671,3 +671,14 @@ def test_refunding_an_overdrawn_settle_returns_what_left_the_wallet(credits):
     assert lots_of(credits) == [(10, 10)]
     assert credits.balance("alice") == 10
     consistent(credits)
+
+
+def test_settling_an_expired_hold_at_0_changes_nothing_like_releasing_it(credits, clock, received):
+    credits.grant("alice", 10, reason="welcome")
+    hold = credits.hold("alice", 6, ttl=60)
+    clock.advance(minutes=2)
+    assert credits.settle(hold.id, 0) is None
+    assert (hold_row(credits, hold.id).status, credits.balance("alice")) == ("expired", 10)
+    assert [kw["expired"] for n, _, kw in received if n == "credits_released"] == [True]
+    assert credits.settle(hold.id, 3).amount == -3  # it can still be charged afterwards
+    consistent(credits)

@@ -1130,7 +1130,7 @@ class Ledger:
 
     def _settled(self, row: Row[Any], wallet: Wallet, amount: int) -> tuple[Entry | None] | None:
         """For a hold that ended: what settling it at ``amount`` again answers (its entry, marked
-        replayed), or HoldAlreadySettled. ``None`` while it can still be settled (held, expired)."""
+        replayed), or HoldAlreadySettled. ``None`` while it can still be settled (held; expired, at a charge above 0)."""
         if row.status == "settled" or (row.status == "released" and row.settled_amount is not None):
             if int(row.settled_amount) != amount:
                 raise HoldAlreadySettled(f"hold {row.id} was settled at {row.settled_amount}, not {amount}")
@@ -1141,6 +1141,8 @@ class Ledger:
             if amount:
                 raise HoldAlreadySettled(f"hold {row.id} was released: it can no longer be charged")
             return (None,)
+        if row.status == "expired" and not amount:
+            return (None,)  # its credits went back when it expired: charging nothing leaves it as it is
         return None
 
     def _hold_replay(self, wallet: Wallet, key: str, amount: int) -> Hold | None:
