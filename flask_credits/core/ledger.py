@@ -579,6 +579,10 @@ class Ledger:
         if placed is None and self._expiry_due(wallet, now):
             self.expire(wallet, now=now)
             placed = self._run_hold(tx, wallet, idempotency_key, amount)
+        if placed is None and idempotency_key is not None:
+            # A concurrent call with the same key took the credits and committed while this one
+            # waited for the wallet row: the answer is its hold, not a 402.
+            placed = self._hold_replay(wallet, idempotency_key, amount)
         if placed is None:
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
@@ -679,7 +683,7 @@ class Ledger:
             locked = self._lock_wallet(conn, w.c.id == row.wallet_id, now)
             assert locked is not None  # the hold's wallet
             current = conn.execute(sa.select(h).where(h.c.id == hold_id)).one()
-            replay = self._settled(current, wallet, amount)
+            replay = self._settled(current, wallet, amount, conn)
             if replay is not None:
                 return replay
             held = int(current.amount) if current.status == "held" else 0
@@ -1128,15 +1132,26 @@ class Ledger:
         )
         return dataclasses.replace(hold, **changes) if changes else hold
 
-    def _settled(self, row: Row[Any], wallet: Wallet, amount: int) -> tuple[Entry | None] | None:
+    def _settled(
+        self, row: Row[Any], wallet: Wallet, amount: int, conn: Connection | None = None
+    ) -> tuple[Entry | None] | None:
         """For a hold that ended: what settling it at ``amount`` again answers (its entry, marked
-        replayed), or HoldAlreadySettled. ``None`` while it can still be settled (held; expired, at a charge above 0)."""
+        replayed; read on ``conn`` when given), or HoldAlreadySettled. ``None`` while it can still be
+        settled (held; expired, at a charge above 0)."""
         if row.status == "settled" or (row.status == "released" and row.settled_amount is not None):
             if int(row.settled_amount) != amount:
                 raise HoldAlreadySettled(f"hold {row.id} was settled at {row.settled_amount}, not {amount}")
             if row.entry_id is None:
                 return (None,)
-            return (dataclasses.replace(self.entry(wallet, int(row.entry_id)), replayed=True),)
+            if conn is None:
+                entry = self.entry(wallet, int(row.entry_id))
+            else:
+                # Inside the settle's transaction, on its connection: a second one could wait for a
+                # free connection that never comes (the pool's, or PgBouncer's server connections,
+                # all held by settles queued behind this one on the wallet row).
+                e = self.t.entries
+                entry = self._entry(conn.execute(sa.select(e).where(e.c.id == row.entry_id)).one(), wallet)
+            return (dataclasses.replace(entry, replayed=True),)
         if row.status == "released":
             if amount:
                 raise HoldAlreadySettled(f"hold {row.id} was released: it can no longer be charged")
