@@ -1,4 +1,4 @@
-"""Holds placed, extended, spent beside and settled from a process of its own (tests/test_holds_concurrency.py).
+"""Holds placed, extended and settled from a process of its own, for tests/test_holds_concurrency.py.
 
 ``churn`` is the racers' loop, run by the test's threads and by this script's processes alike. Run as a
 script (``python _holds_worker.py``), the worker takes one JSON job a line on stdin, as

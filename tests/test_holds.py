@@ -184,7 +184,9 @@ def test_holds_draw_the_soonest_expiring_lots_first(credits, clock):
 
 
 @pytest.mark.parametrize(("charge", "balance_after"), [(0, 100), (1, 99), (25, 75), (40, 60)])
-def test_settling_at_most_the_hold_charges_it_and_gives_the_rest_back(credits, received, charge, balance_after):
+def test_settling_at_most_the_hold_charges_it_and_gives_the_rest_back(
+    credits, received, charge, balance_after
+):
     credits.grant("alice", 100, reason="welcome")
     hold = credits.hold("alice", 40, reason="render")
     entry = credits.settle(hold.id, charge)
@@ -300,7 +302,7 @@ def test_release_gives_the_credits_back_and_is_idempotent(credits, received):
     assert hold_row(credits, hold.id).status == "released"
     assert credits.get_hold(hold.id).status == "released"
     assert names(received).count("credits_released") == 1
-    released = [kw for n, _, kw in received if n == "credits_released"][0]
+    released = next(kw for n, _, kw in received if n == "credits_released")
     assert (released["amount"], released["expired"], released["hold"].status) == (40, False, "released")
     assert kinds(credits) == [("grant", 100)]  # a released hold leaves no trace in the history
     assert count(credits, credits.tables.hold_draws) == 0
@@ -333,21 +335,22 @@ def test_a_settled_hold_cannot_be_released_and_a_released_one_cannot_be_charged(
 
 
 def test_hold_errors_are_credits_errors():
-    assert issubclass(HoldNotFound, CreditsError) and issubclass(HoldAlreadySettled, CreditsError)
+    assert issubclass(HoldNotFound, CreditsError)
+    assert issubclass(HoldAlreadySettled, CreditsError)
 
 
 def test_unknown_or_malformed_hold_ids_are_hold_not_found(credits):
     credits.grant("alice", 10, reason="welcome")
     hold = credits.hold("alice", 5)
     for bad in (0, -1, True, "1", str(hold.id), 1.0, None, 2**70, hold.id + 1, 10**9):
-        for call in (
-            lambda: credits.settle(bad, 1),
-            lambda: credits.release(bad),
-            lambda: credits.get_hold(bad),
-            lambda: credits.extend_hold(bad, 1),
+        for call, args in (
+            (credits.settle, (bad, 1)),
+            (credits.release, (bad,)),
+            (credits.get_hold, (bad,)),
+            (credits.extend_hold, (bad, 1)),
         ):
             with pytest.raises(HoldNotFound):
-                call()
+                call(*args)
     assert (credits.balance("alice"), credits.get_hold(hold.id).status) == (5, "held")
 
 
@@ -381,7 +384,8 @@ def test_a_hold_past_its_expiry_stops_counting_at_once(credits, clock, received)
     assert hold_row(credits, hold.id).status == "expired"
     released = [kw for n, _, kw in received if n == "credits_released"]
     assert len(released) == 1
-    assert (released[0]["amount"], released[0]["expired"], released[0]["hold"].status) == (40, True, "expired")
+    assert (released[0]["amount"], released[0]["expired"]) == (40, True)
+    assert released[0]["hold"].status == "expired"
     credits.release(hold.id)  # releasing an expired hold does nothing
     assert credits.balance("alice") == 100
     assert kinds(credits) == [("grant", 100)]
@@ -424,7 +428,9 @@ def test_the_expire_command_releases_expired_holds_in_the_database(app, credits,
     consistent(credits, "bob")
 
 
-def test_settling_an_expired_hold_charges_what_can_be_spent_now_and_debt_for_the_rest(credits, clock, received):
+def test_settling_an_expired_hold_charges_what_can_be_spent_now_and_debt_for_the_rest(
+    credits, clock, received
+):
     credits.grant("alice", 30, reason="welcome")
     hold = credits.hold("alice", 20, ttl=60)
     clock.advance(minutes=2)

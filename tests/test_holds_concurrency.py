@@ -47,7 +47,8 @@ def check_churned(credits, user: str, granted: int, outcomes: list[dict[str, Any
     one a racer was told about, every hold ended as its settle said, and the wallet adds up."""
     told = sorted(tuple(e) for o in outcomes for e in o["entries"])
     assert len({entry_id for entry_id, _ in told}) == len(told)
-    assert sum(o["held"] for o in outcomes) > 0 and sum(o["settled"] for o in outcomes) > 0
+    assert sum(o["held"] for o in outcomes) > 0
+    assert sum(o["settled"] for o in outcomes) > 0
     entries = rows(credits, user)
     assert_chain(entries)  # never below zero: never more spent (and held) than granted
     assert sorted((r.id, r.amount) for r in entries if r.kind == "spend") == told
@@ -123,7 +124,8 @@ def test_settle_and_release_racing_on_one_hold_exactly_one_wins(app, credits, ba
         assert status == winner
         settled += status == "settled"
     spends = [r for r in rows(credits, "alice") if r.kind == "spend"]
-    assert len(spends) == settled and all(r.amount == -7 for r in spends)
+    assert len(spends) == settled
+    assert all(r.amount == -7 for r in spends)
     assert (credits.balance("alice"), credits.held("alice")) == (10 * pairs - 7 * settled, 0)
     assert credits.audit() == []
 

@@ -752,7 +752,8 @@ class Ledger:
             if self.find_by_key(wallet, idempotency_key) is None:
                 raise
             raise IdempotencyConflict(
-                f"idempotency key {idempotency_key!r} was used for another entry, not a settle of hold {hold_id}"
+                f"idempotency key {idempotency_key!r} was used for another entry,"
+                f" not for a settle of hold {hold_id}"
             ) from None
         if not isinstance(result, _Settled):
             return result[0]
