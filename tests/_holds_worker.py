@@ -22,20 +22,23 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from helpers import make_app
 
-from flask_credits import FlaskCredits, InsufficientCredits
+from flask_credits import FlaskCredits, HoldAlreadySettled, InsufficientCredits
 
 
-def churn(credits: FlaskCredits, user: str, rounds: int, seed: int) -> dict[str, Any]:
-    """``rounds`` holds on ``user``'s wallet, each perhaps extended and with a spend beside it, then
-    settled below, at or above what it holds (an overshoot may leave debt), at 0, or released. Returns
-    the entries the ledger answered with (id, amount) and what happened, for the caller to compare with
-    the database."""
+def churn(
+    credits: FlaskCredits, user: str, rounds: int, seed: int, ttl: float | None = None
+) -> dict[str, Any]:
+    """``rounds`` holds on ``user``'s wallet (lasting ``ttl`` seconds), each perhaps extended and with
+    a spend beside it, then settled below, at or above what it holds (an overshoot may leave debt), at
+    0, or released. Returns the entries the ledger answered with (id, amount) and what happened, for
+    the caller to compare with the database."""
     entries: list[list[int]] = []
     done = {"held": 0, "refused": 0, "extended": 0, "not_extended": 0, "released": 0, "settled": 0}
+    done["ended"] = 0  # extensions refused because the hold had expired meanwhile
     for r in range(rounds):
         step = seed + r
         try:
-            hold = credits.hold(user, 1 + step % 5, reason="race")
+            hold = credits.hold(user, 1 + step % 5, reason="race", ttl=ttl)
         except InsufficientCredits:
             done["refused"] += 1
             continue
@@ -43,10 +46,12 @@ def churn(credits: FlaskCredits, user: str, rounds: int, seed: int) -> dict[str,
         amount = hold.amount
         if step % 3 == 0:
             try:
-                amount = credits.extend_hold(hold.id, 2).amount
+                amount = credits.extend_hold(hold.id, 2, ttl=ttl).amount
                 done["extended"] += 1
             except InsufficientCredits:
                 done["not_extended"] += 1
+            except HoldAlreadySettled:
+                done["ended"] += 1
         if step % 4 == 1:
             try:
                 spend = credits.spend(user, 1, reason="beside a hold")

@@ -649,13 +649,14 @@ def test_an_ended_hold_cannot_be_extended(credits, clock):
     consistent(credits)
 
 
-def test_an_expired_but_unswept_hold_cannot_be_extended(credits, clock):
+@pytest.mark.parametrize("more", [1, 1000], ids=["the wallet could cover", "the wallet could not cover"])
+def test_an_expired_but_unswept_hold_cannot_be_extended(credits, clock, more):
     credits.grant("alice", 100, reason="welcome")
     hold = credits.hold("alice", 5, ttl=60)
     clock.advance(minutes=2)
     with pytest.raises(HoldAlreadySettled):
-        credits.extend_hold(hold.id, 1)
-    assert (hold_row(credits, hold.id).status, credits.balance("alice")) == ("expired", 100)
+        credits.extend_hold(hold.id, more)
+    assert (credits.balance("alice"), hold_row(credits, hold.id).status) == (100, "expired")
     consistent(credits)
 
 

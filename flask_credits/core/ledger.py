@@ -598,9 +598,10 @@ class Ledger:
         wallet cannot cover it (the hold stays as it was); HoldAlreadySettled when it has ended."""
         amount = check_amount(amount)
         row, wallet = self._hold_row(hold_id)
-        if row.status != "held":
-            raise HoldAlreadySettled(f"hold {hold_id} is {row.status}: it cannot be extended")
         now = self.db.now()
+        if row.status != "held" or row.expires_at <= now:  # expired, even if no read released it yet
+            status = "expired" if row.status == "held" else row.status
+            raise HoldAlreadySettled(f"hold {hold_id} is {status}: it cannot be extended")
         w, h, hd = self.t.wallets, self.t.holds, self.t.hold_draws
         later = None if ttl is None else now + ttl
         reserve = (
@@ -646,6 +647,9 @@ class Ledger:
             self.expire(wallet, now=now)
             extended = self.db.run(tx)
         if extended is None:
+            ended = self._hold_row(hold_id)[0].status
+            if ended != "held":  # settled, released or expired while this call waited: say so, not 402
+                raise HoldAlreadySettled(f"hold {hold_id} is {ended}: it cannot be extended")
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
             raise InsufficientCredits(amount, balance)
