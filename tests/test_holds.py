@@ -696,3 +696,18 @@ def test_settling_an_expired_hold_at_0_changes_nothing_like_releasing_it(credits
     assert [kw["expired"] for n, _, kw in received if n == "credits_released"] == [True]
     assert credits.settle(hold.id, 3).amount == -3  # it can still be charged afterwards
     consistent(credits)
+
+
+def test_audit_names_the_wallet_whose_held_credits_do_not_match_its_holds(credits, db):
+    credits.grant("alice", 10, reason="welcome")
+    credits.grant("bob", 10, reason="welcome")
+    credits.hold("alice", 4)
+    hold = credits.hold("bob", 4)
+    assert credits.audit() == []
+    h = credits.tables.holds
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(h).where(h.c.id == hold.id).values(amount=3))
+    problems = credits.audit()
+    assert any("held 4 != credits of its live holds 3" in p for p in problems), problems
+    assert any(f"hold {hold.id}" in p for p in problems), problems
+    assert not any("alice" in p for p in problems)
