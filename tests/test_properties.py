@@ -52,6 +52,7 @@ from flask_credits import (
 #: (programs, steps per program) per machine and backend: a step costs ~3x on the server databases.
 BUDGET = {
     "LedgerProgram": {"sqlite": (30, 30), "postgresql": (8, 25), "mysql": (8, 25)},
+    "HoldProgram": {"sqlite": (30, 30), "postgresql": (8, 25), "mysql": (8, 25)},
     "PurchaseProgram": {"sqlite": (16, 40), "postgresql": (5, 30), "mysql": (5, 30)},
 }
 
@@ -95,6 +96,8 @@ REACHED = {
         "refund of a spend after time passed",
         "refund of a spend: repeated",
         "refund of a spend: in another wallet",
+    },
+    "HoldProgram": {
         "hold: placed",
         "hold: refused",
         "hold: replayed",
@@ -532,15 +535,34 @@ class LedgerProgram(Program):
             lot.remaining += amount
         self.model.expire()  # credits back in an expired lot expire again at once
 
-    # -- holds
+class HoldProgram(Program):
+    """Holds beside grants, spends, expiry and refunds: placed (refused, replayed, a key reused),
+    extended, settled at 0, below, at and above what they hold and into debt, settled again, released,
+    and expired; a settle's spend refunded."""
 
-    @rule(wallet=WALLET, eighths=st.integers(1, 10), ttl=HOLD_TTL, key=HOLD_KEY)
+    a_welcome_grant = LedgerProgram.a_welcome_grant
+    a_grant = LedgerProgram.a_grant
+    another_grant = LedgerProgram.a_grant  # twice as many grants: enough credits to hold
+    a_spend = LedgerProgram.a_spend
+    time_passes = LedgerProgram.time_passes
+    refund_a_spend = LedgerProgram.refund_a_spend
+
+    def pick_hold(self, index: int) -> HoldModel:
+        """A live hold for an even index (if any is live), any hold for an odd one."""
+        live = [h for h in self.model.holds if h.status == "held"]
+        return self.pick(live if live and index % 2 == 0 else self.model.holds, index // 2)
+
+    @rule(wallet=WALLET, eighths=st.integers(1, 9), ttl=HOLD_TTL, key=HOLD_KEY)
     def a_hold(self, wallet: Any, eighths: int, ttl: int, key: str | None) -> None:
-        """Hold some eighths of a wallet's balance (9 or 10 eighths are refused), or replay a key."""
+        """Hold some eighths of a wallet's balance (9 eighths are refused). A key the wallet
+        used before is replayed (whatever became of its hold since), or, for odd eighths, reused for
+        another amount."""
         if eighths <= 8 and not self.wallet(wallet).balance:
             wallet = next((w for w in WALLETS if self.wallet(w).balance), wallet)
         w = self.wallet(wallet)
         amount = max(1, w.balance * eighths // 8)
+        if key is not None and key in w.hold_keys and eighths % 2 == 0:
+            amount = w.hold_keys[key].requested
 
         def call() -> Any:
             return self.credits.hold(wallet[0], amount, key_id=wallet[1], ttl=ttl, idempotency_key=key)
@@ -575,7 +597,7 @@ class LedgerProgram(Program):
     @precondition(lambda self: self.model.holds)
     @rule(index=st.integers(0, 50), eighths=st.integers(1, 10), ttl=HOLD_TTL)
     def extend_a_hold(self, index: int, eighths: int, ttl: int) -> None:
-        h = self.pick(self.model.holds, index)
+        h = self.pick_hold(index)
         w = self.wallet(h.wallet)
         amount = max(1, w.balance * eighths // 8)
 
@@ -601,13 +623,18 @@ class LedgerProgram(Program):
     @precondition(lambda self: self.model.holds)
     @rule(
         index=st.integers(0, 50),
-        how=st.sampled_from(["0", "less", "all", "more", "debt", "again"]),
+        how=st.sampled_from(["0", "less", "all", "more", "debt", "again", "release"]),
         key=IDEMPOTENCY_KEY,
     )
     def settle_a_hold(self, index: int, how: str, key: str | None) -> None:
         """Settle a hold at 0, below, at or above what it holds, beyond what the wallet can pay, or
-        at what it was settled before; with an idempotency key half the time."""
-        h = self.pick(self.model.holds, index)
+        again at what a hold was settled before; with an idempotency key half the time. Or release
+        it."""
+        if how == "release":
+            self.release(index)
+            return
+        ended = [h for h in self.model.holds if h.settled_amount is not None]
+        h = self.pick(ended, index) if how == "again" and ended else self.pick_hold(index)
         w = self.wallet(h.wallet)
         amount = {
             "0": 0,
@@ -677,10 +704,8 @@ class LedgerProgram(Program):
                 w.keys[key] = ("spend", charge, entry.id, None)
         self.model.expire()  # credits given back to a lot that expired while held expire now
 
-    @precondition(lambda self: self.model.holds)
-    @rule(index=st.integers(0, 50))
-    def release_a_hold(self, index: int) -> None:
-        h = self.pick(self.model.holds, index)
+    def release(self, index: int) -> None:
+        h = self.pick_hold(index)
         if h.status == "settled":
             with pytest.raises(HoldAlreadySettled):
                 self.credits.release(h.hold_id)
@@ -932,6 +957,10 @@ def run(machine: type[Program], backend: str) -> None:
 
 def test_random_ledger_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
     run(LedgerProgram.bind(app, db, credits, clock), backend)
+
+
+def test_random_hold_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
+    run(HoldProgram.bind(app, db, credits, clock), backend)
 
 
 @pytest.mark.config(
