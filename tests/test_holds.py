@@ -6,6 +6,7 @@ lots, the holds and their draws, the entries, and ``audit()``.
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 
 import pytest
@@ -89,7 +90,7 @@ def buy(credits, user, amount):
         purchase_id = conn.execute(
             sa.insert(p).values(
                 wallet_id=wallet_id,
-                attempt_key=f"attempt-{user}-{amount}-{now.timestamp()}",
+                attempt_key=secrets.token_hex(16),
                 credits=amount,
                 amount=amount,
                 currency="usd",

@@ -75,11 +75,11 @@ def check_churned(
 
 def test_threads_holding_extending_spending_and_settling_on_one_wallet_keep_it_exact(app, credits, backend):
     count = racers(backend)
-    for size in (40, 25, 35):
+    for size in (25, 15, 20):
         credits.grant("shared", size, reason="stock")
-    granted = 100
+    granted = 60
 
-    outcomes = race(app, count, lambda i: churn(credits, "shared", 12, seed=i * 7))
+    outcomes = race(app, count, lambda i: churn(credits, "shared", 8, seed=i * 7))
 
     check_churned(credits, "shared", granted, outcomes)
     # The wallet ran dry while the racers worked: refusals and debt were both exercised.
