@@ -2,12 +2,14 @@
 
 A random program of grants (with and without expiry, with idempotency keys and their replays), spends
 (refused ones and replays included), refunds of spends (repeated, and in the wrong wallet), clock
-advances that make lots expire, and purchases bought through ``POST /credits/checkout`` (Stripe mocked
-with ``responses``) then paid, failed, expired, refunded and disputed through signed webhooks, with
-replays of those deliveries. A plain Python model of the documented rules (``docs/ledger.md``,
-``docs/stripe.md``) predicts every balance, debt, purchase status and webhook outcome; after every step
-the balances and debts must match it, no balance may be negative, and ``credits.audit()`` must be
-empty. Replays must return the very entry they replay.
+advances that make lots and holds expire, holds (placed, replayed, extended, settled below, at and
+above what they hold, into debt, again, at 0, released, after they expired), and purchases bought
+through ``POST /credits/checkout`` (Stripe mocked with ``responses``) then paid, failed, expired,
+refunded and disputed through signed webhooks, with replays of those deliveries. A plain Python
+model of the documented rules (``docs/ledger.md``, ``docs/stripe.md``) predicts every balance, held
+credits, debt, purchase status and webhook outcome; after every step the balances, held credits and
+debts must match it, no balance may be negative, and ``credits.audit()`` must be empty. Replays must
+return the very entry they replay.
 
 Runs are derandomized, so a failure reproduces on the next run: hypothesis prints the failing
 program step by step, and a ``@reproduce_failure`` blob. Shrinking a failing program can take minutes
@@ -38,11 +40,19 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from flask_credits import EntryNotFound, IdempotencyConflict, InsufficientCredits, NotRefundable, testing
+from flask_credits import (
+    EntryNotFound,
+    HoldAlreadySettled,
+    IdempotencyConflict,
+    InsufficientCredits,
+    NotRefundable,
+    testing,
+)
 
 #: (programs, steps per program) per machine and backend: a step costs ~3x on the server databases.
 BUDGET = {
     "LedgerProgram": {"sqlite": (30, 30), "postgresql": (8, 25), "mysql": (8, 25)},
+    "HoldProgram": {"sqlite": (30, 30), "postgresql": (8, 25), "mysql": (8, 25)},
     "PurchaseProgram": {"sqlite": (16, 40), "postgresql": (5, 30), "mysql": (5, 30)},
 }
 
@@ -53,6 +63,8 @@ WALLETS = (("alice", None), ("bob", None), ("alice", "key-1"))
 WALLET = st.sampled_from([WALLETS[0], WALLETS[0], WALLETS[0], WALLETS[1], WALLETS[2]])
 KEYS = ("k1", "k2", "k3", "k4", "k5", "k6")
 IDEMPOTENCY_KEY = st.one_of(st.none(), st.sampled_from(KEYS))  # half the calls carry a key
+HOLD_KEY = st.one_of(st.none(), st.sampled_from(("h1", "h2")))  # holds' keys are their own
+HOLD_TTL = st.sampled_from([60, 3600, 86400])
 LIFETIME = st.sampled_from([None, 60, 3600, 86400])  # seconds a granted lot lasts
 SECONDS = st.sampled_from([1, 30, 60, 61, 3600, 3601, 86400])  # time passing, to the second of expiry
 PER_UNIT, UNIT_AMOUNT = 10, 100
@@ -85,6 +97,20 @@ REACHED = {
         "refund of a spend: repeated",
         "refund of a spend: in another wallet",
     },
+    "HoldProgram": {
+        "hold: placed",
+        "hold: refused",
+        "hold: replayed",
+        "extend: grown",
+        "extend: hold ended",
+        "settle: within the hold",
+        "settle: overdrawn into debt",
+        "settle: an expired hold",
+        "settle: replayed",
+        "settle: after it ended",
+        "release",
+        "refund of a settle",
+    },
     "PurchaseProgram": {
         "a wallet owed credits after a claw-back",
         "a purchase paid the wallet's debt first",
@@ -115,10 +141,24 @@ class WalletModel:
     debt: int = 0
     #: idempotency key -> (kind, amount, entry id, expiry of a grant)
     keys: dict[str, tuple[str, int, int, datetime | None]] = field(default_factory=dict)
+    hold_keys: dict[str, HoldModel] = field(default_factory=dict)
 
     @property
     def balance(self) -> int:
         return sum(lot.remaining for lot in self.lots)
+
+
+@dataclass
+class HoldModel:
+    wallet: tuple[str, str | None]
+    hold_id: int
+    requested: int
+    amount: int
+    expires_at: datetime
+    draws: list[tuple[Lot, int]]  # the lots its credits came from (one lot may appear twice)
+    status: str = "held"
+    settled_amount: int | None = None
+    entry_id: int | None = None
 
 
 @dataclass
@@ -127,6 +167,7 @@ class SpendModel:
     entry_id: int
     draws: list[tuple[Lot, int]]
     refund_id: int | None = None
+    settle: bool = False  # the spend entry of a settled hold
 
 
 @dataclass
@@ -163,8 +204,28 @@ class Model:
 
     def __init__(self) -> None:
         self.wallets = {w: WalletModel() for w in WALLETS}
+        self.holds: list[HoldModel] = []
         self.lot_counter = 0
         self.now = START
+
+    def held(self, wallet: tuple[str, str | None]) -> int:
+        return sum(h.amount for h in self.holds if h.wallet == wallet and h.status == "held")
+
+    def unhold(self, hold: HoldModel, keep: int) -> list[tuple[Lot, int]]:
+        """End a live hold: ``keep`` of its credits are charged, soonest-expiring lots first (returned
+        as the charge's draws), the rest go back to the lots they came from."""
+        merged: dict[int, tuple[Lot, int]] = {}
+        for lot, n in hold.draws:
+            merged[lot.order] = (lot, merged.get(lot.order, (lot, 0))[1] + n)
+        charged = []
+        for lot, n in sorted(merged.values(), key=lambda d: lot_order(d[0])):
+            take = min(keep, n)
+            keep -= take
+            if take:
+                charged.append((lot, take))
+            lot.remaining += n - take
+        hold.draws = []
+        return charged
 
     def new_lot(
         self, wallet: tuple[str, str | None], amount: int, remaining: int, expires: datetime | None
@@ -175,6 +236,10 @@ class Model:
         return lot
 
     def expire(self) -> None:
+        for h in self.holds:  # a hold past its expiry gives its credits back first
+            if h.status == "held" and h.expires_at <= self.now:
+                self.unhold(h, 0)
+                h.status = "expired"
         for w in self.wallets.values():
             for lot in w.lots:
                 if lot.expires_at is not None and lot.expires_at <= self.now and lot.remaining:
@@ -182,10 +247,7 @@ class Model:
                     lot.remaining = 0
 
     def draw(self, wallet: tuple[str, str | None], amount: int) -> list[tuple[Lot, int]]:
-        order = sorted(
-            (lot for lot in self.wallets[wallet].lots if lot.remaining),
-            key=lambda lot: (lot.expires_at is None, lot.expires_at or START, lot.order),
-        )
+        order = sorted((lot for lot in self.wallets[wallet].lots if lot.remaining), key=lot_order)
         draws, need = [], amount
         for lot in order:
             take = min(need, lot.remaining)
@@ -245,6 +307,11 @@ class Model:
             lot.remaining += 1
         else:
             event("a credit given back did not fit its lot")
+
+
+def lot_order(lot: Lot) -> tuple[bool, datetime, int]:
+    """Spends and holds draw soonest expiry first, lots that never expire last, then the oldest."""
+    return (lot.expires_at is None, lot.expires_at or START, lot.order)
 
 
 def share(p: PurchaseModel, money: int) -> int:
@@ -352,7 +419,8 @@ class Program(RuleBasedStateMachine):
             event("spend: refused")
             return  # nothing written: the key stays free
         entry = self.call_spend(wallet, amount, key)
-        assert (entry.kind, entry.amount, entry.balance_after) == ("spend", -amount, w.balance - amount)
+        after = w.balance - amount + self.model.held(wallet)  # an entry's balance_after counts held credits
+        assert (entry.kind, entry.amount, entry.balance_after) == ("spend", -amount, after)
         self.spends.append(SpendModel(wallet, entry.id, self.model.draw(wallet, amount)))
         if key is not None:
             w.keys[key] = ("spend", amount, entry.id, None)
@@ -461,9 +529,198 @@ class LedgerProgram(Program):
         assert (entry.kind, entry.reverses_id) == ("refund", spend.entry_id)
         spend.refund_id = entry.id
         event("refund of a spend" + (" after time passed" if advance else ""))
+        if spend.settle:
+            event("refund of a settle")
         for lot, amount in spend.draws:
             lot.remaining += amount
         self.model.expire()  # credits back in an expired lot expire again at once
+
+class HoldProgram(Program):
+    """Holds beside grants, spends, expiry and refunds: placed (refused, replayed, a key reused),
+    extended, settled at 0, below, at and above what they hold and into debt, settled again, released,
+    and expired; a settle's spend refunded."""
+
+    a_welcome_grant = LedgerProgram.a_welcome_grant
+    a_grant = LedgerProgram.a_grant
+    another_grant = LedgerProgram.a_grant  # twice as many grants: enough credits to hold
+    a_spend = LedgerProgram.a_spend
+    time_passes = LedgerProgram.time_passes
+    refund_a_spend = LedgerProgram.refund_a_spend
+
+    def pick_hold(self, index: int) -> HoldModel:
+        """A live hold for an even index (if any is live), any hold for an odd one."""
+        live = [h for h in self.model.holds if h.status == "held"]
+        return self.pick(live if live and index % 2 == 0 else self.model.holds, index // 2)
+
+    @rule(wallet=WALLET, eighths=st.integers(1, 9), ttl=HOLD_TTL, key=HOLD_KEY)
+    def a_hold(self, wallet: Any, eighths: int, ttl: int, key: str | None) -> None:
+        """Hold some eighths of a wallet's balance (9 eighths are refused). A key the wallet
+        used before is replayed (whatever became of its hold since), or, for odd eighths, reused for
+        another amount."""
+        if eighths <= 8 and not self.wallet(wallet).balance:
+            wallet = next((w for w in WALLETS if self.wallet(w).balance), wallet)
+        w = self.wallet(wallet)
+        amount = max(1, w.balance * eighths // 8)
+        if key is not None and key in w.hold_keys and eighths % 2 == 0:
+            amount = w.hold_keys[key].requested
+
+        def call() -> Any:
+            return self.credits.hold(wallet[0], amount, key_id=wallet[1], ttl=ttl, idempotency_key=key)
+
+        if key is not None and key in w.hold_keys:
+            prior = w.hold_keys[key]
+            if prior.requested != amount:
+                with pytest.raises(IdempotencyConflict):
+                    call()
+                event("hold: key reused for another amount")
+            else:
+                again = call()
+                assert (again.id, again.replayed) == (prior.hold_id, True)
+                event("hold: replayed")
+            return
+        if w.balance < amount:
+            with pytest.raises(InsufficientCredits) as refused:
+                call()
+            assert (refused.value.required, refused.value.balance) == (amount, w.balance)
+            event("hold: refused")
+            return
+        hold = call()
+        expires_at = self.clock.now + timedelta(seconds=ttl)
+        assert (hold.amount, hold.expires_at, hold.status) == (amount, expires_at, "held")
+        assert not hold.replayed
+        h = HoldModel(wallet, hold.id, amount, amount, expires_at, self.model.draw(wallet, amount))
+        self.model.holds.append(h)
+        if key is not None:
+            w.hold_keys[key] = h
+        event("hold: placed")
+
+    @precondition(lambda self: self.model.holds)
+    @rule(index=st.integers(0, 50), eighths=st.integers(1, 10), ttl=HOLD_TTL)
+    def extend_a_hold(self, index: int, eighths: int, ttl: int) -> None:
+        h = self.pick_hold(index)
+        w = self.wallet(h.wallet)
+        amount = max(1, w.balance * eighths // 8)
+
+        def call() -> Any:
+            return self.credits.extend_hold(h.hold_id, amount, ttl=ttl)
+
+        if h.status != "held":
+            with pytest.raises(HoldAlreadySettled):
+                call()
+            event("extend: hold ended")
+        elif w.balance < amount:
+            with pytest.raises(InsufficientCredits):
+                call()
+            event("extend: refused")
+        else:
+            grown = call()
+            h.draws += self.model.draw(h.wallet, amount)
+            h.amount += amount
+            h.expires_at = max(h.expires_at, self.clock.now + timedelta(seconds=ttl))
+            assert (grown.id, grown.amount, grown.expires_at) == (h.hold_id, h.amount, h.expires_at)
+            event("extend: grown")
+
+    @precondition(lambda self: self.model.holds)
+    @rule(
+        index=st.integers(0, 50),
+        how=st.sampled_from(["0", "less", "all", "more", "debt", "again", "release"]),
+        key=IDEMPOTENCY_KEY,
+    )
+    def settle_a_hold(self, index: int, how: str, key: str | None) -> None:
+        """Settle a hold at 0, below, at or above what it holds, beyond what the wallet can pay, or
+        again at what a hold was settled before; with an idempotency key half the time. Or release
+        it."""
+        if how == "release":
+            self.release(index)
+            return
+        ended = [h for h in self.model.holds if h.settled_amount is not None]
+        h = self.pick(ended, index) if how == "again" and ended else self.pick_hold(index)
+        w = self.wallet(h.wallet)
+        amount = {
+            "0": 0,
+            "less": max(0, h.amount - 1),
+            "all": h.amount,
+            "more": h.amount + 1 + w.balance // 2,
+            "debt": h.amount + w.balance + 3,
+            "again": h.amount if h.settled_amount is None else h.settled_amount,
+        }[how]
+
+        def call() -> Any:
+            return self.credits.settle(h.hold_id, amount, idempotency_key=key)
+
+        if h.status == "settled" or (h.status == "released" and h.settled_amount is not None):
+            if amount != h.settled_amount:
+                with pytest.raises(HoldAlreadySettled):
+                    call()
+                event("settle: after it ended")
+            else:
+                entry = call()
+                assert (None if entry is None else (entry.id, entry.replayed)) == (
+                    None if h.entry_id is None else (h.entry_id, True)
+                )
+                event("settle: replayed")
+            return
+        if h.status == "released" or (h.status == "expired" and not amount):
+            if amount:
+                with pytest.raises(HoldAlreadySettled):
+                    call()
+                event("settle: after it ended")
+            else:
+                assert call() is None
+            return
+        held = h.amount if h.status == "held" else 0
+        from_hold = min(amount, held)
+        extra = min(amount - from_hold, w.balance)
+        debt = amount - from_hold - extra
+        charge = from_hold + extra
+        if charge and key is not None and key in w.keys:
+            with pytest.raises(IdempotencyConflict):
+                call()
+            event("settle: key used by another entry")
+            return
+        entry = call()
+        if h.status == "expired":
+            event("settle: an expired hold")
+        event(
+            "settle: overdrawn into debt" if debt else "settle: more" if extra else "settle: within the hold"
+        )
+        charged = self.model.unhold(h, from_hold) if held else []
+        if extra:
+            charged += self.model.draw(h.wallet, extra)
+        w.debt += debt
+        h.status, h.settled_amount = ("settled" if amount else "released"), amount
+        if not charge:
+            assert entry is None
+        else:
+            metadata = {"hold_id": h.hold_id, "held": held, "amount": amount}
+            if debt:
+                metadata["debt"] = debt
+            after = w.balance + self.model.held(h.wallet)  # before credits back in expired lots expire
+            assert (entry.kind, entry.amount, entry.balance_after) == ("spend", -charge, after)
+            assert entry.metadata == metadata
+            h.entry_id = entry.id
+            self.spends.append(SpendModel(h.wallet, entry.id, charged, settle=True))
+            if key is not None:
+                w.keys[key] = ("spend", charge, entry.id, None)
+        self.model.expire()  # credits given back to a lot that expired while held expire now
+
+    def release(self, index: int) -> None:
+        h = self.pick_hold(index)
+        if h.status == "settled":
+            with pytest.raises(HoldAlreadySettled):
+                self.credits.release(h.hold_id)
+            return
+        assert self.credits.release(h.hold_id) is None
+        if h.status == "held":
+            self.model.unhold(h, 0)
+            h.status = "released"
+            self.model.expire()
+            event("release")
+
+    @invariant()
+    def held_credits_match_the_model(self) -> None:
+        for user, key in WALLETS:
+            assert self.credits.held(user, key) == self.model.held((user, key)), (user, key)
 
 
 class PurchaseProgram(Program):
@@ -700,6 +957,10 @@ def run(machine: type[Program], backend: str) -> None:
 
 def test_random_ledger_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
     run(LedgerProgram.bind(app, db, credits, clock), backend)
+
+
+def test_random_hold_programs_match_the_model_and_keep_the_audit_clean(app, db, credits, clock, backend):
+    run(HoldProgram.bind(app, db, credits, clock), backend)
 
 
 @pytest.mark.config(

@@ -606,6 +606,10 @@ class Ledger:
         if placed is None and self._expiry_due(wallet, now):
             self.expire(wallet, now=now)
             placed = self._run_hold(tx, wallet, idempotency_key, amount)
+        if placed is None and idempotency_key is not None:
+            # A concurrent call with the same key took the credits and committed while this one
+            # waited for the wallet row: the answer is its hold, not a 402.
+            placed = self._hold_replay(wallet, idempotency_key, amount)
         if placed is None:
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
@@ -621,9 +625,10 @@ class Ledger:
         wallet cannot cover it (the hold stays as it was); HoldAlreadySettled when it has ended."""
         amount = check_amount(amount)
         row, wallet = self._hold_row(hold_id)
-        if row.status != "held":
-            raise HoldAlreadySettled(f"hold {hold_id} is {row.status}: it cannot be extended")
         now = self.db.now()
+        if row.status != "held" or row.expires_at <= now:  # expired, even if no read released it yet
+            status = "expired" if row.status == "held" else row.status
+            raise HoldAlreadySettled(f"hold {hold_id} is {status}: it cannot be extended")
         w, h, hd = self.t.wallets, self.t.holds, self.t.hold_draws
         later = None if ttl is None else now + ttl
         reserve = (
@@ -669,6 +674,9 @@ class Ledger:
             self.expire(wallet, now=now)
             extended = self.db.run(tx)
         if extended is None:
+            ended = self._hold_row(hold_id)[0].status
+            if ended != "held":  # settled, released or expired while this call waited: say so, not 402
+                raise HoldAlreadySettled(f"hold {hold_id} is {ended}: it cannot be extended")
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
             raise InsufficientCredits(amount, balance)
@@ -730,7 +738,7 @@ class Ledger:
             locked = self._lock_wallet(conn, w.c.id == row.wallet_id, now)
             assert locked is not None  # the hold's wallet
             current = conn.execute(sa.select(h).where(h.c.id == hold_id)).one()
-            replay = self._settled(current, wallet, amount)
+            replay = self._settled(current, wallet, amount, conn)
             if replay is not None:
                 return replay
             held = int(current.amount) if current.status == "held" else 0
@@ -794,12 +802,14 @@ class Ledger:
                 raise
             row, wallet = self._hold_row(hold_id)
             done = self._settled(row, wallet, amount)
-            if done is None:
-                raise IdempotencyConflict(
-                    f"idempotency key {idempotency_key!r} was used for another entry of {wallet},"
-                    f" not the settle of hold {hold_id}"
-                ) from None
-            return done[0]
+            if done is not None:
+                return done[0]
+            if self.find_by_key(wallet, idempotency_key) is None:
+                raise
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r} was used for another entry,"
+                f" not for a settle of hold {hold_id}"
+            ) from None
         if not isinstance(result, _Settled):
             return result[0]
         hold, entry, held = result.hold, result.entry, result.held
@@ -1277,21 +1287,32 @@ class Ledger:
         )
         return dataclasses.replace(hold, **changes) if changes else hold
 
-    def _settled(self, row: Row[Any], wallet: Wallet, amount: int) -> tuple[Entry | None] | None:
+    def _settled(
+        self, row: Row[Any], wallet: Wallet, amount: int, conn: Connection | None = None
+    ) -> tuple[Entry | None] | None:
         """For a hold that ended: what settling it at ``amount`` again answers (its entry, marked
-        replayed), or HoldAlreadySettled. ``None`` while it can still be settled (held, expired)."""
+        replayed; read on ``conn`` when given), or HoldAlreadySettled. ``None`` while it can still be
+        settled (held; expired, at a charge above 0)."""
         if row.status == "settled" or (row.status == "released" and row.settled_amount is not None):
             if int(row.settled_amount) != amount:
                 raise HoldAlreadySettled(f"hold {row.id} was settled at {row.settled_amount}, not {amount}")
             if row.entry_id is None:
                 return (None,)
-            return (dataclasses.replace(self.entry(wallet, int(row.entry_id)), replayed=True),)
+            if conn is None:
+                entry = self.entry(wallet, int(row.entry_id))
+            else:
+                # Inside the settle's transaction, on its connection: a second one could wait for a
+                # free connection that never comes (the pool's, or PgBouncer's server connections,
+                # all held by settles queued behind this one on the wallet row).
+                e = self.t.entries
+                entry = self._entry(conn.execute(sa.select(e).where(e.c.id == row.entry_id)).one(), wallet)
+            return (dataclasses.replace(entry, replayed=True),)
         if row.status == "released":
             if amount:
                 raise HoldAlreadySettled(f"hold {row.id} was released: it can no longer be charged")
             return (None,)
         if row.status == "expired" and not amount:
-            return (None,)  # given back by its expiry already: a settle at 0 has nothing left to do
+            return (None,)  # its credits went back when it expired: charging nothing leaves it as it is
         return None
 
     def _hold_replay(self, wallet: Wallet, key: str, amount: int) -> Hold | None:
