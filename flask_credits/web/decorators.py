@@ -3,6 +3,7 @@ once per ``Idempotency-Key``."""
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import re
@@ -58,10 +59,10 @@ def requires_credits(
     ``CREDITS_HOLD_UNSETTLED``) or nothing (``"release"``). A view that raises or answers 5xx is
     charged nothing (a settle it made is refunded). A streamed response keeps the hold open while it
     streams: the generator reports usage with ``current_hold.add(n)`` (wrap it in
-    ``flask.stream_with_context``), and when the response closes, finished, cut by the client or
-    broken by an error, the hold is settled at what was used, exactly once. The hold lasts
-    ``CREDITS_HOLD_TTL`` (and again from each growth); a worker that dies mid-stream leaves it to
-    expire and count again.
+    ``flask.stream_with_context``), and when the body ends (before its last bytes go out), is cut by
+    a client that left, or breaks on an error, the hold is settled at what was used, exactly once.
+    The hold lasts ``CREDITS_HOLD_TTL``, renewed while usage is reported; a worker that dies
+    mid-stream leaves it to expire and count again.
 
     A request carrying an ``Idempotency-Key`` header (``CREDITS_IDEMPOTENCY_HEADER``) runs the view
     at most once per key, wallet and endpoint, charged once. Its response (status, headers, body) is
@@ -115,7 +116,7 @@ def requires_credits(
     return decorator
 
 
-class _Charge:
+class _Charge(abc.ABC):
     """How a decorated view is paid for: ``begin`` charges (or reserves) before the view runs,
     ``failed`` gives it back when the view fails, ``done`` ends it once the view answered."""
 
@@ -126,21 +127,22 @@ class _Charge:
         self.reason = reason or request.endpoint or request.path
         self.metadata: dict[str, Any] = {"endpoint": request.endpoint, "method": request.method}
 
+    @abc.abstractmethod
     def begin(self, ledger_key: str | None) -> None:
-        raise NotImplementedError
+        """Charge (or reserve) before the view runs; under ``ledger_key`` for a keyed request."""
 
+    @abc.abstractmethod
     def stale(self) -> bool:
         """After a takeover: the charge found under the ledger key was already ended by the dead run
         (refunded, released), so the run must start afresh under a new key row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def failed(self, why: str) -> bool:
         """Give the charge back; False (logged) when that failed too."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def done(self, response: Response) -> int | None:
         """The view answered (not 5xx): end the charge; the id of the spend entry that paid, if any."""
-        raise NotImplementedError
 
 
 class _Fixed(_Charge):
