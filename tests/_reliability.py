@@ -956,6 +956,20 @@ class Shop:
             self.credits.grant(wallet.user_id, amount, key_id=wallet.key_id, reason="reliability stock")
         tally.granted[wallet.name] += amount
 
+    def with_customer(self, wallet: Wallet) -> None:
+        """Give the wallet's user a Stripe Customer, as their first checkout would have."""
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(self.credits.tables.customers).values(
+                    user_id=wallet.user_id,
+                    stripe_customer_id="cus_test_" + secrets.token_hex(7),
+                    idempotency_key="cus_" + secrets.token_hex(16),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
     def balance(self, wallet: Wallet) -> int:
         with self.app.app_context():
             return int(self.credits.balance(wallet.user_id, wallet.key_id))
