@@ -674,6 +674,9 @@ def test_stripe_failing_during_checkout_is_a_clear_502_and_leaves_no_creditable_
     shop = faults.shop
     tally = Tally()
     wallet = faults.wallet(10, tally)
+    # The user's Stripe Customer exists (an earlier checkout made it): what fails is the session. A
+    # failure creating the customer is test_customers.py's.
+    shop.with_customer(wallet)
     creates = len(faults.stripe.creates)
     if failure == "refused":
         faults.stripe_line.down()
