@@ -17,8 +17,8 @@ from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
-from .records import Entry, Hold, Wallet
-from .services import webhooks
+from .records import Entry, Hold, Subscription, Wallet
+from .services import plans, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -181,6 +181,14 @@ class FlaskCredits:
         if callback is None:
             return True
         return callback(user_id) is not None
+
+    # -- plans -------------------------------------------------------------------------------------
+
+    def subscription(self, user_id: str, key_id: str | None = None) -> Subscription | None:
+        """The wallet's live subscription to one of ``CREDITS_PLANS`` (its plan, status, current
+        period end and whether it ends then), or ``None``: none, ended, or its checkout not completed
+        yet."""
+        return plans.current(self, make_wallet(user_id, key_id))
 
     # -- the ledger --------------------------------------------------------------------------------
 
