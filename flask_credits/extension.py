@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +18,7 @@ from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
 from .records import Entry, Hold, Subscription, Wallet
-from .services import plans, webhooks
+from .services import customers, plans, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -37,6 +37,7 @@ log = logging.getLogger("flask_credits")
 WalletLoader = Callable[[], "tuple[Any, Any] | Wallet | None"]
 WalletChecker = Callable[[str, "str | None"], bool]
 KeysLoader = Callable[[str], "Iterable[tuple[str, str]]"]
+CustomerDetailsLoader = Callable[[str], "Mapping[str, Any] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -71,6 +72,7 @@ class FlaskCredits:
         self._wallet_loader: WalletLoader | None = None
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
+        self._customer_details: CustomerDetailsLoader | None = None
         self._engines: weakref.WeakKeyDictionary[Engine, _OnEngine] = weakref.WeakKeyDictionary()
         self._settings: weakref.WeakKeyDictionary[Flask, settings.Settings] = weakref.WeakKeyDictionary()
         #: The time every write records; tests give a fake clock (a callable returning an aware UTC
@@ -141,6 +143,26 @@ class FlaskCredits:
         keys: the credits page then shows each key's balance and can buy credits for it."""
         self._keys_loader = callback
         return callback
+
+    def customer_details(self, callback: F) -> F:
+        """Decorate a function ``(user_id) -> {"email": ..., "name": ...} | None`` giving what the
+        user's Stripe Customer is created with (each key optional; others are ignored). Without one,
+        the customer has no email until the user types one at Stripe Checkout."""
+        self._customer_details = callback
+        return callback
+
+    def customer_details_for(self, user_id: str) -> Mapping[str, Any]:
+        """What ``customer_details`` says about the user (empty without a loader)."""
+        if self._customer_details is None:
+            return {}
+        return self._customer_details(user_id) or {}
+
+    def customer_id(self, user_id: str) -> str:
+        """The user's Stripe Customer id (``cus_...``), shared by all their wallets (their API keys'
+        too): the stored one, or created at Stripe now with ``customer_details`` and
+        ``metadata[userId]``. Safe to call concurrently: one customer per user, never two. Raises
+        :class:`PaymentProviderError` when Stripe fails."""
+        return customers.customer_id(self, user_id)
 
     def api_keys(self, user_id: str) -> list[tuple[str, str]]:
         """The user's API keys as ``(key_id, label)``, from ``keys_loader`` (none without one)."""
@@ -430,6 +452,7 @@ class FlaskCredits:
                 page_url=lambda session_id: urls.external_url(
                     "credits_simulated.checkout", session_id=session_id
                 ),
+                portal_url=lambda: urls.external_url("credits_simulated.portal"),
             )
         if not found.stripe_secret_key:
             log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")

@@ -17,6 +17,8 @@ register ``responses`` mocks for the Stripe API calls this extension makes::
 from __future__ import annotations
 
 import json
+import secrets
+import threading
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app
@@ -38,6 +40,8 @@ __all__ = [
     "checkout_session",
     "dispute",
     "event",
+    "mock_create_customer",
+    "mock_create_portal_session",
     "mock_create_session",
     "mock_expire_session",
     "mock_find_session",
@@ -97,10 +101,14 @@ def mock_create_session(
 ) -> None:
     """Answer ``POST /v1/checkout/sessions`` with an open session (or with ``error`` and ``status``).
     Without ``session_id`` each call gets a new id; without ``amount_total`` the answer echoes the
-    requested line items' total."""
+    requested line items' total. Every checkout is for the user's Stripe Customer: unless
+    ``POST /v1/customers`` is answered already, :func:`mock_create_customer` answers it."""
     import responses as responses_lib
 
     url = f"{STRIPE_API}/v1/checkout/sessions"
+    customers = f"{STRIPE_API}/v1/customers"
+    if not any(r.method == "POST" and r.url == customers for r in rsps.registered()):
+        mock_create_customer(rsps)
     if error is not None:
         rsps.add(responses_lib.POST, url, json={"error": error}, status=status)
         return
@@ -165,3 +173,78 @@ def mock_find_session(
         json={"object": "list", "data": [session] if session else [], "has_more": False},
         match=[matchers.query_param_matcher({"payment_intent": payment_intent, "limit": "1"})],
     )
+
+
+def mock_create_customer(
+    rsps: responses.RequestsMock,
+    customer_id: str | None = None,
+    *,
+    status: int = 200,
+    error: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer ``POST /v1/customers`` as Stripe does (replacing any answer registered before): a new
+    customer per ``Idempotency-Key``, and the same one again for a key seen before; ``customer_id``
+    names the first. With ``error``, every call is refused with it and ``status``. Returns the list of
+    customers created, which grows as the app creates them."""
+    import responses as responses_lib
+
+    url = f"{STRIPE_API}/v1/customers"
+    rsps.remove(responses_lib.POST, url)
+    created: list[dict[str, Any]] = []
+    if error is not None:
+        rsps.add(responses_lib.POST, url, json={"error": error}, status=status)
+        return created
+    by_key: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def reply(request: Any) -> tuple[int, dict[str, str], str]:
+        from urllib.parse import parse_qs
+
+        form = parse_qs(request.body if isinstance(request.body, str) else request.body.decode())
+        key = request.headers.get("Idempotency-Key") or secrets.token_hex(8)
+        with lock:
+            found = by_key.get(key)
+            if found is None:
+                found = by_key[key] = {
+                    "id": (
+                        customer_id if not created and customer_id else "cus_test_" + secrets.token_hex(7)
+                    ),
+                    "object": "customer",
+                    "email": form.get("email", [None])[0],
+                    "name": form.get("name", [None])[0],
+                    "metadata": {k[9:-1]: v[0] for k, v in form.items() if k.startswith("metadata[")},
+                }
+                created.append(found)
+        return 200, {"Request-Id": "req_test", "Idempotent-Replayed": "false"}, json.dumps(found)
+
+    rsps.add_callback(responses_lib.POST, url, callback=reply, content_type="application/json")
+    return created
+
+
+def mock_create_portal_session(
+    rsps: responses.RequestsMock, *, status: int = 200, error: dict[str, Any] | None = None
+) -> None:
+    """Answer ``POST /v1/billing_portal/sessions`` with a session for the customer asked for (or with
+    ``error`` and ``status``, as when the portal is not configured in the Dashboard)."""
+    import responses as responses_lib
+
+    url = f"{STRIPE_API}/v1/billing_portal/sessions"
+    if error is not None:
+        rsps.add(responses_lib.POST, url, json={"error": error}, status=status)
+        return
+
+    def reply(request: Any) -> tuple[int, dict[str, str], str]:
+        from urllib.parse import parse_qs
+
+        form = parse_qs(request.body if isinstance(request.body, str) else request.body.decode())
+        session_id = "bps_test_" + secrets.token_hex(8)
+        body = {
+            "id": session_id,
+            "object": "billing_portal.session",
+            "customer": form["customer"][0],
+            "return_url": form.get("return_url", [None])[0],
+            "url": f"https://billing.stripe.com/p/session/{session_id}",
+        }
+        return 200, {"Request-Id": "req_test"}, json.dumps(body)
+
+    rsps.add_callback(responses_lib.POST, url, callback=reply, content_type="application/json")

@@ -690,7 +690,8 @@ class TcpProxy:
 
 
 class FakeStripe:
-    """Enough of Stripe's API for flask_credits: create, retrieve and list Checkout Sessions.
+    """Enough of Stripe's API for flask_credits: create customers; create, retrieve and list Checkout
+    Sessions.
 
     ``mode`` decides how ``POST /v1/checkout/sessions`` answers: ``"ok"``, ``"error"`` (500 with a
     Stripe error body), ``"slow"`` (answers after ``slow_seconds``, past the app's timeout) or
@@ -706,6 +707,7 @@ class FakeStripe:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.by_key: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> session, as Stripe keeps them
         self.creates: list[tuple[str | None, str]] = []
+        self.customers: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> customer (mode ignored)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         stripe = self
@@ -719,6 +721,13 @@ class FakeStripe:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                if urlsplit(self.path).path == "/v1/customers":  # one per key, as Stripe keeps them
+                    with stripe._lock:
+                        key = self.headers.get("Idempotency-Key") or secrets.token_hex(8)
+                        customer = stripe.customers.setdefault(
+                            key, {"id": "cus_test_" + secrets.token_hex(7), "object": "customer"}
+                        )
+                    return self.reply(200, customer)
                 if urlsplit(self.path).path != "/v1/checkout/sessions":
                     return self.reply(404, {"error": {"type": "invalid_request_error", "message": "no"}})
                 return stripe._create(self, form)

@@ -35,7 +35,8 @@ def credits_config():
 
 
 def sent_form(rsps):
-    (call,) = [c for c in rsps.calls if c.request.method == "POST"]
+    """The one Checkout Session created: its form and headers."""
+    (call,) = [c for c in rsps.calls if c.request.method == "POST" and "/checkout/sessions" in c.request.url]
     return parse_qs(call.request.body), call.request.headers
 
 
@@ -55,6 +56,7 @@ def test_quantity_checkout_redirects_to_stripe_and_stores_a_pending_purchase(cli
     (row,) = purchases(credits)
     assert form == {
         "mode": ["payment"],
+        "customer": [credits.customer_id("alice")],
         "line_items[0][price_data][currency]": ["usd"],
         "line_items[0][price_data][product_data][name]": ["Credits"],
         "line_items[0][price_data][product_data][description]": ["100 credits"],
@@ -88,7 +90,7 @@ def test_each_checkout_attempt_has_its_own_idempotency_key(client, login, credit
     login("alice")
     client.post("/credits/checkout", data={"quantity": "1"})
     client.post("/credits/checkout", data={"quantity": "1"})
-    keys = [c.request.headers["Idempotency-Key"] for c in stripe.calls]
+    keys = [c.request.headers["Idempotency-Key"] for c in stripe.calls if "/checkout/" in c.request.url]
     assert len(set(keys)) == 2
 
 
@@ -207,6 +209,7 @@ def test_stripe_errors_give_a_clear_502_and_leave_no_creditable_purchase(
     "failure", [requests.exceptions.ConnectionError("down"), requests.exceptions.Timeout("slow")]
 )
 def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, stripe, failure):
+    testing.mock_create_customer(stripe)
     stripe.add(responses.POST, f"{testing.STRIPE_API}/v1/checkout/sessions", body=failure)
     login("alice")
     response = client.post("/credits/checkout", json={"quantity": 1})
@@ -219,11 +222,15 @@ def test_unreachable_or_slow_stripe_is_a_clear_502(client, login, credits, strip
 def test_the_stripe_api_address_can_be_set(app, client, login, credits, stripe):
     """CREDITS_STRIPE_API_BASE points stripe-python at a stand-in (stripe-mock, a test server)."""
     session = testing.checkout_session("cs_test_elsewhere", amount_total=100)
+    stripe.add(responses.POST, "http://127.0.0.1:12111/v1/customers", json={"id": "cus_test_elsewhere"})
     stripe.add(responses.POST, "http://127.0.0.1:12111/v1/checkout/sessions", json=session)
     login("alice")
     response = client.post("/credits/checkout", json={"quantity": 1})
     assert response.status_code in (200, 303), response.get_data(as_text=True)
-    assert [call.request.url for call in stripe.calls] == ["http://127.0.0.1:12111/v1/checkout/sessions"]
+    assert [call.request.url for call in stripe.calls] == [
+        "http://127.0.0.1:12111/v1/customers",
+        "http://127.0.0.1:12111/v1/checkout/sessions",
+    ]
 
 
 @pytest.mark.config(STRIPE_SECRET_KEY=None)
@@ -296,7 +303,7 @@ def test_one_checkout_past_the_cap_is_429_and_neither_writes_nor_calls_stripe(cl
         " or try again later.",
     }
     assert 0 < int(response.headers["Retry-After"]) <= 24 * 3600
-    assert len(stripe.calls) == CAP
+    assert len(stripe.calls) == CAP + 1  # the user's customer, created by the first checkout
     assert len(purchases(credits)) == CAP
 
 
@@ -376,7 +383,7 @@ def test_checkouts_racing_on_one_wallet_stop_exactly_at_the_cap(app, credits, st
         codes = list(pool.map(checkout, clients, timeout=120))
     assert sorted(codes) == [200] * CAP + [429] * (racers - CAP)
     assert [row.status for row in purchases(credits)] == ["open"] * CAP
-    assert len(stripe.calls) == CAP
+    assert len([c for c in stripe.calls if "/checkout/sessions" in c.request.url]) == CAP
 
 
 # -- the cancel page -----------------------------------------------------------------------------------

@@ -51,12 +51,8 @@ def test_bob_never_sees_alices_entries_whatever_he_asks(shop):
         assert {e["user_id"] for e in entries} <= {"bob"}, query
         page = bob.get(f"/credits/{query}", headers={"Accept": "text/html"}).get_data(as_text=True)
         assert "alice-private" not in page, query
-    assert bob.get("/credits/balance?user_id=alice").json == {
-        "user_id": "bob",
-        "key_id": None,
-        "balance": 5,
-        "held": 0,
-    }
+    answer = bob.get("/credits/balance?user_id=alice").json
+    assert answer == {"user_id": "bob", "key_id": None, "balance": 5, "held": 0}
 
 
 @pytest.mark.parametrize(

@@ -303,6 +303,7 @@ def test_webhook_arriving_before_the_checkout_view_saved_the_session_still_credi
         )
         return 200, {}, json.dumps(body)
 
+    testing.mock_create_customer(stripe)
     stripe.add_callback(responses.POST, f"{testing.STRIPE_API}/v1/checkout/sessions", callback=reply)
     assert client.post("/credits/checkout", json={"quantity": 2}).status_code == 200
     with credits.db.engine.connect() as conn:

@@ -26,6 +26,7 @@ from .. import signals
 from ..errors import CreditsError, InvalidArgument
 from ..records import ENDED_SUBSCRIPTION, Subscription, Wallet
 from ..settings import Plan, Settings
+from . import customers
 from .purchases import Recorder, record_only
 from .stripe_gateway import PaymentProviderError, paid_payment_intent
 
@@ -82,13 +83,16 @@ def start_subscription(
     *,
     success_url: str,
     cancel_url: str,
-    customer: str | None = None,
 ) -> dict[str, Any]:
     """Store the wallet's pending subscription, then create its Checkout Session in ``subscription``
     mode; returns ``{"id", "url"}``. Raises :class:`AlreadySubscribed` when the wallet has a live
     subscription; a checkout the wallet left open earlier is expired at Stripe first (so it can
-    never become a second subscription). If Stripe fails, the row ends as ``error``."""
+    never become a second subscription). If Stripe fails, the row ends as ``error``.
+
+    The session is for the wallet owner's Stripe Customer, found or created first (as for a
+    purchase), so the portal then shows the plan beside the user's receipts and cards."""
     s = ext.tables.subscriptions
+    customer = customers.customer_id(ext, wallet.user_id)
     wallet_id = ext.ledger.wallet_id(wallet, create=True)
     assert wallet_id is not None
     attempt = "sub_" + secrets.token_hex(16)
@@ -98,6 +102,7 @@ def start_subscription(
         metadata["keyId"] = wallet.key_id
     params: dict[str, Any] = {
         "mode": "subscription",
+        "customer": customer,
         "line_items": [{"price": plan.price, "quantity": 1}],
         "client_reference_id": attempt,
         "metadata": metadata,
@@ -105,8 +110,6 @@ def start_subscription(
         "success_url": success_url,
         "cancel_url": cancel_url,
     }
-    if customer is not None:
-        params["customer"] = customer
     try:
         session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
     except PaymentProviderError:

@@ -25,6 +25,7 @@ from ..core.ledger import InTx
 from ..errors import CreditsError, InvalidArgument
 from ..records import FULFILLABLE, Purchase, Wallet
 from ..settings import Settings
+from . import customers
 from .stripe_gateway import PaymentProviderError
 
 if TYPE_CHECKING:
@@ -153,10 +154,14 @@ def start_checkout(
     The row is committed before Stripe is called, with a fresh key that is both Stripe's idempotency
     key and the session's ``client_reference_id``; a webhook that overtakes this function still finds
     its purchase. If Stripe fails the row becomes ``error`` and can never be credited. Raises
-    :class:`TooManyOpenCheckouts`, before writing anything or calling Stripe, when the wallet already
-    has ``CREDITS_MAX_OPEN_PURCHASES`` unfinished checkouts.
+    :class:`TooManyOpenCheckouts`, before writing a purchase or creating a session, when the wallet
+    already has ``CREDITS_MAX_OPEN_PURCHASES`` unfinished checkouts.
+
+    The session is for the wallet owner's Stripe Customer (:func:`customers.customer_id`), found or
+    created before the purchase row is written: if Stripe fails there, no purchase exists at all.
     """
     p = ext.tables.purchases
+    customer = customers.customer_id(ext, wallet.user_id)
     wallet_id = ext.ledger.wallet_id(wallet, create=True)
     assert wallet_id is not None
     attempt = "chk_" + secrets.token_hex(16)
@@ -184,6 +189,9 @@ def start_checkout(
         metadata["keyId"] = wallet.key_id
     params = {
         "mode": "payment",
+        # Receipts, cards and invoices of all the user's purchases in one place (with a customer,
+        # Checkout creates none: no customer_creation).
+        "customer": customer,
         "line_items": [offer.line_item],
         "client_reference_id": attempt,
         "metadata": metadata,

@@ -9,6 +9,7 @@ app is in debug or testing mode.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable
@@ -28,10 +29,14 @@ if TYPE_CHECKING:
 class SimulatedStripe:
     """Stands in for :class:`flask_credits.stripe_api.LiveStripe`; its state is the purchase rows."""
 
-    def __init__(self, ext: FlaskCredits, page_url: Callable[[str], str]) -> None:
+    def __init__(
+        self, ext: FlaskCredits, page_url: Callable[[str], str], portal_url: Callable[[], str]
+    ) -> None:
         self.ext = ext
         #: The absolute URL of the simulated checkout page of a session id (the HTTP layer's).
         self.page_url = page_url
+        #: The absolute URL of the simulated Billing Portal (it shows the logged-in user's customer).
+        self.portal_url = portal_url
 
     def create_checkout_session(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
         check_allowed(current_app)
@@ -50,6 +55,23 @@ class SimulatedStripe:
             "url": self.page_url(session_id),
             "amount_total": total,
             "currency": currency,
+        }
+
+    def create_customer(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """As Stripe within its 24 hours: the same key gives the same customer (its id is derived from
+        the key), so the real code's handling of concurrent first checkouts runs offline too."""
+        check_allowed(current_app)
+        digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
+        return {"id": "cus_sim_" + digest, "object": "customer", **params}
+
+    def create_portal_session(self, params: dict[str, Any]) -> dict[str, Any]:
+        check_allowed(current_app)
+        return {
+            "id": "bps_sim_" + secrets.token_hex(12),
+            "object": "billing_portal.session",
+            "customer": params["customer"],
+            "return_url": params.get("return_url"),
+            "url": self.portal_url(),
         }
 
     def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:

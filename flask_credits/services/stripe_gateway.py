@@ -22,7 +22,8 @@ log = logging.getLogger("flask_credits")
 class PaymentProviderError(CreditsError):
     """Stripe refused or could not be reached. ``user_message`` is safe to show to the user (no
     secrets, no internals); ``kind`` is one of ``card``, ``auth``, ``rate_limit``, ``network``,
-    ``invalid_request``, ``stripe``."""
+    ``invalid_request``, ``idempotency`` (the idempotency key was used with other parameters),
+    ``conflict`` (a request with the same idempotency key is still running), ``stripe``."""
 
     def __init__(self, kind: str, user_message: str) -> None:
         super().__init__(user_message)
@@ -53,6 +54,16 @@ class Gateway(Protocol):
     def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
         """Expire an ``open`` Checkout Session so it can no longer be paid; returns it. Raises
         PaymentProviderError when Stripe refuses (the session is complete or expired already)."""
+        ...
+
+    def create_customer(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """Create a Customer; returns it with at least ``id``. The same ``idempotency_key`` within
+        Stripe's 24 hours returns the same customer."""
+        ...
+
+    def create_portal_session(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Create a Billing Portal session for ``params["customer"]``; returns it with ``id`` and
+        ``url``."""
         ...
 
     def invoice_payment_intent(self, invoice_id: str) -> str | None:
@@ -99,6 +110,21 @@ class LiveStripe:
     def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
         with _translated("expire a checkout session"):
             session = self._client.v1.checkout.sessions.expire(session_id)
+        return session.to_dict()
+
+    def create_customer(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        with _translated("create a customer"):
+            customer = self._client.v1.customers.create(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key},
+            )
+        return customer.to_dict()
+
+    def create_portal_session(self, params: dict[str, Any]) -> dict[str, Any]:
+        # No idempotency key of ours: a portal session is short-lived and creating two is harmless
+        # (stripe-python gives its own retries one).
+        with _translated("create a billing portal session"):
+            session = self._client.v1.billing_portal.sessions.create(params=params)  # type: ignore[arg-type]
         return session.to_dict()
 
     def invoice_payment_intent(self, invoice_id: str) -> str | None:
@@ -158,6 +184,10 @@ def _describe(exc: stripe.StripeError) -> tuple[str, str]:
         return "network", "The payment service could not be reached. Please try again."
     if isinstance(exc, stripe.InvalidRequestError):
         return "invalid_request", "The payment service refused this purchase."
+    if isinstance(exc, stripe.IdempotencyError):
+        return "idempotency", "The payment service refused this request. Please try again."
+    if exc.http_status == 409:  # the same idempotency key is in use by a request still running
+        return "conflict", "The payment service is busy with this account. Please try again."
     return "stripe", "The payment service had a problem. Please try again."
 
 

@@ -6,7 +6,7 @@ statements a correct debit needs, and so that they land on the host's ``db.metad
 
 The database enforces what it can: no negative balance, lot or debt; no zero-amount entry; a lot never
 holds more than it was created with; one idempotency key per wallet; one refund per spend; one
-purchase per Checkout Session; one row per Stripe event.
+purchase per Checkout Session; one row per Stripe event; one Stripe Customer per user.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Tables:
     holds: sa.Table
     hold_draws: sa.Table
     subscriptions: sa.Table
+    customers: sa.Table
 
 
 _cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
@@ -322,6 +323,34 @@ def _define(md: sa.MetaData) -> Tables:
         sa.CheckConstraint("amount > 0", name="ck_credits_hold_draws_amount"),
         sa.Index("ix_credits_hold_draws_lot_id", "lot_id"),
     )
+    customers = sa.Table(
+        "credits_customers",
+        md,
+        # The Stripe Customer of a wallet owner (a user; an API key's wallet uses its user's). The
+        # row is written before Stripe is asked, with the idempotency key every attempt to create
+        # the customer sends, so that concurrent first checkouts (and a retry after a crash between
+        # Stripe's answer and the row) create one customer; the unique keys let exactly one id stick.
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.String(ID_LENGTH), nullable=False),
+        sa.Column("stripe_customer_id", sa.String(255), nullable=True),
+        # Random, never derived from the user id: another app or environment on the same Stripe
+        # account has users with the same ids, and Stripe would answer them with this user's customer.
+        sa.Column("idempotency_key", sa.String(64), nullable=False),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("user_id", name="uq_credits_customers_user_id"),
+        sa.UniqueConstraint("stripe_customer_id", name="uq_credits_customers_stripe_customer_id"),
+    )
     return Tables(
-        wallets, lots, entries, draws, purchases, stripe_events, requests, holds, hold_draws, subscriptions
+        wallets,
+        lots,
+        entries,
+        draws,
+        purchases,
+        stripe_events,
+        requests,
+        holds,
+        hold_draws,
+        subscriptions,
+        customers,
     )

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
-from ..services import plans, purchases, webhooks
+from ..services import customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
 from . import bodies, responses, urls
 from .responses import UNAVAILABLE, wants_json
@@ -111,6 +111,8 @@ def _page(
     return render_template(
         "credits/index.html",
         wallet=wallet,
+        # The user's Stripe Customer (None before their first checkout): "Manage billing" then.
+        customer_id=customers.stored(ext, wallet.user_id) if wallet.key_id is None else None,
         balance=balance,
         held=held,
         # (key id, label, balance) as before holds, so that templates apps overrode still unpack it;
@@ -257,6 +259,29 @@ def subscribe() -> ResponseReturnValue:
         return _error(502, "payment_provider_error", exc.user_message, data)
     if wants_json():
         return jsonify(id=session["id"], url=session["url"])
+    return redirect(session["url"], 303)
+
+
+@blueprint.post("/portal")
+def portal() -> ResponseReturnValue:
+    """Send the user to Stripe's Billing Portal for their Stripe Customer (cards, receipts, invoices,
+    plans), which links back to the credits page: a browser form gets a 303 redirect, a JSON client
+    ``{"url"}``. A user without a customer yet gets one first. The portal manages the account, so a
+    request made with an API key's wallet is refused (403)."""
+    ext = extension()
+    wallet = current_wallet_or_401()
+    if wallet.key_id is not None:
+        return _error(403, "forbidden", "Billing is managed by the account, not with an API key.")
+    try:
+        session = customers.portal_session(ext, wallet.user_id, return_url=urls.external_url("credits.index"))
+    except PaymentProviderError as exc:
+        # Refused requests here almost always mean the portal is not set up in the Stripe Dashboard.
+        message = exc.user_message
+        if exc.kind == "invalid_request":
+            message = "Billing management is not available on this site yet."
+        return _error(502, "payment_provider_error", message)
+    if wants_json():
+        return jsonify(url=session["url"])
     return redirect(session["url"], 303)
 
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from ..services import purchases
+from ..services import customers, purchases
 from ..services.simulated_mode import check_allowed
 from ..services.simulated_stripe import SimulatedStripe
-from .blueprint import extension, own_purchase, read_body_within_limit
+from .blueprint import current_wallet_or_401, extension, own_purchase, read_body_within_limit
 
 if TYPE_CHECKING:
     from ..records import Purchase
@@ -54,3 +54,17 @@ def checkout(session_id: str) -> ResponseReturnValue:
     else:
         abort(400, f"cannot {action!r} a purchase that is {purchase.status}")
     return redirect(done, 303)
+
+
+@blueprint.get("/simulated-portal")
+def portal() -> ResponseReturnValue:
+    """The simulated Billing Portal: the logged-in user's own customer (never one named in the URL)
+    and the way back to the credits page."""
+    if extension().settings.stripe_mode != "simulated":
+        abort(404)
+    check_allowed(current_app)
+    wallet = current_wallet_or_401()
+    customer_id = customers.stored(extension(), wallet.user_id)
+    if customer_id is None:
+        abort(404)
+    return render_template("credits/simulated_portal.html", customer_id=customer_id)
