@@ -89,14 +89,19 @@ def start_subscription(
     subscription; a checkout the wallet left open earlier is expired at Stripe first (so it can
     never become a second subscription). If Stripe fails, the row ends as ``error``.
 
-    The session is for the wallet owner's Stripe Customer, found or created first (as for a
-    purchase), so the portal then shows the plan beside the user's receipts and cards."""
+    The session is for the wallet owner's Stripe Customer (found or created once the wallet's slot is
+    claimed: a wallet already subscribed costs no Stripe call), so the portal then shows the plan
+    beside the user's receipts and cards."""
     s = ext.tables.subscriptions
-    customer = customers.customer_id(ext, wallet.user_id)
     wallet_id = ext.ledger.wallet_id(wallet, create=True)
     assert wallet_id is not None
     attempt = "sub_" + secrets.token_hex(16)
     row_id = _claim(ext, wallet_id, plan, attempt)
+    try:
+        customer = customers.customer_id(ext, wallet.user_id)
+    except PaymentProviderError:
+        _end(ext, sa.and_(s.c.id == row_id, s.c.status == "creating"), "error")
+        raise
     metadata = {"userId": wallet.user_id, "plan": plan.id, REFERENCE: attempt}
     if wallet.key_id:
         metadata["keyId"] = wallet.key_id
