@@ -305,4 +305,3 @@ def test_subscription_returns_the_live_plan_of_the_wallet(app, credits):
     assert found.to_dict()["plan"] == "max"
     assert credits.subscription("alice", "key-1") is None
     assert credits.subscription("bob") is None
-
