@@ -188,9 +188,7 @@ def mock_find_session(
     )
 
 
-def mock_invoice_payments(
-    rsps: responses.RequestsMock, invoice_id: str, payment_intent: str | None
-) -> None:
+def mock_invoice_payments(rsps: responses.RequestsMock, invoice_id: str, payment_intent: str | None) -> None:
     """Answer ``GET /v1/invoice_payments?invoice=...&status=paid`` with the invoice's one paid
     payment by ``payment_intent`` (or none)."""
     import responses as responses_lib

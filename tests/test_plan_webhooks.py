@@ -205,7 +205,7 @@ def test_the_first_paid_invoice_grants_the_allowance_until_the_period_ends(credi
     assert plan.deliver("invoice.paid", plan.invoice()) == "fulfilled"
     assert credits.balance("alice") == 2000
     [purchase] = invoice_purchases(credits)
-    start, end = plan.period(0)
+    end = plan.period(0)[1]
     assert (purchase.invoice_id, purchase.status, purchase.pack, purchase.credits) == (
         f"in_test_{plan.stripe_id}_0",
         "fulfilled",
