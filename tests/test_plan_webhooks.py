@@ -462,6 +462,19 @@ def test_an_upgrade_arriving_after_its_period_ended_grants_nothing(credits, subs
     assert credits.balance("alice") == 0
 
 
+def test_a_change_from_a_plan_no_longer_configured_grants_nothing_and_is_recorded(
+    credits, subscribe, received
+):
+    plan = subscribe()
+    s = credits.tables.subscriptions
+    with credits.db.engine.begin() as conn:
+        conn.execute(sa.update(s).where(s.c.attempt_key == plan.attempt).values(plan="legacy"))
+    assert plan.deliver("customer.subscription.updated", plan.subscription(0, plan="max")) == "plan_changed"
+    assert credits.balance("alice") == 0
+    changed = next(kw for n, _, kw in received if n == "plan_changed")
+    assert (changed["previous"], changed["amount"]) == ("legacy", 0)
+
+
 def test_an_update_records_status_period_and_cancellation_at_period_end(credits, subscribe):
     plan = subscribe()
     plan.deliver("invoice.paid", plan.invoice(0))

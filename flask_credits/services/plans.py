@@ -533,13 +533,11 @@ def subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], rec
 
     if not ext.database.run(tx):
         return "updated"
-    assert old is not None
-    assert new is not None
     ext.emit(
         signals.plan_changed,
         wallet=Wallet(row.user_id, row.wallet_key_id or None),
         subscription=find(ext, int(row.id)),
-        previous=old.id,
+        previous=row.plan,
         amount=0 if entry is None else entry.amount,
         entry=entry,
     )
