@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .. import signals
+from ..core.ledger import InTx
 from ..errors import CreditsError, InvalidArgument
-from ..records import ENDED_SUBSCRIPTION, Subscription, Wallet
+from ..records import ENDED_SUBSCRIPTION, Entry, Subscription, Wallet
 from ..settings import Plan, Settings
 from . import customers
 from .purchases import Recorder, record_only
@@ -179,7 +180,7 @@ def _abandon(ext: FlaskCredits, row: Row[Any]) -> bool:
     )
 
 
-def _end(ext: FlaskCredits, where: sa.ColumnElement[bool], status: str, in_tx: Any = None) -> bool:
+def _end(ext: FlaskCredits, where: sa.ColumnElement[bool], status: str, in_tx: InTx | None = None) -> bool:
     """Move the row ``where`` picks to the ended ``status`` (freeing its wallet's live slot)."""
     s = ext.tables.subscriptions
     statement = (
@@ -546,7 +547,7 @@ def subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], rec
 
 def _upgrade(
     ext: FlaskCredits, row: Row[Any], old: Plan, new: Plan, period_end: datetime | None, status: object
-) -> Any:
+) -> Entry | None:
     """Grant ``new``'s extra allowance over ``old`` until ``period_end``; once per change and period
     (the idempotency key), so a repeated or retried event grants nothing more. None for a downgrade,
     an unpaid subscription, or a period already over."""

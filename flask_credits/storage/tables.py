@@ -171,7 +171,7 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("checkout_session_id", sa.String(255), nullable=True),
         sa.Column("stripe_subscription_id", sa.String(255), nullable=True),
         sa.Column("current_period_end", UtcDateTime(), nullable=True),
-        sa.Column("cancel_at_period_end", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("cancel_at_period_end", sa.Boolean(), nullable=False),
         # = wallet_id while the subscription is live, NULL once it ended: the unique key lets a wallet
         # have one live subscription, whatever runs at once.
         sa.Column("live_wallet_id", _ID, nullable=True),
