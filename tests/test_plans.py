@@ -305,3 +305,19 @@ def test_subscription_returns_the_live_plan_of_the_wallet(app, credits):
     assert found.to_dict()["plan"] == "max"
     assert credits.subscription("alice", "key-1") is None
     assert credits.subscription("bob") is None
+
+
+def test_stripe_failing_to_create_the_customer_ends_the_row_as_error(app, credits, client, login, stripe):
+    testing.mock_create_customer(stripe, status=500, error={"type": "api_error", "message": "boom"})
+    login("alice")
+    assert client.post("/credits/subscribe", json={"plan": "pro"}).status_code == 502
+    assert session_requests(stripe) == []
+    [row] = rows(credits)
+    assert (row.status, row.live_wallet_id) == ("error", None)
+
+
+def test_a_huge_plan_name_is_a_short_400(client, login, stripe):
+    login("alice")
+    response = client.post("/credits/subscribe", json={"plan": "x" * 50_000})
+    assert response.status_code == 400
+    assert len(response.json["message"]) < 100
