@@ -21,7 +21,7 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import Entry, Hold, Wallet
+from .records import Entry, Hold, Subscription, Wallet
 from .services.holds import MeteredHold
 from .web.bodies import SafeJSONProvider, read_body
 from .web.decorators import current_hold, requires_credits
@@ -49,6 +49,7 @@ __all__ = [
     "MeteredHold",
     "NotRefundable",
     "SafeJSONProvider",
+    "Subscription",
     "Wallet",
     "current_hold",
     "read_body",

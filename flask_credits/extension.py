@@ -17,8 +17,8 @@ from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
-from .records import Entry, Hold, Wallet
-from .services import customers, webhooks
+from .records import Entry, Hold, Subscription, Wallet
+from .services import customers, plans, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -52,7 +52,8 @@ class FlaskCredits:
     Config keys (each set with ``setdefault``, then parsed once into :attr:`settings`; see
     ``docs/configuration.md``): ``CREDITS_URL_PREFIX``, ``CREDITS_HISTORY_PAGE_SIZE``,
     ``CREDITS_PER_UNIT``, ``CREDITS_UNIT_AMOUNT``, ``CREDITS_CURRENCY``, ``CREDITS_PRODUCT_NAME``,
-    ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``, ``CREDITS_PURCHASE_EXPIRES_AFTER``,
+    ``CREDITS_MAX_QUANTITY``, ``CREDITS_PACKS``, ``CREDITS_PLANS``,
+    ``CREDITS_PURCHASE_EXPIRES_AFTER``,
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
     ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``,
@@ -202,6 +203,14 @@ class FlaskCredits:
         if callback is None:
             return True
         return callback(user_id) is not None
+
+    # -- plans -------------------------------------------------------------------------------------
+
+    def subscription(self, user_id: str, key_id: str | None = None) -> Subscription | None:
+        """The wallet's live subscription to one of ``CREDITS_PLANS`` (its plan, status, current
+        period end and whether it ends then), or ``None``: none, ended, or its checkout not completed
+        yet."""
+        return plans.current(self, make_wallet(user_id, key_id))
 
     # -- the ledger --------------------------------------------------------------------------------
 

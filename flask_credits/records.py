@@ -95,6 +95,58 @@ class Hold:
         }
 
 
+#: Subscription statuses of a subscription that has not ended (the wallet may not start another):
+#: ours before Stripe has one, then Stripe's.
+LIVE_SUBSCRIPTION = ("creating", "open", "incomplete", "trialing", "active", "past_due", "unpaid", "paused")
+#: Statuses of a subscription that ended: ours ("expired": its checkout was abandoned; "error":
+#: Stripe refused to create it), then Stripe's.
+ENDED_SUBSCRIPTION = ("expired", "error", "incomplete_expired", "canceled")
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A wallet's subscription to one of ``CREDITS_PLANS`` (:meth:`FlaskCredits.subscription`).
+
+    ``status`` is Stripe's (``incomplete``, ``trialing``, ``active``, ``past_due``, ``unpaid``,
+    ``paused``, ``canceled``, ``incomplete_expired``) once Stripe has the subscription; before, ours:
+    ``creating``, ``open`` (its Checkout Session awaits the customer), ``expired`` or ``error``.
+    ``current_period_end`` is when the period paid for ends (the next renewal), ``cancel_at_period_end``
+    whether it ends then instead of renewing.
+    """
+
+    id: int
+    user_id: str
+    key_id: str | None
+    plan: str
+    status: str
+    current_period_end: datetime | None
+    cancel_at_period_end: bool
+    stripe_subscription_id: str | None
+    created_at: datetime
+
+    @property
+    def wallet(self) -> Wallet:
+        return Wallet(self.user_id, self.key_id)
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_SUBSCRIPTION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "key_id": self.key_id,
+            "plan": self.plan,
+            "status": self.status,
+            "current_period_end": (
+                None if self.current_period_end is None else self.current_period_end.isoformat()
+            ),
+            "cancel_at_period_end": self.cancel_at_period_end,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
 #: Purchase statuses from which a payment may still be credited.
 FULFILLABLE = ("creating", "open", "unpaid")
 

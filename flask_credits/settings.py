@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     # Named packs: {"starter": {"credits": 500, "amount": 400, "currency": "usd", "name": "..."}} or
     # {"pro": {"credits": 5000, "price": "price_123", "amount": 3000, "currency": "usd"}}.
     "CREDITS_PACKS": {},
+    # Recurring plans (Stripe subscriptions): {"pro": {"price": "price_123", "credits": 2000,
+    # "rollover": False, "name": "Pro"}}. Each paid invoice grants "credits", expiring at the end of
+    # the period it pays for (never, with "rollover": True).
+    "CREDITS_PLANS": {},
     # Purchased credits expire this long after purchase: seconds, a timedelta, or None (never).
     "CREDITS_PURCHASE_EXPIRES_AFTER": None,
     # "live" calls Stripe; "simulated" runs an offline checkout (only in debug or testing).
@@ -123,6 +127,18 @@ class Pack:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """One of ``CREDITS_PLANS``: a Stripe recurring ``price`` whose every paid invoice grants
+    ``credits``, expiring at the end of the period the invoice pays for unless ``rollover``."""
+
+    id: str
+    name: str
+    price: str
+    credits: int
+    rollover: bool
+
+
+@dataclass(frozen=True)
 class Settings:
     """The config of one app, checked and typed (see ``DEFAULTS`` for each key's meaning)."""
 
@@ -134,6 +150,7 @@ class Settings:
     product_name: str
     max_quantity: int
     packs: tuple[Pack, ...]
+    plans: tuple[Plan, ...]
     purchase_expires_after: int | None
     stripe_mode: Literal["live", "simulated"]
     idempotency_header: str | None
@@ -159,6 +176,13 @@ class Settings:
 
     def pack(self, pack_id: str) -> Pack | None:
         return next((p for p in self.packs if p.id == pack_id), None)
+
+    def plan(self, plan_id: str) -> Plan | None:
+        return next((p for p in self.plans if p.id == plan_id), None)
+
+    def plan_for_price(self, price_id: str) -> Plan | None:
+        """The plan sold at Stripe Price ``price_id`` (each price belongs to one plan)."""
+        return next((p for p in self.plans if p.price == price_id), None)
 
 
 def parse(config: Mapping[str, Any]) -> Settings:
@@ -189,6 +213,7 @@ def parse(config: Mapping[str, Any]) -> Settings:
         product_name=str(config["CREDITS_PRODUCT_NAME"]),
         max_quantity=_whole(config, "CREDITS_MAX_QUANTITY", 1),
         packs=_packs(config),
+        plans=_plans(config),
         purchase_expires_after=_seconds(
             config["CREDITS_PURCHASE_EXPIRES_AFTER"], "CREDITS_PURCHASE_EXPIRES_AFTER"
         ),
@@ -310,6 +335,47 @@ def _packs(config: Mapping[str, Any]) -> tuple[Pack, ...]:
                     spec.get("expires_after", config["CREDITS_PURCHASE_EXPIRES_AFTER"]),
                     f"{where}['expires_after']",
                 ),
+            )
+        )
+    return tuple(result)
+
+
+def _plans(config: Mapping[str, Any]) -> tuple[Plan, ...]:
+    """``CREDITS_PLANS`` checked and in order; a misconfigured plan is a RuntimeError naming it."""
+    configured = config["CREDITS_PLANS"] or {}
+    if not isinstance(configured, Mapping):
+        raise RuntimeError("CREDITS_PLANS must be a dict of plan id -> plan")
+    result: list[Plan] = []
+    for plan_id, spec in configured.items():
+        where = f"CREDITS_PLANS[{plan_id!r}]"
+        # The plan id travels in forms, JSON and Stripe metadata, and is stored in a 64-character column.
+        if not isinstance(plan_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", plan_id):
+            raise RuntimeError(f"{where}: a plan id is 1 to 64 letters, digits, '_', '.' or '-'")
+        if not isinstance(spec, Mapping):
+            raise RuntimeError(f"{where} must be a dict")
+        unknown = set(spec) - {"price", "credits", "rollover", "name"}
+        if unknown:
+            raise RuntimeError(f"{where} has unknown keys {sorted(unknown)}")
+        credits = spec.get("credits")
+        if isinstance(credits, bool) or not isinstance(credits, int) or not 1 <= credits <= 10**15:
+            raise RuntimeError(
+                f"{where}['credits'] must be a whole number of credits from 1, not {credits!r}"
+            )
+        price = spec.get("price")
+        if not isinstance(price, str) or not price.startswith("price_") or len(price) > 255:
+            raise RuntimeError(f"{where}['price'] must be the id of a recurring Stripe Price (price_...)")
+        if any(p.price == price for p in result):
+            raise RuntimeError(f"{where}['price'] is already the price of another plan")
+        rollover = spec.get("rollover", False)
+        if not isinstance(rollover, bool):
+            raise RuntimeError(f"{where}['rollover'] must be True or False")
+        result.append(
+            Plan(
+                id=plan_id,
+                name=str(spec.get("name") or plan_id),
+                price=price,
+                credits=credits,
+                rollover=rollover,
             )
         )
     return tuple(result)

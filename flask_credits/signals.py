@@ -41,8 +41,9 @@ credits_purchased = _signals.signal("credits-purchased")
 #: ``entry`` (or ``None`` when everything went to debt), ``purchase``, ``cause`` (str).
 credits_revoked = _signals.signal("credits-revoked")
 
-#: A delayed payment for a Checkout Session failed; nothing was credited.
-#: Arguments: ``wallet``, ``purchase``.
+#: A delayed payment for a Checkout Session failed, or an invoice of a plan could not be charged
+#: (the subscription is then ``past_due``); nothing was credited.
+#: Arguments: ``wallet``, ``purchase`` (``None`` for a plan); for a plan also ``subscription``.
 credits_payment_failed = _signals.signal("credits-payment-failed")
 
 #: Credits were reserved by :meth:`FlaskCredits.hold` (or ``@requires_credits(hold=...)``); they stay
@@ -65,6 +66,26 @@ credits_released = _signals.signal("credits-released")
 #: Arguments: ``wallet``, ``hold``, ``amount`` (int, credits added to the debt), ``entry`` (or None).
 credits_overdrawn = _signals.signal("credits-overdrawn")
 
+#: A plan's first invoice was paid: its allowance was granted (``credits_granted`` is sent too).
+#: Arguments: ``wallet``, ``subscription`` (a :class:`flask_credits.Subscription`), ``amount`` (int,
+#: credits granted), ``entry``.
+plan_started = _signals.signal("plan-started")
+
+#: A renewal invoice of a plan was paid: a new allowance was granted (``credits_granted`` too).
+#: Arguments: ``wallet``, ``subscription``, ``amount`` (int), ``entry``.
+plan_renewed = _signals.signal("plan-renewed")
+
+#: The subscription moved to another plan (through the billing portal). An upgrade grants the
+#: difference in allowance at once, for the rest of the period; a downgrade grants nothing now (the
+#: next renewal grants the new plan's allowance).
+#: Arguments: ``wallet``, ``subscription``, ``previous`` (str, the plan it left), ``amount`` (int,
+#: credits granted now, 0 for a downgrade), ``entry`` (or ``None``).
+plan_changed = _signals.signal("plan-changed")
+
+#: The subscription ended (Stripe deleted it): nothing more is granted; what was granted stays until
+#: it expires. Arguments: ``wallet``, ``subscription``.
+plan_cancelled = _signals.signal("plan-cancelled")
+
 __all__ = [
     "credits_expired",
     "credits_granted",
@@ -78,4 +99,8 @@ __all__ = [
     "credits_revoked",
     "credits_settled",
     "credits_spent",
+    "plan_cancelled",
+    "plan_changed",
+    "plan_renewed",
+    "plan_started",
 ]

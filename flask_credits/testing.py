@@ -25,7 +25,16 @@ from flask import current_app
 
 from .services import purchases
 from .services.stripe_gateway import sign
-from .services.stripe_objects import charge, checkout_session, dispute, event, session_of
+from .services.stripe_objects import (
+    charge,
+    checkout_session,
+    dispute,
+    event,
+    invoice,
+    session_of,
+    subscription,
+    subscription_session,
+)
 from .services.webhooks import secrets_for
 
 if TYPE_CHECKING:
@@ -40,15 +49,19 @@ __all__ = [
     "checkout_session",
     "dispute",
     "event",
+    "invoice",
     "mock_create_customer",
     "mock_create_portal_session",
     "mock_create_session",
     "mock_expire_session",
     "mock_find_session",
+    "mock_invoice_payments",
     "mock_retrieve_session",
     "post_event",
     "session_for",
     "sign",
+    "subscription",
+    "subscription_session",
 ]
 
 
@@ -172,6 +185,32 @@ def mock_find_session(
         f"{STRIPE_API}/v1/checkout/sessions",
         json={"object": "list", "data": [session] if session else [], "has_more": False},
         match=[matchers.query_param_matcher({"payment_intent": payment_intent, "limit": "1"})],
+    )
+
+
+def mock_invoice_payments(rsps: responses.RequestsMock, invoice_id: str, payment_intent: str | None) -> None:
+    """Answer ``GET /v1/invoice_payments?invoice=...&status=paid`` with the invoice's one paid
+    payment by ``payment_intent`` (or none)."""
+    import responses as responses_lib
+    from responses import matchers
+
+    data = []
+    if payment_intent is not None:
+        data.append(
+            {
+                "id": f"inpay_{invoice_id}",
+                "object": "invoice_payment",
+                "invoice": invoice_id,
+                "is_default": True,
+                "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+                "status": "paid",
+            }
+        )
+    rsps.add(
+        responses_lib.GET,
+        f"{STRIPE_API}/v1/invoice_payments",
+        json={"object": "list", "data": data, "has_more": False},
+        match=[matchers.query_param_matcher({"invoice": invoice_id, "status": "paid", "limit": "10"})],
     )
 
 

@@ -46,9 +46,9 @@ def test_a_webhook_handler_for_another_event_type_runs_once_per_event(database_u
 
 def test_a_webhook_handler_belongs_to_its_extension_instance_only(database_url, credits):
     _, _, other = make_app(database_url, STRIPE_WEBHOOK_SECRET=WHSEC)
-    other.webhook_handler("invoice.paid")(lambda ext, obj, record: "handled")
-    assert "invoice.paid" in other.webhook_handlers
-    assert "invoice.paid" not in credits.webhook_handlers
+    other.webhook_handler("invoice.upcoming")(lambda ext, obj, record: "handled")
+    assert "invoice.upcoming" in other.webhook_handlers
+    assert "invoice.upcoming" not in credits.webhook_handlers
     # The built-in handlers are on every instance, and a copy each.
     assert (
         other.webhook_handlers["checkout.session.completed"]

@@ -22,6 +22,7 @@ CREDITS_TABLES = {
     "credits_purchases",
     "credits_stripe_events",
     "credits_requests",
+    "credits_subscriptions",
     "credits_customers",
 }
 APP_TABLES = {"users", "api_keys"}

@@ -535,6 +535,7 @@ class LedgerProgram(Program):
             lot.remaining += amount
         self.model.expire()  # credits back in an expired lot expire again at once
 
+
 class HoldProgram(Program):
     """Holds beside grants, spends, expiry and refunds: placed (refused, replayed, a key reused),
     extended, settled at 0, below, at and above what they hold and into debt, settled again, released,

@@ -88,4 +88,8 @@ def test_signal_names_are_kebab_case_in_one_namespace():
         "credits-settled",
         "credits-released",
         "credits-overdrawn",
+        "plan-started",
+        "plan-renewed",
+        "plan-changed",
+        "plan-cancelled",
     }

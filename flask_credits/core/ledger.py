@@ -871,12 +871,16 @@ class Ledger:
         *,
         payment_intent: str | None,
         in_tx: InTx | None = None,
+        expires_at: datetime | None = None,
+        reason: str | None = None,
     ) -> Fulfilment | None:
         """Credit a paid purchase exactly once: the conditional status change
         ``open/unpaid -> fulfilled`` and the credit are one transaction, so however many webhooks and
         success pages race, one wins and the rest get ``None``. The new lot pays the wallet's debt
         first. ``in_tx(conn)`` runs first inside the same transaction (the webhook records its event
-        there, so both commit or neither does)."""
+        there, so both commit or neither does). The credits expire at ``expires_at`` when given (a
+        plan's allowance: the end of the period its invoice pays for), else the purchase's own
+        ``expires_after_seconds`` after now."""
         p, w, lt = self.t.purchases, self.t.wallets, self.t.lots
         now = self.db.now()
 
@@ -900,18 +904,16 @@ class Ledger:
             wallet = Wallet(owner.user_id, owner.key_id or None)
             credits = int(purchase.credits)
             paid = debt_payment(int(owner.debt), credits)
-            expires_at = (
-                None
-                if purchase.expires_after_seconds is None
-                else now + timedelta(seconds=int(purchase.expires_after_seconds))
-            )
+            expiry = expires_at
+            if expiry is None and purchase.expires_after_seconds is not None:
+                expiry = now + timedelta(seconds=int(purchase.expires_after_seconds))
             changed = conn.execute(
                 sa.update(w)
                 .where(w.c.id == owner.id, w.c.debt >= paid)
                 .values(
                     balance=w.c.balance + (credits - paid),
                     debt=w.c.debt - paid,
-                    next_expiry=sooner(w.c.next_expiry, expires_at),
+                    next_expiry=sooner(w.c.next_expiry, expiry),
                     updated_at=now,
                 )
             )
@@ -919,6 +921,8 @@ class Ledger:
                 raise RuntimeError(f"wallet {wallet} changed under its lock")
             balance = int(owner.balance) + int(owner.held) + credits
             meta = {"purchase_id": purchase_id, "session_id": purchase.session_id}
+            if purchase.invoice_id is not None:
+                meta["invoice_id"] = purchase.invoice_id
             entry = self._insert_entry(
                 conn,
                 wallet,
@@ -926,7 +930,7 @@ class Ledger:
                 amount=credits,
                 balance_after=balance,
                 kind="purchase",
-                reason=f"bought {credits} credits",
+                reason=reason or f"bought {credits} credits",
                 metadata=meta,
                 now=now,
             )
@@ -936,7 +940,7 @@ class Ledger:
                     entry_id=entry.id,
                     amount=credits,
                     remaining=credits - paid,
-                    expires_at=expires_at,
+                    expires_at=expiry,
                     created_at=now,
                 )
             ).inserted_primary_key[0]  # type: ignore[index]

@@ -90,6 +90,9 @@ class SimulatedStripe:
         self.deliver("checkout.session.expired", session)
         return session
 
+    def invoice_payment_intent(self, invoice_id: str) -> str | None:
+        return None  # the simulated Stripe's invoices name their PaymentIntent in ``payments``
+
     def _purchase(self, session_id: str) -> Purchase:
         purchase = purchases.find(self.ext, session_id=session_id)
         if purchase is None:

@@ -66,6 +66,12 @@ class Gateway(Protocol):
         ``url``."""
         ...
 
+    def invoice_payment_intent(self, invoice_id: str) -> str | None:
+        """The PaymentIntent that paid invoice ``invoice_id`` (None when nothing did: paid out of
+        band, or from the customer's balance). Since API version 2025-03-31 an invoice no longer
+        names it; its paid InvoicePayment does."""
+        ...
+
 
 class LiveStripe:
     """The real Stripe API through stripe-python's ``StripeClient``."""
@@ -120,6 +126,27 @@ class LiveStripe:
         with _translated("create a billing portal session"):
             session = self._client.v1.billing_portal.sessions.create(params=params)  # type: ignore[arg-type]
         return session.to_dict()
+
+    def invoice_payment_intent(self, invoice_id: str) -> str | None:
+        with _translated("look up an invoice's payment"):
+            found = self._client.v1.invoice_payments.list(
+                params={"invoice": invoice_id, "status": "paid", "limit": 10}
+            )
+        return paid_payment_intent(found.to_dict().get("data") or [])
+
+
+def paid_payment_intent(payments: list[Any]) -> str | None:
+    """The PaymentIntent of the first paid one of an invoice's InvoicePayments (plain dicts), if any."""
+    for item in payments:
+        if not isinstance(item, dict) or item.get("status") != "paid":
+            continue
+        payment = item.get("payment")
+        found = payment.get("payment_intent") if isinstance(payment, dict) else None
+        if isinstance(found, dict):
+            found = found.get("id")
+        if isinstance(found, str) and found:
+            return found
+    return None
 
 
 class _translated:

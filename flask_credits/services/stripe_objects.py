@@ -98,6 +98,176 @@ def dispute(payment_intent: str, *, amount: int, status: str = "needs_response")
     }
 
 
+def subscription_session(
+    session_id: str | None = None,
+    *,
+    subscription: str | None,
+    client_reference_id: str | None,
+    amount_total: int,
+    currency: str = "usd",
+    payment_status: str = "paid",
+    status: str = "complete",
+    customer: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Checkout Session in ``subscription`` mode, as Stripe sends it: no PaymentIntent (its first
+    invoice has one), the ``subscription`` it created once complete."""
+    found = checkout_session(
+        session_id,
+        amount_total=amount_total,
+        currency=currency,
+        payment_status=payment_status,
+        client_reference_id=client_reference_id,
+        metadata=metadata,
+        status=status,
+    )
+    return {
+        **found,
+        "mode": "subscription",
+        "payment_intent": None,
+        "subscription": subscription,
+        "customer": customer or _id("cus"),
+        "invoice": _id("in") if status == "complete" else None,
+    }
+
+
+def subscription(
+    subscription_id: str,
+    *,
+    price: str,
+    period_start: int,
+    period_end: int,
+    status: str = "active",
+    cancel_at_period_end: bool = False,
+    metadata: dict[str, str] | None = None,
+    customer: str | None = None,
+) -> dict[str, Any]:
+    """A Subscription with one item, as in ``customer.subscription.*`` events: since API version
+    2025-03-31 the current period is on the item, not the subscription."""
+    return {
+        "id": subscription_id,
+        "object": "subscription",
+        "customer": customer or _id("cus"),
+        "status": status,
+        "cancel_at_period_end": cancel_at_period_end,
+        "cancel_at": period_end if cancel_at_period_end else None,
+        "canceled_at": None,
+        "ended_at": None,
+        "collection_method": "charge_automatically",
+        "metadata": metadata or {},
+        "items": {
+            "object": "list",
+            "data": [
+                {
+                    "id": _id("si"),
+                    "object": "subscription_item",
+                    "subscription": subscription_id,
+                    "current_period_start": period_start,
+                    "current_period_end": period_end,
+                    "quantity": 1,
+                    "price": {"id": price, "object": "price", "type": "recurring"},
+                }
+            ],
+            "has_more": False,
+            "url": f"/v1/subscription_items?subscription={subscription_id}",
+        },
+    }
+
+
+def invoice(
+    invoice_id: str | None = None,
+    *,
+    subscription: str | None,
+    price: str,
+    period_start: int,
+    period_end: int,
+    amount_paid: int,
+    currency: str = "usd",
+    billing_reason: str = "subscription_cycle",
+    status: str = "paid",
+    payment_intent: str | None = None,
+    metadata: dict[str, str] | None = None,
+    customer: str | None = None,
+) -> dict[str, Any]:
+    """An Invoice of a subscription as in ``invoice.*`` events, API version 2026-10-28: the
+    subscription under ``parent.subscription_details``, the service period on the line, and the
+    PaymentIntent only in ``payments`` (included when ``payment_intent`` is given: Stripe leaves
+    ``payments`` out of events unless asked)."""
+    invoice_id = invoice_id or _id("in")
+    line = {
+        "id": _id("il"),
+        "object": "line_item",
+        "invoice": invoice_id,
+        "amount": amount_paid,
+        "currency": currency,
+        "description": "1 x plan",
+        "period": {"start": period_start, "end": period_end},
+        "pricing": {
+            "type": "price_details",
+            "price_details": {"price": price, "product": _id("prod")},
+            "unit_amount_decimal": str(amount_paid),
+        },
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": None,
+                "proration": False,
+                "proration_details": {"credited_items": None},
+                "subscription": subscription,
+                "subscription_item": _id("si"),
+            },
+        },
+        "quantity": 1,
+        "subscription": subscription,
+    }
+    found: dict[str, Any] = {
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": customer or _id("cus"),
+        "status": status,
+        "billing_reason": billing_reason,
+        "collection_method": "charge_automatically",
+        "amount_due": amount_paid,
+        "amount_paid": amount_paid if status == "paid" else 0,
+        "amount_remaining": 0 if status == "paid" else amount_paid,
+        "currency": currency,
+        "period_start": period_start,
+        "period_end": period_end,
+        "parent": {
+            "type": "subscription_details",
+            "quote_details": None,
+            "subscription_details": {"metadata": metadata or {}, "subscription": subscription},
+        },
+        "lines": {
+            "object": "list",
+            "data": [line],
+            "has_more": False,
+            "total_count": 1,
+            "url": f"/v1/invoices/{invoice_id}/lines",
+        },
+    }
+    if payment_intent is not None:
+        found["payments"] = {
+            "object": "list",
+            "data": [
+                {
+                    "id": _id("inpay"),
+                    "object": "invoice_payment",
+                    "amount_paid": amount_paid,
+                    "currency": currency,
+                    "invoice": invoice_id,
+                    "is_default": True,
+                    "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+                    "status": "paid",
+                }
+            ],
+            "has_more": False,
+            "url": f"/v1/invoice_payments?invoice={invoice_id}",
+        }
+    return found
+
+
 def event(event_type: str, obj: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
     """A Stripe event wrapping ``obj``."""
     return {

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from ..core.settlement import credits_for
 from ..records import FULFILLABLE
-from . import purchases
+from . import plans, purchases
 from .purchases import Recorder
 from .simulated_mode import webhook_secret
 from .stripe_gateway import verify_event
@@ -85,19 +85,50 @@ def _ignore(ext: FlaskCredits, obj: Mapping[str, Any], record: Recorder) -> str:
     return "ignored"  # recorded by process(), as any outcome a handler did not record itself
 
 
+def _subscribes(session: Mapping[str, Any]) -> bool:
+    """Whether a Checkout Session started a plan (``credits.subscribe``) rather than a purchase."""
+    return session.get("mode") == "subscription"
+
+
 @_handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
 def _session_paid(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    if _subscribes(session):
+        return plans.session_completed(ext, session, record)
     return purchases.fulfil(ext, session, record=record)
 
 
 @_handles("checkout.session.async_payment_failed")
 def _session_failed(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    if _subscribes(session):
+        return "ignored"  # its invoice's invoice.payment_failed says it
     return purchases.mark(ext, session, "failed", FULFILLABLE, record=record)
 
 
 @_handles("checkout.session.expired")
 def _session_expired(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    if _subscribes(session):
+        return plans.session_expired(ext, session, record)
     return purchases.mark(ext, session, "expired", ("creating", "open"), record=record)
+
+
+@_handles("invoice.paid")
+def _invoice_paid(ext: FlaskCredits, invoice: Mapping[str, Any], record: Recorder) -> str:
+    return plans.invoice_paid(ext, invoice, record)
+
+
+@_handles("invoice.payment_failed")
+def _invoice_payment_failed(ext: FlaskCredits, invoice: Mapping[str, Any], record: Recorder) -> str:
+    return plans.invoice_payment_failed(ext, invoice, record)
+
+
+@_handles("customer.subscription.updated")
+def _subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], record: Recorder) -> str:
+    return plans.subscription_updated(ext, subscription, record)
+
+
+@_handles("customer.subscription.deleted")
+def _subscription_deleted(ext: FlaskCredits, subscription: Mapping[str, Any], record: Recorder) -> str:
+    return plans.subscription_deleted(ext, subscription, record)
 
 
 def _payment_intent(obj: Mapping[str, Any]) -> str | None:

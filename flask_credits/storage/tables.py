@@ -71,6 +71,7 @@ class Tables:
     requests: sa.Table
     holds: sa.Table
     hold_draws: sa.Table
+    subscriptions: sa.Table
     customers: sa.Table
 
 
@@ -153,6 +154,38 @@ def _define(md: sa.MetaData) -> Tables:
         sa.CheckConstraint("amount <> 0", name="ck_credits_draws_amount"),
         sa.Index("ix_credits_draws_lot_id", "lot_id"),
     )
+    subscriptions = sa.Table(
+        "credits_subscriptions",
+        md,
+        # A wallet's Stripe subscription to one of CREDITS_PLANS, stored before the customer is sent
+        # to Stripe, like a purchase.
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        # The plan now on the subscription (a portal change moves it); each invoice grants by its price.
+        sa.Column("plan", sa.String(64), nullable=False),
+        # Ours before Stripe has a subscription ("creating", "open" while its Checkout Session is,
+        # "expired" when abandoned, "error" when Stripe refused), then Stripe's own status.
+        sa.Column("status", sa.String(24), nullable=False),
+        # Stripe's idempotency key and the Checkout Session's client_reference_id.
+        sa.Column("attempt_key", sa.String(64), nullable=False),
+        sa.Column("checkout_session_id", sa.String(255), nullable=True),
+        sa.Column("stripe_subscription_id", sa.String(255), nullable=True),
+        sa.Column("current_period_end", UtcDateTime(), nullable=True),
+        sa.Column("cancel_at_period_end", sa.Boolean(), nullable=False),
+        # = wallet_id while the subscription is live, NULL once it ended: the unique key lets a wallet
+        # have one live subscription, whatever runs at once.
+        sa.Column("live_wallet_id", _ID, nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("attempt_key", name="uq_credits_subscriptions_attempt_key"),
+        sa.UniqueConstraint("checkout_session_id", name="uq_credits_subscriptions_session_id"),
+        sa.UniqueConstraint("stripe_subscription_id", name="uq_credits_subscriptions_stripe_id"),
+        sa.UniqueConstraint("live_wallet_id", name="uq_credits_subscriptions_live_wallet"),
+        sa.CheckConstraint(
+            "live_wallet_id IS NULL OR live_wallet_id = wallet_id", name="ck_credits_subscriptions_live"
+        ),
+        sa.Index("ix_credits_subscriptions_wallet_id", "wallet_id", "id"),
+    )
     purchases = sa.Table(
         "credits_purchases",
         md,
@@ -181,7 +214,12 @@ def _define(md: sa.MetaData) -> Tables:
         # When the success page last asked Stripe about this purchase: it asks at most once per
         # CREDITS_SUCCESS_CHECK_INTERVAL, however often the page is loaded.
         sa.Column("checked_at", UtcDateTime(), nullable=True),
+        # A plan's allowance: the paid Stripe invoice it came from (one row, so one credit, per
+        # invoice) and the subscription it belongs to. NULL for Checkout purchases.
+        sa.Column("invoice_id", sa.String(255), nullable=True),
+        sa.Column("subscription_id", _ID, sa.ForeignKey("credits_subscriptions.id"), nullable=True),
         sa.UniqueConstraint("session_id", name="uq_credits_purchases_session_id"),
+        sa.UniqueConstraint("invoice_id", name="uq_credits_purchases_invoice_id"),
         sa.UniqueConstraint("attempt_key", name="uq_credits_purchases_attempt_key"),
         sa.UniqueConstraint("payment_intent", name="uq_credits_purchases_payment_intent"),
         sa.CheckConstraint("credits > 0", name="ck_credits_purchases_credits"),
@@ -304,5 +342,15 @@ def _define(md: sa.MetaData) -> Tables:
         sa.UniqueConstraint("stripe_customer_id", name="uq_credits_customers_stripe_customer_id"),
     )
     return Tables(
-        wallets, lots, entries, draws, purchases, stripe_events, requests, holds, hold_draws, customers
+        wallets,
+        lots,
+        entries,
+        draws,
+        purchases,
+        stripe_events,
+        requests,
+        holds,
+        hold_draws,
+        subscriptions,
+        customers,
     )

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
-from ..services import customers, purchases, webhooks
+from ..services import customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
 from . import bodies, responses, urls
 from .responses import UNAVAILABLE, wants_json
@@ -192,13 +192,10 @@ def checkout() -> ResponseReturnValue:
     ``key_id`` to buy credits for that key's wallet. A wallet with ``CREDITS_MAX_OPEN_PURCHASES``
     unfinished checkouts gets 429 ``too_many_open_checkouts`` with ``Retry-After``."""
     ext = extension()
-    wallet = current_wallet_or_401()
     data = _checkout_data()
-    key_id = data.get("key_id")
-    if key_id not in (None, "") and wallet.key_id is None:
-        if not isinstance(key_id, str) or not ext.owns_key(wallet.user_id, key_id):
-            return _error(400, "bad_request", "unknown API key", data)
-        wallet = make_wallet(wallet.user_id, key_id)
+    wallet = _checkout_wallet(data)
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key", data)
     try:
         offer = purchases.offer_for(ext.settings, data)
     except purchases.BadCheckout as exc:
@@ -214,6 +211,50 @@ def checkout() -> ResponseReturnValue:
     except purchases.TooManyOpenCheckouts as exc:
         headers = {"Retry-After": str(exc.retry_after)}
         return _error(429, "too_many_open_checkouts", str(exc), data, headers)
+    except PaymentProviderError as exc:
+        return _error(502, "payment_provider_error", exc.user_message, data)
+    if wants_json():
+        return jsonify(id=session["id"], url=session["url"])
+    return redirect(session["url"], 303)
+
+
+def _checkout_wallet(data: dict[str, Any]) -> Wallet | None:
+    """The wallet a checkout or subscribe request is for: the current one, or one of the user's API
+    keys named in ``key_id`` (None for a key that is not the user's)."""
+    ext = extension()
+    wallet = current_wallet_or_401()
+    key_id = data.get("key_id")
+    if key_id not in (None, "") and wallet.key_id is None:
+        if not isinstance(key_id, str) or not ext.owns_key(wallet.user_id, key_id):
+            return None
+        wallet = make_wallet(wallet.user_id, key_id)
+    return wallet
+
+
+@blueprint.post("/subscribe")
+def subscribe() -> ResponseReturnValue:
+    """Subscribe to ``plan`` (one of ``CREDITS_PLANS``) through a Stripe Checkout Session in
+    subscription mode: a browser form gets a 303 redirect to Stripe, a JSON client ``{"id", "url"}``.
+    ``key_id`` names one of the user's API keys, as for checkout. A wallet with a live subscription
+    gets 409 ``already_subscribed``; a browser is sent on to the billing portal (``credits.portal``,
+    where plans are changed) with a 307, which repeats the POST there (a 303 would turn it into a GET,
+    which the portal route does not answer)."""
+    ext = extension()
+    data = _checkout_data()
+    wallet = _checkout_wallet(data)
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key", data)
+    try:
+        plan = plans.plan_for(ext.settings, data)
+    except plans.BadPlan as exc:
+        return _error(400, "bad_request", str(exc), data)
+    page = urls.external_url("credits.index")
+    try:
+        session = plans.start_subscription(ext, wallet, plan, success_url=page, cancel_url=page)
+    except plans.AlreadySubscribed as exc:
+        if not wants_json() and "credits.portal" in current_app.view_functions:
+            return redirect(urls.external_url("credits.portal"), 307)
+        return _error(409, "already_subscribed", str(exc), data)
     except PaymentProviderError as exc:
         return _error(502, "payment_provider_error", exc.user_message, data)
     if wants_json():
