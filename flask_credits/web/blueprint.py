@@ -84,7 +84,8 @@ def read_body_within_limit(endpoint: str | None, values: dict[str, Any] | None) 
 
 @blueprint.get("/")
 def index() -> ResponseReturnValue:
-    """The credits page: balance, history (keyset-paginated) and the purchase form."""
+    """The credits page: balance, the wallet's plan or the plans to subscribe to (when
+    ``CREDITS_PLANS`` is set), the purchase forms and the history (keyset-paginated)."""
     wallet = current_wallet_or_401()
     limit, before = _page_args()
     try:
@@ -108,9 +109,16 @@ def _page(
         key_balance, keys_held[key_id] = _balance_and_held(make_wallet(wallet.user_id, key_id))
         keys.append((key_id, label, key_balance))
     balance, held = _balance_and_held(wallet)
+    # No plans, no query: the page of an app that sells only packs is as before plans.
+    subscription = plans.current(ext, wallet) if ext.settings.plans else None
     return render_template(
         "credits/index.html",
         wallet=wallet,
+        plans=ext.settings.plans,
+        # The wallet's live subscription (None before its checkout completes) and its plan, which is
+        # None when the plan was since removed from CREDITS_PLANS.
+        subscription=subscription,
+        subscription_plan=ext.settings.plan(subscription.plan) if subscription else None,
         # The user's Stripe Customer (None before their first checkout): "Manage billing" then.
         customer_id=customers.stored(ext, wallet.user_id) if wallet.key_id is None else None,
         balance=balance,

@@ -128,6 +128,42 @@ def holds_command(user: str, key_id: str | None) -> None:
     click.echo(f"{total} credits held by {len(holds)} live holds" if holds else "no live holds")
 
 
+@credits_cli.command("plans")
+def plans_command() -> None:
+    """List ``CREDITS_PLANS``: id, name, credits per period, Stripe Price, and whether unused credits
+    roll over or expire at the end of each period."""
+    plans = _ext().settings.plans
+    for p in plans:
+        kept = "rollover" if p.rollover else "expire at period end"
+        click.echo(f"{p.id}\t{p.name}\t{p.credits} credits per period\t{p.price}\t{kept}")
+    if not plans:
+        click.echo("no plans configured (CREDITS_PLANS)")
+
+
+@credits_cli.command("subscription")
+@click.argument("user")
+@_key
+def subscription_command(user: str, key_id: str | None) -> None:
+    """Show the live subscription of USER's wallet: plan, status, renewal (or end) date, allowance."""
+    _known(user, key_id)
+    try:
+        found = _ext().subscription(user, key_id)
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if found is None:
+        click.echo("no live subscription")
+        return
+    plan = _ext().settings.plan(found.plan)
+    # A plan removed from CREDITS_PLANS since: its id, and no allowance to show.
+    line = [found.plan if plan is None else f"{plan.name} ({plan.id})", found.status]
+    if found.current_period_end is not None:
+        ends = "ends" if found.cancel_at_period_end else "renews"
+        line.append(f"{ends} {found.current_period_end.date().isoformat()}")
+    if plan is not None:
+        line.append(f"{plan.credits} credits per period")
+    click.echo("\t".join(line))
+
+
 @credits_cli.command("audit")
 def audit_command() -> None:
     """Check every wallet's balance against its entries and lots; exit 1 on any mismatch."""
