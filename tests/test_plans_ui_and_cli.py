@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 import responses
-from helpers import build_example_app, signed_up
+from helpers import build_example_app, csrf_token, new_key, signed_up
 from test_plan_webhooks import PLANS, Plan, subscription_row
 
 from flask_credits import testing
@@ -131,6 +131,22 @@ def test_a_live_subscription_shows_plan_status_renewal_and_allowance(client, sub
     assert "Manage billing" in forms(html, "/credits/portal")[0]
 
 
+def test_a_subscription_awaiting_its_first_payment_shows_its_status_and_no_date(
+    client, login, stripe, credits, clock
+):
+    testing.mock_create_session(stripe)
+    login("alice")
+    session_id = client.post("/credits/subscribe", json={"plan": "max"}).json["id"]
+    row = subscription_row(credits, checkout_session_id=session_id)
+    plan = Plan(client, clock, row.attempt_key, session_id, "max", "alice")
+    plan.deliver("checkout.session.completed", plan.session(payment_status="unpaid"))
+    html = page(client)
+    assert re.search(r'data-testid="plan-name">Max<', html)
+    assert re.search(r'data-testid="plan-status">incomplete<', html)
+    assert 'data-testid="plan-renewal"' not in html
+    assert forms(html, "/credits/subscribe") == []
+
+
 def test_a_past_due_subscription_says_to_update_the_card(client, subscribed):
     failed = subscribed.invoice(1, status="open", payment_intent=None)
     assert subscribed.deliver("invoice.payment_failed", failed) == "past_due"
@@ -139,6 +155,8 @@ def test_a_past_due_subscription_says_to_update_the_card(client, subscribed):
     warning = re.search(r'data-testid="plan-payment-failed">(.*?)</p>', html, re.S)
     assert warning is not None
     assert "Update your card" in warning.group(1)
+    # The period paid for is over: no renewal date in the past.
+    assert 'data-testid="plan-renewal"' not in html
     assert len(forms(html, "/credits/portal")) == 1
 
 
@@ -188,6 +206,18 @@ def test_the_subscribe_forms_carry_the_csrf_token_and_need_it(example):
         assert client.post("/credits/subscribe", data={"plan": "pro"}).status_code == 400
         forged = {"plan": "pro", "csrf_token": "forged"}
         assert client.post("/credits/subscribe", data=forged).status_code == 400
+
+
+def test_an_api_keys_page_subscribes_that_keys_wallet(example):
+    with responses.RequestsMock():
+        client = example.test_client()
+        signed_up(client, "ada")
+        token = csrf_token(client, "/keys/")
+        key_id, secret = new_key(client.post("/keys/", data={"name": "ci", "csrf_token": token}))
+        html = client.get("/credits/", headers={"X-API-Key": secret, **HTML}).get_data(as_text=True)
+        assert {hidden(f, "key_id") for f in forms(html, "/credits/subscribe")} == {key_id}
+        own = forms(page(client), "/credits/subscribe")
+        assert {hidden(f, "key_id") for f in own} == {""}
 
 
 # -- the CLI -------------------------------------------------------------------------------------------
