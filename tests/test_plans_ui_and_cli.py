@@ -275,3 +275,15 @@ def test_cli_subscription_refuses_bad_input_clearly(cli, credits, args, message)
     assert message in result.output
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception
+
+
+def test_a_plan_removed_from_the_config_still_shows_by_id(build_app, subscribed):
+    app, _, _ = build_app(CREDITS_PLANS={"max": PLANS["max"]})
+    client = app.test_client()
+    assert client.post("/_login/alice").status_code == 200
+    html = page(client)
+    assert re.search(r'data-testid="plan-name">pro<', html)
+    assert 'data-testid="plan-allowance"' not in html
+    with app.app_context():  # the command runs in the current app context, the fixture app's otherwise
+        result = app.test_cli_runner().invoke(args=["credits", "subscription", "alice"])
+    assert result.output.strip() == f"pro\tactive\trenews {day(subscribed.period(0)[1])}"
