@@ -553,21 +553,8 @@ class Ledger:
                 if not fast.replayed:
                     self.emit(signals.credits_held, wallet=wallet, hold=fast, amount=amount)
                 return fast
-        w, h = self.t.wallets, self.t.holds
-        reserve = (
-            sa.update(w)
-            .where(
-                *self._owner(wallet),
-                w.c.balance >= amount,
-                sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
-            )
-            .values(
-                balance=w.c.balance - amount,
-                held=w.c.held + amount,
-                next_expiry=sooner(w.c.next_expiry, expires_at),
-                updated_at=now,
-            )
-        )
+        h = self.t.holds
+        reserve = self._reserve(sa.and_(*self._owner(wallet)), amount, now, expires_at)
 
         def tx(conn: Connection) -> Hold | None:
             found = self._update_wallet(conn, reserve, wallet)
@@ -631,20 +618,7 @@ class Ledger:
             raise HoldAlreadySettled(f"hold {hold_id} is {status}: it cannot be extended")
         w, h, hd = self.t.wallets, self.t.holds, self.t.hold_draws
         later = None if ttl is None else now + ttl
-        reserve = (
-            sa.update(w)
-            .where(
-                w.c.id == row.wallet_id,
-                w.c.balance >= amount,
-                sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
-            )
-            .values(
-                balance=w.c.balance - amount,
-                held=w.c.held + amount,
-                next_expiry=sooner(w.c.next_expiry, later),
-                updated_at=now,
-            )
-        )
+        reserve = self._reserve(w.c.id == row.wallet_id, amount, now, later)
 
         def tx(conn: Connection) -> Hold | None:
             if conn.execute(reserve).rowcount != 1:
@@ -1199,6 +1173,24 @@ class Ledger:
             if sqlstate(exc) != "22012":
                 raise
             return None
+
+    def _reserve(
+        self, where: sa.ColumnElement[bool], amount: int, now: datetime, until: datetime | None
+    ) -> sa.Update:
+        """Move ``amount`` from the wallet's balance to its held credits, only if it can spend that
+        much and no expiry is due; the row stays locked. ``until``: the hold's expiry (folded into
+        ``next_expiry``)."""
+        w = self.t.wallets
+        return (
+            sa.update(w)
+            .where(where, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
+            .values(
+                balance=w.c.balance - amount,
+                held=w.c.held + amount,
+                next_expiry=sooner(w.c.next_expiry, until),
+                updated_at=now,
+            )
+        )
 
     def _lock_wallet(self, conn: Connection, where: sa.ColumnElement[bool], now: datetime) -> Row[Any] | None:
         """Lock one wallet row (a write takes the lock on every backend, SQLite's database lock
