@@ -3,11 +3,13 @@ and plan changes, each delivered as signed events through the real webhook code,
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 import responses
 import sqlalchemy as sa
+from helpers import build_example_app, signed_up
 
 HTML = {"Accept": "text/html"}
 PLANS = {
@@ -76,7 +78,9 @@ def test_subscribe_and_pay_grant_the_plan_allowance(client, login, credits, cloc
     login("alice")
     page = start(client)
     shown = client.get(page, headers=HTML).get_data(as_text=True)
-    assert "Subscribe to <strong>Pro</strong>: 2000 credits each month for <strong>20.00 USD</strong>" in shown
+    assert (
+        "Subscribe to <strong>Pro</strong>: 2000 credits each month for <strong>20.00 USD</strong>" in shown
+    )
     assert client.post(page, data={"action": "pay"}, headers=HTML).status_code == 303
     assert credits.balance("alice") == 2000
     subscription = credits.subscription("alice")
@@ -137,7 +141,9 @@ def test_cancel_now_ends_the_plan_and_the_user_can_subscribe_again(client, login
     assert credits.balance("alice") == 2500
 
 
-def test_a_failed_payment_shows_past_due_and_paying_later_grants_that_period(client, login, credits, received):
+def test_a_failed_payment_shows_past_due_and_paying_later_grants_that_period(
+    client, login, credits, received
+):
     login("alice")
     subscribe(client)
     portal(client, credits, "fail_payment")
@@ -214,3 +220,43 @@ def test_no_one_acts_on_another_users_plan_or_checkout(client, login, credits):
     )
     assert answer.status_code == 404
     assert credits.subscription("alice").status == "active"
+
+
+@pytest.fixture
+def example(empty_database):
+    from example_app.models import db
+
+    app = build_example_app(empty_database, WTF_CSRF_ENABLED=True)
+    with app.app_context():
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def token_of(html):
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def test_the_example_apps_plans_subscribe_pay_and_renew_offline(example):
+    client = example.test_client()
+    signed_up(client, "ada")
+    shown = credits_page(client)
+    assert "Starter" in shown
+    assert "Pro" in shown
+    answer = client.post("/credits/subscribe", data={"plan": "starter", "csrf_token": token_of(shown)})
+    assert answer.status_code == 303
+    checkout = "/" + answer.headers["Location"].split("://", 1)[-1].split("/", 1)[-1]
+    form = client.get(checkout).get_data(as_text=True)
+    assert client.post(checkout, data={"action": "pay"}).status_code == 400  # no CSRF token
+    assert client.post(checkout, data={"action": "pay", "csrf_token": token_of(form)}).status_code == 303
+
+    def balance():
+        return client.get("/credits/balance", headers={"Accept": "application/json"}).json["balance"]
+
+    assert balance() == 500
+    portal_page = client.get("/credits/simulated-portal").get_data(as_text=True)
+    stripe_id = re.search(r'name="subscription" value="([^"]+)"', portal_page).group(1)
+    renew = {"action": "renew", "subscription": stripe_id, "csrf_token": token_of(portal_page)}
+    assert client.post("/credits/simulated-portal", data=renew).status_code == 303
+    assert balance() == 1000
