@@ -5,10 +5,11 @@
 
 Environment: ``DATABASE_URL`` (e.g. ``postgresql+psycopg://user@host/db``; SQLite in the instance folder
 when unset), ``SECRET_KEY``, ``CREDITS_STRIPE_MODE`` ("simulated" by default in debug and testing: an
-offline checkout, no Stripe account needed; "live" otherwise, with the ``STRIPE_*`` keys),
-``RATELIMIT_STORAGE_URI`` (the login throttle's counts, e.g. ``redis://127.0.0.1:6379``; in memory in
-debug and testing), ``SESSION_COOKIE_SECURE`` (on outside debug and testing: "0" for plain HTTP), and
-``PROXY_FIX_X_FOR`` and friends (see :mod:`example_app.deployment`).
+offline checkout, no Stripe account needed, and two plans, Starter and Pro; "live" otherwise, with the
+``STRIPE_*`` keys), ``RATELIMIT_STORAGE_URI`` (the login throttle's counts, e.g.
+``redis://127.0.0.1:6379``; in memory in debug and testing), ``SESSION_COOKIE_SECURE`` (on outside
+debug and testing: "0" for plain HTTP), and ``PROXY_FIX_X_FOR`` and friends (see
+:mod:`example_app.deployment`).
 
 Outside debug and testing the app refuses to serve requests (under gunicorn or ``flask run``) without a
 real ``SECRET_KEY``, Stripe keys in live mode and a shared ``RATELIMIT_STORAGE_URI``; other ``flask``
@@ -54,6 +55,11 @@ FROM_ENVIRONMENT = (
     "CONTENT_SECURITY_POLICY",
     *(f"PROXY_FIX_{name.upper()}" for name in deployment.PROXY_FIX_KEYS),
 )
+#: The plans offered with the simulated Stripe (its made-up Price ids).
+SIMULATED_PLANS = {
+    "starter": {"price": "price_sim_starter", "credits": 500, "name": "Starter"},
+    "pro": {"price": "price_sim_pro", "credits": 2000, "name": "Pro"},
+}
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -88,6 +94,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         "CREDITS_STRIPE_MODE",
         os.environ.get("CREDITS_STRIPE_MODE") or ("simulated" if app.debug or app.testing else "live"),
     )
+    if app.config["CREDITS_STRIPE_MODE"] == "simulated":
+        # A plan needs a recurring Price in a Stripe account; the simulated Stripe makes these up
+        # (charging what the credits cost one-off). A live deployment configures its own plans.
+        app.config.setdefault("CREDITS_PLANS", SIMULATED_PLANS)
     serving = not development and deployment.serving()
     if not serving:
         # Debug and testing; or a CLI command (flask db upgrade, flask credits ...), where no cookie it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from _browser_server import live_server  # tests/ is on sys.path (pytest's rootd
 from helpers import PASSWORD
 
 from example_app import create_app
+from example_app.extensions import credits
 from example_app.models import db
 from example_app.stories import story_chunks, write_story
 
@@ -531,3 +533,32 @@ def test_a_missing_browser_skips_or_fails_when_required(monkeypatch):
     monkeypatch.setitem(globals(), "REQUIRE_BROWSER", True)
     with pytest.raises(pytest.fail.Exception, match="CREDITS_TEST_REQUIRE_BROWSER=1"):
         browser_unavailable("/usr/bin/chromium not found")
+
+
+def test_a_plan_grants_its_allowance_and_renewing_replaces_it(page, monkeypatch):
+    # The server runs in this process: its clock moves on when the test says (no sleeping a month).
+    start = datetime.now(timezone.utc)
+    now = [start]
+    monkeypatch.setattr(credits, "clock", lambda: now[0])
+    page.sign_up("barbara")
+    page.nav("Buy credits")
+    page.press("Subscribe to Starter")
+    assert re.fullmatch(r"/credits/simulated-checkout/cs_sim_\w+", page.path), page.path
+    assert "Subscribe to Starter: 500 credits each month" in page.text
+    page.press("Pay")
+    assert page.path == "/credits/"
+    assert page.testid("plan-name") == "Starter"
+    assert page.testid("plan-status") == "active"
+    assert page.balance() == 500
+
+    # A month later the first allowance has expired; the simulated portal renews the plan.
+    now[0] += timedelta(days=30, seconds=1)
+    page.open("/credits/")
+    assert page.balance() == 0
+    page.press("Manage billing")
+    assert page.heading == "Simulated Stripe Billing Portal"
+    page.press("Renew now")
+    page.follow_link("Return to your credits")
+    assert page.balance() == 500
+    # The new period follows the first one.
+    assert page.testid("plan-renewal") == f"Renews on {(start + timedelta(days=60)).strftime('%Y-%m-%d')}."

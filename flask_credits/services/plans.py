@@ -173,11 +173,15 @@ def _abandon(ext: FlaskCredits, row: Row[Any]) -> bool:
         if exc.kind == "invalid_request":
             return False  # completed (or expired) meanwhile: its events will tell
         raise
-    return _end(
+    # Expired at Stripe, so it can never complete: ended here, or already by its
+    # ``checkout.session.expired`` (which may arrive before this line). Either way the slot is free; a
+    # new insert still races any other subscribe request through the unique key.
+    _end(
         ext,
         sa.and_(s.c.id == row.id, s.c.status == "open", s.c.stripe_subscription_id.is_(None)),
         "expired",
     )
+    return True
 
 
 def _end(ext: FlaskCredits, where: sa.ColumnElement[bool], status: str, in_tx: InTx | None = None) -> bool:
@@ -240,6 +244,22 @@ def current(ext: FlaskCredits, wallet: Wallet) -> Subscription | None:
     if row is None or row.status in PENDING:
         return None
     return _record(row)
+
+
+def stored_row(ext: FlaskCredits, *, checkout_session_id: str) -> Row[Any] | None:
+    """The row of a subscription Checkout Session, with its wallet's ``user_id`` and
+    ``wallet_key_id`` (for the simulated Stripe, whose state is these rows)."""
+    return _row(ext, ext.tables.subscriptions.c.checkout_session_id == checkout_session_id)
+
+
+def live_rows_of(ext: FlaskCredits, user_id: str) -> list[Row[Any]]:
+    """The live subscriptions Stripe has of any of the user's wallets (for the simulated portal)."""
+    s, w = ext.tables.subscriptions, ext.tables.wallets
+    query = _query(ext).where(
+        w.c.user_id == user_id, s.c.live_wallet_id.is_not(None), s.c.stripe_subscription_id.is_not(None)
+    )
+    with ext.database.reader.connect() as conn:
+        return list(conn.execute(query.order_by(s.c.id)))
 
 
 # -- Stripe's objects ----------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """An offline Stripe for development and the example app (``CREDITS_STRIPE_MODE = "simulated"``).
 
-Its state is the purchase rows. Checkout goes to a local page (:mod:`flask_credits.web.simulated`) that
-offers pay, pay later (a delayed payment method), fail and cancel. Each choice builds a Stripe-shaped
-event, signs it with the simulated webhook secret and hands it to the same webhook code that real
-deliveries go through, so nothing of the real path is skipped but the network. Allowed only while the
-app is in debug or testing mode.
+Its state is the purchase and subscription rows (in the database, so every worker process agrees).
+Checkout goes to a local page (:mod:`flask_credits.web.simulated`) that offers pay, pay later (a delayed
+payment method), fail and cancel; a plan's checkout offers pay and cancel, and the simulated Billing
+Portal renews, cancels, fails a payment or changes the plan. Each choice builds a Stripe-shaped event,
+signs it with the simulated webhook secret and hands it to the same webhook code that real deliveries go
+through, so nothing of the real path is skipped but the network. Allowed only while the app is in debug
+or testing mode.
+
+A simulated subscription's periods are :data:`PERIOD` long; its ids are derived from its Checkout
+Session (the subscription) and from the subscription and period (each invoice), so a button pressed
+twice, or in two workers at once, repeats the same invoice, which the webhook credits once.
 """
 
 from __future__ import annotations
@@ -13,17 +19,33 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 
 from ..records import Purchase
-from . import purchases, stripe_objects, webhooks
+from . import customers, plans, purchases, stripe_objects, webhooks
 from .simulated_mode import check_allowed, webhook_secret
 from .stripe_gateway import PaymentProviderError, sign
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Row
+
     from ..extension import FlaskCredits
+    from ..settings import Plan
+
+#: The length of a simulated subscription's billing period.
+PERIOD = timedelta(days=30)
+
+
+def _derived(prefix: str, *parts: object) -> str:
+    return prefix + hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+def subscription_id_of(session_id: str) -> str:
+    """The Stripe subscription a simulated subscription checkout creates when paid."""
+    return _derived("sub_sim_", session_id)
 
 
 class SimulatedStripe:
@@ -43,7 +65,8 @@ class SimulatedStripe:
         session_id = "cs_sim_" + secrets.token_hex(12)
         total = 0
         prices = {p.price: p.amount for p in self.ext.settings.packs if p.price}
-        currency = "usd"
+        prices.update({p.price: self.plan_amount(p) for p in self.ext.settings.plans})
+        currency = "usd" if params.get("mode") != "subscription" else self.ext.settings.currency
         for item in params["line_items"]:
             if "price_data" in item:
                 total += int(item["price_data"]["unit_amount"]) * int(item["quantity"])
@@ -83,6 +106,13 @@ class SimulatedStripe:
 
     def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
         """As Stripe: only an open session expires, and Stripe then sends ``checkout.session.expired``."""
+        row = plans.stored_row(self.ext, checkout_session_id=session_id)
+        if row is not None:
+            if row.status not in plans.PENDING or row.stripe_subscription_id is not None:
+                raise PaymentProviderError("invalid_request", "This Checkout Session is not open.")
+            session = self.subscription_session(row, payment_status="unpaid", status="expired")
+            self.deliver("checkout.session.expired", session)
+            return session
         purchase = self._purchase(session_id)
         if purchase.status not in ("creating", "open"):
             raise PaymentProviderError("invalid_request", "This Checkout Session is not open.")
@@ -115,7 +145,150 @@ class SimulatedStripe:
             status=status,
         )
 
-    def deliver(self, event_type: str, session: dict[str, Any]) -> None:
-        """Sign an event about ``session`` and hand it to the real webhook code, as Stripe would."""
-        payload = json.dumps(stripe_objects.event(event_type, session))
+    def deliver(self, event_type: str, obj: dict[str, Any]) -> None:
+        """Sign an event about ``obj`` and hand it to the real webhook code, as Stripe would."""
+        payload = json.dumps(stripe_objects.event(event_type, obj))
         webhooks.process(self.ext, payload.encode(), sign(payload, webhook_secret()))
+
+    # -- subscriptions (their rows are :mod:`flask_credits.services.plans`') ----------------------------
+
+    def plan_amount(self, plan: Plan) -> int:
+        """What the simulated Stripe charges for one period of ``plan``: what its credits cost as a
+        one-off purchase (a Stripe Price has its own amount; ``CREDITS_PLANS`` names only its id)."""
+        settings = self.ext.settings
+        return -(-plan.credits * settings.unit_amount // settings.per_unit)
+
+    def subscription_session(
+        self, row: Row[Any], *, payment_status: str = "unpaid", status: str = "open"
+    ) -> dict[str, Any]:
+        """The subscription-mode Checkout Session of a stored subscription row."""
+        plan = self.ext.settings.plan(row.plan)
+        complete = status == "complete"
+        session = stripe_objects.subscription_session(
+            row.checkout_session_id,
+            subscription=subscription_id_of(row.checkout_session_id) if complete else None,
+            client_reference_id=row.attempt_key,
+            amount_total=0 if plan is None else self.plan_amount(plan),
+            currency=self.ext.settings.currency,
+            payment_status=payment_status,
+            status=status,
+            customer=customers.stored(self.ext, row.user_id),
+            metadata=self._metadata(row),
+        )
+        if complete:
+            session["invoice"] = self._invoice_id(subscription_id_of(row.checkout_session_id), "create")
+        return session
+
+    def pay_subscription(self, row: Row[Any], plan: Plan) -> None:
+        """The customer paid a plan's checkout: the session completes and its first invoice is paid."""
+        stripe_id = subscription_id_of(row.checkout_session_id)
+        start = self.ext.database.now()
+        self.deliver(
+            "checkout.session.completed",
+            self.subscription_session(row, payment_status="paid", status="complete"),
+        )
+        invoice = self._invoice(row, stripe_id, plan, start, "subscription_create", invoice_key="create")
+        self.deliver("invoice.paid", invoice)
+
+    def renew(self, row: Row[Any]) -> None:
+        """The period ended (now, on request): the next period's invoice is paid and the subscription
+        moves on to that period; or, when it was cancelled at period end, the subscription ends."""
+        if row.cancel_at_period_end:
+            self.cancel_now(row)
+            return
+        plan = self._plan(row)
+        start = self._next_period_start(row)
+        self.deliver("invoice.paid", self._invoice(row, row.stripe_subscription_id, plan, start))
+        self.deliver("customer.subscription.updated", self._subscription(row, status="active", start=start))
+
+    def fail_next_payment(self, row: Row[Any]) -> None:
+        """The next period's invoice could not be charged (renewing later pays that same invoice)."""
+        start = self._next_period_start(row)
+        invoice = self._invoice(row, row.stripe_subscription_id, self._plan(row), start, status="open")
+        self.deliver("invoice.payment_failed", invoice)
+
+    def cancel_at_period_end(self, row: Row[Any], cancel: bool = True) -> None:
+        """Cancel at the period's end (``cancel`` False: no longer)."""
+        self.deliver("customer.subscription.updated", self._subscription(row, cancel_at_period_end=cancel))
+
+    def cancel_now(self, row: Row[Any]) -> None:
+        self.deliver("customer.subscription.deleted", self._subscription(row, status="canceled"))
+
+    def change_plan(self, row: Row[Any], plan: Plan) -> None:
+        """Switch the subscription's item to ``plan``'s price, as the portal does."""
+        self.deliver("customer.subscription.updated", self._subscription(row, price=plan.price))
+
+    def _plan(self, row: Row[Any]) -> Plan:
+        plan = self.ext.settings.plan(row.plan)
+        if plan is None:
+            raise PaymentProviderError("invalid_request", f"plan {row.plan!r} is not in CREDITS_PLANS")
+        return plan
+
+    def _next_period_start(self, row: Row[Any]) -> datetime:
+        return row.current_period_end or self.ext.database.now()
+
+    def _metadata(self, row: Row[Any]) -> dict[str, str]:
+        """The subscription's metadata, as :func:`flask_credits.services.plans.start_subscription` set it."""
+        metadata = {"userId": row.user_id, "plan": row.plan, plans.REFERENCE: row.attempt_key}
+        if row.wallet_key_id:
+            metadata["keyId"] = row.wallet_key_id
+        return metadata
+
+    @staticmethod
+    def _invoice_id(stripe_id: str, key: object) -> str:
+        return _derived("in_sim_", stripe_id, key)
+
+    def _invoice(
+        self,
+        row: Row[Any],
+        stripe_id: str,
+        plan: Plan,
+        start: datetime,
+        billing_reason: str = "subscription_cycle",
+        *,
+        status: str = "paid",
+        invoice_key: object = None,
+    ) -> dict[str, Any]:
+        """The invoice for the period from ``start``; one id per subscription and period."""
+        begins = int(start.timestamp())
+        return stripe_objects.invoice(
+            self._invoice_id(stripe_id, begins if invoice_key is None else invoice_key),
+            subscription=stripe_id,
+            price=plan.price,
+            period_start=begins,
+            period_end=int((start + PERIOD).timestamp()),
+            amount_paid=self.plan_amount(plan),
+            currency=self.ext.settings.currency,
+            billing_reason=billing_reason,
+            status=status,
+            # Stripe names it in ``payments``; so the webhook need not ask for it.
+            payment_intent="pi_sim_" + secrets.token_hex(12) if status == "paid" else None,
+            metadata=self._metadata(row),
+            customer=customers.stored(self.ext, row.user_id),
+        )
+
+    def _subscription(
+        self,
+        row: Row[Any],
+        *,
+        status: str | None = None,
+        start: datetime | None = None,
+        price: str | None = None,
+        cancel_at_period_end: bool | None = None,
+    ) -> dict[str, Any]:
+        """The subscription as it is now, or with the changes given (``start``: the period from it)."""
+        if start is None:
+            end = row.current_period_end or self.ext.database.now() + PERIOD
+            start = end - PERIOD
+        return stripe_objects.subscription(
+            row.stripe_subscription_id,
+            price=price or self._plan(row).price,
+            period_start=int(start.timestamp()),
+            period_end=int((start + PERIOD).timestamp()),
+            status=status or row.status,
+            cancel_at_period_end=row.cancel_at_period_end
+            if cancel_at_period_end is None
+            else cancel_at_period_end,
+            metadata=self._metadata(row),
+            customer=customers.stored(self.ext, row.user_id),
+        )
