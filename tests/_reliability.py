@@ -72,6 +72,11 @@ WAIT = 30.0
 #: settled by ``flask credits expire``, this soon after it started. Short, so the tests need not wait
 #: long; a scenario whose requests may queue longer than this under load sets a longer one.
 LEASE = 2.0
+#: CREDITS_PLANS of the app under test (live mode: these Price ids are the fake Stripe's).
+PLANS = {
+    "starter": {"price": "price_load_starter", "credits": 500, "name": "Starter"},
+    "pro": {"price": "price_load_pro", "credits": 2000, "name": "Pro"},
+}
 
 
 def free_port() -> int:
@@ -132,6 +137,7 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "CREDITS_STRIPE_MAX_RETRIES": 1,
         "PERSONA_COST": COST,
         "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT": LEASE,
+        "CREDITS_PLANS": PLANS,
         **overrides,
     }
 
@@ -548,6 +554,10 @@ def checkout(port: int, secret: str, quantity: int) -> Reply:
     return call(port, "POST", "/credits/checkout", {"quantity": quantity}, {"X-API-Key": secret})
 
 
+def subscribe(port: int, secret: str, plan: str) -> Reply:
+    return call(port, "POST", "/credits/subscribe", {"plan": plan}, {"X-API-Key": secret})
+
+
 def deliver(port: int, event: dict[str, Any], *, timeout: float = HTTP_TIMEOUT) -> Reply:
     """Post a Stripe event to the webhook, signed with the app's secret, as Stripe would."""
     from flask_credits import testing
@@ -845,6 +855,18 @@ class Paid:
     disputed: int = 0  # amount of a lost dispute sent
 
 
+@dataclass
+class PaidInvoice:
+    """A paid invoice of a plan (the first or a renewal): its allowance, and what a refund took back."""
+
+    wallet: str
+    invoice_id: str
+    payment_intent: str
+    credits: int  # the allowance of the plan the invoice charged for
+    amount: int
+    refunded: int = 0  # highest cumulative amount_refunded sent
+
+
 #: The error code of each answer a request with an Idempotency-Key may get instead of a run or replay.
 EXPECTED_ERRORS = {
     402: "insufficient_credits",
@@ -888,6 +910,13 @@ class Tally:
     statuses: Counter[str] = field(default_factory=Counter)  # "route status" -> count
     paid: dict[str, Paid] = field(default_factory=dict)  # session id -> purchase
     unpaid_sessions: set[str] = field(default_factory=set)
+    # Plans: every paid invoice of a subscription the app created (invoice id -> it), the invoices
+    # paid for subscriptions it did not create (recorded, never credited), and per wallet the credits
+    # its upgrades grant (the difference in allowance for the rest of the period).
+    invoices: dict[str, PaidInvoice] = field(default_factory=dict)
+    foreign_invoices: set[str] = field(default_factory=set)
+    upgraded: Counter[str] = field(default_factory=Counter)
+    subscriptions: int = 0
     events: set[str] = field(default_factory=set)  # every event id acknowledged with 200
     deliveries: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -1184,7 +1213,9 @@ class Shop:
                     )
                 )
             }
-            purchases = {r.session_id: r for r in conn.execute(sa.select(t.purchases)) if r.session_id}
+            purchase_rows = conn.execute(sa.select(t.purchases)).all()
+            purchases = {r.session_id: r for r in purchase_rows if r.session_id}
+            by_invoice = {r.invoice_id: r for r in purchase_rows if r.invoice_id}
             creating = conn.execute(
                 sa.select(sa.func.count()).select_from(t.purchases).where(t.purchases.c.status == "creating")
             ).scalar_one()
@@ -1224,7 +1255,50 @@ class Shop:
         credited_here = {
             e.meta["purchase_id"] for e in entries if e.kind == "purchase" and by_id[e.wallet_id] in ours
         }
-        unexplained = credited_here - {purchases[s].id for s in tally.paid if s in purchases}
+        # Plans: every paid invoice of a subscription the app created credited its plan's allowance
+        # exactly once, to the subscribing wallet, and clawed back as far as its refunds say; an
+        # invoice of a subscription the app did not create credited nothing.
+        allowances = Counter[str]()
+        for invoice_id, inv in tally.invoices.items():
+            row = by_invoice.get(invoice_id)
+            if row is None:
+                problems.append(f"paid invoice {invoice_id} has no purchase row")
+                continue
+            if row.status != "fulfilled" or credited[row.id] != 1 or by_id[row.wallet_id] != inv.wallet:
+                problems.append(
+                    f"invoice {invoice_id} (purchase {row.id}) of {inv.wallet}: status {row.status},"
+                    f" credited {credited[row.id]} times to {by_id[row.wallet_id]}"
+                )
+            if row.credits != inv.credits:
+                problems.append(
+                    f"invoice {invoice_id}: an allowance of {row.credits}, expected {inv.credits}"
+                )
+            refund = inv.credits * inv.refunded // inv.amount
+            if (row.refund_revoked, row.dispute_revoked) != (refund, 0):
+                problems.append(
+                    f"invoice {invoice_id}: clawed back {row.refund_revoked}+{row.dispute_revoked},"
+                    f" expected {refund}+0"
+                )
+            allowances[inv.wallet] += inv.credits
+            clawed[inv.wallet] += refund
+        for invoice_id in tally.foreign_invoices:
+            row = by_invoice.get(invoice_id)
+            if row is not None:
+                problems.append(
+                    f"invoice {invoice_id} of an unknown subscription: purchase {row.id} {row.status}"
+                )
+        upgrades = Counter[str]()
+        for e in entries:
+            if e.kind == "grant" and "previous" in (e.meta or {}):
+                upgrades[by_id[e.wallet_id]] += e.amount
+        problems += [
+            f"wallet {name}: upgrades granted {upgrades[name]}, expected {tally.upgraded[name]}"
+            for name in set(upgrades) | set(tally.upgraded)
+            if name in ours and upgrades[name] != tally.upgraded[name]
+        ]
+        explained = {purchases[s].id for s in tally.paid if s in purchases}
+        explained |= {by_invoice[i].id for i in tally.invoices if i in by_invoice}
+        unexplained = credited_here - explained
         problems += [f"purchase {p} credited but never paid" for p in sorted(unexplained)]
         missing = tally.events - recorded
         problems += [f"event {e} acknowledged but not recorded" for e in sorted(missing)]
@@ -1271,6 +1345,8 @@ class Shop:
             expected = (
                 tally.granted[w.name]
                 + purchased[w.name]
+                + allowances[w.name]
+                + tally.upgraded[w.name]
                 - COST * db_spends
                 - story_charged[w.name]
                 - clawed[w.name]
@@ -1307,6 +1383,8 @@ class Shop:
             "wallets": len(wallet_rows),
             "entries": len(entries),
             "purchases": len(purchases),
+            "invoices_credited": sum(1 for i in tally.invoices if i in by_invoice),
+            "allowance_credits": sum(allowances.values()) + sum(v for n, v in upgrades.items() if n in ours),
             "creating": int(creating),
             "events": len(recorded),
             "spends": sum(spends.values()),

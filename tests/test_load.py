@@ -5,7 +5,15 @@ clients spending from one hot wallet and from many others while they buy credits
 Afterwards the database must agree with what every client was told (``Shop.check``): no wallet below
 zero, ``audit()`` and ``flask credits audit`` pass, every paid purchase credited exactly once and
 clawed back exactly as far as its refunds and disputes say, the spends stored are exactly the ones
-answered 200, and each balance is what the grants, purchases, spends and claw-backs leave.
+answered 200, and each balance is what the grants, purchases, plan allowances, spends and claw-backs
+leave.
+
+In the mixed load a few wallets also subscribe to a plan (``subscriber``, ``PlanStory``), and Stripe's
+events about their subscriptions arrive shuffled, duplicated and concurrent: the checkout's
+completion, the first invoice and renewals paid, an upgrade and a downgrade, failed payments,
+cancellation, refunds of plan invoices, and an invoice of a subscription the app never created.
+``Shop.check`` then wants each paid invoice's allowance credited exactly once, to its wallet, each
+upgrade's difference granted once, nothing for the unknown subscription, and the refunds clawed back.
 
 Stories streamed (``storyteller``) from wallets that spenders and grants use at the same time, read
 to the end or cut off by their client after a few chunks: each is charged what the server produced,
@@ -24,6 +32,7 @@ from __future__ import annotations
 import http.client
 import queue
 import random
+import secrets
 import signal
 import threading
 import time
@@ -38,12 +47,14 @@ from _reliability import (
     COST,
     HTTP_TIMEOUT,
     MARKS,
+    PLANS,
     SECONDS,
     WAIT,
     FakeStripe,
     Gunicorn,
     Keyed,
     Paid,
+    PaidInvoice,
     Shop,
     Streamed,
     Tally,
@@ -55,6 +66,7 @@ from _reliability import (
     report,
     spend,
     stream_story,
+    subscribe,
     via,
 )
 from helpers import drop_all_tables
@@ -72,6 +84,10 @@ STORIES_SECONDS = SECONDS or 2.0
 STORY_HOLD = 10
 STORY_CONFIG = {"STORY_HOLD": STORY_HOLD, "STORY_WORDS_PER_CREDIT": 10, "STORY_CHUNK_DELAY": 0.01}
 STORY_SEEDS = [f"story-{n}" for n in range(6)]
+#: Wallets of the mixed load that subscribe to a plan (``subscriber``).
+PLAN_WALLETS = 3
+#: Every answer the mixed load without faults may get.
+LOAD_STATUSES = {"spend 200", "spend 402", "checkout 200", "subscribe 200", "webhook 200"}
 #: Wallets (groups of 4 clients) of the same-key storm, alone and within the load with faults.
 STORM_GROUPS, STORM_FAULT_GROUPS = 5, 2
 
@@ -144,15 +160,21 @@ class Webhooks:
         self.hosts, self.tally, self.faults = hosts, tally, faults
         self.queue: queue.Queue[tuple[dict[str, Any], int] | None] = queue.Queue()
         self.pending = 0
+        self.after: dict[str, list[tuple[dict[str, Any], int]]] = {}
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
         for t in self._threads:
             t.start()
 
-    def send(self, event: dict[str, Any], copies: int = 1) -> None:
-        """Queue ``copies`` deliveries of one event, next to each other: they go out at the same time."""
+    def send(
+        self, event: dict[str, Any], copies: int = 1, *, then: list[tuple[dict[str, Any], int]] | None = None
+    ) -> None:
+        """Queue ``copies`` deliveries of one event, next to each other: they go out at the same time.
+        ``then``: events (and their copies) queued once this one is first answered 200."""
         with self._lock:
             self.pending += copies
+            if then:
+                self.after[event["id"]] = then
         for _ in range(copies):
             self.queue.put((event, 0))
 
@@ -172,6 +194,10 @@ class Webhooks:
                 with self.tally.lock:
                     self.tally.events.add(event["id"])
                     self.tally.outcomes[f"{event['type']} {reply.body['outcome']}"] += 1
+                with self._lock:
+                    follow = self.after.pop(event["id"], [])
+                for later, copies in follow:
+                    self.send(later, copies)
             elif self.faults and attempt < 100 and (status == 503 or isinstance(status, str)):
                 time.sleep(0.1)  # Stripe retries later
                 self.queue.put((event, attempt + 1))
@@ -380,6 +406,186 @@ def buyer(
         time.sleep(0.02)  # a purchase is rarer than a spend
 
 
+PERIOD = 30 * 86400  # a plan's billing period, in seconds
+PRICE = {"starter": 900, "pro": 2900}  # what each plan's invoice charges, in cents
+
+
+#: A webhook delivery to queue: an event, how many copies go out at once, and the events (with
+#: their copies) queued once it is first answered 200.
+Delivery = tuple[dict[str, Any], int, list[tuple[dict[str, Any], int]]]
+
+
+def subscriber(
+    hosts: Hosts, stripe: FakeStripe, webhooks: Webhooks, wallets: list[Wallet], tally: Tally, seed: int
+) -> None:
+    """Each wallet subscribes to the Starter plan (``POST /credits/subscribe``; the fake Stripe
+    answers the session), then Stripe tells the subscription's story (``PlanStory``) in events,
+    shuffled, most of them delivered twice or three times at once. Plus an invoice paid for a
+    subscription this app never created. The first wallet upgrades; the last one's subscription
+    ends (deleted)."""
+    rng = random.Random(seed)
+    events: list[Delivery] = []
+    for wallet in wallets:
+        try:
+            reply = subscribe(hosts.port(seed), wallet.secret, "starter")
+            status: int | str = reply.status
+        except (OSError, http.client.HTTPException) as exc:
+            status, reply = type(exc).__name__, None
+        tally.count("subscribe", status)
+        if status != 200 or reply is None:
+            with tally.lock:
+                tally.problems.append(f"subscribe answered {status}: {str(reply and reply.body)[:300]}")
+            continue
+        story = PlanStory(wallet, stripe.sessions[reply.body["id"]], rng, tally)
+        events += story.tell(upgrade=wallet is wallets[0], end=wallet is wallets[-1])
+    # An invoice paid for a subscription this app never created: recorded, never credited.
+    now = int(time.time())
+    foreign = testing.invoice(
+        subscription="sub_test_" + secrets.token_hex(8),
+        price=PLANS["pro"]["price"],
+        period_start=now,
+        period_end=now + PERIOD,
+        amount_paid=PRICE["pro"],
+        billing_reason="subscription_create",
+        payment_intent="pi_test_" + secrets.token_hex(12),
+    )
+    events.append((testing.event("invoice.paid", foreign), 2, []))
+    with tally.lock:
+        tally.foreign_invoices.add(foreign["id"])
+    rng.shuffle(events)
+    for event, copies, then in events:
+        webhooks.send(event, copies, then=then)
+        time.sleep(0.01)
+
+
+class PlanStory:
+    """Stripe's events about one subscription, as a list of deliveries (in the order Stripe lived
+    them; the caller shuffles): the checkout's completion, the first invoice paid, one to three
+    renewals paid (new invoices), sometimes an upgrade to Pro in a period and later a downgrade back,
+    sometimes a renewal whose payment failed first (then paid, or never: then the subscription is
+    deleted), sometimes the subscription deleted after its last paid renewal, and refunds of some
+    paid invoices. What the credits should be goes to the tally: each paid invoice
+    (``tally.invoices``) and each upgrade's difference (``tally.upgraded``).
+
+    A refund is queued once its invoice's ``invoice.paid`` was answered: one that overtakes it finds
+    no purchase ("unmatched") and is lost. One upgrade at most per subscription, from Starter, and a
+    downgrade only after it: an upgrade grants the difference against the plan stored when its event
+    is handled, so with events in any order only that pattern has one right answer (one grant)."""
+
+    def __init__(self, wallet: Wallet, session: dict[str, Any], rng: random.Random, tally: Tally) -> None:
+        self.wallet, self.session, self.rng, self.tally = wallet, session, rng, tally
+        self.meta = dict(session["metadata"])
+        self.sub_id = "sub_test_" + secrets.token_hex(8)
+        self.customer = "cus_test_" + secrets.token_hex(7)
+        self.start = int(time.time())
+        self.events: list[Delivery] = []
+
+    def copies(self) -> int:
+        return self.rng.choice((1, 2, 2, 3))
+
+    def tell(self, *, upgrade: bool, end: bool) -> list[Delivery]:
+        rng = self.rng
+        with self.tally.lock:
+            self.tally.subscriptions += 1
+        completed = testing.subscription_session(
+            self.session["id"],
+            subscription=self.sub_id,
+            client_reference_id=self.session["client_reference_id"],
+            amount_total=PRICE["starter"],
+            customer=self.customer,
+            metadata=self.meta,
+        )
+        self.events.append((testing.event("checkout.session.completed", completed), self.copies(), []))
+        plan, changed = "starter", False
+        self.paid(plan, 0)
+        renewals = rng.randint(1, 3)
+        for k in range(1, renewals + 1):
+            if plan == "starter" and not changed and (upgrade or rng.random() < 0.5):
+                plan, changed = "pro", True  # an upgrade in period k - 1: the difference, at once
+                self.updated(plan, k - 1)
+                with self.tally.lock:
+                    self.tally.upgraded[self.wallet.name] += (
+                        PLANS["pro"]["credits"] - PLANS["starter"]["credits"]
+                    )
+            elif plan == "pro" and rng.random() < 0.5:
+                plan = "starter"  # a downgrade: from the next invoice on
+                self.updated(plan, k - 1)
+            fate = rng.random()
+            if fate < 0.15:  # the renewal is never paid: Stripe gives up and deletes the subscription
+                self.failed(plan, k)
+                self.updated(plan, k, "canceled")
+                break
+            self.paid(plan, k, self.failed(plan, k) if fate < 0.35 else None)  # perhaps after a failure
+        else:
+            if end or rng.random() < 0.3:
+                self.updated(plan, renewals, "canceled")
+        return self.events
+
+    def period(self, k: int) -> tuple[int, int]:
+        return self.start + k * PERIOD, self.start + (k + 1) * PERIOD
+
+    def updated(self, plan: str, k: int, status: str = "active") -> None:
+        """``customer.subscription.updated`` on plan ``plan`` in period ``k`` (``deleted`` when
+        ``status`` is ``canceled``)."""
+        begin, end = self.period(k)
+        sub = testing.subscription(
+            self.sub_id,
+            price=PLANS[plan]["price"],
+            period_start=begin,
+            period_end=end,
+            status=status,
+            metadata=self.meta,
+            customer=self.customer,
+        )
+        kind = "deleted" if status == "canceled" else "updated"
+        self.events.append((testing.event(f"customer.subscription.{kind}", sub), self.copies(), []))
+
+    def paid(self, plan: str, k: int, invoice_id: str | None = None) -> None:
+        """``invoice.paid`` for period ``k`` on ``plan``; sometimes refunds of it follow."""
+        begin, end = self.period(k)
+        intent = "pi_test_" + secrets.token_hex(12)
+        invoice = testing.invoice(
+            invoice_id,
+            subscription=self.sub_id,
+            price=PLANS[plan]["price"],
+            period_start=begin,
+            period_end=end,
+            amount_paid=PRICE[plan],
+            payment_intent=intent,
+            metadata=self.meta,
+            billing_reason="subscription_create" if k == 0 else "subscription_cycle",
+            customer=self.customer,
+        )
+        inv = PaidInvoice(self.wallet.name, invoice["id"], intent, int(PLANS[plan]["credits"]), PRICE[plan])
+        refunds: list[tuple[dict[str, Any], int]] = []
+        if self.rng.random() < 0.3:
+            full = inv.amount
+            amounts = sorted({self.rng.randint(1, full), full}) if self.rng.random() < 0.5 else [full]
+            for refunded in amounts:
+                charge = testing.charge(intent, amount=full, amount_refunded=refunded)
+                refunds.append((testing.event("charge.refunded", charge), self.copies()))
+            inv.refunded = amounts[-1]
+        self.events.append((testing.event("invoice.paid", invoice), self.copies(), refunds))
+        with self.tally.lock:
+            self.tally.invoices[invoice["id"]] = inv
+
+    def failed(self, plan: str, k: int) -> str:
+        """``invoice.payment_failed`` for period ``k``; returns the invoice's id."""
+        begin, end = self.period(k)
+        invoice = testing.invoice(
+            subscription=self.sub_id,
+            price=PLANS[plan]["price"],
+            period_start=begin,
+            period_end=end,
+            amount_paid=PRICE[plan],
+            status="open",
+            metadata=self.meta,
+            customer=self.customer,
+        )
+        self.events.append((testing.event("invoice.payment_failed", invoice), self.copies(), []))
+        return str(invoice["id"])
+
+
 def storyteller(port: int, wallet: Wallet, tally: Tally, deadline: float, seed: int) -> None:
     """Stream stories from one wallet, one after the other, until the deadline: the first cut off after
     0 to 3 chunks (far less than its hold), the second read to the end, then either, at random (two
@@ -447,10 +653,13 @@ def run_load(
     faults: bool = False,
     chaos: Any = None,
     storm: int = 0,
+    plans: int = 0,
     tally: Tally | None = None,
 ) -> tuple[list[Wallet], Tally, float]:
     """Many spenders and a few buyers for ``seconds``, spread over the ``Hosts`` if given, webhooks
-    delivered meanwhile, and a same-key storm on ``storm`` wallets of its own (on the first host);
+    delivered meanwhile, ``plans`` of the wallets subscribing to a plan (``subscriber``: renewals,
+    plan changes, failed payments, cancellations and refunds), and a same-key storm on ``storm``
+    wallets of its own (on the first host);
     ``chaos(deadline)`` runs in a thread of its own when given. Returns the wallets, the tally and the
     elapsed time."""
     shop, tally = stack.shop, tally if tally is not None else Tally()
@@ -475,6 +684,11 @@ def run_load(
         )
         for i in range(2)
     ]
+    if plans:
+        subscribing = wallets[1 : 1 + plans]  # not the hot one: it must run dry
+        threads.append(
+            threading.Thread(target=subscriber, args=(hosts, stack.stripe, webhooks, subscribing, tally, 200))
+        )
     if chaos is not None:
         threads.append(threading.Thread(target=chaos, args=(deadline,)))
     storming = Storm(hosts.ports[0], storm_wallets, tally, deadline)
@@ -509,11 +723,32 @@ def figures(tally: Tally, stored: dict[str, int], elapsed: float) -> dict[str, A
         "purchases_paid": len(tally.paid),
         "refunded": sum(1 for p in tally.paid.values() if p.refunded),
         "disputed": sum(1 for p in tally.paid.values() if p.disputed),
+        "subscriptions": tally.subscriptions,
+        "plan_invoices_paid": len(tally.invoices),
+        "plan_invoices_refunded": sum(1 for i in tally.invoices.values() if i.refunded),
+        "upgrade_credits": sum(tally.upgraded.values()),
         "distinct_events": len(tally.events),
         "deliveries": tally.deliveries,
         "outcomes": dict(sorted(tally.outcomes.items())),
         "db": stored,
     }
+
+
+def assert_plans_ran(tally: Tally) -> None:
+    """The plan events the load promises were delivered (``Shop.check`` judged their credits)."""
+    assert tally.subscriptions == PLAN_WALLETS, tally.statuses
+    assert len(tally.invoices) > tally.subscriptions  # renewals too
+    assert sum(tally.upgraded.values()) > 0
+    kinds = {outcome.split()[0] for outcome in tally.outcomes}
+    assert kinds >= {
+        "checkout.session.completed",
+        "invoice.paid",
+        "invoice.payment_failed",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "charge.refunded",
+    }, tally.outcomes
+    assert tally.outcomes["invoice.paid unknown_subscription"] > 0, tally.outcomes
 
 
 # -- the tests --------------------------------------------------------------------------------------
@@ -522,15 +757,16 @@ def figures(tally: Tally, stored: dict[str, int], elapsed: float) -> dict[str, A
 def test_many_clients_spending_buying_and_webhooks_at_once_leave_every_credit_exact(stack):
     server = stack.server()
     try:
-        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS)
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS)
     finally:
         server.close()
     stored = stack.shop.check(wallets, tally)
     assert stored["creating"] == 0  # no checkout left half-done
-    assert set(tally.statuses) <= {"spend 200", "spend 402", "checkout 200", "webhook 200"}
+    assert set(tally.statuses) <= LOAD_STATUSES, tally.statuses
     assert sum(tally.spent_ok.values()) > 0
     assert len(tally.paid) > 0
     assert tally.deliveries > len(tally.events)  # duplicates were delivered
+    assert_plans_ran(tally)
     report(f"load {stack.shop.label}", figures(tally, stored, elapsed))
 
 
@@ -543,14 +779,15 @@ def test_the_same_load_through_pgbouncer_in_transaction_mode_leaves_every_credit
         pytest.skip("PgBouncer pools PostgreSQL connections")
     server = stack.server(through_pgbouncer, CREDITS_DATABASE_POOLER="transaction")
     try:
-        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS)
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS)
     finally:
         server.close()
     stored = stack.shop.check(wallets, tally)
     assert stored["creating"] == 0
-    assert set(tally.statuses) <= {"spend 200", "spend 402", "checkout 200", "webhook 200"}
+    assert set(tally.statuses) <= LOAD_STATUSES, tally.statuses
     assert sum(tally.spent_ok.values()) > 0
     assert len(tally.paid) > 0
+    assert_plans_ran(tally)
     report(f"load {stack.shop.label} through PgBouncer", figures(tally, stored, elapsed))
 
 
