@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import env, loads, prepares, profiling, queries, scale, web, webhooks
 from .app import BIG, build_app
-from .report import BackendReport, Check, Table, checks_table, ms, num, pct, text_table
+from .report import BackendReport, Check, Table, checks_table, ms, num, pct, pct_range, text_table
 from .settings import FULL, QUICK, Settings
 from .timing import Measurement
 from .writer import render, write_report
@@ -178,7 +178,7 @@ def debit_tables(results: list[loads.LoadResult], counts: dict[str, queries.Coun
                 ms(r.spend.p50),
                 ms(r.spend.p99),
                 pct(r.ratio),
-                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+                pct_range(rounds),
             ]
         )
     main.notes.append(
@@ -295,7 +295,7 @@ def hold_table(results: list[loads.LoadResult], counts: dict[str, queries.Counts
                 ms(r.hold_settle.p50),
                 ms(r.hold_settle.p99),
                 pct(r.hold_ratio),
-                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+                pct_range(rounds),
             ]
         )
     hold, settle = counts["hold"], counts["settle below the hold"]
@@ -340,7 +340,7 @@ def prepares_table(results: list[prepares.PrepareResult]) -> Table:
                 num(r.unprepared.throughput),
                 ms(r.unprepared.p50),
                 pct(r.ratio),
-                f"{pct(min(rounds))}-{pct(max(rounds))}" if len(rounds) > 1 else pct(rounds[0]),
+                pct_range(rounds),
             ]
         )
     table.notes.append(

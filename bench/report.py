@@ -43,6 +43,11 @@ def ms(value: float) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
+def pct_range(ratios: list[float]) -> str:
+    """The spread of per-round ratios, "min-max" (one round: its ratio)."""
+    return f"{pct(min(ratios))}-{pct(max(ratios))}" if len(ratios) > 1 else pct(ratios[0])
+
+
 def pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 100:.0f}%"
 
