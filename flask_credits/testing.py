@@ -214,6 +214,45 @@ def mock_invoice_payments(rsps: responses.RequestsMock, invoice_id: str, payment
     )
 
 
+def mock_find_invoice(
+    rsps: responses.RequestsMock, payment_intent: str, invoice: dict[str, Any] | None
+) -> None:
+    """Answer the lookup of the invoice ``payment_intent`` paid: ``GET /v1/invoice_payments`` by
+    payment (with ``invoice``'s one paid payment, or none) and, when there is one,
+    ``GET /v1/invoices/<id>`` with ``invoice``."""
+    import responses as responses_lib
+    from responses import matchers
+
+    data = []
+    if invoice is not None:
+        data.append(
+            {
+                "id": f"inpay_{invoice['id']}",
+                "object": "invoice_payment",
+                "invoice": invoice["id"],
+                "is_default": True,
+                "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+                "status": "paid",
+            }
+        )
+        rsps.add(responses_lib.GET, f"{STRIPE_API}/v1/invoices/{invoice['id']}", json=invoice)
+    rsps.add(
+        responses_lib.GET,
+        f"{STRIPE_API}/v1/invoice_payments",
+        json={"object": "list", "data": data, "has_more": False},
+        match=[
+            matchers.query_param_matcher(
+                {
+                    "payment[type]": "payment_intent",
+                    "payment[payment_intent]": payment_intent,
+                    "status": "paid",
+                    "limit": "1",
+                }
+            )
+        ],
+    )
+
+
 def mock_create_customer(
     rsps: responses.RequestsMock,
     customer_id: str | None = None,

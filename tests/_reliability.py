@@ -701,7 +701,7 @@ class TcpProxy:
 
 class FakeStripe:
     """Enough of Stripe's API for flask_credits: create customers; create, retrieve and list Checkout
-    Sessions.
+    Sessions; find the paid invoice of a PaymentIntent (``add_invoice``) and retrieve it.
 
     ``mode`` decides how ``POST /v1/checkout/sessions`` answers: ``"ok"``, ``"error"`` (500 with a
     Stripe error body), ``"slow"`` (answers after ``slow_seconds``, past the app's timeout) or
@@ -718,6 +718,8 @@ class FakeStripe:
         self.by_key: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> session, as Stripe keeps them
         self.creates: list[tuple[str | None, str]] = []
         self.customers: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> customer (mode ignored)
+        self.invoices: dict[str, dict[str, Any]] = {}  # id -> a paid invoice
+        self.invoice_of: dict[str, str] = {}  # PaymentIntent -> the invoice it paid
         self._lock = threading.Lock()
         self._closing = threading.Event()
         stripe = self
@@ -749,6 +751,32 @@ class FakeStripe:
                     with stripe._lock:
                         found = [s for s in stripe.sessions.values() if s["payment_intent"] == intent]
                     return self.reply(200, {"object": "list", "data": found[:1], "has_more": False})
+                if parts.path == "/v1/invoice_payments":
+                    intent = parse_qs(parts.query).get("payment[payment_intent]", [""])[0]
+                    with stripe._lock:
+                        invoice_id = stripe.invoice_of.get(intent)
+                    payments = (
+                        [
+                            {
+                                "id": "inpay_" + invoice_id,
+                                "object": "invoice_payment",
+                                "invoice": invoice_id,
+                                "payment": {"type": "payment_intent", "payment_intent": intent},
+                                "status": "paid",
+                            }
+                        ]
+                        if invoice_id
+                        else []
+                    )
+                    return self.reply(200, {"object": "list", "data": payments, "has_more": False})
+                if parts.path.startswith("/v1/invoices/"):
+                    with stripe._lock:
+                        invoice = stripe.invoices.get(parts.path.rsplit("/", 1)[-1])
+                    if invoice is None:
+                        return self.reply(
+                            404, {"error": {"type": "invalid_request_error", "message": "none"}}
+                        )
+                    return self.reply(200, invoice)
                 session_id = parts.path.rsplit("/", 1)[-1]
                 with stripe._lock:
                     session = stripe.sessions.get(session_id)
@@ -775,6 +803,12 @@ class FakeStripe:
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), daemon=True)
         self._thread.start()
+
+    def add_invoice(self, invoice: dict[str, Any], payment_intent: str) -> None:
+        """Stripe knows ``invoice`` as paid by ``payment_intent``."""
+        with self._lock:
+            self.invoices[invoice["id"]] = invoice
+            self.invoice_of[payment_intent] = invoice["id"]
 
     def _create(self, handler: Any, form: dict[str, str]) -> None:
         mode = self.mode
@@ -917,6 +951,7 @@ class Tally:
     foreign_invoices: set[str] = field(default_factory=set)
     upgraded: Counter[str] = field(default_factory=Counter)
     subscriptions: int = 0
+    plans: dict[str, str] = field(default_factory=dict)  # Stripe subscription id -> its plan at the end
     events: set[str] = field(default_factory=set)  # every event id acknowledged with 200
     deliveries: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -1214,6 +1249,11 @@ class Shop:
                 )
             }
             purchase_rows = conn.execute(sa.select(t.purchases)).all()
+            plan_of: dict[str, str] = dict(
+                conn.execute(
+                    sa.select(t.subscriptions.c.stripe_subscription_id, t.subscriptions.c.plan)
+                ).all()
+            )
             purchases = {r.session_id: r for r in purchase_rows if r.session_id}
             by_invoice = {r.invoice_id: r for r in purchase_rows if r.invoice_id}
             creating = conn.execute(
@@ -1295,6 +1335,12 @@ class Shop:
             f"wallet {name}: upgrades granted {upgrades[name]}, expected {tally.upgraded[name]}"
             for name in set(upgrades) | set(tally.upgraded)
             if name in ours and upgrades[name] != tally.upgraded[name]
+        ]
+        # Each subscription ends on the plan of the newest change, in whatever order they came.
+        problems += [
+            f"subscription {sub}: plan {plan_of.get(sub)}, expected {plan}"
+            for sub, plan in tally.plans.items()
+            if plan_of.get(sub) != plan
         ]
         explained = {purchases[s].id for s in tally.paid if s in purchases}
         explained |= {by_invoice[i].id for i in tally.invoices if i in by_invoice}

@@ -284,6 +284,11 @@ def shop_per_backend(database_url) -> Iterator[Shop]:
             f"{testing.STRIPE_API}/v1/checkout/sessions",
             json={"object": "list", "data": [], "has_more": False},
         )
+        stripe.add(
+            responses.GET,
+            f"{testing.STRIPE_API}/v1/invoice_payments",
+            json={"object": "list", "data": [], "has_more": False},
+        )
         found = Shop(app, db, credits, stripe)
         try:
             yield found

@@ -160,21 +160,15 @@ class Webhooks:
         self.hosts, self.tally, self.faults = hosts, tally, faults
         self.queue: queue.Queue[tuple[dict[str, Any], int] | None] = queue.Queue()
         self.pending = 0
-        self.after: dict[str, list[tuple[dict[str, Any], int]]] = {}
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
         for t in self._threads:
             t.start()
 
-    def send(
-        self, event: dict[str, Any], copies: int = 1, *, then: list[tuple[dict[str, Any], int]] | None = None
-    ) -> None:
-        """Queue ``copies`` deliveries of one event, next to each other: they go out at the same time.
-        ``then``: events (and their copies) queued once this one is first answered 200."""
+    def send(self, event: dict[str, Any], copies: int = 1) -> None:
+        """Queue ``copies`` deliveries of one event, next to each other: they go out at the same time."""
         with self._lock:
             self.pending += copies
-            if then:
-                self.after[event["id"]] = then
         for _ in range(copies):
             self.queue.put((event, 0))
 
@@ -194,10 +188,6 @@ class Webhooks:
                 with self.tally.lock:
                     self.tally.events.add(event["id"])
                     self.tally.outcomes[f"{event['type']} {reply.body['outcome']}"] += 1
-                with self._lock:
-                    follow = self.after.pop(event["id"], [])
-                for later, copies in follow:
-                    self.send(later, copies)
             elif self.faults and attempt < 100 and (status == 503 or isinstance(status, str)):
                 time.sleep(0.1)  # Stripe retries later
                 self.queue.put((event, attempt + 1))
@@ -410,9 +400,8 @@ PERIOD = 30 * 86400  # a plan's billing period, in seconds
 PRICE = {"starter": 900, "pro": 2900}  # what each plan's invoice charges, in cents
 
 
-#: A webhook delivery to queue: an event, how many copies go out at once, and the events (with
-#: their copies) queued once it is first answered 200.
-Delivery = tuple[dict[str, Any], int, list[tuple[dict[str, Any], int]]]
+#: A webhook delivery to queue: an event, and how many copies go out at once.
+Delivery = tuple[dict[str, Any], int]
 
 
 def subscriber(
@@ -436,7 +425,7 @@ def subscriber(
             with tally.lock:
                 tally.problems.append(f"subscribe answered {status}: {str(reply and reply.body)[:300]}")
             continue
-        story = PlanStory(wallet, stripe.sessions[reply.body["id"]], rng, tally)
+        story = PlanStory(wallet, stripe.sessions[reply.body["id"]], rng, tally, stripe)
         events += story.tell(upgrade=wallet is wallets[0], end=wallet is wallets[-1])
     # An invoice paid for a subscription this app never created: recorded, never credited.
     now = int(time.time())
@@ -449,12 +438,12 @@ def subscriber(
         billing_reason="subscription_create",
         payment_intent="pi_test_" + secrets.token_hex(12),
     )
-    events.append((testing.event("invoice.paid", foreign), 2, []))
+    events.append((testing.event("invoice.paid", foreign), 2))
     with tally.lock:
         tally.foreign_invoices.add(foreign["id"])
     rng.shuffle(events)
-    for event, copies, then in events:
-        webhooks.send(event, copies, then=then)
+    for event, copies in events:
+        webhooks.send(event, copies)
         time.sleep(0.01)
 
 
@@ -467,17 +456,20 @@ class PlanStory:
     paid invoices. What the credits should be goes to the tally: each paid invoice
     (``tally.invoices``) and each upgrade's difference (``tally.upgraded``).
 
-    A refund is queued once its invoice's ``invoice.paid`` was answered: one that overtakes it finds
-    no purchase ("unmatched") and is lost. One upgrade at most per subscription, from Starter, and a
-    downgrade only after it: an upgrade grants the difference against the plan stored when its event
-    is handled, so with events in any order only that pattern has one right answer (one grant)."""
+    Refunds go out with the rest, in any order: one that overtakes its invoice's ``invoice.paid``
+    makes the app ask (the fake) Stripe for the invoice, credit it, then claw back. Plan changes
+    carry the plan before (``previous_attributes``) and Stripe's time: in any order, each period's
+    upgrade grants its difference once, and the subscription ends on the newest change's plan."""
 
-    def __init__(self, wallet: Wallet, session: dict[str, Any], rng: random.Random, tally: Tally) -> None:
-        self.wallet, self.session, self.rng, self.tally = wallet, session, rng, tally
+    def __init__(
+        self, wallet: Wallet, session: dict[str, Any], rng: random.Random, tally: Tally, stripe: FakeStripe
+    ) -> None:
+        self.wallet, self.session, self.rng, self.tally, self.stripe = wallet, session, rng, tally, stripe
         self.meta = dict(session["metadata"])
         self.sub_id = "sub_test_" + secrets.token_hex(8)
         self.customer = "cus_test_" + secrets.token_hex(7)
         self.start = int(time.time())
+        self.clock = self.start  # Stripe's time of the latest subscription event
         self.events: list[Delivery] = []
 
     def copies(self) -> int:
@@ -495,21 +487,22 @@ class PlanStory:
             customer=self.customer,
             metadata=self.meta,
         )
-        self.events.append((testing.event("checkout.session.completed", completed), self.copies(), []))
-        plan, changed = "starter", False
+        self.events.append((testing.event("checkout.session.completed", completed), self.copies()))
+        plan = "starter"
         self.paid(plan, 0)
         renewals = rng.randint(1, 3)
+        upgraded = set()  # the periods with an upgrade: its difference is granted once per period
         for k in range(1, renewals + 1):
-            if plan == "starter" and not changed and (upgrade or rng.random() < 0.5):
-                plan, changed = "pro", True  # an upgrade in period k - 1: the difference, at once
-                self.updated(plan, k - 1)
-                with self.tally.lock:
-                    self.tally.upgraded[self.wallet.name] += (
-                        PLANS["pro"]["credits"] - PLANS["starter"]["credits"]
-                    )
-            elif plan == "pro" and rng.random() < 0.5:
-                plan = "starter"  # a downgrade: from the next invoice on
-                self.updated(plan, k - 1)
+            # In period k - 1: no change, one, or two (there and back): an upgrade grants the
+            # difference at once, a downgrade applies from the next invoice on.
+            changes = rng.choice((0, 1, 1, 2))
+            if upgrade and k == 1:
+                changes = max(changes, 1)
+            for _ in range(changes):
+                before, plan = plan, "pro" if plan == "starter" else "starter"
+                self.updated(plan, k - 1, before=before)
+                if plan == "pro":
+                    upgraded.add(k - 1)
             fate = rng.random()
             if fate < 0.15:  # the renewal is never paid: Stripe gives up and deletes the subscription
                 self.failed(plan, k)
@@ -519,26 +512,40 @@ class PlanStory:
         else:
             if end or rng.random() < 0.3:
                 self.updated(plan, renewals, "canceled")
+        with self.tally.lock:
+            self.tally.upgraded[self.wallet.name] += len(upgraded) * (
+                PLANS["pro"]["credits"] - PLANS["starter"]["credits"]
+            )
+            self.tally.plans[self.sub_id] = plan
         return self.events
 
     def period(self, k: int) -> tuple[int, int]:
         return self.start + k * PERIOD, self.start + (k + 1) * PERIOD
 
-    def updated(self, plan: str, k: int, status: str = "active") -> None:
+    def updated(self, plan: str, k: int, status: str = "active", *, before: str | None = None) -> None:
         """``customer.subscription.updated`` on plan ``plan`` in period ``k`` (``deleted`` when
-        ``status`` is ``canceled``)."""
+        ``status`` is ``canceled``); ``before``: the plan it changed from, which Stripe puts in the
+        event's ``previous_attributes``. Each event is a second newer than the last (``created``)."""
         begin, end = self.period(k)
-        sub = testing.subscription(
-            self.sub_id,
-            price=PLANS[plan]["price"],
-            period_start=begin,
-            period_end=end,
-            status=status,
-            metadata=self.meta,
-            customer=self.customer,
-        )
+
+        def on(plan: str) -> dict[str, Any]:
+            return testing.subscription(
+                self.sub_id,
+                price=PLANS[plan]["price"],
+                period_start=begin,
+                period_end=end,
+                status=status,
+                metadata=self.meta,
+                customer=self.customer,
+            )
+
         kind = "deleted" if status == "canceled" else "updated"
-        self.events.append((testing.event(f"customer.subscription.{kind}", sub), self.copies(), []))
+        previous = None if before is None else {"items": on(before)["items"]}
+        self.clock += 1
+        event = testing.event(
+            f"customer.subscription.{kind}", on(plan), created=self.clock, previous_attributes=previous
+        )
+        self.events.append((event, self.copies()))
 
     def paid(self, plan: str, k: int, invoice_id: str | None = None) -> None:
         """``invoice.paid`` for period ``k`` on ``plan``; sometimes refunds of it follow."""
@@ -557,15 +564,15 @@ class PlanStory:
             customer=self.customer,
         )
         inv = PaidInvoice(self.wallet.name, invoice["id"], intent, int(PLANS[plan]["credits"]), PRICE[plan])
-        refunds: list[tuple[dict[str, Any], int]] = []
+        self.events.append((testing.event("invoice.paid", invoice), self.copies()))
+        self.stripe.add_invoice(invoice, intent)  # what Stripe answers a refund that overtakes it
         if self.rng.random() < 0.3:
             full = inv.amount
             amounts = sorted({self.rng.randint(1, full), full}) if self.rng.random() < 0.5 else [full]
             for refunded in amounts:
                 charge = testing.charge(intent, amount=full, amount_refunded=refunded)
-                refunds.append((testing.event("charge.refunded", charge), self.copies()))
+                self.events.append((testing.event("charge.refunded", charge), self.copies()))
             inv.refunded = amounts[-1]
-        self.events.append((testing.event("invoice.paid", invoice), self.copies(), refunds))
         with self.tally.lock:
             self.tally.invoices[invoice["id"]] = inv
 
@@ -582,7 +589,7 @@ class PlanStory:
             metadata=self.meta,
             customer=self.customer,
         )
-        self.events.append((testing.event("invoice.payment_failed", invoice), self.copies(), []))
+        self.events.append((testing.event("invoice.payment_failed", invoice), self.copies()))
         return str(invoice["id"])
 
 

@@ -415,6 +415,81 @@ def test_a_lost_dispute_of_a_plan_invoice_claws_back(credits, subscribe):
     assert credits.balance("alice") == 2000
 
 
+@pytest.mark.parametrize("cause", ["refund", "dispute"])
+def test_a_refund_or_dispute_that_overtakes_its_invoice_paid_credits_the_invoice_then_claws_back(
+    credits, subscribe, stripe, received, cause
+):
+    plan = subscribe()
+    invoice = plan.invoice()
+    pi = f"pi_test_{plan.stripe_id}_0"
+    testing.mock_find_session(stripe, pi, None)  # not a checkout's payment: an invoice's
+    testing.mock_find_invoice(stripe, pi, invoice)
+    if cause == "refund":
+        event = "charge.refunded", testing.charge(pi, amount=2000, amount_refunded=500)
+    else:
+        event = "charge.dispute.funds_withdrawn", testing.dispute(pi, amount=500)
+    assert plan.deliver(*event) == "revoked"
+    assert credits.balance("alice") == 1500
+    assert [e.kind for e in credits.history("alice")] == ["revoke", "purchase"]
+    assert names(received)[:3] == ["credits_granted", "plan_started", "credits_revoked"]
+    subscription = credits.subscription("alice")
+    assert (subscription.status, subscription.current_period_end) == ("active", at(plan.period(0)[1]))
+    # The invoice's own event, when it comes, finds it credited; the same refund again, nothing more.
+    assert plan.deliver("invoice.paid", invoice) == "already_fulfilled"
+    assert plan.deliver(*event) == "unchanged"
+    assert credits.balance("alice") == 1500
+    assert len(invoice_purchases(credits)) == 1
+    assert credits.audit() == []
+
+
+def test_a_refund_of_an_invoice_of_a_subscription_this_app_did_not_create_is_unmatched(
+    credits, subscribe, stripe
+):
+    plan = subscribe()
+    stranger = plan.invoice()
+    stranger["parent"]["subscription_details"] = {
+        "subscription": "sub_test_made_in_the_dashboard",
+        "metadata": {"userId": "alice", "plan": "pro"},
+    }
+    pi = f"pi_test_{plan.stripe_id}_0"
+    testing.mock_find_session(stripe, pi, None)
+    testing.mock_find_invoice(stripe, pi, stranger)
+    refund = testing.charge(pi, amount=2000, amount_refunded=2000)
+    assert plan.deliver("charge.refunded", refund) == "unmatched"
+    assert credits.balance("alice") == 0
+    assert invoice_purchases(credits) == []
+    assert outcomes(credits) == ["unmatched"]
+
+
+def test_a_refund_racing_its_invoice_paid_credits_once_and_claws_back_once(
+    app, credits, subscribe, stripe, backend
+):
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: nothing to race")
+    plan = subscribe()
+    invoice = plan.invoice()
+    pi = f"pi_test_{plan.stripe_id}_0"
+    testing.mock_find_session(stripe, pi, None)
+    testing.mock_find_invoice(stripe, pi, invoice)
+    refund = testing.charge(pi, amount=2000, amount_refunded=500)
+    events = [testing.event("invoice.paid", invoice), testing.event("charge.refunded", refund)] * 4
+    barrier = threading.Barrier(len(events))
+
+    def deliver(event):
+        client = app.test_client()
+        barrier.wait()
+        return testing.post_event(client, event)
+
+    with ThreadPoolExecutor(len(events)) as pool:
+        answers = list(pool.map(deliver, events))
+    assert {a.status_code for a in answers} == {200}, [a.json for a in answers]
+    found = [a.json["outcome"] for a in answers]
+    assert found.count("revoked") == 1, found
+    assert credits.balance("alice") == 1500
+    assert len(invoice_purchases(credits)) == 1
+    assert credits.audit() == []
+
+
 # -- plan changes --------------------------------------------------------------------------------------
 
 
@@ -438,6 +513,74 @@ def test_an_upgrade_grants_the_difference_at_once_until_the_period_ends(credits,
     clock.advance(hours=1)
     assert credits.balance("alice") == 5000
     assert credits.audit() == []
+
+
+def changed(plan, n, old, new, *, created):
+    """``customer.subscription.updated`` for a change from ``old`` to ``new`` in period ``n``, as
+    Stripe sends it: the item as it was before in ``previous_attributes``."""
+    return testing.event(
+        "customer.subscription.updated",
+        plan.subscription(n, plan=new),
+        created=created,
+        previous_attributes={"items": plan.subscription(n, plan=old)["items"]},
+    )
+
+
+def test_changes_delivered_in_reverse_order_grant_what_each_was_worth_and_keep_the_newest_plan(
+    credits, subscribe, clock, received
+):
+    plan = subscribe()
+    plan.deliver("invoice.paid", plan.invoice(0))
+    now = int(clock.now.timestamp())
+    up, down = (
+        changed(plan, 0, "pro", "max", created=now + 10),
+        changed(plan, 0, "max", "pro", created=now + 20),
+    )
+    # The downgrade (newer) arrives first: the plan is what it says, nothing granted.
+    assert testing.post_event(plan.client, down).json["outcome"] == "updated"
+    # The upgrade (older) arrives late: its difference is granted, the plan stays the newer one's.
+    assert testing.post_event(plan.client, up).json["outcome"] == "plan_changed"
+    assert credits.balance("alice") == 5000
+    assert credits.subscription("alice").plan == "pro"
+    moved = [kw for n, _, kw in received if n == "plan_changed"]
+    assert [(kw["previous"], kw["amount"]) for kw in moved] == [("pro", 3000)]
+    # The same change told again by another event grants nothing more.
+    again = changed(plan, 0, "pro", "max", created=now + 10)
+    assert testing.post_event(plan.client, again).json["outcome"] == "updated"
+    assert credits.balance("alice") == 5000
+    assert credits.audit() == []
+
+
+def test_an_upgrade_is_granted_from_the_plan_the_event_says_not_the_stored_one(credits, subscribe, clock):
+    """Two upgrades in one period (pro > forever is none: 1000 < 2000; pro > max is one), told out of
+    order: each event's own before and after decide, not what the row shows when it arrives."""
+    plan = subscribe("forever")
+    plan.deliver("invoice.paid", plan.invoice(0, plan="forever"))
+    now = int(clock.now.timestamp())
+    first = changed(plan, 0, "forever", "pro", created=now + 10)
+    second = changed(plan, 0, "pro", "max", created=now + 20)
+    assert testing.post_event(plan.client, second).json["outcome"] == "plan_changed"
+    assert testing.post_event(plan.client, first).json["outcome"] == "plan_changed"
+    # 1000 (forever) + 1000 (forever > pro) + 3000 (pro > max), each once.
+    assert credits.balance("alice") == 5000
+    assert credits.subscription("alice").plan == "max"
+    assert credits.audit() == []
+
+
+def test_an_older_update_delivered_late_does_not_undo_a_newer_status(credits, subscribe, clock):
+    plan = subscribe()
+    plan.deliver("invoice.paid", plan.invoice(0))
+    now = int(clock.now.timestamp())
+    newer = testing.event(
+        "customer.subscription.updated", plan.subscription(0, cancel_at_period_end=True), created=now + 20
+    )
+    older = testing.event(
+        "customer.subscription.updated", plan.subscription(0, status="past_due"), created=now + 10
+    )
+    testing.post_event(plan.client, newer)
+    testing.post_event(plan.client, older)
+    found = credits.subscription("alice")
+    assert (found.status, found.cancel_at_period_end) == ("active", True)
 
 
 def test_a_downgrade_grants_nothing_now_and_the_renewal_grants_the_smaller_plan(

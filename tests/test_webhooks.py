@@ -490,6 +490,7 @@ def test_refund_before_the_purchase_event_arrives_fulfils_then_claws_back(app, c
 
 def test_refund_for_a_payment_this_app_does_not_know_is_recorded(client, credits, stripe):
     testing.mock_find_session(stripe, "pi_test_unknown", None)
+    testing.mock_find_invoice(stripe, "pi_test_unknown", None)
     response = deliver(
         client, "charge.refunded", testing.charge("pi_test_unknown", amount=100, amount_refunded=100)
     )

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -29,7 +29,7 @@ from ..records import ENDED_SUBSCRIPTION, Entry, Subscription, Wallet
 from ..settings import Plan, Settings
 from . import customers
 from .purchases import Recorder, record_only
-from .stripe_gateway import PaymentProviderError, paid_payment_intent
+from .stripe_gateway import PaymentProviderError, paid_payment_intent, stripe_time
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Row
@@ -281,12 +281,6 @@ def _list(value: object) -> list[Mapping[str, Any]]:
     return [item for item in data if isinstance(item, Mapping)] if isinstance(data, list) else []
 
 
-def _when(timestamp: object) -> datetime | None:
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 < timestamp < 2**37:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc)
-
-
 def _invoice_subscription(invoice: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
     """The subscription an invoice bills, and the subscription's metadata when the invoice was
     finalized: ``parent.subscription_details`` since API version 2025-03-31."""
@@ -334,7 +328,7 @@ def _linked(ext: FlaskCredits, stripe_id: str | None, reference: object) -> Row[
     return _row(ext, s.c.stripe_subscription_id == stripe_id)
 
 
-def _unknown(ext: FlaskCredits, record: Recorder, stripe_id: str | None) -> str:
+def _unknown(ext: FlaskCredits, record: Recorder | None, stripe_id: str | None) -> str:
     log.warning("Stripe subscription %s is not one this app created: nothing done", stripe_id)
     record_only(ext, record, "unknown_subscription", None)
     return "unknown_subscription"
@@ -416,8 +410,17 @@ def session_expired(ext: FlaskCredits, session: Mapping[str, Any], record: Recor
     return "expired" if ended else "unchanged"
 
 
-def invoice_paid(ext: FlaskCredits, invoice: Mapping[str, Any], record: Recorder) -> str:
-    """Grant the plan's allowance for a paid invoice of a subscription, once per invoice."""
+def invoice_paid(
+    ext: FlaskCredits,
+    invoice: Mapping[str, Any],
+    record: Recorder | None,
+    *,
+    payment_intent: str | None = None,
+) -> str:
+    """Grant the plan's allowance for a paid invoice of a subscription, once per invoice.
+
+    ``record`` None: not for its own event (a refund that overtook it); ``payment_intent``: what paid
+    it, when known already."""
     stripe_id, details_metadata = _invoice_subscription(invoice)
     if stripe_id is None:
         return "ignored"  # not a subscription's invoice
@@ -438,19 +441,22 @@ def invoice_paid(ext: FlaskCredits, invoice: Mapping[str, Any], record: Recorder
         log.error("invoice %s is for no plan of CREDITS_PLANS (prices %s): not credited", invoice_id, prices)
         record_only(ext, record, "unknown_plan", None)
         return "unknown_plan"
-    ends = [_when(_mapping(line.get("period")).get("end")) for line in lines]
-    period_end = max((end for end in ends if end is not None), default=None) or _when(
+    ends = [stripe_time(_mapping(line.get("period")).get("end")) for line in lines]
+    period_end = max((end for end in ends if end is not None), default=None) or stripe_time(
         invoice.get("period_end")
     )
     # The invoice names it only when its ``payments`` were included; else ask Stripe.
     payments = _list(invoice.get("payments"))
-    payment_intent = paid_payment_intent(payments) or ext.gateway.invoice_payment_intent(invoice_id)
+    payment_intent = (
+        payment_intent or paid_payment_intent(payments) or ext.gateway.invoice_payment_intent(invoice_id)
+    )
     purchase_id = _invoice_purchase(ext, row, invoice_id, invoice, plan)
     s = ext.tables.subscriptions
-    recorded = record.bind("processed", purchase_id)
+    recorded = record.bind("processed", purchase_id) if record is not None else None
 
     def in_tx(conn: Connection) -> None:
-        recorded(conn)
+        if recorded is not None:
+            recorded(conn)
         # Paid: live again after a failed payment, and active even if its checkout's event is late.
         conn.execute(
             _status_update(
@@ -517,7 +523,12 @@ def _invoice_purchase(
 def subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], record: Recorder) -> str:
     """Status, period end, cancel at period end, and a plan change: an upgrade grants the difference
     in allowance at once, until the period's end; a downgrade grants nothing (the renewal's invoice
-    grants the new plan)."""
+    grants the new plan).
+
+    The plan changed from is the one the event says it had before (``previous_attributes``), so
+    changes delivered in any order grant what each change was worth, once; without one, the stored
+    plan. Plan, status and cancellation move only forward in Stripe's time (the event's
+    ``created``): a late older event does not undo a newer one."""
     stripe_id = _id_of(subscription.get("id"))
     row = _linked(ext, stripe_id, _mapping(subscription.get("metadata")).get(REFERENCE))
     if row is None:
@@ -525,42 +536,58 @@ def subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], rec
     s = ext.tables.subscriptions
     item = _subscription_item(subscription)
     # Since API version 2025-03-31 the period is on the subscription's items.
-    period_end = _when(item.get("current_period_end")) or _when(subscription.get("current_period_end"))
+    period_end = stripe_time(item.get("current_period_end")) or stripe_time(
+        subscription.get("current_period_end")
+    )
     status = subscription.get("status")
     new = ext.settings.plan_for_price(_id_of(item.get("price")) or "")
-    old = ext.settings.plan(row.plan)
+    old = None
+    if "items" in record.previous_attributes:
+        before = _subscription_item(record.previous_attributes)
+        old = ext.settings.plan_for_price(_id_of(before.get("price")) or "")
+    previous = old.id if old is not None else str(row.plan)
+    old = old or ext.settings.plan(row.plan)
     entry = None
-    if new is not None and new.id != row.plan and old is not None:
+    if new is not None and old is not None and new.id != old.id:
         entry = _upgrade(ext, row, old, new, period_end, status)
+    at = record.created
 
     def tx(conn: Connection) -> bool:
         record.bind("processed", None)(conn)
-        if isinstance(status, str) and status and len(status) <= 24:
-            conn.execute(_status_update(ext, int(row.id), status))
         if period_end is not None:
             conn.execute(_later_period_end(ext, int(row.id), period_end))
+        # Not older than what the row shows (an event without a time counts as the newest).
+        newer = sa.true() if at is None else sa.or_(s.c.stripe_event_at.is_(None), s.c.stripe_event_at <= at)
+        moved = 0
+        if new is not None:
+            moved = conn.execute(
+                sa.update(s).where(s.c.id == row.id, newer, s.c.plan != new.id).values(plan=new.id)
+            ).rowcount
+        if isinstance(status, str) and status and len(status) <= 24:
+            conn.execute(_status_update(ext, int(row.id), status).where(newer))
         conn.execute(
             sa.update(s)
-            .where(s.c.id == row.id)
+            .where(s.c.id == row.id, newer)
             .values(
                 cancel_at_period_end=bool(subscription.get("cancel_at_period_end")),
+                stripe_event_at=s.c.stripe_event_at if at is None else at,
                 updated_at=ext.database.now(),
             )
         )
-        if new is None or new.id == row.plan:
-            return False
-        moved = conn.execute(sa.update(s).where(s.c.id == row.id, s.c.plan == row.plan).values(plan=new.id))
-        return int(moved.rowcount) == 1
+        return int(moved) == 1
 
-    if not ext.database.run(tx):
+    moved = ext.database.run(tx)
+    granted = entry if entry is not None and not entry.replayed else None
+    if new is None or new.id == previous or (granted is None and not moved):
+        # No change, or this one was seen already (or a newer event has the last word on the plan).
         return "updated"
     ext.emit(
         signals.plan_changed,
         wallet=Wallet(row.user_id, row.wallet_key_id or None),
         subscription=find(ext, int(row.id)),
-        previous=row.plan,
-        amount=0 if entry is None else entry.amount,
-        entry=entry,
+        previous=previous,
+        amount=0 if granted is None else granted.amount,
+        entry=granted,
     )
     return "plan_changed"
 

@@ -467,22 +467,6 @@ def _purchase_of(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder
     return purchase
 
 
-def purchase_for_payment(ext: FlaskCredits, payment_intent: str | None) -> Purchase | None:
-    """The fulfilled purchase paid by ``payment_intent``. When a refund or dispute overtakes the
-    checkout events, the session is fetched from Stripe and fulfilled first."""
-    if not payment_intent:
-        return None
-    found = find(ext, payment_intent=payment_intent)
-    if found is not None and found.status == "fulfilled":
-        return found
-    session = ext.gateway.find_checkout_session(payment_intent)
-    if session is None:
-        return None
-    fulfil(ext, session)
-    found = find(ext, payment_intent=payment_intent)
-    return found if found is not None and found.status == "fulfilled" else None
-
-
 def revoke(
     ext: FlaskCredits,
     purchase: Purchase,
@@ -516,8 +500,19 @@ def revoke(
 class Recorder:
     """Writes a webhook event's row inside the transaction that acts on it."""
 
-    def __init__(self, ext: FlaskCredits, event_id: str, event_type: str) -> None:
+    def __init__(
+        self,
+        ext: FlaskCredits,
+        event_id: str,
+        event_type: str,
+        *,
+        created: datetime | None = None,
+        previous_attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         self.ext, self.event_id, self.event_type = ext, event_id, event_type
+        #: When Stripe created the event (None if it did not say), and what a ``*.updated``
+        #: event's object had before.
+        self.created, self.previous_attributes = created, previous_attributes or {}
         #: Whether the event's row was written (in a transaction that then committed, or this
         #: delivery would have failed).
         self.recorded = False

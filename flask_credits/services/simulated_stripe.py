@@ -123,6 +123,11 @@ class SimulatedStripe:
     def invoice_payment_intent(self, invoice_id: str) -> str | None:
         return None  # the simulated Stripe's invoices name their PaymentIntent in ``payments``
 
+    def find_invoice(self, payment_intent: str) -> dict[str, Any] | None:
+        # The simulated Stripe delivers an invoice's ``invoice.paid`` as it pays it, before anything
+        # can refund it: a payment it does not know of as a purchase paid no invoice of its.
+        return None
+
     def _purchase(self, session_id: str) -> Purchase:
         purchase = purchases.find(self.ext, session_id=session_id)
         if purchase is None:
@@ -145,9 +150,11 @@ class SimulatedStripe:
             status=status,
         )
 
-    def deliver(self, event_type: str, obj: dict[str, Any]) -> None:
+    def deliver(
+        self, event_type: str, obj: dict[str, Any], previous_attributes: dict[str, Any] | None = None
+    ) -> None:
         """Sign an event about ``obj`` and hand it to the real webhook code, as Stripe would."""
-        payload = json.dumps(stripe_objects.event(event_type, obj))
+        payload = json.dumps(stripe_objects.event(event_type, obj, previous_attributes=previous_attributes))
         webhooks.process(self.ext, payload.encode(), sign(payload, webhook_secret()))
 
     # -- subscriptions (their rows are :mod:`flask_credits.services.plans`') ----------------------------
@@ -216,7 +223,12 @@ class SimulatedStripe:
 
     def change_plan(self, row: Row[Any], plan: Plan) -> None:
         """Switch the subscription's item to ``plan``'s price, as the portal does."""
-        self.deliver("customer.subscription.updated", self._subscription(row, price=plan.price))
+        before = self._subscription(row)["items"]
+        self.deliver(
+            "customer.subscription.updated",
+            self._subscription(row, price=plan.price),
+            previous_attributes={"items": before},
+        )
 
     def _plan(self, row: Row[Any]) -> Plan:
         plan = self.ext.settings.plan(row.plan)

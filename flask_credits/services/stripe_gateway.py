@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import stripe
@@ -70,6 +71,11 @@ class Gateway(Protocol):
         """The PaymentIntent that paid invoice ``invoice_id`` (None when nothing did: paid out of
         band, or from the customer's balance). Since API version 2025-03-31 an invoice no longer
         names it; its paid InvoicePayment does."""
+        ...
+
+    def find_invoice(self, payment_intent: str) -> dict[str, Any] | None:
+        """The invoice that ``payment_intent`` paid (with its lines), if any: how a refund or
+        dispute that overtook its ``invoice.paid`` finds the plan invoice it is about."""
         ...
 
 
@@ -133,6 +139,31 @@ class LiveStripe:
                 params={"invoice": invoice_id, "status": "paid", "limit": 10}
             )
         return paid_payment_intent(found.to_dict().get("data") or [])
+
+    def find_invoice(self, payment_intent: str) -> dict[str, Any] | None:
+        with _translated("look up the invoice of a payment"):
+            found = self._client.v1.invoice_payments.list(
+                params={
+                    "payment": {"type": "payment_intent", "payment_intent": payment_intent},
+                    "status": "paid",
+                    "limit": 1,
+                }
+            )
+            data = found.to_dict().get("data") or []
+            invoice = data[0].get("invoice") if data and isinstance(data[0], dict) else None
+            if isinstance(invoice, dict):
+                invoice = invoice.get("id")
+            if not isinstance(invoice, str) or not invoice:
+                return None
+            return self._client.v1.invoices.retrieve(invoice).to_dict()
+
+
+def stripe_time(timestamp: object) -> datetime | None:
+    """A Unix time from a Stripe object (``created``, a period's ``end``) as an aware datetime; None
+    when it is missing or not a plausible one."""
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 < timestamp < 2**37:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc)
 
 
 def paid_payment_intent(payments: list[Any]) -> str | None:

@@ -268,14 +268,25 @@ def invoice(
     return found
 
 
-def event(event_type: str, obj: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
-    """A Stripe event wrapping ``obj``."""
+def event(
+    event_type: str,
+    obj: dict[str, Any],
+    *,
+    event_id: str | None = None,
+    created: int | None = None,
+    previous_attributes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Stripe event wrapping ``obj``; ``previous_attributes``: what a ``*.updated`` event's object
+    had before (whole arrays, as Stripe sends them)."""
+    data: dict[str, Any] = {"object": obj}
+    if previous_attributes is not None:
+        data["previous_attributes"] = previous_attributes
     return {
         "id": event_id or _id("evt"),
         "object": "event",
         "type": event_type,
-        "created": int(time.time()),
+        "created": int(time.time()) if created is None else created,
         "livemode": False,
         "api_version": "2026-10-28.endive",
-        "data": {"object": obj},
+        "data": data,
     }

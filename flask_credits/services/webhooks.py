@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..core.settlement import credits_for
-from ..records import FULFILLABLE
+from ..records import FULFILLABLE, Purchase
 from . import plans, purchases
 from .purchases import Recorder
 from .simulated_mode import webhook_secret
-from .stripe_gateway import verify_event
+from .stripe_gateway import stripe_time, verify_event
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
@@ -61,10 +61,18 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
     event_id, event_type = event["id"], event["type"]
     if _seen(ext, event_id):
         return {"received": True, "id": event_id, "outcome": "duplicate"}
-    record = Recorder(ext, event_id, event_type)
+    data = event["data"]
+    previous = data.get("previous_attributes")
+    record = Recorder(
+        ext,
+        event_id,
+        event_type,
+        created=stripe_time(event.get("created")),
+        previous_attributes=previous if isinstance(previous, Mapping) else None,
+    )
     handler = ext.webhook_handlers.get(event_type, _ignore)
     try:
-        outcome = handler(ext, event["data"]["object"], record)
+        outcome = handler(ext, data["object"], record)
         if not record.recorded:
             purchases.record_only(ext, record, outcome, None)
     except sa.exc.IntegrityError:
@@ -138,9 +146,32 @@ def _payment_intent(obj: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _paid_purchase(ext: FlaskCredits, payment_intent: str | None) -> Purchase | None:
+    """The fulfilled purchase (a pack's checkout, or a plan's invoice) that ``payment_intent`` paid.
+
+    A refund or dispute can overtake the events that credit what it is about; then Stripe is asked
+    what the payment paid for, and that is credited first, through the same exactly-once path as
+    its own event (which, when it comes, finds it done), so the claw-back has something to act on.
+    """
+    if not payment_intent:
+        return None
+    found = purchases.find(ext, payment_intent=payment_intent)
+    if found is not None and found.status == "fulfilled":
+        return found
+    session = ext.gateway.find_checkout_session(payment_intent)
+    if session is not None and not _subscribes(session):
+        purchases.fulfil(ext, session)
+    elif found is None:  # not a checkout's: perhaps a plan's invoice
+        invoice = ext.gateway.find_invoice(payment_intent)
+        if invoice is not None:
+            plans.invoice_paid(ext, invoice, None, payment_intent=payment_intent)
+    found = purchases.find(ext, payment_intent=payment_intent)
+    return found if found is not None and found.status == "fulfilled" else None
+
+
 @_handles("charge.refunded")
 def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recorder) -> str:
-    purchase = purchases.purchase_for_payment(ext, _payment_intent(charge))
+    purchase = _paid_purchase(ext, _payment_intent(charge))
     if purchase is None:
         return "unmatched"
     target = credits_for(purchase.credits, purchase.amount, charge.get("amount_refunded"))
@@ -150,7 +181,7 @@ def _charge_refunded(ext: FlaskCredits, charge: Mapping[str, Any], record: Recor
 def _dispute(ext: FlaskCredits, dispute: Mapping[str, Any], record: Recorder, *, lost: bool | None) -> str:
     """``lost`` True: claw back in proportion to the disputed amount; False: give it all back;
     None: nothing moved (for example closed as ``warning_closed``)."""
-    purchase = purchases.purchase_for_payment(ext, _payment_intent(dispute))
+    purchase = _paid_purchase(ext, _payment_intent(dispute))
     if purchase is None:
         return "unmatched"
     if lost is None:

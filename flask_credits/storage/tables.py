@@ -172,6 +172,9 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("stripe_subscription_id", sa.String(255), nullable=True),
         sa.Column("current_period_end", UtcDateTime(), nullable=True),
         sa.Column("cancel_at_period_end", sa.Boolean(), nullable=False),
+        # When Stripe created the latest ``customer.subscription.*`` event applied to plan, status and
+        # cancel_at_period_end: an older event, delivered late, does not undo a newer one.
+        sa.Column("stripe_event_at", UtcDateTime(), nullable=True),
         # = wallet_id while the subscription is live, NULL once it ended: the unique key lets a wallet
         # have one live subscription, whatever runs at once.
         sa.Column("live_wallet_id", _ID, nullable=True),
