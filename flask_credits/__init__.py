@@ -21,7 +21,8 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import Entry, Hold, Subscription, Wallet
+from .records import AutoTopUp, Entry, Hold, Subscription, Wallet
+from .services.auto_top_up import CardRequired
 from .services.holds import MeteredHold
 from .web.bodies import SafeJSONProvider, read_body
 from .web.decorators import current_hold, requires_credits
@@ -29,7 +30,9 @@ from .web.decorators import current_hold, requires_credits
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoTopUp",
     "BodyTooLarge",
+    "CardRequired",
     "CreditsError",
     "CreditsUnavailable",
     "Entry",

@@ -17,8 +17,8 @@ from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
-from .records import Entry, Hold, Subscription, Wallet
-from .services import customers, plans, webhooks
+from .records import AutoTopUp, Entry, Hold, Subscription, Wallet
+from .services import auto_top_up, customers, plans, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -56,7 +56,7 @@ class FlaskCredits:
     ``CREDITS_PURCHASE_EXPIRES_AFTER``,
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
-    ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``,
+    ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``, ``CREDITS_AUTO_TOP_UP``, ``CREDITS_LOW_BALANCE``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
     ``CREDITS_SITE_URL``, ``CREDITS_DATABASE_POOLER``, ``CREDITS_STRIPE_TIMEOUT``,
     ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``,
@@ -211,6 +211,42 @@ class FlaskCredits:
         period end and whether it ends then), or ``None``: none, ended, or its checkout not completed
         yet."""
         return plans.current(self, make_wallet(user_id, key_id))
+
+    # -- auto top-up and low balance ---------------------------------------------------------------
+
+    def auto_top_up(self, user_id: str, key_id: str | None = None) -> AutoTopUp | None:
+        """The wallet's auto top-up settings and state (threshold, what it buys, the monthly cap and
+        what was bought this month, the saved card, why it was turned off), or None if it has none."""
+        return auto_top_up.get(self, make_wallet(user_id, key_id))
+
+    def set_auto_top_up(
+        self,
+        user_id: str,
+        key_id: str | None = None,
+        *,
+        enabled: bool,
+        threshold: int,
+        monthly_cap: int,
+        pack: str | None = None,
+        quantity: int | None = None,
+    ) -> AutoTopUp:
+        """Buy ``pack`` (or ``quantity`` units) off-session with the wallet's saved card whenever a debit
+        takes it below ``threshold`` credits, at most ``monthly_cap`` (minor units of the currency) a
+        calendar month. Raises ``InvalidArgument`` for settings that cannot work and ``CardRequired``
+        to turn it on without a saved card (``POST /credits/auto-top-up/card`` saves one)."""
+        return auto_top_up.configure(
+            self,
+            make_wallet(user_id, key_id),
+            enabled=enabled,
+            threshold=threshold,
+            monthly_cap=monthly_cap,
+            pack=pack,
+            quantity=quantity,
+        )
+
+    def set_low_balance(self, user_id: str, threshold: int | None, key_id: str | None = None) -> None:
+        """The wallet's own threshold for ``credits_low`` (None: ``CREDITS_LOW_BALANCE``)."""
+        auto_top_up.set_low_balance(self, make_wallet(user_id, key_id), threshold)
 
     # -- the ledger --------------------------------------------------------------------------------
 
@@ -477,6 +513,7 @@ class FlaskCredits:
         if found is None:
             database = Database(engine, tables_for(db.metadata), clock=self.now)
             ledger = Ledger(database, self.emit)
+            ledger.on_debit = lambda wallet, entry, limits: auto_top_up.debited(self, wallet, entry, limits)
             found = self._engines[engine] = _OnEngine(database, ledger, RequestKeys(database, ledger))
         return found
 

@@ -189,3 +189,49 @@ class Purchase:
             "status": self.status,
             "created_at": self.created_at.isoformat(),
         }
+
+
+@dataclass(frozen=True)
+class AutoTopUp:
+    """A wallet's auto top-up (:meth:`FlaskCredits.auto_top_up`): when a debit takes it below
+    ``threshold`` credits, buy ``pack`` (or ``quantity`` units: ``credits`` for ``amount`` minor units of
+    ``currency``) with the saved card, at most ``monthly_cap`` a calendar month (UTC).
+
+    ``enabled`` is False when the user turned it off, when a failed automatic purchase did
+    (``failure`` says why), or while ``CREDITS_AUTO_TOP_UP`` is False. ``in_flight``: an automatic
+    purchase is under way (at most one per wallet).
+    """
+
+    wallet: Wallet
+    enabled: bool
+    threshold: int
+    pack: str | None
+    quantity: int | None
+    credits: int
+    amount: int
+    currency: str
+    monthly_cap: int
+    spent_this_month: int
+    card_brand: str | None
+    card_last4: str | None
+    has_card: bool
+    failure: str | None
+    in_flight: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.wallet.user_id,
+            "key_id": self.wallet.key_id,
+            "enabled": self.enabled,
+            "threshold": self.threshold,
+            "pack": self.pack,
+            "quantity": self.quantity,
+            "credits": self.credits,
+            "amount": self.amount,
+            "currency": self.currency,
+            "monthly_cap": self.monthly_cap,
+            "spent_this_month": self.spent_this_month,
+            "card": {"brand": self.card_brand, "last4": self.card_last4} if self.has_card else None,
+            "failure": self.failure,
+            "in_flight": self.in_flight,
+        }

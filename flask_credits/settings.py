@@ -58,6 +58,12 @@ DEFAULTS: dict[str, Any] = {
     # What @requires_credits(hold=...) does when the view returns without settling its hold:
     # "charge" the whole hold, or "release" it (a view that used credits then settles them itself).
     "CREDITS_HOLD_UNSETTLED": "charge",
+    # Auto top-up (buy a pack off-session with a saved card when a debit takes a wallet below its
+    # threshold): False turns it off for every wallet (the kill switch); wallets keep their settings.
+    "CREDITS_AUTO_TOP_UP": True,
+    # Send credits_low when a debit takes a wallet below this many credits (None: only wallets that
+    # set their own threshold, credits.set_low_balance).
+    "CREDITS_LOW_BALANCE": None,
     # Largest request body the blueprint's routes read (checkout, JSON endpoints), in bytes; the
     # webhook has CREDITS_WEBHOOK_MAX_BYTES. The app's MAX_CONTENT_LENGTH still applies if smaller.
     "CREDITS_MAX_CONTENT_LENGTH": 64 * 1024,
@@ -159,6 +165,8 @@ class Settings:
     idempotency_max_response_bytes: int
     hold_ttl: timedelta
     hold_unsettled: Literal["charge", "release"]
+    auto_top_up: bool
+    low_balance: int | None
     max_content_length: int
     max_open_purchases: int
     success_check_interval: timedelta
@@ -224,6 +232,10 @@ def parse(config: Mapping[str, Any]) -> Settings:
         idempotency_max_response_bytes=_whole(config, "CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES", 0),
         hold_ttl=_duration(config, "CREDITS_HOLD_TTL", minimum=1),
         hold_unsettled=unsettled,
+        auto_top_up=_flag(config, "CREDITS_AUTO_TOP_UP"),
+        low_balance=None
+        if config["CREDITS_LOW_BALANCE"] is None
+        else _whole(config, "CREDITS_LOW_BALANCE", 0),
         max_content_length=_whole(config, "CREDITS_MAX_CONTENT_LENGTH", 1),
         max_open_purchases=_whole(config, "CREDITS_MAX_OPEN_PURCHASES", 1),
         success_check_interval=_duration(config, "CREDITS_SUCCESS_CHECK_INTERVAL", minimum=1),
@@ -248,6 +260,13 @@ def _whole(config: Mapping[str, Any], key: str, minimum: int, maximum: int | Non
         raise RuntimeError(f"{key} must be a whole number of at least {minimum}, not {value!r}")
     if maximum is not None and value > maximum:
         raise RuntimeError(f"{key} must be at most {maximum}, not {value!r}")
+    return value
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise RuntimeError(f"{key} must be True or False, not {value!r}")
     return value
 
 

@@ -86,7 +86,26 @@ plan_changed = _signals.signal("plan-changed")
 #: it expires. Arguments: ``wallet``, ``subscription``.
 plan_cancelled = _signals.signal("plan-cancelled")
 
+#: A debit (a spend, or a settle) took the wallet from at or above its low-balance threshold to below
+#: it (``CREDITS_LOW_BALANCE``, or the wallet's own: ``FlaskCredits.set_low_balance``); once per
+#: crossing. Arguments: ``wallet``, ``balance`` (int, credits in the wallet after it, held ones
+#: included), ``threshold`` (int), ``entry`` (the debit).
+credits_low = _signals.signal("credits-low")
+
+#: A debit took the wallet below its auto top-up threshold and an automatic purchase started (its
+#: Stripe call follows on a worker thread). Arguments: ``wallet``, ``purchase``, ``entry`` (the debit
+#: that crossed). ``credits_purchased`` follows once it is paid.
+auto_top_up_started = _signals.signal("auto-top-up-started")
+
+#: An automatic purchase failed (declined, the bank asked for 3-D Secure, no card, or never confirmed):
+#: auto top-up is now off for the wallet. Arguments: ``wallet``, ``purchase``, ``reason`` (str, for
+#: the user).
+auto_top_up_failed = _signals.signal("auto-top-up-failed")
+
 __all__ = [
+    "auto_top_up_failed",
+    "auto_top_up_started",
+    "credits_low",
     "credits_expired",
     "credits_granted",
     "credits_held",

@@ -24,6 +24,7 @@ CREDITS_TABLES = {
     "credits_requests",
     "credits_subscriptions",
     "credits_customers",
+    "credits_auto_top_ups",
 }
 APP_TABLES = {"users", "api_keys"}
 

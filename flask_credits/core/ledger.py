@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -86,12 +86,46 @@ def _merge(draws: list[_Draw]) -> list[_Draw]:
     return [_Draw(lot_id, amount) for lot_id, amount in merged.items()]
 
 
+class _Keep:
+    """The type of :data:`KEEP`."""
+
+
+#: ``Ledger.set_limits``: leave this threshold as it is.
+KEEP = _Keep()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A wallet's thresholds as its debit left the row: auto top-up's (None: off) and its own
+    low-balance one (None: the app's default)."""
+
+    top_up_below: int | None
+    low_below: int | None
+
+
+def _limits(row: Any) -> Limits:
+    top_up, low = row.top_up_below, row.low_below
+    return Limits(None if top_up is None else int(top_up), None if low is None else int(low))
+
+
+class _WalletAfter(NamedTuple):
+    id: int
+    balance_after: int  # credits in the wallet, held ones included: an entry's balance_after
+    limits: Limits
+
+
+#: Called after each debit that committed (a spend, a settle that charged; never a replay) with the
+#: wallet, its entry, and the wallet's thresholds: how a debit that crossed one is acted on.
+OnDebit = Callable[[Wallet, Entry, Limits], None]
+
+
 @dataclass(frozen=True)
 class _Settled:
     hold: Hold
     entry: Entry | None
     held: int
     debt: int
+    limits: Limits | None = None
 
 
 class Ledger:
@@ -102,6 +136,7 @@ class Ledger:
         self.db = db
         self.t = db.t
         self.emit = emit
+        self.on_debit: OnDebit | None = None
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -212,7 +247,7 @@ class Ledger:
             found = self._add_to_wallet(conn, wallet, amount, expires_at, now)
             if found is None:
                 return None
-            wallet_id, balance_after = found
+            wallet_id, balance_after, _ = found
             entry = self._insert_entry(
                 conn,
                 wallet,
@@ -280,8 +315,10 @@ class Ledger:
                     raise
                 return done
             if fast is not None:
-                self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=fast)
-                return fast
+                crossed, spent = fast
+                self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=spent)
+                self._debited(wallet, spent, crossed)
+                return spent
             # Nothing was written. A fresh read tells a wallet that cannot pay (answered now: two
             # round trips for a 402) from one the statement did not fit (an expiry due, a debit
             # spanning lots, a lot emptied or a grant made while it ran): the long way below.
@@ -291,11 +328,14 @@ class Ledger:
             if balance < amount and (row is None or row.next_expiry is None or row.next_expiry > now):
                 return self._refused(wallet, amount, lambda: balance, idempotency_key)
 
+        limits: list[Limits] = []
+
         def tx(conn: Connection) -> Entry | None:
             found = self._debit(conn, wallet, amount, now)
             if found is None:
                 return None
-            wallet_id, balance_after = found
+            wallet_id, balance_after, _ = found
+            limits[:] = [found.limits]
             draws = self._draw(conn, wallet_id, amount)
             entry = self._insert_entry(
                 conn,
@@ -319,7 +359,13 @@ class Ledger:
         if entry is None:
             return self._refused(wallet, amount, lambda: self.balance(wallet), idempotency_key)
         self.emit(signals.credits_spent, wallet=wallet, amount=amount, entry=entry)
+        if not entry.replayed and limits:
+            self._debited(wallet, entry, limits[0])
         return entry
+
+    def _debited(self, wallet: Wallet, entry: Entry, limits: Limits) -> None:
+        if self.on_debit is not None:
+            self.on_debit(wallet, entry, limits)
 
     def _refused(
         self,
@@ -337,6 +383,43 @@ class Ledger:
         held = balance()
         self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=held)
         raise InsufficientCredits(amount, held)
+
+    @unavailable_on_database_errors
+    def set_limits(
+        self,
+        wallet: Wallet,
+        *,
+        top_up_below: int | None | _Keep = KEEP,
+        low_below: int | None | _Keep = KEEP,
+        in_tx: Callable[[Connection, int], None] | None = None,
+    ) -> int:
+        """Set the wallet's thresholds (``KEEP`` leaves one as it is), creating the wallet if needed;
+        ``in_tx(conn, wallet_id)`` runs in the same transaction, with the wallet row locked. Returns
+        the wallet's id."""
+        w = self.t.wallets
+        values: dict[str, Any] = {}
+        if not isinstance(top_up_below, _Keep):
+            values["top_up_below"] = top_up_below
+        if not isinstance(low_below, _Keep):
+            values["low_below"] = low_below
+        now = self.db.now()
+
+        def tx(conn: Connection) -> int | None:
+            locked = self._lock_wallet(conn, sa.and_(*self._owner(wallet)), now)
+            if locked is None:
+                return None
+            if values:
+                conn.execute(sa.update(w).where(w.c.id == locked.id).values(values))
+            if in_tx is not None:
+                in_tx(conn, int(locked.id))
+            return int(locked.id)
+
+        found = self.db.run(tx)
+        if found is None:
+            self._create_wallet(wallet)
+            found = self.db.run(tx)
+        assert found is not None
+        return found
 
     @unavailable_on_database_errors
     def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:
@@ -364,7 +447,7 @@ class Ledger:
             found = self._add_to_wallet(conn, wallet, amount, soonest, now)
             if found is None:  # pragma: no cover - the spend proves the wallet exists
                 return None
-            wallet_id, balance_after = found
+            wallet_id, balance_after, _ = found
             # The entry goes first: its unique reverses_id stops a second refund that raced past
             # the check above before it can overfill the lots.
             entry = self._insert_entry(
@@ -560,7 +643,7 @@ class Ledger:
             found = self._update_wallet(conn, reserve, wallet)
             if found is None:
                 return None
-            wallet_id = found[0]
+            wallet_id = found.id
             draws = self._draw(conn, wallet_id, amount)
             hold_id = conn.execute(
                 sa.insert(h).values(
@@ -698,6 +781,8 @@ class Ledger:
             if fast is not None:
                 settled = {"held": fast.held, "amount": amount, "entry": fast.entry}
                 self.emit(signals.credits_settled, wallet=fast.hold.wallet, hold=fast.hold, **settled)
+                if fast.entry is not None and fast.limits is not None:
+                    self._debited(fast.hold.wallet, fast.entry, fast.limits)
                 return fast.entry
         row, wallet = self._hold_row(hold_id)
         done = self._settled(row, wallet, amount)
@@ -765,7 +850,8 @@ class Ledger:
                 )
             )
             status = "settled" if amount else "released"
-            return _Settled(self._hold(current, wallet, status=status), entry, held, debt)
+            hold = self._hold(current, wallet, status=status)
+            return _Settled(hold, entry, held, debt, _limits(locked))
 
         try:
             result = self.db.run(tx)
@@ -794,6 +880,8 @@ class Ledger:
             self.emit(signals.credits_released, wallet=wallet, hold=hold, amount=held, expired=False)
         if result.debt:
             self.emit(signals.credits_overdrawn, wallet=wallet, hold=hold, amount=result.debt, entry=entry)
+        if entry is not None and result.limits is not None:
+            self._debited(wallet, entry, result.limits)
         return entry
 
     @unavailable_on_database_errors
@@ -1036,7 +1124,7 @@ class Ledger:
         metadata: dict[str, Any] | None,
         meta_json: str | None,
         now: datetime,
-    ) -> Entry | None:
+    ) -> tuple[Limits, Entry] | None:
         """PostgreSQL's fast path: the whole debit as one statement in autocommit (see ``SPEND``), so
         the wallet row is locked for one statement and its commit, and a debit costs one round trip.
         ``None`` when it did not apply (not enough credits, expiry due, no wallet, the first lot does
@@ -1054,7 +1142,7 @@ class Ledger:
         row = self._one_statement(SPEND, params)
         if row is None:
             return None
-        return Entry(
+        return _limits(row), Entry(
             id=int(row.entry_id),
             wallet=wallet,
             amount=-amount,
@@ -1158,7 +1246,7 @@ class Ledger:
             metadata={"hold_id": hold_id, "held": held, "amount": amount},
             created_at=now,
         )
-        return _Settled(hold, entry, held, 0)
+        return _Settled(hold, entry, held, 0, _limits(row))
 
     def _one_statement(self, statement: str, params: dict[str, Any]) -> Row[Any] | None:
         """Run one of PostgreSQL's one-statement writes in autocommit: its row, or ``None`` when it
@@ -1347,7 +1435,7 @@ class Ledger:
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"metadata must be JSON-serialisable: {exc}") from None
 
-    def _debit(self, conn: Connection, wallet: Wallet, amount: int, now: datetime) -> tuple[int, int] | None:
+    def _debit(self, conn: Connection, wallet: Wallet, amount: int, now: datetime) -> _WalletAfter | None:
         """Take ``amount`` off the wallet's balance if it holds that much and no expiry is due; return
         (wallet id, balance after), the row locked until the transaction ends, or None."""
         params = {**self.db.sql.owner(wallet), "b_amount": amount, "b_now": now}
@@ -1362,7 +1450,7 @@ class Ledger:
 
     def _add_to_wallet(
         self, conn: Connection, wallet: Wallet, amount: int, expires_at: datetime | None, now: datetime
-    ) -> tuple[int, int] | None:
+    ) -> _WalletAfter | None:
         """Add credits (a grant, a refund) that expire at ``expires_at``: (wallet id, balance after),
         the row locked, or None when the wallet does not exist."""
         w = self.t.wallets
@@ -1386,7 +1474,7 @@ class Ledger:
         params: dict[str, Any] | None = None,
         *,
         prebuilt: bool = False,
-    ) -> tuple[int, int] | None:
+    ) -> _WalletAfter | None:
         """Run an UPDATE of one wallet row; return (wallet id, credits in the wallet after it, held
         ones included: an entry's ``balance_after``) or None if no row matched. The row stays locked
         until the transaction ends. A ``prebuilt`` statement (from ``Statements``) already returns
@@ -1394,13 +1482,15 @@ class Ledger:
         w = self.t.wallets
         if self.db.returning:
             if not prebuilt:
-                stmt = stmt.returning(w.c.id, w.c.balance, w.c.held)
+                stmt = stmt.returning(w.c.id, w.c.balance, w.c.held, w.c.top_up_below, w.c.low_below)
             row = conn.execute(stmt, params).first()
-            return None if row is None else (int(row.id), int(row.balance) + int(row.held))
-        if conn.execute(stmt, params).rowcount != 1:
+        else:
+            if conn.execute(stmt, params).rowcount != 1:
+                return None
+            row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).one()
+        if row is None:
             return None
-        row = conn.execute(self.db.sql.balance, self.db.sql.owner(wallet)).one()
-        return int(row.id), int(row.balance) + int(row.held)
+        return _WalletAfter(int(row.id), int(row.balance) + int(row.held), _limits(row))
 
     def _draw(self, conn: Connection, wallet_id: int, amount: int) -> list[_Draw]:
         """Take ``amount`` credits from the wallet's lots, soonest expiry first, no-expiry last."""

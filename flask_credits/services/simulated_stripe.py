@@ -38,6 +38,15 @@ if TYPE_CHECKING:
 #: The length of a simulated subscription's billing period.
 PERIOD = timedelta(days=30)
 
+#: The simulated cards a setup-mode checkout can save (by their PaymentMethod id), after Stripe's own
+#: test cards: one that pays, one that is declined, one whose bank asks for 3-D Secure (which an
+#: off-session payment cannot do).
+CARDS = {
+    "pm_sim_visa": ("visa", "4242", "succeeded"),
+    "pm_sim_declined": ("visa", "0002", "declined"),
+    "pm_sim_authentication": ("visa", "3184", "requires_action"),
+}
+
 
 def _derived(prefix: str, *parts: object) -> str:
     return prefix + hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:24]
@@ -119,6 +128,45 @@ class SimulatedStripe:
         session = stripe_objects.session_of(purchase, payment_status="unpaid", status="expired")
         self.deliver("checkout.session.expired", session)
         return session
+
+    def create_payment_intent(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """An off-session payment with a simulated card: as Stripe, the same idempotency key gives the
+        same PaymentIntent (its id is derived from the key), and the outcome is the card's. A paid one
+        is also told through the real webhook code (``payment_intent.succeeded``), as Stripe would."""
+        check_allowed(current_app)
+        _, _, outcome = CARDS.get(str(params.get("payment_method")), ("", "", "declined"))
+        intent: dict[str, Any] = {
+            "id": _derived("pi_sim_", idempotency_key),
+            "object": "payment_intent",
+            "amount": params["amount"],
+            "amount_received": params["amount"] if outcome == "succeeded" else 0,
+            "currency": params["currency"],
+            "customer": params.get("customer"),
+            "payment_method": params.get("payment_method"),
+            "metadata": dict(params.get("metadata") or {}),
+            "status": outcome if outcome != "declined" else "requires_payment_method",
+            "last_payment_error": None,
+        }
+        if outcome == "declined":
+            intent["last_payment_error"] = {
+                "type": "card_error",
+                "code": "card_declined",
+                "decline_code": "generic_decline",
+                "message": "Your card was declined.",
+            }
+            self.deliver("payment_intent.payment_failed", intent)
+        elif outcome == "requires_action":
+            self.deliver("payment_intent.requires_action", intent)
+        else:
+            self.deliver("payment_intent.succeeded", intent)
+        return intent
+
+    def setup_card(self, session_id: str) -> dict[str, Any] | None:
+        """The simulated setup page names the card it saved in the session id (``cs_sim_setup_<card>_...``)."""
+        for payment_method, (brand, last4, _) in CARDS.items():
+            if session_id.startswith(f"cs_sim_setup_{payment_method}_"):
+                return {"payment_method": payment_method, "brand": brand, "last4": last4, "customer": None}
+        return None
 
     def invoice_payment_intent(self, invoice_id: str) -> str | None:
         return None  # the simulated Stripe's invoices name their PaymentIntent in ``payments``

@@ -73,6 +73,17 @@ class Gateway(Protocol):
         names it; its paid InvoicePayment does."""
         ...
 
+    def create_payment_intent(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """Create (and, with ``confirm``, confirm) a PaymentIntent; returns it. A declined card is
+        not an exception: the PaymentIntent comes back with status ``requires_payment_method`` and
+        its ``last_payment_error``. Other failures raise PaymentProviderError."""
+        ...
+
+    def setup_card(self, session_id: str) -> dict[str, Any] | None:
+        """The card a completed setup-mode Checkout Session saved: ``{"payment_method", "brand",
+        "last4", "customer"}``, or None if it saved none."""
+        ...
+
     def find_invoice(self, payment_intent: str) -> dict[str, Any] | None:
         """The invoice that ``payment_intent`` paid (with its lines), if any: how a refund or
         dispute that overtook its ``invoice.paid`` finds the plan invoice it is about."""
@@ -140,6 +151,28 @@ class LiveStripe:
             )
         return paid_payment_intent(found.to_dict().get("data") or [])
 
+    def create_payment_intent(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        with _translated("create a payment"):
+            try:
+                intent = self._client.v1.payment_intents.create(
+                    params=params,  # type: ignore[arg-type]
+                    options={"idempotency_key": idempotency_key},
+                )
+            except stripe.CardError as exc:
+                # Declined (or the bank wants the customer): Stripe's error names the PaymentIntent.
+                found = getattr(exc.error, "payment_intent", None)
+                if found is None:
+                    raise
+                return dict(found.to_dict() if hasattr(found, "to_dict") else found)
+        return intent.to_dict()
+
+    def setup_card(self, session_id: str) -> dict[str, Any] | None:
+        with _translated("look up a saved card"):
+            session = self._client.v1.checkout.sessions.retrieve(
+                session_id, params={"expand": ["setup_intent.payment_method"]}
+            ).to_dict()
+        return card_of(session)
+
     def find_invoice(self, payment_intent: str) -> dict[str, Any] | None:
         with _translated("look up the invoice of a payment"):
             found = self._client.v1.invoice_payments.list(
@@ -156,6 +189,25 @@ class LiveStripe:
             if not isinstance(invoice, str) or not invoice:
                 return None
             return self._client.v1.invoices.retrieve(invoice).to_dict()
+
+
+def card_of(session: dict[str, Any]) -> dict[str, Any] | None:
+    """The card a setup-mode Checkout Session saved (its ``setup_intent.payment_method`` expanded)."""
+    intent = session.get("setup_intent")
+    method = intent.get("payment_method") if isinstance(intent, dict) else None
+    if not isinstance(method, dict) or not isinstance(method.get("id"), str):
+        return None
+    found = method.get("card")
+    card: dict[str, Any] = found if isinstance(found, dict) else {}
+    customer = session.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    return {
+        "payment_method": method["id"],
+        "brand": card.get("brand"),
+        "last4": card.get("last4"),
+        "customer": customer if isinstance(customer, str) else None,
+    }
 
 
 def stripe_time(timestamp: object) -> datetime | None:

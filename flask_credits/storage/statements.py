@@ -26,13 +26,19 @@ class Statements:
         amount = sa.bindparam("b_amount", type_=sa.BigInteger())
         now = sa.bindparam("b_now", type_=w.c.updated_at.type)
         wallet_id = sa.bindparam("b_wallet_id", type_=sa.BigInteger())
-        self.balance = sa.select(w.c.id, w.c.balance, w.c.held, w.c.next_expiry).where(*owner)
+        self.balance = sa.select(
+            w.c.id, w.c.balance, w.c.held, w.c.next_expiry, w.c.top_up_below, w.c.low_below
+        ).where(*owner)
         debit = (
             sa.update(w)
             .where(*owner, w.c.balance >= amount, sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now))
             .values(balance=w.c.balance - amount, updated_at=now)
         )
-        self.debit = debit.returning(w.c.id, w.c.balance, w.c.held) if returning else debit
+        self.debit = (
+            debit.returning(w.c.id, w.c.balance, w.c.held, w.c.top_up_below, w.c.low_below)
+            if returning
+            else debit
+        )
         # Soonest expiry first, lots that never expire last, then the oldest.
         order = (sa.case((lt.c.expires_at.is_(None), 1), else_=0), lt.c.expires_at, lt.c.id)
         # A plain read: the wallet row lock already keeps every other writer out of these lots, and
@@ -89,7 +95,7 @@ WITH w AS (
         ORDER BY CASE WHEN soonest.expires_at IS NULL THEN 1 ELSE 0 END, soonest.expires_at, soonest.id
         LIMIT 1
       ) >= %(amount)s::bigint
-    RETURNING id, balance, held
+    RETURNING id, balance, held, top_up_below, low_below
 ), l AS (
     UPDATE credits_lots SET remaining = remaining - %(amount)s::bigint
     WHERE id = (
@@ -111,7 +117,8 @@ WITH w AS (
     SELECT e.id, l.id, -%(amount)s::bigint FROM e, l
     RETURNING entry_id
 )
-SELECT w.id, w.balance, w.held, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard FROM w LEFT JOIN d ON true
+SELECT w.id, w.balance, w.held, w.top_up_below, w.low_below, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard
+FROM w LEFT JOIN d ON true
 """
 
 
@@ -198,7 +205,8 @@ WITH s AS (
     WHERE credits_wallets.id = s.wallet_id AND credits_wallets.held >= s.amount
       AND (credits_wallets.next_expiry IS NULL OR credits_wallets.next_expiry > %(now)s)
     RETURNING credits_wallets.id, credits_wallets.user_id, credits_wallets.key_id,
-        credits_wallets.balance + credits_wallets.held AS balance_after
+        credits_wallets.balance + credits_wallets.held AS balance_after, credits_wallets.top_up_below,
+        credits_wallets.low_below
 ), e AS (
     INSERT INTO credits_entries
         (wallet_id, amount, balance_after, kind, reason, idempotency_key, meta, created_at)
@@ -230,7 +238,8 @@ WITH s AS (
     SELECT e.id, s.lot_id, -%(amount)s::bigint FROM e, h, s
     RETURNING entry_id
 )
-SELECT w.user_id, w.key_id, w.balance_after, e.id AS spend_id, e.reason AS spend_reason, h.*,
+SELECT w.user_id, w.key_id, w.balance_after, w.top_up_below, w.low_below, e.id AS spend_id,
+    e.reason AS spend_reason, h.*,
     1 / ((SELECT count(*) FROM gone) * (SELECT count(*) FROM d)) AS guard
 FROM w CROSS JOIN e LEFT JOIN h ON true
 """

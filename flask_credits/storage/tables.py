@@ -73,6 +73,7 @@ class Tables:
     hold_draws: sa.Table
     subscriptions: sa.Table
     customers: sa.Table
+    auto_top_ups: sa.Table
 
 
 _cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
@@ -103,6 +104,11 @@ def _define(md: sa.MetaData) -> Tables:
         # Soonest expiry among lots with credits left and live holds (or earlier): spends take the
         # slow path only once it passed.
         sa.Column("next_expiry", UtcDateTime(), nullable=True),
+        # The wallet's auto top-up threshold while auto top-up is on (NULL: off), and its own
+        # low-balance threshold (NULL: CREDITS_LOW_BALANCE). Every debit returns both with the row it
+        # already updates, so telling whether it crossed one costs no query.
+        sa.Column("top_up_below", sa.BigInteger(), nullable=True),
+        sa.Column("low_below", sa.BigInteger(), nullable=True),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.Column("updated_at", UtcDateTime(), nullable=False),
         sa.UniqueConstraint("user_id", "key_id", name="uq_credits_wallets_owner"),
@@ -204,6 +210,8 @@ def _define(md: sa.MetaData) -> Tables:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("expires_after_seconds", sa.BigInteger(), nullable=True),
         sa.Column("payment_intent", sa.String(255), nullable=True),
+        # Bought by auto top-up (an off-session PaymentIntent), not at a checkout.
+        sa.Column("automatic", sa.Boolean(), nullable=False, default=False),
         sa.Column("lot_id", _ID, sa.ForeignKey("credits_lots.id"), nullable=True),
         # Credits clawed back so far: for refunds (cumulative over partial refunds) and for a
         # dispute (given back if it is won). Together they are covered by credits taken from the
@@ -344,6 +352,43 @@ def _define(md: sa.MetaData) -> Tables:
         sa.UniqueConstraint("user_id", name="uq_credits_customers_user_id"),
         sa.UniqueConstraint("stripe_customer_id", name="uq_credits_customers_stripe_customer_id"),
     )
+    auto_top_ups = sa.Table(
+        "credits_auto_top_ups",
+        md,
+        # A wallet's auto top-up: when a debit takes it from at or above ``threshold`` to below it,
+        # buy ``pack`` (or ``quantity`` units) off-session with the saved card, once per crossing.
+        sa.Column(
+            "wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), primary_key=True, autoincrement=False
+        ),
+        sa.Column("enabled", sa.Boolean(), nullable=False),
+        sa.Column("threshold", sa.BigInteger(), nullable=False),
+        sa.Column("pack", sa.String(64), nullable=True),
+        sa.Column("quantity", sa.Integer(), nullable=True),
+        # At most this much (minor units of the currency) bought automatically per calendar month
+        # (UTC); ``month_spent`` is what was bought in ``month`` ("2026-11").
+        sa.Column("monthly_cap", sa.BigInteger(), nullable=False),
+        sa.Column("month", sa.String(7), nullable=True),
+        sa.Column("month_spent", sa.BigInteger(), nullable=False, server_default="0"),
+        # The debit entry of the latest crossing acted on: a crossing is acted on once, by whoever
+        # moves this forward (the request that debited, or the sweep).
+        sa.Column("crossing_entry_id", _ID, nullable=True),
+        # The automatic purchase in flight (at most one per wallet), NULL when none.
+        sa.Column("purchase_id", _ID, nullable=True),
+        # The saved card (a PaymentMethod of the owner's Stripe customer).
+        sa.Column("payment_method", sa.String(255), nullable=True),
+        sa.Column("card_brand", sa.String(32), nullable=True),
+        sa.Column("card_last4", sa.String(4), nullable=True),
+        # Why auto top-up was turned off by a failed automatic purchase (shown on the credits page).
+        sa.Column("failure", sa.String(255), nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.CheckConstraint("threshold >= 0", name="ck_credits_auto_top_ups_threshold"),
+        sa.CheckConstraint("monthly_cap >= 0", name="ck_credits_auto_top_ups_cap"),
+        sa.CheckConstraint("month_spent >= 0", name="ck_credits_auto_top_ups_spent"),
+        sa.CheckConstraint(
+            "(pack IS NULL) <> (quantity IS NULL)", name="ck_credits_auto_top_ups_pack_or_quantity"
+        ),
+    )
     return Tables(
         wallets,
         lots,
@@ -356,4 +401,5 @@ def _define(md: sa.MetaData) -> Tables:
         hold_draws,
         subscriptions,
         customers,
+        auto_top_ups,
     )
