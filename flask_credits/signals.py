@@ -105,11 +105,11 @@ auto_top_up_failed = _signals.signal("auto-top-up-failed")
 __all__ = [
     "auto_top_up_failed",
     "auto_top_up_started",
-    "credits_low",
     "credits_expired",
     "credits_granted",
     "credits_held",
     "credits_insufficient",
+    "credits_low",
     "credits_overdrawn",
     "credits_payment_failed",
     "credits_purchased",

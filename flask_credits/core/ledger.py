@@ -389,8 +389,8 @@ class Ledger:
         self,
         wallet: Wallet,
         *,
-        top_up_below: int | None | _Keep = KEEP,
-        low_below: int | None | _Keep = KEEP,
+        top_up_below: int | _Keep | None = KEEP,
+        low_below: int | _Keep | None = KEEP,
         in_tx: Callable[[Connection, int], None] | None = None,
     ) -> int:
         """Set the wallet's thresholds (``KEEP`` leaves one as it is), creating the wallet if needed;

@@ -25,6 +25,7 @@ How "once per crossing" holds, whatever runs at once:
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from .. import signals
+from ..core.inputs import make_wallet
 from ..core.ledger import Limits
 from ..errors import CreditsError, InvalidArgument
 from ..records import AutoTopUp, Entry, Wallet
@@ -648,3 +650,61 @@ def _give_up(ext: FlaskCredits, purchase_id: int) -> bool:
     calling again could charge twice, so it is marked ``error`` (a webhook still credits it if Stripe
     did charge it) and auto top-up is turned off with a reason."""
     return fail(ext, purchase_id, "The automatic purchase could not be confirmed with Stripe.")
+
+
+# -- saving a card -------------------------------------------------------------------------------------
+
+#: ``metadata[purpose]`` of a setup-mode Checkout Session that saves a card for auto top-up.
+SETUP_PURPOSE = "auto_top_up"
+
+
+def start_card_setup(
+    ext: FlaskCredits, wallet: Wallet, *, success_url: str, cancel_url: str
+) -> dict[str, Any]:
+    """A Checkout Session in ``setup`` mode that saves a card on the owner's Stripe customer for the
+    wallet's auto top-up (its ``checkout.session.completed`` keeps it). Returns ``{"id", "url"}``."""
+    customer = customers.customer_id(ext, wallet.user_id)
+    metadata = {"userId": wallet.user_id, "keyId": wallet.key_id or "", "purpose": SETUP_PURPOSE}
+    params: dict[str, Any] = {
+        "mode": "setup",
+        "customer": customer,
+        "currency": ext.settings.currency,
+        "payment_method_types": ["card"],
+        "success_url": success_url,
+        "cancel_url": cancel_url,
+        "metadata": metadata,
+        "setup_intent_data": {"metadata": metadata},
+    }
+    return ext.gateway.create_checkout_session(params, "flask-credits-setup-" + secrets.token_hex(16))
+
+
+def card_saved(ext: FlaskCredits, session: Mapping[str, Any]) -> str:
+    """A setup-mode Checkout Session completed: keep its card for the wallet its metadata names,
+    if the session belongs to that user's Stripe customer (a session of someone else's customer
+    saves nothing)."""
+    metadata = session.get("metadata") if isinstance(session.get("metadata"), Mapping) else {}
+    assert isinstance(metadata, Mapping)
+    if metadata.get("purpose") != SETUP_PURPOSE:
+        return "ignored"
+    user_id, key_id = metadata.get("userId"), metadata.get("keyId") or None
+    session_id = session.get("id")
+    if not isinstance(user_id, str) or not user_id or not isinstance(session_id, str):
+        return "ignored"
+    try:
+        wallet = make_wallet(user_id, key_id if isinstance(key_id, str) else None)
+    except InvalidArgument:
+        return "ignored"
+    customer = session.get("customer")
+    if isinstance(customer, Mapping):
+        customer = customer.get("id")
+    stored = customers.stored(ext, wallet.user_id)
+    if ext.settings.stripe_mode == "live" and (stored is None or customer != stored):
+        log.warning("setup session %s is not of %s's Stripe customer: no card saved", session_id, user_id)
+        return "unknown_customer"
+    card = ext.gateway.setup_card(session_id)
+    if card is None:
+        return "no_card"
+    save_card(
+        ext, wallet, payment_method=card["payment_method"], brand=card.get("brand"), last4=card.get("last4")
+    )
+    return "card_saved"

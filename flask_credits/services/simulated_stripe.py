@@ -162,7 +162,8 @@ class SimulatedStripe:
         return intent
 
     def setup_card(self, session_id: str) -> dict[str, Any] | None:
-        """The simulated setup page names the card it saved in the session id (``cs_sim_setup_<card>_...``)."""
+        """The simulated setup page names the card it saved in the session id
+        (``cs_sim_setup_<payment method>_...``)."""
         for payment_method, (brand, last4, _) in CARDS.items():
             if session_id.startswith(f"cs_sim_setup_{payment_method}_"):
                 return {"payment_method": payment_method, "brand": brand, "last4": last4, "customer": None}

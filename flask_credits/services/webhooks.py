@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from ..core.settlement import credits_for
 from ..records import FULFILLABLE, Purchase
-from . import plans, purchases
+from . import auto_top_up, plans, purchases
 from .purchases import Recorder
 from .simulated_mode import webhook_secret
 from .stripe_gateway import stripe_time, verify_event
@@ -100,6 +100,8 @@ def _subscribes(session: Mapping[str, Any]) -> bool:
 
 @_handles("checkout.session.completed", "checkout.session.async_payment_succeeded")
 def _session_paid(ext: FlaskCredits, session: Mapping[str, Any], record: Recorder) -> str:
+    if session.get("mode") == "setup":
+        return auto_top_up.card_saved(ext, session)
     if _subscribes(session):
         return plans.session_completed(ext, session, record)
     return purchases.fulfil(ext, session, record=record)
@@ -137,6 +139,16 @@ def _subscription_updated(ext: FlaskCredits, subscription: Mapping[str, Any], re
 @_handles("customer.subscription.deleted")
 def _subscription_deleted(ext: FlaskCredits, subscription: Mapping[str, Any], record: Recorder) -> str:
     return plans.subscription_deleted(ext, subscription, record)
+
+
+@_handles("payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.requires_action")
+def _payment_intent_changed(ext: FlaskCredits, intent: Mapping[str, Any], record: Recorder) -> str:
+    """An automatic purchase's PaymentIntent (``metadata[purchaseId]``): paid credits it once; declined,
+    or the bank wanting the customer, turns auto top-up off. Checkout's own PaymentIntents are
+    ignored here (their sessions' events credit them)."""
+    if auto_top_up.PURCHASE not in (intent.get("metadata") or {}):
+        return "ignored"
+    return auto_top_up.payment_intent_changed(ext, intent)
 
 
 def _payment_intent(obj: Mapping[str, Any]) -> str | None:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
-from ..services import customers, plans, purchases, webhooks
+from ..services import auto_top_up, customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
 from . import bodies, responses, urls
 from .responses import UNAVAILABLE, wants_json
@@ -290,6 +290,96 @@ def portal() -> ResponseReturnValue:
         return _error(502, "payment_provider_error", message)
     if wants_json():
         return jsonify(url=session["url"])
+    return redirect(session["url"], 303)
+
+
+# -- auto top-up -----------------------------------------------------------------------------------------
+
+#: Currencies without minor units (Stripe's zero-decimal currencies): their amounts are whole units.
+ZERO_DECIMAL = frozenset(
+    ("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga")
+    + ("pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf")
+)
+
+
+def _minor_units(text: object, currency: str) -> object:
+    """A form's amount in major units ("50", "50.00") as minor units; anything else as it came."""
+    if not isinstance(text, str):
+        return text
+    value = text.strip()
+    exponent = 0 if currency in ZERO_DECIMAL else 2
+    whole, _, fraction = value.partition(".")
+    if not whole.isdecimal() or len(whole) > 12 or (fraction and not fraction.isdecimal()):
+        return value
+    if len(fraction) > exponent:
+        return value
+    return int(whole) * 10**exponent + int((fraction or "0").ljust(exponent, "0") or 0)
+
+
+@blueprint.get("/auto-top-up")
+def auto_top_up_settings() -> ResponseReturnValue:
+    """The wallet's auto top-up as JSON (``key_id`` names one of the user's API keys): its settings,
+    the saved card and why it was turned off, or ``{"auto_top_up": null}``."""
+    wallet = _checkout_wallet(request.args.to_dict())
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key")
+    found = auto_top_up.get(extension(), wallet)
+    return jsonify(auto_top_up=None if found is None else found.to_dict())
+
+
+@blueprint.post("/auto-top-up")
+def set_auto_top_up() -> ResponseReturnValue:
+    """Change the wallet's auto top-up: ``enabled``, ``threshold`` (credits), ``pack`` or ``quantity``,
+    and ``monthly_cap`` (minor units; a form may send ``monthly_cap_amount`` in major units, "50.00").
+    400 for settings that cannot work, 409 ``card_required`` to turn it on without a saved card. A
+    browser form goes back to the credits page (303), a JSON client gets the settings."""
+    ext = extension()
+    data = _checkout_data()
+    wallet = _checkout_wallet(data)
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key", data)
+    enabled = data.get("enabled", False)
+    if not request.is_json:
+        enabled = str(enabled).lower() in ("1", "true", "on", "yes")
+    cap = data.get("monthly_cap")
+    if cap in (None, "") and "monthly_cap_amount" in data:
+        cap = _minor_units(data.get("monthly_cap_amount"), ext.settings.currency)
+    try:
+        found = auto_top_up.configure(
+            ext,
+            wallet,
+            enabled=enabled,
+            threshold=data.get("threshold"),
+            monthly_cap=cap,
+            pack=data.get("pack") or None,
+            quantity=data.get("quantity") or None,
+        )
+    except auto_top_up.BadAutoTopUp as exc:
+        return _error(400, "bad_request", str(exc), data)
+    except auto_top_up.CardRequired as exc:
+        return _error(409, "card_required", str(exc), data)
+    if wants_json():
+        return jsonify(auto_top_up=found.to_dict())
+    return redirect(urls.external_url("credits.index"), 303)
+
+
+@blueprint.post("/auto-top-up/card")
+def auto_top_up_card() -> ResponseReturnValue:
+    """Save a card for the wallet's auto top-up through a Stripe Checkout Session in ``setup`` mode
+    (``key_id`` as for checkout): a browser form gets a 303 redirect to Stripe, a JSON client
+    ``{"id", "url"}``. Stripe's ``checkout.session.completed`` keeps the card."""
+    ext = extension()
+    data = _checkout_data()
+    wallet = _checkout_wallet(data)
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key", data)
+    page = urls.external_url("credits.index")
+    try:
+        session = auto_top_up.start_card_setup(ext, wallet, success_url=page, cancel_url=page)
+    except PaymentProviderError as exc:
+        return _error(502, "payment_provider_error", exc.user_message, data)
+    if wants_json():
+        return jsonify(id=session["id"], url=session["url"])
     return redirect(session["url"], 303)
 
 

@@ -10,6 +10,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from ..errors import CreditsError
+from ..services import auto_top_up
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
@@ -185,3 +186,24 @@ def expire_command() -> None:
     click.echo(
         f"deleted {deleted} expired idempotency keys; returned the credits of {returned} unfinished requests"
     )
+
+
+@credits_cli.command("top-up")
+@click.option(
+    "--due",
+    is_flag=True,
+    required=True,
+    help="Do what is due: required, so that running it is never an accident.",
+)
+def top_up_command(due: bool) -> None:
+    """Auto top-up's sweep (run it from cron, like `expire`): make the Stripe call of every automatic
+    purchase a dead worker left (with the same idempotency key, so Stripe charges once), give up on
+    those older than Stripe keeps a key, and start the purchases of crossings nobody acted on."""
+    counts = auto_top_up.sweep(_ext())
+    if not _ext().settings.auto_top_up:
+        click.echo("auto top-up is off (CREDITS_AUTO_TOP_UP = False): nothing done")
+        return
+    if not counts:
+        click.echo("nothing due")
+        return
+    click.echo(", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
