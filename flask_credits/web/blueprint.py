@@ -296,7 +296,26 @@ def portal() -> ResponseReturnValue:
 # -- auto top-up -----------------------------------------------------------------------------------------
 
 #: Currencies without minor units (Stripe's zero-decimal currencies): their amounts are whole units.
-ZERO_DECIMAL = frozenset(["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"])
+ZERO_DECIMAL = frozenset(
+    [
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    ]
+)
 
 
 def _minor_units(text: object, currency: str) -> object:
