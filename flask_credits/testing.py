@@ -20,6 +20,7 @@ import json
 import secrets
 import threading
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from flask import current_app
 
@@ -31,6 +32,7 @@ from .services.stripe_objects import (
     dispute,
     event,
     invoice,
+    payment_intent,
     session_of,
     subscription,
     subscription_session,
@@ -51,12 +53,15 @@ __all__ = [
     "event",
     "invoice",
     "mock_create_customer",
+    "mock_create_payment_intent",
     "mock_create_portal_session",
     "mock_create_session",
     "mock_expire_session",
     "mock_find_session",
     "mock_invoice_payments",
     "mock_retrieve_session",
+    "mock_setup_card",
+    "payment_intent",
     "post_event",
     "session_for",
     "sign",
@@ -251,6 +256,91 @@ def mock_find_invoice(
             )
         ],
     )
+
+
+def mock_create_payment_intent(
+    rsps: responses.RequestsMock, outcome: str = "succeeded", *, status: int | None = None
+) -> list[dict[str, Any]]:
+    """Answer ``POST /v1/payment_intents`` as Stripe does for an off-session payment: ``outcome``
+    "succeeded", "declined" (402 ``card_error`` naming the PaymentIntent), "requires_action" (402
+    ``authentication_required``), "processing", or ``status`` 500 (a Stripe failure). The same
+    Idempotency-Key gets the same PaymentIntent. Returns the list of requests it answered, each
+    ``{"key", "params", "intent"}``, in order."""
+    import responses as responses_lib
+
+    answered: list[dict[str, Any]] = []
+    by_key: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def reply(request: Any) -> tuple[int, dict[str, str], str]:
+        body = request.body.decode() if isinstance(request.body, bytes) else request.body or ""
+        params = dict(parse_qsl(body, keep_blank_values=True))
+        key = str(request.headers.get("Idempotency-Key"))
+        metadata = {k[9:-1]: v for k, v in params.items() if k.startswith("metadata[")}
+        with lock:
+            if status is not None:
+                answered.append({"key": key, "params": params, "intent": None})
+                error = {"type": "api_error", "message": "Something went wrong."}
+                return status, {"Request-Id": "req_test"}, json.dumps({"error": error})
+            intent = by_key.get(key)
+            if intent is None:
+                intent = by_key[key] = payment_intent(
+                    amount=int(params["amount"]),
+                    currency=params["currency"],
+                    status={"declined": "requires_payment_method"}.get(outcome, outcome),
+                    metadata=metadata,
+                    payment_method=params.get("payment_method"),
+                    customer=params.get("customer"),
+                    decline_code="generic_decline" if outcome == "declined" else None,
+                )
+            answered.append({"key": key, "params": params, "intent": intent})
+        if outcome in ("declined", "requires_action"):
+            code = "card_declined" if outcome == "declined" else "authentication_required"
+            declined: dict[str, Any] = {
+                "type": "card_error",
+                "code": code,
+                "message": "Your card was declined." if outcome == "declined" else "Authentication required.",
+                "payment_intent": intent,
+            }
+            return 402, {"Request-Id": "req_test"}, json.dumps({"error": declined})
+        return 200, {"Request-Id": "req_test"}, json.dumps(intent)
+
+    rsps.add_callback(responses_lib.POST, f"{STRIPE_API}/v1/payment_intents", callback=reply)
+    return answered
+
+
+def mock_setup_card(
+    rsps: responses.RequestsMock,
+    session_id: str,
+    *,
+    customer: str,
+    payment_method: str = "pm_test_visa",
+    brand: str = "visa",
+    last4: str = "4242",
+) -> None:
+    """Answer ``GET /v1/checkout/sessions/<id>?expand[]=setup_intent.payment_method`` for a completed
+    setup-mode session that saved a card."""
+    import responses as responses_lib
+
+    session = {
+        "id": session_id,
+        "object": "checkout.session",
+        "mode": "setup",
+        "status": "complete",
+        "customer": customer,
+        "setup_intent": {
+            "id": "seti_" + secrets.token_hex(8),
+            "object": "setup_intent",
+            "status": "succeeded",
+            "payment_method": {
+                "id": payment_method,
+                "object": "payment_method",
+                "type": "card",
+                "card": {"brand": brand, "last4": last4, "exp_month": 12, "exp_year": 2030},
+            },
+        },
+    }
+    rsps.add(responses_lib.GET, f"{STRIPE_API}/v1/checkout/sessions/{session_id}", json=session)
 
 
 def mock_create_customer(

@@ -291,7 +291,13 @@ def trigger(ext: FlaskCredits, wallet: Wallet, entry: Entry) -> int | None:
             spent + offer.amount <= a.c.monthly_cap,
             debt <= offer.credits,
         )
-        .values(crossing_entry_id=entry.id, month=month, month_spent=spent + offer.amount, updated_at=now)
+        # month_spent before month: MySQL and MariaDB evaluate SET left to right, with the new values.
+        .ordered_values(
+            (a.c.month_spent, spent + offer.amount),
+            (a.c.month, month),
+            (a.c.crossing_entry_id, entry.id),
+            (a.c.updated_at, now),
+        )
     )
 
     def tx(conn: Connection) -> int | None:
@@ -416,8 +422,11 @@ def charge(ext: FlaskCredits, purchase_id: int) -> str:
         "off_session": True,
         "confirm": True,
         "description": f"{int(row.credits)} credits (auto top-up)",
-        "metadata": {"userId": wallet.user_id, "keyId": wallet.key_id or "", PURCHASE: str(purchase_id)},
+        # No empty keyId: Stripe treats an empty metadata value as "unset".
+        "metadata": {"userId": wallet.user_id, PURCHASE: str(purchase_id)},
     }
+    if wallet.key_id:
+        params["metadata"]["keyId"] = wallet.key_id
     if customer:
         params["customer"] = customer
     try:

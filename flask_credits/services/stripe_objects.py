@@ -268,6 +268,44 @@ def invoice(
     return found
 
 
+def payment_intent(
+    intent_id: str | None = None,
+    *,
+    amount: int,
+    currency: str = "usd",
+    status: str = "succeeded",
+    metadata: dict[str, str] | None = None,
+    payment_method: str | None = "pm_test_card",
+    customer: str | None = None,
+    decline_code: str | None = None,
+) -> dict[str, Any]:
+    """A PaymentIntent as ``payment_intent.*`` events and ``POST /v1/payment_intents`` give it:
+    ``requires_payment_method`` with a ``last_payment_error`` when ``decline_code`` is given (a
+    declined card), ``requires_action`` when the bank wants the customer (3-D Secure)."""
+    error = None
+    if decline_code is not None:
+        status = "requires_payment_method"
+        error = {
+            "type": "card_error",
+            "code": "card_declined",
+            "decline_code": decline_code,
+            "message": "Your card was declined.",
+        }
+    return {
+        "id": intent_id or _id("pi"),
+        "object": "payment_intent",
+        "amount": amount,
+        "amount_received": amount if status == "succeeded" else 0,
+        "currency": currency,
+        "status": status,
+        "customer": customer,
+        "payment_method": payment_method,
+        "metadata": metadata or {},
+        "last_payment_error": error,
+        "livemode": False,
+    }
+
+
 def event(
     event_type: str,
     obj: dict[str, Any],
