@@ -288,6 +288,16 @@ def test_a_failed_automatic_payment_turns_auto_top_up_off_once(credits, stripe, 
     again = credits.set_auto_top_up("alice", enabled=True, threshold=300, monthly_cap=10_000, pack="small")
     assert (again.enabled, again.failure) == (True, None)
     assert credits.balance("alice") == 200
+    # Stripe's event about the old failure, delivered again late, leaves it on.
+    late = testing.post_event(credits_client(credits), testing.event(event_type, calls[0]["intent"]))
+    assert late.json["outcome"] == "unchanged"
+    assert credits.auto_top_up("alice").enabled
+    stripe.remove("POST", INTENTS)
+    paid = testing.mock_create_payment_intent(stripe)
+    credits.grant("alice", 500, reason="support")  # 700
+    spend(credits, 500)
+    assert len(paid) == 1
+    assert credits.balance("alice") == 700
 
 
 def test_stripe_unreachable_leaves_the_purchase_to_the_sweep_with_the_same_key(credits, stripe, clock, app):
@@ -617,3 +627,17 @@ def test_a_worker_killed_after_the_trigger_is_recovered_by_the_sweep_with_the_sa
         assert len(fake_stripe.intents) == 1  # Stripe made (and would charge) one PaymentIntent
         assert credits.balance("alice") == 700
         assert credits.audit() == []
+
+
+def test_the_cli_shows_a_wallets_auto_top_up(app, credits):
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["credits", "auto-top-up", "alice"]).output.strip() == "no auto top-up"
+    turn_on(credits, threshold=300, cap=2000)
+    shown = runner.invoke(args=["credits", "auto-top-up", "alice"]).output.strip().split("\t")
+    assert shown == [
+        "on",
+        "below 300 credits",
+        "buys pack small (500 credits for 500 usd)",
+        "0 of 2000 usd this month",
+        "card visa 4242",
+    ]

@@ -391,11 +391,11 @@ class Ledger:
         *,
         top_up_below: int | _Keep | None = KEEP,
         low_below: int | _Keep | None = KEEP,
-        in_tx: Callable[[Connection, int], None] | None = None,
+        in_tx: Callable[[Connection, int], Limits | None] | None = None,
     ) -> int:
         """Set the wallet's thresholds (``KEEP`` leaves one as it is), creating the wallet if needed;
-        ``in_tx(conn, wallet_id)`` runs in the same transaction, with the wallet row locked. Returns
-        the wallet's id."""
+        ``in_tx(conn, wallet_id)`` runs in the same transaction, with the wallet row locked, and may
+        return the thresholds to set instead (decided by what it found). Returns the wallet's id."""
         w = self.t.wallets
         values: dict[str, Any] = {}
         if not isinstance(top_up_below, _Keep):
@@ -408,10 +408,14 @@ class Ledger:
             locked = self._lock_wallet(conn, sa.and_(*self._owner(wallet)), now)
             if locked is None:
                 return None
-            if values:
-                conn.execute(sa.update(w).where(w.c.id == locked.id).values(values))
-            if in_tx is not None:
-                in_tx(conn, int(locked.id))
+            decided = None if in_tx is None else in_tx(conn, int(locked.id))
+            changes = (
+                values
+                if decided is None
+                else {"top_up_below": decided.top_up_below, "low_below": decided.low_below}
+            )
+            if changes:
+                conn.execute(sa.update(w).where(w.c.id == locked.id).values(changes))
             return int(locked.id)
 
         found = self.db.run(tx)

@@ -548,7 +548,7 @@ def fail(ext: FlaskCredits, purchase_id: int, reason: str, *, payment_intent: st
     """An automatic purchase failed: mark it, give its amount back to the month's cap, turn auto
     top-up off for the wallet with ``reason`` (shown on the credits page) and send
     ``auto_top_up_failed``; once (False when it was no longer in flight)."""
-    p, a = ext.tables.purchases, ext.tables.auto_top_ups
+    p, a, w = ext.tables.purchases, ext.tables.auto_top_ups, ext.tables.wallets
     row = _purchase_row(ext, purchase_id)
     if row is None:
         return False
@@ -556,7 +556,7 @@ def fail(ext: FlaskCredits, purchase_id: int, reason: str, *, payment_intent: st
     now = ext.database.now()
     failed = [False]
 
-    def in_tx(conn: Connection, wallet_id: int) -> None:
+    def in_tx(conn: Connection, wallet_id: int) -> Limits | None:
         moved = conn.execute(
             sa.update(p)
             .where(p.c.id == purchase_id, p.c.status.in_(("creating", "open")))
@@ -564,7 +564,8 @@ def fail(ext: FlaskCredits, purchase_id: int, reason: str, *, payment_intent: st
         )
         failed[0] = moved.rowcount == 1
         if not failed[0]:
-            return
+            return None  # no longer in flight: nothing changes (auto top-up may be on again)
+        low = conn.execute(sa.select(w.c.low_below).where(w.c.id == wallet_id)).scalar_one()
         month = _month(row.created_at)
         conn.execute(
             sa.update(a)
@@ -583,8 +584,9 @@ def fail(ext: FlaskCredits, purchase_id: int, reason: str, *, payment_intent: st
                 updated_at=now,
             )
         )
+        return Limits(top_up_below=None, low_below=None if low is None else int(low))
 
-    ext.ledger.set_limits(wallet, top_up_below=None, in_tx=in_tx)
+    ext.ledger.set_limits(wallet, in_tx=in_tx)
     if failed[0]:
         log.warning("automatic purchase %s of %s failed: %s; auto top-up is off", purchase_id, wallet, reason)
         ext.emit(signals.auto_top_up_failed, wallet=wallet, purchase=find(ext, id=purchase_id), reason=reason)

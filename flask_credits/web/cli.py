@@ -188,6 +188,35 @@ def expire_command() -> None:
     )
 
 
+@credits_cli.command("auto-top-up")
+@click.argument("user")
+@_key
+def auto_top_up_command(user: str, key_id: str | None) -> None:
+    """Show USER's wallet's auto top-up: on or off (and why), threshold, what it buys, the month's cap
+    and what was bought, the saved card."""
+    _known(user, key_id)
+    try:
+        found = _ext().auto_top_up(user, key_id)
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if found is None:
+        click.echo("no auto top-up")
+        return
+    buys = f"pack {found.pack}" if found.pack else f"{found.quantity} units"
+    line = [
+        "on" if found.enabled else "off",
+        f"below {found.threshold} credits",
+        f"buys {buys} ({found.credits} credits for {found.amount} {found.currency})",
+        f"{found.spent_this_month} of {found.monthly_cap} {found.currency} this month",
+        f"card {found.card_brand} {found.card_last4}" if found.has_card else "no card",
+    ]
+    if found.in_flight:
+        line.append("a purchase in flight")
+    if found.failure:
+        line.append(f"turned off: {found.failure}")
+    click.echo("\t".join(line))
+
+
 @credits_cli.command("top-up")
 @click.option(
     "--due",
