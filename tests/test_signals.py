@@ -92,4 +92,7 @@ def test_signal_names_are_kebab_case_in_one_namespace():
         "plan-renewed",
         "plan-changed",
         "plan-cancelled",
+        "credits-low",
+        "auto-top-up-started",
+        "auto-top-up-failed",
     }
