@@ -19,10 +19,11 @@ Config keys of its own: ``PERSONA_COST`` (credits per persona, default 5), ``STO
 reserved before a story starts streaming, default 10; the hold grows while the story runs past it),
 ``STORY_WORDS_PER_CREDIT`` (a story is charged one credit per this many words streamed, a shorter last
 chunk counting whole, default 10), ``STORY_CHUNK_DELAY`` (seconds between two chunks of a story, the
-pace of a language model, default 0.05; 0 in testing), ``LOW_BALANCE_THRESHOLD``
-(warn below this balance, default 10), ``LOGIN_LIMIT_PER_IP`` and ``LOGIN_LIMIT_PER_USERNAME`` (posts
-of the login or sign-up form, flask-limiter notation, default "10 per minute" and "5 per minute"); Flask's
-``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or not).
+pace of a language model, default 0.05; 0 in testing), ``LOW_BALANCE_THRESHOLD`` (warn when a debit
+takes the balance below this, default 10; it sets ``CREDITS_LOW_BALANCE``), ``LOGIN_LIMIT_PER_IP`` and
+``LOGIN_LIMIT_PER_USERNAME`` (posts of the login or sign-up form, flask-limiter notation, default "10 per
+minute" and "5 per minute"); Flask's ``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or
+not). The packs on the credits page are :data:`PACKS` unless ``CREDITS_PACKS`` is set.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ FROM_ENVIRONMENT = (
     "CONTENT_SECURITY_POLICY",
     *(f"PROXY_FIX_{name.upper()}" for name in deployment.PROXY_FIX_KEYS),
 )
+#: The packs on the credits page, priced in CREDITS_CURRENCY (cents): an ``amount`` rather than a Stripe
+#: Price, so they sell in either mode without setting up Prices, and auto top-up can buy them.
+PACKS = {
+    "small": {"credits": 500, "amount": 500, "name": "Small"},
+    "large": {"credits": 2000, "amount": 1800, "name": "Large"},
+}
 #: The plans offered with the simulated Stripe (its made-up Price ids).
 SIMULATED_PLANS = {
     "starter": {"price": "price_sim_starter", "credits": 500, "name": "Starter"},
@@ -80,6 +87,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.from_mapping({name: os.environ[name] for name in FROM_ENVIRONMENT if os.environ.get(name)})
     app.config.update(config or {})
+    app.config.setdefault("CREDITS_PACKS", PACKS)
+    # The low-balance warning (notifications.warn_when_low) is flask_credits' credits_low signal.
+    app.config.setdefault("CREDITS_LOW_BALANCE", app.config["LOW_BALANCE_THRESHOLD"])
     development = app.debug or app.testing
     if app.testing and "STORY_CHUNK_DELAY" not in (config or {}):
         app.config["STORY_CHUNK_DELAY"] = 0  # tests wait for nothing

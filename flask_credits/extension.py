@@ -489,6 +489,7 @@ class FlaskCredits:
                     "credits_simulated.checkout", session_id=session_id
                 ),
                 portal_url=lambda: urls.external_url("credits_simulated.portal"),
+                setup_url=lambda key_id: urls.external_url("credits_simulated.card_setup", key_id=key_id),
             )
         if not found.stripe_secret_key:
             log.error("STRIPE_SECRET_KEY is not set: checkout is unavailable")

@@ -340,7 +340,7 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     assert page.balance() == 100
     page.screenshot(screenshots, "purchase-success")
 
-    # Spend them, 5 at a time, until the balance is too low; the app warns below 10.
+    # Spend them, 5 at a time, until the balance is too low; the app warns once, as it falls below 10.
     page.open("/personas")
     page.fill("#seed", "lighthouse")  # the result page keeps the seed in the form for the next one
     for expected in range(100 - COST, -1, -COST):
@@ -350,7 +350,7 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
         assert shown["heading"] not in ("Not enough credits", "Generate a persona"), shown  # a persona
         assert shown["balance"] == str(expected), shown
         warning = f"You have {expected} credits left. Buy more before you run out."
-        assert (warning in shown["flashes"]) == (expected < 10), shown
+        assert (warning in shown["flashes"]) == (expected == 10 - COST), shown
     page.generate_persona()
     assert_insufficient(page, 0)
 
@@ -562,3 +562,103 @@ def test_a_plan_grants_its_allowance_and_renewing_replaces_it(page, monkeypatch)
     assert page.balance() == 500
     # The new period follows the first one.
     assert page.testid("plan-renewal") == f"Renews on {(start + timedelta(days=60)).strftime('%Y-%m-%d')}."
+
+
+def turn_on_auto_top_up(page: Page, threshold: int, pack: str, cap: str) -> None:
+    """On the credits page, with a card saved: auto top-up of the account on."""
+    page.fill("#credits-atu-threshold-1", str(threshold))
+    Select(page.find("#credits-atu-pack-1")).select_by_value(pack)
+    page.fill("#credits-atu-cap-1", cap)
+    enabled = page.find('.credits-auto-top-up-form input[name="enabled"]')
+    if not enabled.is_selected():
+        enabled.click()
+    page.press("Save auto top-up")
+    assert page.path == "/credits/"
+
+
+def spend_below(page: Page, personas: int) -> None:
+    page.open("/personas")
+    for _ in range(personas):
+        page.generate_persona("lighthouse")
+        assert page.status == 200
+
+
+def poll_credits_page(page: Page, until: Any) -> None:
+    """Reload the credits page until ``until(page)``: the automatic purchase's Stripe call runs on a
+    worker thread after the response. Bounded by TIMEOUT."""
+
+    def reloaded(_: object) -> bool:
+        page.open("/credits/")
+        return bool(until(page))
+
+    page.wait().until(reloaded, message="the credits page never showed the automatic purchase's outcome")
+
+
+def test_auto_top_up_refills_the_balance_from_the_saved_card(page, screenshots):
+    page.sign_up("katherine")
+    page.nav("Buy credits")
+    page.start_checkout(quantity=1)
+    page.press("Pay")
+    assert page.balance() == 100
+
+    # Save the simulated card that pays, through the simulated setup-mode Checkout.
+    page.nav("Buy credits")
+    assert page.testid("auto-top-up-status") == "Off."
+    assert page.testid("auto-top-up-card") == "No card saved yet: save one to turn auto top-up on."
+    page.press("Save a card")
+    assert page.path == "/credits/simulated-setup", page.path
+    assert page.heading == "Simulated Stripe Checkout"
+    page.press("Save Visa ending 4242")
+    assert page.path == "/credits/"
+    assert page.testid("auto-top-up-card") == "Card: Visa ending 4242."
+
+    # On: below 90 credits, buy the Small pack; at most 20.00 USD a month.
+    turn_on_auto_top_up(page, threshold=90, pack="small", cap="20")
+    assert page.testid("auto-top-up-status") == (
+        "On: when the balance falls below 90 credits, buy 500 credits (Small) for 5.00 USD."
+    )
+    assert page.testid("auto-top-up-cap") == (
+        "Monthly cap: 20.00 USD; 0.00 USD spent on automatic purchases this month."
+    )
+
+    spend_below(page, 3)  # 95, 90, then 85: below 90
+    poll_credits_page(page, lambda p: p.balance() == 85 + 500)
+    assert page.testid("auto-top-up-cap") == (
+        "Monthly cap: 20.00 USD; 5.00 USD spent on automatic purchases this month."
+    )
+    assert page.testid("auto-top-up-status").startswith("On:")
+    assert "Purchase: auto top-up" in page.find("main table tbody").text
+    page.screenshot(screenshots, "auto-top-up")
+
+    console = [entry["message"] for entry in page.driver.get_log("browser")]
+    assert not [message for message in console if "Content Security Policy" in message], console
+
+
+def test_a_declined_automatic_payment_turns_auto_top_up_off_and_says_why(page):
+    page.sign_up("dorothy")
+    page.nav("Buy credits")
+    page.start_checkout(quantity=1)
+    page.press("Pay")
+    page.nav("Buy credits")
+    page.press("Save a card")
+    page.press("Save Visa ending 4242")
+    turn_on_auto_top_up(page, threshold=90, pack="small", cap="20")
+
+    # The simulated Stripe's switch: the card saved now is one the bank declines.
+    page.press("Next payment is declined")
+    assert page.path == "/credits/"
+    assert page.testid("auto-top-up-card") == "Card: Visa ending 0002."
+    assert page.testid("auto-top-up-status").startswith("On:")
+
+    spend_below(page, 3)
+    poll_credits_page(page, lambda p: p.testid("auto-top-up-status") == "Off.")
+    assert page.balance() == 85  # nothing bought
+    failure = page.testid("auto-top-up-failure")
+    assert failure.startswith(
+        "Auto top-up was turned off because the last automatic payment failed: Your card was declined."
+    ), failure
+    assert "buy credits by hand above" in failure
+    assert page.find('[data-testid="auto-top-up-failure"]').get_attribute("role") == "alert"
+    assert page.testid("auto-top-up-cap") == (
+        "Monthly cap: 20.00 USD; 0.00 USD spent on automatic purchases this month."
+    )

@@ -159,9 +159,35 @@ def test_low_balance_is_logged_and_shown(app, client, caplog):
     assert f"low balance: wallet user {uid} has 9 credits left" in caplog.text
     assert "You have 9 credits left." in page
 
-    make_persona(client)  # 4 left
+    # credits_low: once as the balance falls below the threshold, not on every debit under it.
+    page = make_persona(client).get_data(as_text=True)  # 4 left
+    assert "credits left." not in page
+    assert caplog.text.count("low balance:") == 1
     make_persona(client)  # refused
     assert f"insufficient credits: wallet user {uid} needs 5, holds 4" in caplog.text
+
+    grant(app, uid, 20)  # 24: above again, so the next fall warns again
+    make_persona(client)  # 19
+    make_persona(client)  # 14
+    assert caplog.text.count("low balance:") == 1
+    page = make_persona(client).get_data(as_text=True)  # 9
+    assert caplog.text.count("low balance:") == 2
+    assert "You have 9 credits left." in page
+
+
+def test_the_low_balance_threshold_is_flask_credits_low_balance(empty_database):
+    assert build_example_app(empty_database).config["CREDITS_LOW_BALANCE"] == 10
+    app = build_example_app(empty_database, LOW_BALANCE_THRESHOLD=50)
+    assert app.config["CREDITS_LOW_BALANCE"] == 50
+    with app.app_context():
+        assert app.extensions["credits"].settings.low_balance == 50
+
+
+def test_the_example_sells_packs_that_auto_top_up_can_buy(empty_database):
+    app = build_example_app(empty_database)
+    with app.app_context():
+        packs = app.extensions["credits"].settings.packs
+    assert [(p.id, p.credits, p.amount) for p in packs] == [("small", 500, 500), ("large", 2000, 1800)]
 
 
 # -- API keys ---------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 
-from ..records import Purchase
-from . import customers, plans, purchases, stripe_objects, webhooks
+from ..records import Purchase, Wallet
+from . import auto_top_up, customers, plans, purchases, stripe_objects, webhooks
 from .simulated_mode import check_allowed, webhook_secret
 from .stripe_gateway import PaymentProviderError, sign
 
@@ -61,16 +61,32 @@ class SimulatedStripe:
     """Stands in for :class:`flask_credits.stripe_api.LiveStripe`; its state is the purchase rows."""
 
     def __init__(
-        self, ext: FlaskCredits, page_url: Callable[[str], str], portal_url: Callable[[], str]
+        self,
+        ext: FlaskCredits,
+        page_url: Callable[[str], str],
+        portal_url: Callable[[], str],
+        setup_url: Callable[[str | None], str],
     ) -> None:
         self.ext = ext
         #: The absolute URL of the simulated checkout page of a session id (the HTTP layer's).
         self.page_url = page_url
         #: The absolute URL of the simulated Billing Portal (it shows the logged-in user's customer).
         self.portal_url = portal_url
+        #: The absolute URL of the simulated page that saves a card for a wallet (by its key id, None
+        #: for the account's own); the page acts for the logged-in user only.
+        self.setup_url = setup_url
 
     def create_checkout_session(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
         check_allowed(current_app)
+        if params.get("mode") == "setup":
+            # No card yet: the page names the card chosen in the id of the session it completes.
+            key_id = (params.get("metadata") or {}).get("keyId") or None
+            return {
+                "id": "cs_sim_setup_" + secrets.token_hex(12),
+                "object": "checkout.session",
+                "mode": "setup",
+                "url": self.setup_url(key_id),
+            }
         session_id = "cs_sim_" + secrets.token_hex(12)
         total = 0
         prices = {p.price: p.amount for p in self.ext.settings.packs if p.price}
@@ -168,6 +184,23 @@ class SimulatedStripe:
             if session_id.startswith(f"cs_sim_setup_{payment_method}_"):
                 return {"payment_method": payment_method, "brand": brand, "last4": last4, "customer": None}
         return None
+
+    def save_card(self, wallet: Wallet, payment_method: str) -> None:
+        """The customer saved the simulated card ``payment_method`` (one of :data:`CARDS`) for the
+        wallet's auto top-up: its setup-mode Checkout Session completes, as Stripe tells it."""
+        if payment_method not in CARDS:
+            raise PaymentProviderError("invalid_request", "No such simulated card.")
+        metadata = {
+            "userId": wallet.user_id,
+            "keyId": wallet.key_id or "",
+            "purpose": auto_top_up.SETUP_PURPOSE,
+        }
+        session = stripe_objects.setup_session(
+            f"cs_sim_setup_{payment_method}_{secrets.token_hex(12)}",
+            customer=customers.stored(self.ext, wallet.user_id),
+            metadata=metadata,
+        )
+        self.deliver("checkout.session.completed", session)
 
     def invoice_payment_intent(self, invoice_id: str) -> str | None:
         return None  # the simulated Stripe's invoices name their PaymentIntent in ``payments``

@@ -131,6 +131,25 @@ def subscription_session(
     }
 
 
+def setup_session(session_id: str, *, customer: str | None, metadata: dict[str, str]) -> dict[str, Any]:
+    """A completed Checkout Session in ``setup`` mode, as Stripe sends it: no amount, no
+    PaymentIntent, the SetupIntent that saved the card."""
+    return {
+        "id": session_id,
+        "object": "checkout.session",
+        "mode": "setup",
+        "status": "complete",
+        "payment_status": "no_payment_required",
+        "amount_total": None,
+        "currency": None,
+        "customer": customer,
+        "metadata": metadata,
+        "payment_intent": None,
+        "setup_intent": _id("seti"),
+        "url": None,
+    }
+
+
 def subscription(
     subscription_id: str,
     *,

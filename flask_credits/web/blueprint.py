@@ -19,7 +19,7 @@ from .responses import UNAVAILABLE, wants_json
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
-    from ..records import Purchase, Wallet
+    from ..records import AutoTopUp, Purchase, Wallet
 
 #: The package folder: the blueprint's templates and static files live there, where apps expect them.
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -111,6 +111,13 @@ def _page(
     balance, held = _balance_and_held(wallet)
     # No plans, no query: the page of an app that sells only packs is as before plans.
     subscription = plans.current(ext, wallet) if ext.settings.plans else None
+    # (wallet, key label or None, its auto top-up or None) for the wallet and each of its keys; none
+    # while CREDITS_AUTO_TOP_UP turns the feature off.
+    auto_top_ups: list[tuple[Wallet, str | None, AutoTopUp | None]] = []
+    if ext.settings.auto_top_up:
+        named: list[tuple[Wallet, str | None]] = [(wallet, None)]
+        named += [(make_wallet(wallet.user_id, k), label) for k, label, _ in keys]
+        auto_top_ups = [(w, label, auto_top_up.get(ext, w)) for w, label in named]
     return render_template(
         "credits/index.html",
         wallet=wallet,
@@ -127,6 +134,9 @@ def _page(
         # what each key's holds reserve comes beside it.
         keys=keys,
         keys_held=keys_held,
+        auto_top_ups=auto_top_ups,
+        # The simulated Stripe's switches for the next automatic payment are offered beside the card.
+        simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
         next_before=next_before,
         error=error,
@@ -201,7 +211,7 @@ def checkout() -> ResponseReturnValue:
     unfinished checkouts gets 429 ``too_many_open_checkouts`` with ``Retry-After``."""
     ext = extension()
     data = _checkout_data()
-    wallet = _checkout_wallet(data)
+    wallet = requested_wallet(data)
     if wallet is None:
         return _error(400, "bad_request", "unknown API key", data)
     try:
@@ -226,9 +236,10 @@ def checkout() -> ResponseReturnValue:
     return redirect(session["url"], 303)
 
 
-def _checkout_wallet(data: dict[str, Any]) -> Wallet | None:
-    """The wallet a checkout or subscribe request is for: the current one, or one of the user's API
-    keys named in ``key_id`` (None for a key that is not the user's)."""
+def requested_wallet(data: dict[str, Any]) -> Wallet | None:
+    """The wallet a checkout, subscribe or auto top-up request (or the simulated card setup page) is
+    for: the current one, or one of the user's API keys named in ``key_id`` (None for a key that is not
+    the user's)."""
     ext = extension()
     wallet = current_wallet_or_401()
     key_id = data.get("key_id")
@@ -249,7 +260,7 @@ def subscribe() -> ResponseReturnValue:
     which the portal route does not answer)."""
     ext = extension()
     data = _checkout_data()
-    wallet = _checkout_wallet(data)
+    wallet = requested_wallet(data)
     if wallet is None:
         return _error(400, "bad_request", "unknown API key", data)
     try:
@@ -336,7 +347,7 @@ def _minor_units(text: object, currency: str) -> object:
 def auto_top_up_settings() -> ResponseReturnValue:
     """The wallet's auto top-up as JSON (``key_id`` names one of the user's API keys): its settings,
     the saved card and why it was turned off, or ``{"auto_top_up": null}``."""
-    wallet = _checkout_wallet(request.args.to_dict())
+    wallet = requested_wallet(request.args.to_dict())
     if wallet is None:
         return _error(400, "bad_request", "unknown API key")
     found = auto_top_up.get(extension(), wallet)
@@ -351,7 +362,7 @@ def set_auto_top_up() -> ResponseReturnValue:
     browser form goes back to the credits page (303), a JSON client gets the settings."""
     ext = extension()
     data = _checkout_data()
-    wallet = _checkout_wallet(data)
+    wallet = requested_wallet(data)
     if wallet is None:
         return _error(400, "bad_request", "unknown API key", data)
     enabled = data.get("enabled", False)
@@ -386,7 +397,7 @@ def auto_top_up_card() -> ResponseReturnValue:
     ``{"id", "url"}``. Stripe's ``checkout.session.completed`` keeps the card."""
     ext = extension()
     data = _checkout_data()
-    wallet = _checkout_wallet(data)
+    wallet = requested_wallet(data)
     if wallet is None:
         return _error(400, "bad_request", "unknown API key", data)
     page = urls.external_url("credits.index")
@@ -470,29 +481,6 @@ def cancel() -> ResponseReturnValue:
     return render_template("credits/cancel.html")
 
 
-#: Currencies Stripe counts in whole units (no minor unit).
-ZERO_DECIMAL = frozenset(
-    [
-        "bif",
-        "clp",
-        "djf",
-        "gnf",
-        "jpy",
-        "kmf",
-        "krw",
-        "mga",
-        "pyg",
-        "rwf",
-        "ugx",
-        "vnd",
-        "vuv",
-        "xaf",
-        "xof",
-        "xpf",
-    ]
-)
-
-
 @blueprint.app_template_global("format_money")
 def format_money(amount: int, currency: str) -> str:
     """``format_money(1250, "usd")`` -> ``"12.50 USD"`` (minor units, as Stripe counts them)."""
@@ -500,6 +488,12 @@ def format_money(amount: int, currency: str) -> str:
     if currency.lower() in ZERO_DECIMAL:
         return f"{amount} {code}"
     return f"{amount // 100}.{amount % 100:02d} {code}"
+
+
+@blueprint.app_template_global("format_amount")
+def format_amount(amount: int, currency: str) -> str:
+    """``format_amount(5000, "usd")`` -> ``"50.00"``: an amount as a form field takes it back."""
+    return format_money(amount, currency).rsplit(" ", 1)[0]
 
 
 @blueprint.app_template_global("credits_packs")

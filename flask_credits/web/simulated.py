@@ -10,8 +10,14 @@ from flask.typing import ResponseReturnValue
 
 from ..services import customers, plans, purchases
 from ..services.simulated_mode import check_allowed
-from ..services.simulated_stripe import SimulatedStripe
-from .blueprint import current_wallet_or_401, extension, own_purchase, read_body_within_limit
+from ..services.simulated_stripe import CARDS, SimulatedStripe
+from .blueprint import (
+    current_wallet_or_401,
+    extension,
+    own_purchase,
+    read_body_within_limit,
+    requested_wallet,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Row
@@ -93,6 +99,27 @@ def _subscription_checkout(row: Row[Any]) -> ResponseReturnValue:
         gateway.pay_subscription(row, plan)
     elif action != "cancel":
         abort(400, f"cannot {action!r} a plan checkout that is {row.status}")
+    return redirect(url_for("credits.index"), 303)
+
+
+@blueprint.route("/simulated-setup", methods=["GET", "POST"])
+def card_setup() -> ResponseReturnValue:
+    """The simulated setup-mode Checkout: save one of the simulated cards for the auto top-up of the
+    logged-in user's wallet, or of their API key named by ``?key_id=`` (anyone else's: 404). A card
+    completes the session through the real webhook code; both it and Cancel go back to the credits
+    page. The credits page posts here too, to re-save a card that makes the next automatic payment
+    fail or need 3-D Secure."""
+    gateway = _simulated_gateway()
+    wallet = requested_wallet(request.args.to_dict())
+    if wallet is None:
+        abort(404)
+    if request.method == "GET":
+        return render_template("credits/simulated_setup.html", wallet=wallet, cards=CARDS)
+    action = request.form.get("action")
+    if action is not None and action in CARDS:
+        gateway.save_card(wallet, action)
+    elif action != "cancel":
+        abort(400, f"unknown action {action!r}")
     return redirect(url_for("credits.index"), 303)
 
 
