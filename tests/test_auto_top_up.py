@@ -28,6 +28,7 @@ PACKS = {
     "small": {"credits": 500, "amount": 500, "currency": "usd", "name": "Small"},
     "big": {"credits": 5000, "amount": 4000, "currency": "usd", "name": "Big"},
     "priced": {"credits": 900, "price": "price_only", "currency": "usd"},
+    "yen": {"credits": 1000, "amount": 1500, "currency": "jpy", "name": "Yen"},
 }
 INTENTS = f"{testing.STRIPE_API}/v1/payment_intents"
 ALICE = Wallet("alice")
@@ -645,3 +646,12 @@ def test_the_cli_shows_a_wallets_auto_top_up(app, credits):
         "0 of 2000 usd this month",
         "card visa 4242",
     ]
+
+
+def test_a_forms_cap_is_read_in_the_currency_of_what_it_buys(client, login, credits):
+    login("alice")
+    with_card(credits)
+    form = {"enabled": "on", "threshold": "100", "monthly_cap_amount": "3000", "pack": "yen"}
+    assert client.post("/credits/auto-top-up", data=form).status_code == 303
+    found = credits.auto_top_up("alice")
+    assert (found.currency, found.monthly_cap, found.amount) == ("jpy", 3000, 1500)  # yen have no cents

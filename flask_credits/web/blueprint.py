@@ -370,7 +370,10 @@ def set_auto_top_up() -> ResponseReturnValue:
         enabled = str(enabled).lower() in ("1", "true", "on", "yes")
     cap = data.get("monthly_cap")
     if cap in (None, "") and "monthly_cap_amount" in data:
-        cap = _minor_units(data.get("monthly_cap_amount"), ext.settings.currency)
+        # The cap is in the currency of what it buys: the pack's own, else CREDITS_CURRENCY.
+        pack = ext.settings.pack(str(data.get("pack") or ""))
+        currency = pack.currency if pack is not None else ext.settings.currency
+        cap = _minor_units(data.get("monthly_cap_amount"), currency)
     try:
         found = auto_top_up.configure(
             ext,
