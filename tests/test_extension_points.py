@@ -80,4 +80,8 @@ def test_the_simulated_checkout_pages_exist_only_in_simulated_mode(database_url)
         return [rule.rule for rule in app.url_map.iter_rules() if "simulated" in rule.rule]
 
     assert pages(live) == []
-    assert pages(simulated) == ["/credits/simulated-checkout/<session_id>", "/credits/simulated-portal"]
+    assert sorted(pages(simulated)) == [
+        "/credits/simulated-checkout/<session_id>",
+        "/credits/simulated-portal",
+        "/credits/simulated-setup",
+    ]
