@@ -12,6 +12,8 @@ everything around it that the tests need to drive and to break it:
   are never touched, other tests use them;
 * :class:`FakeStripe` is a small Stripe on loopback (the live ``StripeClient`` is pointed at it): it
   creates Checkout Sessions, answers lookups, and can fail on request (500, slow, dropped connection);
+  it also makes the off-session PaymentIntents of auto top-up, one per Idempotency-Key, declining the
+  cards named in ``declined_cards``, and hands each new one to ``on_intent`` (its webhook);
 * :class:`Shop` is the test process's own view of the same database: schema, users, API keys, grants,
   row locks and lock waits, and :meth:`Shop.check`, which compares the database with what the clients
   were told (a :class:`Tally`); :func:`deliver` signs and posts Stripe events.
@@ -72,11 +74,21 @@ WAIT = 30.0
 #: settled by ``flask credits expire``, this soon after it started. Short, so the tests need not wait
 #: long; a scenario whose requests may queue longer than this under load sets a longer one.
 LEASE = 2.0
+#: A crossing not acted on because a later one was acted on first: the request that crossed acts on
+#: its crossing right after its debit commits, so the later one's purchase started soon after it.
+SUPERSEDED_WITHIN = timedelta(seconds=2)
 #: CREDITS_PLANS of the app under test (live mode: these Price ids are the fake Stripe's).
 PLANS = {
     "starter": {"price": "price_load_starter", "credits": 500, "name": "Starter"},
     "pro": {"price": "price_load_pro", "credits": 2000, "name": "Pro"},
 }
+
+
+#: CREDITS_PACKS of the app under test: the pack auto top-up buys in the mixed load.
+TOP_UP_PACKS = {"refill": {"credits": 50, "amount": 50, "currency": "usd", "name": "Refill"}}
+#: The saved cards of auto top-up wallets: the fake Stripe pays with the first and declines the second
+#: (as Stripe's test cards ``pm_card_visa`` and ``pm_card_chargeDeclined`` do).
+CARD, DECLINED_CARD = "pm_card_visa", "pm_card_chargeDeclined"
 
 
 def free_port() -> int:
@@ -138,6 +150,7 @@ def app_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "PERSONA_COST": COST,
         "CREDITS_IDEMPOTENCY_LOCK_TIMEOUT": LEASE,
         "CREDITS_PLANS": PLANS,
+        "CREDITS_PACKS": TOP_UP_PACKS,
         **overrides,
     }
 
@@ -708,6 +721,14 @@ class FakeStripe:
     ``"drop"`` (closes the connection without an answer). ``on_create`` runs before a session is
     created (a test cuts the database there). Every create request is kept in ``creates`` as
     ``(idempotency key, mode)``.
+
+    ``POST /v1/payment_intents`` (auto top-up's off-session payments, ``confirm=true``) makes one
+    PaymentIntent per Idempotency-Key, as Stripe keeps keys: a request with a key already used gets
+    the first answer again. It succeeds, or is declined (402 ``card_error`` naming the PaymentIntent,
+    as Stripe answers) when its payment method is one of ``declined_cards``. Every request is kept in
+    ``intent_requests`` as ``(idempotency key, params)``, every PaymentIntent in ``intents`` by key;
+    ``on_intent(event type, intent)`` gets each new one before it is answered (Stripe sends its
+    ``payment_intent.*`` event whatever happens to the answer).
     """
 
     def __init__(self) -> None:
@@ -720,6 +741,10 @@ class FakeStripe:
         self.customers: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> customer (mode ignored)
         self.invoices: dict[str, dict[str, Any]] = {}  # id -> a paid invoice
         self.invoice_of: dict[str, str] = {}  # PaymentIntent -> the invoice it paid
+        self.declined_cards: set[str] = {DECLINED_CARD}
+        self.on_intent: Callable[[str, dict[str, Any]], None] | None = None
+        self.intent_requests: list[tuple[str | None, dict[str, str]]] = []
+        self.intents: dict[str, tuple[int, dict[str, Any]]] = {}  # Idempotency-Key -> (status, body)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         stripe = self
@@ -740,6 +765,8 @@ class FakeStripe:
                             key, {"id": "cus_test_" + secrets.token_hex(7), "object": "customer"}
                         )
                     return self.reply(200, customer)
+                if urlsplit(self.path).path == "/v1/payment_intents":
+                    return self.reply(*stripe._payment_intent(self.headers.get("Idempotency-Key"), form))
                 if urlsplit(self.path).path != "/v1/checkout/sessions":
                     return self.reply(404, {"error": {"type": "invalid_request_error", "message": "no"}})
                 return stripe._create(self, form)
@@ -847,6 +874,54 @@ class FakeStripe:
                 self.by_key[key] = session
         return handler.reply(200, session)
 
+    def _payment_intent(self, key: str | None, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """An off-session PaymentIntent, confirmed at once: ``(HTTP status, body)``."""
+        from flask_credits import testing
+
+        with self._lock:
+            self.intent_requests.append((key, form))
+            if key is not None and key in self.intents:  # a retry: the first answer, nothing charged
+                return self.intents[key]
+            declined = form.get("payment_method") in self.declined_cards
+            intent = testing.payment_intent(
+                amount=int(form["amount"]),
+                currency=form["currency"],
+                status="requires_payment_method" if declined else "succeeded",
+                metadata={k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")},
+                payment_method=form.get("payment_method"),
+                customer=form.get("customer"),
+                decline_code="generic_decline" if declined else None,
+            )
+            answer: tuple[int, dict[str, Any]] = (200, intent)
+            if declined:
+                error = {
+                    "type": "card_error",
+                    "code": "card_declined",
+                    "decline_code": "generic_decline",
+                    "message": "Your card was declined.",
+                    "payment_intent": intent,
+                }
+                answer = (402, {"error": error})
+            self.intents[key or intent["id"]] = answer
+        if self.on_intent is not None:
+            self.on_intent(
+                "payment_intent.payment_failed" if declined else "payment_intent.succeeded", intent
+            )
+        return answer
+
+    def payment_intents_of(
+        self, users: set[str]
+    ) -> tuple[list[tuple[str | None, dict[str, str]]], dict[str, tuple[int, dict[str, Any]]]]:
+        """The PaymentIntent requests and PaymentIntents whose ``metadata[userId]`` is one of ``users``."""
+        with self._lock:
+            requests = [r for r in self.intent_requests if r[1].get("metadata[userId]") in users]
+            intents = {
+                key: answer
+                for key, answer in self.intents.items()
+                if _intent(answer[1])["metadata"].get("userId") in users
+            }
+        return requests, intents
+
     def pay(self, session_id: str) -> dict[str, Any]:
         """The customer paid: the session is complete and has a payment intent. Returns a copy."""
         with self._lock:
@@ -899,6 +974,22 @@ class PaidInvoice:
     credits: int  # the allowance of the plan the invoice charged for
     amount: int
     refunded: int = 0  # highest cumulative amount_refunded sent
+
+
+@dataclass
+class AutoTopUpWallet:
+    """A wallet with auto top-up on in the load: its settings, as set before it started."""
+
+    wallet: str
+    threshold: int
+    credits: int  # what its pack buys
+    amount: int  # what its pack costs, in cents
+    cap: int  # the monthly cap, in cents
+    card: str  # the saved payment method: the fake Stripe declines DECLINED_CARD
+
+    @property
+    def declines(self) -> bool:
+        return self.card == DECLINED_CARD
 
 
 #: The error code of each answer a request with an Idempotency-Key may get instead of a run or replay.
@@ -959,6 +1050,15 @@ class Tally:
     # Every story streamed. A wallet's stories come from one client, one after the other, so its
     # holds in id order are its stories answered 200, in order (``Shop.check_streams``).
     streams: list[Streamed] = field(default_factory=list)
+    # Auto top-up: the wallets it is on for (by name), the most automatic purchases seen in flight at
+    # once per wallet, what ``flask credits top-up --due`` said afterwards, and what the fake Stripe
+    # was asked about these wallets: every PaymentIntent request ``(Idempotency-Key, params)`` and
+    # every PaymentIntent it made (key -> its answer, ``(status, body)``).
+    auto: dict[str, AutoTopUpWallet] = field(default_factory=dict)
+    in_flight_seen: Counter[str] = field(default_factory=Counter)
+    sweep: str = ""
+    intent_requests: list[tuple[str | None, dict[str, str]]] = field(default_factory=list)
+    intents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1033,6 +1133,80 @@ class Shop:
                     updated_at=now,
                 )
             )
+
+    def auto_top_up(
+        self, wallet: Wallet, tally: Tally, *, threshold: int, packs_a_month: int, card: str = CARD
+    ) -> None:
+        """Save ``card`` for the wallet (as a setup-mode Checkout Session would) and turn auto top-up
+        on: buy TOP_UP_PACKS' pack when a debit takes it below ``threshold``, at most
+        ``packs_a_month`` of them a month. The wallet's user gets a Stripe Customer first."""
+        from flask_credits import Wallet as CreditsWallet
+        from flask_credits.services import auto_top_up
+
+        ((pack_id, pack),) = TOP_UP_PACKS.items()
+        cap = packs_a_month * int(pack["amount"])
+        self.with_customer(wallet)
+        with self.app.app_context():
+            owner = CreditsWallet(wallet.user_id, wallet.key_id)
+            auto_top_up.save_card(self.credits, owner, payment_method=card, brand="visa", last4="4242")
+            self.credits.set_auto_top_up(
+                wallet.user_id,
+                wallet.key_id,
+                enabled=True,
+                threshold=threshold,
+                monthly_cap=cap,
+                pack=pack_id,
+            )
+        tally.auto[wallet.name] = AutoTopUpWallet(
+            wallet.name, threshold, int(pack["credits"]), int(pack["amount"]), cap, card
+        )
+
+    def in_flight(self, wallets: list[Wallet]) -> Counter[str]:
+        """Automatic purchases in flight (``creating`` or ``open``) per wallet, in one statement: one
+        snapshot of the database."""
+        p, w = self.credits.tables.purchases, self.credits.tables.wallets
+        query = (
+            sa.select(w.c.user_id, w.c.key_id, sa.func.count())
+            .join(p, p.c.wallet_id == w.c.id)
+            .where(
+                p.c.automatic.is_(True),
+                p.c.status.in_(["creating", "open"]),
+                w.c.key_id.in_([x.key_id for x in wallets]),
+            )
+            .group_by(w.c.user_id, w.c.key_id)
+        )
+        with self.engine.connect() as conn:
+            return Counter({f"{u}/{k}": int(n) for u, k, n in conn.execute(query)})
+
+    def top_up_due(self, stripe: FakeStripe, tally: Tally) -> None:
+        """What cron does after the load: ``flask credits top-up --due`` once, through the CLI, with
+        the app's config as served (its Stripe is the fake one), to finish any automatic purchase a
+        killed or slow worker left, and act on any crossing nobody acted on. Then takes what the fake
+        Stripe was asked about the tally's auto top-up wallets into the tally."""
+        env = {
+            **os.environ,
+            "FC_RELIABILITY_APP": json.dumps(
+                {"config": app_config(self.url), "stripe_api": f"http://127.0.0.1:{stripe.port}"}
+            ),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        }
+        for name in ("FLASK_DEBUG", "DATABASE_URL", "CREDITS_STRIPE_MODE"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [str(BIN / "flask"), "--app", "_reliability:wsgi()", "credits", "top-up", "--due"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            tally.problems.append(f"flask credits top-up --due exited {result.returncode}: {result.stderr}")
+        tally.sweep = result.stdout.strip()
+        tally.intent_requests, tally.intents = stripe.payment_intents_of(
+            {name.split("/", 1)[0] for name in tally.auto}
+        )
 
     def balance(self, wallet: Wallet) -> int:
         with self.app.app_context():
@@ -1205,7 +1379,7 @@ class Shop:
                 ),
             }
 
-    def check(self, wallets: list[Wallet], tally: Tally, *, cli: bool = True) -> dict[str, int]:
+    def check(self, wallets: list[Wallet], tally: Tally, *, cli: bool = True) -> dict[str, Any]:
         """Compare the database with what the clients were told; raise AssertionError listing every
         violation. Returns figures for the report."""
         problems = list(tally.problems)
@@ -1342,7 +1516,10 @@ class Shop:
             for sub, plan in tally.plans.items()
             if plan_of.get(sub) != plan
         ]
-        explained = {purchases[s].id for s in tally.paid if s in purchases}
+        # Auto top-up: one automatic purchase per crossing acted on, none charged twice.
+        auto_problems, auto_figures, auto_added, auto_paid = self.check_auto_top_ups(tally)
+        problems += auto_problems
+        explained = {purchases[s].id for s in tally.paid if s in purchases} | auto_paid
         explained |= {by_invoice[i].id for i in tally.invoices if i in by_invoice}
         unexplained = credited_here - explained
         problems += [f"purchase {p} credited but never paid" for p in sorted(unexplained)]
@@ -1393,6 +1570,7 @@ class Shop:
                 + purchased[w.name]
                 + allowances[w.name]
                 + tally.upgraded[w.name]
+                + auto_added[w.name]
                 - COST * db_spends
                 - story_charged[w.name]
                 - clawed[w.name]
@@ -1436,6 +1614,7 @@ class Shop:
             "spends": sum(spends.values()),
             **keyed_figures,
             **stream_figures,
+            **auto_figures,
         }
 
     def check_keyed(self, tally: Tally) -> tuple[list[str], dict[str, int], Counter[str], Counter[str]]:
@@ -1532,6 +1711,201 @@ class Shop:
             "lost": sum(1 for a in tally.keyed if a.lost),
         }
         return problems, figures, ok, unknown
+
+    def check_auto_top_ups(self, tally: Tally) -> tuple[list[str], dict[str, Any], Counter[str], set[int]]:
+        """The auto top-up wallets (``tally.auto``), after ``top_up_due``. A crossing is a debit entry
+        with ``balance_after < threshold <= balance_after - amount``. Per wallet:
+
+        * every automatic purchase's attempt key names a crossing entry of the wallet, a distinct one
+          for each (the chain of ``crossing_entry_id``), and the settings row ends on the last;
+        * a crossing with no purchase was one auto top-up may skip: a purchase of an earlier crossing
+          was still in flight at it (not credited before it), or had failed (which turned auto
+          top-up off), or the month's cap had no room for another pack, or a later crossing was acted
+          on first (its purchase started within SUPERSEDED_WITHIN of the crossing: while the request
+          that crossed was on its way to act on it); and never more than one automatic purchase in
+          flight at once (``in_flight_seen``, watched during the load) nor left in flight;
+        * the month's automatic purchases stay within the cap, and the row's ``month_spent`` is theirs;
+        * each one's PaymentIntent was asked of Stripe under exactly one Idempotency-Key, the one
+          derived from its row, and Stripe made exactly one PaymentIntent for it, of its amount, with
+          the saved card, off-session (nothing charged twice); no PaymentIntent names anything else;
+        * a paid one is ``fulfilled`` by that PaymentIntent and credited its pack exactly once (one
+          purchase entry); a declined card's is ``failed``, credited nothing, and auto top-up is off
+          with the reason (so it is the wallet's only one).
+
+        Returns the problems, figures, per wallet the credits its automatic purchases added, and the
+        ids of those purchases (explained: Stripe was paid for them)."""
+        from flask_credits.services import auto_top_up
+
+        problems: list[str] = []
+        added, paid_for = Counter[str](), set[int]()
+        if not tally.auto:
+            return problems, {}, added, paid_for
+        if tally.sweep != "nothing due":  # the load has no faults: every call ended, every crossing seen
+            problems.append(f"flask credits top-up --due found work after the load: {tally.sweep!r}")
+        problems += [
+            f"wallet {name}: {n} automatic purchases in flight at once"
+            for name, n in tally.in_flight_seen.items()
+            if n > 1
+        ]
+        t = self.credits.tables
+        e, p, a, w = t.entries, t.purchases, t.auto_top_ups, t.wallets
+        skipped = Counter[str]()
+        counts = Counter[str]()
+        intents_of = Counter[str]()  # purchase id -> PaymentIntents Stripe made for it
+        for _, body in tally.intents.values():
+            intents_of[_intent(body)["metadata"].get(auto_top_up.PURCHASE, "")] += 1
+        keys_of: dict[str, set[str | None]] = {}
+        for key, params in tally.intent_requests:
+            keys_of.setdefault(params.get(f"metadata[{auto_top_up.PURCHASE}]", ""), set()).add(key)
+        ours: set[str] = set()
+        with self.engine.connect() as conn:
+            for name, auto in tally.auto.items():
+                user_id, key_id = name.split("/", 1)
+                wallet = conn.execute(sa.select(w).where(w.c.user_id == user_id, w.c.key_id == key_id)).one()
+                entries = conn.execute(
+                    sa.select(e.c.id, e.c.kind, e.c.amount, e.c.balance_after, e.c.meta, e.c.created_at)
+                    .where(e.c.wallet_id == wallet.id)
+                    .order_by(e.c.id)
+                ).all()
+                bought = conn.execute(
+                    sa.select(p).where(p.c.wallet_id == wallet.id, p.c.automatic.is_(True)).order_by(p.c.id)
+                ).all()
+                settings = conn.execute(sa.select(a).where(a.c.wallet_id == wallet.id)).one()
+                crossings = [x for x in entries if auto_top_up.crossed(x, auto.threshold)]
+                credited = Counter(x.meta["purchase_id"] for x in entries if x.kind == "purchase")
+                credited_by = {x.meta["purchase_id"]: x for x in entries if x.kind == "purchase"}
+                counts["crossings"] += len(crossings)
+                counts["automatic_purchases"] += len(bought)
+                if wallet.debt:
+                    problems.append(f"wallet {name}: debt {wallet.debt} (nothing here makes any)")
+                acted: dict[int, Any] = {}  # crossing entry id -> its purchase
+                prefix = f"auto_{wallet.id}_"
+                crossing_ids = {x.id for x in crossings}
+                for x in bought:
+                    where = f"wallet {name} automatic purchase {x.id}"
+                    ours.add(str(x.id))
+                    named = x.attempt_key[len(prefix) :] if x.attempt_key.startswith(prefix) else ""
+                    entry_id = int(named) if named.isdecimal() else None
+                    if entry_id not in crossing_ids:
+                        problems.append(f"{where}: its attempt key {x.attempt_key} names no crossing entry")
+                    elif entry_id in acted:
+                        problems.append(f"{where}: crossing {entry_id} bought twice ({acted[entry_id].id})")
+                    else:
+                        acted[entry_id] = x
+                    expected = "failed" if auto.declines else "fulfilled"
+                    counts[f"automatic_{x.status}"] += 1
+                    if x.status != expected or credited[x.id] != (x.status == "fulfilled"):
+                        problems.append(f"{where}: {x.status}, credited {credited[x.id]} times")
+                    if x.status == "fulfilled" and credited_by[x.id].amount != auto.credits:
+                        problems.append(
+                            f"{where}: credited {credited_by[x.id].amount}, its pack {auto.credits}"
+                        )
+                    if (x.credits, x.amount, x.currency) != (auto.credits, auto.amount, "usd"):
+                        problems.append(f"{where}: {x.credits} credits for {x.amount} {x.currency}")
+                    # Stripe: one key, the row's; one PaymentIntent; the purchase's amount and card.
+                    key = auto_top_up.idempotency_key(x.attempt_key)
+                    if keys_of.get(str(x.id)) != {key}:
+                        problems.append(
+                            f"{where}: asked of Stripe with keys {keys_of.get(str(x.id))}, not {key}"
+                        )
+                    if intents_of[str(x.id)] != 1:
+                        problems.append(f"{where}: Stripe made {intents_of[str(x.id)]} PaymentIntents for it")
+                        continue
+                    status, body = tally.intents.get(key, (0, {}))
+                    intent = _intent(body) if body else {}
+                    if (intent.get("amount"), intent.get("payment_method")) != (x.amount, auto.card):
+                        problems.append(f"{where}: its PaymentIntent {intent}")
+                    if x.status == "fulfilled" and (status, intent.get("id")) != (200, x.payment_intent):
+                        problems.append(
+                            f"{where}: paid by {x.payment_intent}, Stripe answered {status} {intent}"
+                        )
+                    wanted = {
+                        "amount": str(x.amount),
+                        "currency": "usd",
+                        "payment_method": auto.card,
+                        "off_session": "true",
+                        "confirm": "true",
+                        "metadata[userId]": user_id,
+                        "metadata[keyId]": key_id,
+                    }
+                    for k, params in tally.intent_requests:
+                        if k == key and {f: params.get(f) for f in wanted} != wanted:
+                            problems.append(f"{where}: asked Stripe for {params}")
+                    if x.status == "fulfilled":
+                        added[name] += auto.credits
+                        paid_for.add(int(x.id))
+                # Each crossing not acted on: why auto top-up could skip it.
+                order = sorted(acted.items())
+                for c in crossings:
+                    if c.id in acted:
+                        continue
+                    earlier = [x for entry_id, x in order if entry_id < c.id]
+                    bought_before = sum(1 for x in earlier if x.status != "failed")
+                    if any(x.status == "failed" for x in earlier):
+                        skipped["off after a decline"] += 1
+                    elif any(x.id not in credited_by or credited_by[x.id].id > c.id for x in earlier):
+                        skipped["one in flight"] += 1
+                    elif (bought_before + 1) * auto.amount > auto.cap:
+                        skipped["capped"] += 1
+                    elif any(
+                        entry_id > c.id and x.created_at <= c.created_at + SUPERSEDED_WITHIN
+                        for entry_id, x in order
+                    ):
+                        skipped["a later crossing first"] += 1
+                    else:
+                        problems.append(
+                            f"wallet {name}: crossing entry {c.id} ({c.balance_after - c.amount} -> "
+                            f"{c.balance_after}) bought nothing: nothing in flight, room under the cap"
+                        )
+                # The month's total within the cap, and the settings row where the purchases left it.
+                months = Counter[str]()
+                for x in bought:
+                    if x.status != "failed":
+                        months[x.created_at.strftime("%Y-%m")] += int(x.amount)
+                problems += [
+                    f"wallet {name}: {total} spent on automatic purchases in {month}, over the cap {auto.cap}"
+                    for month, total in months.items()
+                    if total > auto.cap
+                ]
+                counts["cap_reached"] += any(total + auto.amount > auto.cap for total in months.values())
+                if settings.purchase_id is not None or (
+                    bought and settings.month_spent != months[settings.month]
+                ):
+                    problems.append(
+                        f"wallet {name}: left in flight {settings.purchase_id}, month_spent"
+                        f" {settings.month_spent}, its purchases {dict(months)}"
+                    )
+                if acted and settings.crossing_entry_id != max(acted):
+                    problems.append(
+                        f"wallet {name}: crossing_entry_id {settings.crossing_entry_id},"
+                        f" the last acted on {max(acted)}"
+                    )
+                if auto.declines and (settings.enabled or not settings.failure or len(bought) > 1):
+                    problems.append(
+                        f"wallet {name}: declined card, {len(bought)} automatic purchases, still"
+                        f" {'on' if settings.enabled else 'off'} ({settings.failure!r})"
+                    )
+                if not auto.declines and not settings.enabled:
+                    problems.append(f"wallet {name}: auto top-up turned off ({settings.failure!r})")
+        problems += [
+            f"Stripe made a PaymentIntent for {purchase!r}, no automatic purchase of these wallets"
+            for purchase in intents_of
+            if purchase not in ours
+        ]
+        figures = {
+            **{k: counts[k] for k in ("crossings", "automatic_purchases", "cap_reached")},
+            "automatic_statuses": {
+                k[10:]: v
+                for k, v in sorted(counts.items())
+                if k.startswith("automatic_") and k != "automatic_purchases"
+            },
+            "crossings_skipped": dict(sorted(skipped.items())),
+            "most_in_flight": max(tally.in_flight_seen.values(), default=0),
+            "payment_intent_requests": len(tally.intent_requests),
+            "payment_intents": len(tally.intents),
+            "top_up_sweep": tally.sweep,
+        }
+        return problems, figures, added, paid_for
 
     def check_streams(self, tally: Tally) -> tuple[list[str], dict[str, Any], Counter[str]]:
         """The stories (``tally.streams``) against their holds. A wallet's stories come from one
@@ -1673,6 +2047,12 @@ class Shop:
         else:
             raise AssertionError("requests still running after 10 rounds of flask credits expire")
         return dict(settled)
+
+
+def _intent(body: dict[str, Any]) -> dict[str, Any]:
+    """The PaymentIntent of a Stripe answer: the body, or the one a ``card_error`` names."""
+    found = body["error"]["payment_intent"] if "error" in body else body
+    return found  # type: ignore[no-any-return]
 
 
 def report(name: str, figures: dict[str, Any]) -> None:

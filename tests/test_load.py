@@ -15,6 +15,15 @@ cancellation, refunds of plan invoices, and an invoice of a subscription the app
 ``Shop.check`` then wants each paid invoice's allowance credited exactly once, to its wallet, each
 upgrade's difference granted once, nothing for the unknown subscription, and the refunds clawed back.
 
+Three more wallets of the mixed load have a saved card and auto top-up on (``auto_top_ups``): one
+that crosses its threshold every few tenths of a second, one whose monthly cap allows one pack, one
+whose card the fake Stripe declines. The fake Stripe makes one off-session PaymentIntent per
+Idempotency-Key and sends its ``payment_intent.*`` event, duplicated, among the others, racing the
+app's handling of the call's answer. After the load, ``flask credits top-up --due`` runs once, and
+``Shop.check_auto_top_ups`` wants one automatic purchase per crossing acted on (every other crossing
+skipped for a reason auto top-up has: one in flight, the cap, turned off by the decline), never two
+in flight, within the cap, one PaymentIntent per purchase under its row's key, credited once.
+
 Stories streamed (``storyteller``) from wallets that spenders and grants use at the same time, read
 to the end or cut off by their client after a few chunks: each is charged what the server produced,
 one credit per chunk, within the bound ``Shop.check_streams`` states, and no hold is left.
@@ -44,7 +53,9 @@ from typing import Any
 
 import pytest
 from _reliability import (
+    CARD,
     COST,
+    DECLINED_CARD,
     HTTP_TIMEOUT,
     MARKS,
     PLANS,
@@ -86,6 +97,17 @@ STORY_CONFIG = {"STORY_HOLD": STORY_HOLD, "STORY_WORDS_PER_CREDIT": 10, "STORY_C
 STORY_SEEDS = [f"story-{n}" for n in range(6)]
 #: Wallets of the mixed load that subscribe to a plan (``subscriber``).
 PLAN_WALLETS = 3
+#: The mixed load's auto top-up wallets (``auto_top_ups``): name -> (threshold, monthly cap in packs,
+#: saved card, spender threads of its own). Each starts at its threshold, so its first spend crosses
+#: it. The first (which grants refill too) crosses it again every few tenths of a second: a run of a
+#: few seconds buys several packs, a longer one (``make reliability``) reaches its cap; the second
+#: reaches its cap with its first pack; the third's card is declined, which turns its auto top-up off
+#: after one try.
+AUTO_TOP_UPS = {
+    "steady": (30, 100, CARD, 2),
+    "capped": (30, 1, CARD, 1),
+    "declined": (30, 100, DECLINED_CARD, 1),
+}
 #: Every answer the mixed load without faults may get.
 LOAD_STATUSES = {"spend 200", "spend 402", "checkout 200", "subscribe 200", "webhook 200"}
 #: Wallets (groups of 4 clients) of the same-key storm, alone and within the load with faults.
@@ -617,12 +639,15 @@ def storyteller(port: int, wallet: Wallet, tally: Tally, deadline: float, seed: 
             time.sleep(0.01)  # pace the refusals: the grants come every 50 ms
 
 
-def granter(shop: Shop, wallets: list[Wallet], tally: Tally, deadline: float, seed: int) -> None:
-    """Grant a few credits to one of the wallets every 50 ms until the deadline."""
+def granter(
+    shop: Shop, wallets: list[Wallet], tally: Tally, deadline: float, seed: int, pause: float = 0.05
+) -> None:
+    """Grant a few credits to one of the wallets every ``pause`` seconds until the deadline, the first
+    after ``pause``."""
     rng = random.Random(seed)
-    while time.monotonic() < deadline:
+    while time.monotonic() + pause < deadline:
+        time.sleep(pause)
         shop.grant(rng.choice(wallets), rng.randint(5, 40), tally)
-        time.sleep(0.05)
 
 
 def run_stories(stack: Stack, port: int, seconds: float) -> tuple[list[Wallet], Tally, float]:
@@ -652,6 +677,35 @@ def run_stories(stack: Stack, port: int, seconds: float) -> tuple[list[Wallet], 
     return wallets, tally, time.monotonic() - begin
 
 
+def watch_in_flight(shop: Shop, wallets: list[Wallet], tally: Tally, deadline: float) -> None:
+    """Until the deadline, every 20 ms: how many automatic purchases each auto top-up wallet has in
+    flight, read in one statement; the most seen goes to the tally (``Shop.check_auto_top_ups`` wants
+    at most one)."""
+    while time.monotonic() < deadline:
+        seen = shop.in_flight(wallets)
+        with tally.lock:
+            for name, n in seen.items():
+                tally.in_flight_seen[name] = max(tally.in_flight_seen[name], n)
+        time.sleep(0.02)
+
+
+def auto_top_ups(stack: Stack, webhooks: Webhooks, tally: Tally) -> list[Wallet]:
+    """Three wallets with auto top-up on (``AUTO_TOP_UPS``: the threshold, the cap in packs, the card),
+    at their thresholds, each of a user of its own with a Stripe Customer; the fake Stripe's events about the
+    PaymentIntents it makes go out through ``webhooks``, most of them two or three times at once."""
+    shop, rng = stack.shop, random.Random(600)
+    wallets = [w for _ in AUTO_TOP_UPS for w in shop.wallets(users=1, keys_per_user=1)]
+    for w, (threshold, packs, card, _) in zip(wallets, AUTO_TOP_UPS.values(), strict=True):
+        shop.grant(w, threshold, tally)
+        shop.auto_top_up(w, tally, threshold=threshold, packs_a_month=packs, card=card)
+
+    def on_intent(kind: str, intent: dict[str, Any]) -> None:
+        webhooks.send(testing.event(kind, intent), copies=rng.choice((1, 2, 2, 3)))
+
+    stack.stripe.on_intent = on_intent
+    return wallets
+
+
 def run_load(
     stack: Stack,
     port: int | Hosts,
@@ -661,12 +715,15 @@ def run_load(
     chaos: Any = None,
     storm: int = 0,
     plans: int = 0,
+    auto: bool = False,
     tally: Tally | None = None,
 ) -> tuple[list[Wallet], Tally, float]:
     """Many spenders and a few buyers for ``seconds``, spread over the ``Hosts`` if given, webhooks
     delivered meanwhile, ``plans`` of the wallets subscribing to a plan (``subscriber``: renewals,
     plan changes, failed payments, cancellations and refunds), and a same-key storm on ``storm``
-    wallets of its own (on the first host);
+    wallets of its own (on the first host); with ``auto``, wallets with auto top-up on
+    (``auto_top_ups``) that spenders of their own drain and a granter refills, while
+    ``watch_in_flight`` counts their automatic purchases in flight;
     ``chaos(deadline)`` runs in a thread of its own when given. Returns the wallets, the tally and the
     elapsed time."""
     shop, tally = stack.shop, tally if tally is not None else Tally()
@@ -679,12 +736,23 @@ def run_load(
     for w in storm_wallets:
         shop.grant(w, 100_000, tally)
     webhooks = Webhooks(hosts, tally, threads=3, faults=faults)
+    topped = auto_top_ups(stack, webhooks, tally) if auto else []
     begin = time.monotonic()
     deadline = begin + seconds
     threads = [
         threading.Thread(target=spender, args=(hosts, wallets, hot, tally, deadline, faults, i))
         for i in range(8)
     ]
+    if topped:  # each its own spenders
+        threads += [
+            threading.Thread(target=spender, args=(hosts, [w], w, tally, deadline, faults, 600 + 10 * i + n))
+            for i, (w, (*_, spenders)) in enumerate(zip(topped, AUTO_TOP_UPS.values(), strict=True))
+            for n in range(spenders)
+        ]
+        # Grants for the first only (the others' first spend must cross), and slow: auto top-up, not
+        # the grants, keeps it above its threshold.
+        threads.append(threading.Thread(target=granter, args=(shop, topped[:1], tally, deadline, 700, 0.5)))
+        threads.append(threading.Thread(target=watch_in_flight, args=(shop, topped, tally, deadline)))
     threads += [
         threading.Thread(
             target=buyer, args=(hosts, stack.stripe, webhooks, wallets, tally, deadline, faults, 100 + i)
@@ -705,6 +773,11 @@ def run_load(
     for t in threads:
         t.join(seconds + 120)
     storming.join(120)
+    if topped:  # the automatic purchases the last spends started: their Stripe calls end
+        settled = time.monotonic() + WAIT
+        while shop.in_flight(topped) and time.monotonic() < settled:
+            time.sleep(0.05)
+        stack.stripe.on_intent = None
     webhooks.drain(120)
     elapsed = time.monotonic() - begin
     paid = set(tally.paid)
@@ -714,10 +787,10 @@ def run_load(
     } - paid
     if tally.refused[hot.name] == 0:
         tally.problems.append("the hot wallet was never refused: the load did not drain it")
-    return wallets + storm_wallets, tally, elapsed
+    return wallets + storm_wallets + topped, tally, elapsed
 
 
-def figures(tally: Tally, stored: dict[str, int], elapsed: float) -> dict[str, Any]:
+def figures(tally: Tally, stored: dict[str, Any], elapsed: float) -> dict[str, Any]:
     requests = sum(tally.statuses.values())
     return {
         "seconds": round(elapsed, 1),
@@ -758,15 +831,31 @@ def assert_plans_ran(tally: Tally) -> None:
     assert tally.outcomes["invoice.paid unknown_subscription"] > 0, tally.outcomes
 
 
+def assert_top_ups_ran(stored: dict[str, Any], tally: Tally) -> None:
+    """What the auto top-up wallets promise happened (``Shop.check_auto_top_ups`` judged it), however
+    slow the run (each of "capped" and "declined" crosses its threshold with its first spend): the
+    small cap reached with a pack bought and paid, the declined card tried once, and Stripe's event
+    about each paid PaymentIntent delivered and finding its purchase, to credit or already credited
+    by the call's answer (its copies: duplicates)."""
+    fulfilled = stored["automatic_statuses"].get("fulfilled", 0)
+    assert fulfilled >= 1, stored
+    assert stored["automatic_statuses"].get("failed") == 1, stored
+    assert stored["cap_reached"] >= 1, stored
+    assert stored["payment_intents"] == stored["automatic_purchases"], stored
+    found = sum(tally.outcomes[f"payment_intent.succeeded {o}"] for o in ("fulfilled", "already_fulfilled"))
+    assert found == fulfilled, tally.outcomes
+
+
 # -- the tests --------------------------------------------------------------------------------------
 
 
 def test_many_clients_spending_buying_and_webhooks_at_once_leave_every_credit_exact(stack):
     server = stack.server()
     try:
-        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS)
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS, auto=True)
     finally:
         server.close()
+    stack.shop.top_up_due(stack.stripe, tally)
     stored = stack.shop.check(wallets, tally)
     assert stored["creating"] == 0  # no checkout left half-done
     assert set(tally.statuses) <= LOAD_STATUSES, tally.statuses
@@ -774,6 +863,7 @@ def test_many_clients_spending_buying_and_webhooks_at_once_leave_every_credit_ex
     assert len(tally.paid) > 0
     assert tally.deliveries > len(tally.events)  # duplicates were delivered
     assert_plans_ran(tally)
+    assert_top_ups_ran(stored, tally)
     report(f"load {stack.shop.label}", figures(tally, stored, elapsed))
 
 
@@ -786,15 +876,17 @@ def test_the_same_load_through_pgbouncer_in_transaction_mode_leaves_every_credit
         pytest.skip("PgBouncer pools PostgreSQL connections")
     server = stack.server(through_pgbouncer, CREDITS_DATABASE_POOLER="transaction")
     try:
-        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS)
+        wallets, tally, elapsed = run_load(stack, server.port, LOAD_SECONDS, plans=PLAN_WALLETS, auto=True)
     finally:
         server.close()
+    stack.shop.top_up_due(stack.stripe, tally)
     stored = stack.shop.check(wallets, tally)
     assert stored["creating"] == 0
     assert set(tally.statuses) <= LOAD_STATUSES, tally.statuses
     assert sum(tally.spent_ok.values()) > 0
     assert len(tally.paid) > 0
     assert_plans_ran(tally)
+    assert_top_ups_ran(stored, tally)
     report(f"load {stack.shop.label} through PgBouncer", figures(tally, stored, elapsed))
 
 
