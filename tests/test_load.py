@@ -915,7 +915,9 @@ def test_two_hosts_behind_pgbouncer_share_the_load_and_losing_one_loses_nothing(
         for _ in range(2):
             servers.append(stack.server(through_pgbouncer, CREDITS_DATABASE_POOLER="transaction"))
         hosts = Hosts(*(s.port for s in servers))
-        wallets, _, elapsed = run_load(stack, hosts, TWO_HOSTS_SECONDS, faults=True, chaos=chaos, tally=tally)
+        wallets, _, elapsed = run_load(
+            stack, hosts, TWO_HOSTS_SECONDS, faults=True, chaos=chaos, tally=tally, plans=PLAN_WALLETS
+        )
     finally:
         for server in servers:
             server.close()
