@@ -216,8 +216,24 @@ def test_an_api_keys_page_subscribes_that_keys_wallet(example):
         key_id, secret = new_key(client.post("/keys/", data={"name": "ci", "csrf_token": token}))
         html = client.get("/credits/", headers={"X-API-Key": secret, **HTML}).get_data(as_text=True)
         assert {hidden(f, "key_id") for f in forms(html, "/credits/subscribe")} == {key_id}
+        # The account's page subscribes the account or, chosen in "For", one of its keys.
         own = forms(page(client), "/credits/subscribe")
-        assert {hidden(f, "key_id") for f in own} == {""}
+        assert own
+        assert [re.findall(r'<option value="([^"]*)"', f) for f in own] == [["", key_id]] * len(own)
+        plan = hidden(own[0], "plan")
+        token = csrf_token(client, "/keys/")
+        started = client.post(
+            "/credits/subscribe", data={"plan": plan, "key_id": key_id, "csrf_token": token}, headers=HTML
+        )
+        assert started.status_code == 303, started.get_data(as_text=True)
+        checkout = "/" + started.headers["Location"].split("://", 1)[-1].split("/", 1)[-1]
+        paid = client.post(checkout, data={"action": "pay", "csrf_token": token}, headers=HTML)
+        assert paid.status_code == 303
+        # The key's plan shows on the account's page, and only the account may subscribe now.
+        html = page(client)
+        assert re.search(rf'data-testid="key-plan-{key_id}">API key ci: <strong>', html)
+        after = forms(html, "/credits/subscribe")
+        assert {hidden(f, "key_id") for f in after} == {""}
 
 
 # -- the CLI -------------------------------------------------------------------------------------------

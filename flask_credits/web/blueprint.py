@@ -111,6 +111,16 @@ def _page(
     balance, held = _balance_and_held(wallet)
     # No plans, no query: the page of an app that sells only packs is as before plans.
     subscription = plans.current(ext, wallet) if ext.settings.plans else None
+    # Each key's live subscription, and the wallets that may subscribe now: (key id or "", name).
+    key_subscriptions = (
+        {k: plans.current(ext, make_wallet(wallet.user_id, k)) for k, _, _ in keys}
+        if (ext.settings.plans)
+        else {}
+    )
+    plan_targets = (
+        [] if subscription else [(wallet.key_id or "", "my account" if wallet.key_id is None else "")]
+    )
+    plan_targets += [(k, f"API key {label}") for k, label, _ in keys if key_subscriptions.get(k) is None]
     # (wallet, key label or None, its auto top-up or None) for the wallet and each of its keys; none
     # while CREDITS_AUTO_TOP_UP turns the feature off.
     auto_top_ups: list[tuple[Wallet, str | None, AutoTopUp | None]] = []
@@ -126,6 +136,9 @@ def _page(
         # None when the plan was since removed from CREDITS_PLANS.
         subscription=subscription,
         subscription_plan=ext.settings.plan(subscription.plan) if subscription else None,
+        key_subscriptions=key_subscriptions,
+        plans_by_id={p.id: p for p in ext.settings.plans},
+        plan_targets=plan_targets,
         # The user's Stripe Customer (None before their first checkout): "Manage billing" then.
         customer_id=customers.stored(ext, wallet.user_id) if wallet.key_id is None else None,
         balance=balance,
