@@ -25,6 +25,8 @@ CREDITS_TABLES = {
     "credits_subscriptions",
     "credits_customers",
     "credits_auto_top_ups",
+    "credits_codes",
+    "credits_code_redemptions",
 }
 APP_TABLES = {"users", "api_keys"}
 

@@ -226,8 +226,11 @@ class Ledger:
         expires_at: datetime | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        in_tx: Callable[[Connection, Entry], None] | None = None,
     ) -> Entry:
-        """Add ``amount`` credits as a new lot. A replayed ``idempotency_key`` returns the original."""
+        """Add ``amount`` credits as a new lot. A replayed ``idempotency_key`` returns the original.
+        ``in_tx(conn, entry)`` runs in the same transaction once the entry is written (the wallet row
+        locked): what it writes commits with the grant, and what it raises undoes both."""
         amount = check_amount(amount)
         check_text(reason, "reason", 255, optional=False)
         check_text(idempotency_key, "idempotency_key", 255, optional=True)
@@ -270,6 +273,8 @@ class Ledger:
                     created_at=now,
                 )
             )
+            if in_tx is not None:
+                in_tx(conn, entry)
             return entry
 
         entry = self._write(tx, wallet, idempotency_key, kind, amount, create_wallet=True)

@@ -74,6 +74,8 @@ class Tables:
     subscriptions: sa.Table
     customers: sa.Table
     auto_top_ups: sa.Table
+    codes: sa.Table
+    code_redemptions: sa.Table
 
 
 _cache: weakref.WeakKeyDictionary[sa.MetaData, Tables] = weakref.WeakKeyDictionary()
@@ -389,6 +391,46 @@ def _define(md: sa.MetaData) -> Tables:
             "(pack IS NULL) <> (quantity IS NULL)", name="ck_credits_auto_top_ups_pack_or_quantity"
         ),
     )
+    codes = sa.Table(
+        "credits_codes",
+        md,
+        # A redeemable credit code (support, promotions): ``credits`` each time, at most
+        # ``max_redemptions`` in all (``redeemed`` counts them: a conditional UPDATE takes one) and
+        # ``per_user`` per wallet owner, until ``expires_at``, unless ``disabled``.
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        # Stored upper-case: codes are typed by people, case-insensitively.
+        sa.Column("code", sa.String(64), nullable=False),
+        sa.Column("credits", sa.BigInteger(), nullable=False),
+        sa.Column("max_redemptions", sa.Integer(), nullable=False),
+        sa.Column("redeemed", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("per_user", sa.Integer(), nullable=False),
+        sa.Column("expires_at", UtcDateTime(), nullable=True),
+        # The granted credits expire this long after each redemption (None: never).
+        sa.Column("credits_expire_after_seconds", sa.BigInteger(), nullable=True),
+        sa.Column("disabled", sa.Boolean(), nullable=False, default=False),
+        # Who made it (the CLI's OS user or --actor, the admin's identity).
+        sa.Column("actor", sa.String(255), nullable=True),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("code", name="uq_credits_codes_code"),
+        sa.CheckConstraint("credits > 0", name="ck_credits_codes_credits"),
+        sa.CheckConstraint("per_user > 0", name="ck_credits_codes_per_user"),
+        sa.CheckConstraint("redeemed >= 0 AND redeemed <= max_redemptions", name="ck_credits_codes_redeemed"),
+    )
+    code_redemptions = sa.Table(
+        "credits_code_redemptions",
+        md,
+        # One redemption of a code: by ``user_id`` (the wallet owner, for ``per_user``) into a wallet,
+        # written in the grant's own transaction (``entry_id``).
+        sa.Column("id", _ID, primary_key=True, autoincrement=True),
+        sa.Column("code_id", _ID, sa.ForeignKey("credits_codes.id"), nullable=False),
+        sa.Column("user_id", sa.String(ID_LENGTH), nullable=False),
+        sa.Column("wallet_id", _ID, sa.ForeignKey("credits_wallets.id"), nullable=False),
+        sa.Column("entry_id", _ID, sa.ForeignKey("credits_entries.id"), nullable=False),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.UniqueConstraint("entry_id", name="uq_credits_code_redemptions_entry_id"),
+        sa.Index("ix_credits_code_redemptions_code_user", "code_id", "user_id"),
+    )
     return Tables(
         wallets,
         lots,
@@ -402,4 +444,6 @@ def _define(md: sa.MetaData) -> Tables:
         subscriptions,
         customers,
         auto_top_ups,
+        codes,
+        code_redemptions,
     )
