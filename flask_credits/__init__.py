@@ -21,8 +21,17 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import AutoTopUp, Entry, Hold, Subscription, Wallet
+from .records import AutoTopUp, CreditCode, Entry, Hold, Subscription, Wallet
 from .services.auto_top_up import CardRequired
+from .services.codes import (
+    BadCode,
+    CodeAlreadyRedeemed,
+    CodeDisabled,
+    CodeExhausted,
+    CodeExpired,
+    CodeNotFound,
+    CodeRefused,
+)
 from .services.holds import MeteredHold
 from .web.bodies import SafeJSONProvider, read_body
 from .web.decorators import current_hold, requires_credits
@@ -31,8 +40,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoTopUp",
+    "BadCode",
     "BodyTooLarge",
     "CardRequired",
+    "CodeAlreadyRedeemed",
+    "CodeDisabled",
+    "CodeExhausted",
+    "CodeExpired",
+    "CodeNotFound",
+    "CodeRefused",
+    "CreditCode",
     "CreditsError",
     "CreditsUnavailable",
     "Entry",

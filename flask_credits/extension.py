@@ -17,8 +17,8 @@ from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
-from .records import AutoTopUp, Entry, Hold, Subscription, Wallet
-from .services import auto_top_up, customers, plans, webhooks
+from .records import AutoTopUp, CreditCode, Entry, Hold, Subscription, Wallet
+from .services import auto_top_up, codes, customers, plans, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -57,6 +57,7 @@ class FlaskCredits:
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
     ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``, ``CREDITS_AUTO_TOP_UP``, ``CREDITS_LOW_BALANCE``,
+    ``CREDITS_REDEEM_RATE_LIMIT``, ``CREDITS_REDEEM_RATE_LIMIT_STORAGE``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
     ``CREDITS_SITE_URL``, ``CREDITS_DATABASE_POOLER``, ``CREDITS_STRIPE_TIMEOUT``,
     ``CREDITS_STRIPE_MAX_RETRIES``, ``CREDITS_STRIPE_API_BASE``, ``CREDITS_WEBHOOK_TOLERANCE``,
@@ -247,6 +248,57 @@ class FlaskCredits:
     def set_low_balance(self, user_id: str, threshold: int | None, key_id: str | None = None) -> None:
         """The wallet's own threshold for ``credits_low`` (None: ``CREDITS_LOW_BALANCE``)."""
         auto_top_up.set_low_balance(self, make_wallet(user_id, key_id), threshold)
+
+    # -- credit codes ------------------------------------------------------------------------------
+
+    def create_code(
+        self,
+        *,
+        credits: int,
+        max_redemptions: int,
+        per_user: int = 1,
+        expires_at: datetime | None = None,
+        code: str | None = None,
+        credits_expire_after: int | None = None,
+        actor: str | None = None,
+    ) -> CreditCode:
+        """Make a redeemable code granting ``credits`` each time, at most ``max_redemptions`` times in
+        all and ``per_user`` times per user, until ``expires_at`` (aware datetime; None: never). The
+        credits granted expire ``credits_expire_after`` seconds after each redemption (None: never).
+        ``code`` is stored upper-case (codes are case-insensitive); without it a random readable one
+        is made. ``actor`` records who made it. Raises ``BadCode`` (an ``InvalidArgument``) for values
+        that cannot work or a code that exists."""
+        return codes.create(
+            self,
+            credits=credits,
+            max_redemptions=max_redemptions,
+            per_user=per_user,
+            expires_at=expires_at,
+            code=code,
+            credits_expire_after=credits_expire_after,
+            actor=actor,
+        )
+
+    def credit_codes(self) -> list[CreditCode]:
+        """Every credit code, newest first (``flask credits codes list``)."""
+        return codes.all_codes(self)
+
+    def credit_code(self, code: str) -> CreditCode | None:
+        """The credit code spelled ``code`` (any case), or None."""
+        return codes.find(self, code)
+
+    def disable_code(self, code: str) -> CreditCode:
+        """Stop ``code`` from being redeemed; redemptions made stay. Raises ``CodeNotFound``."""
+        return codes.disable(self, code)
+
+    def redeem_code(self, user_id: str, code: str, key_id: str | None = None) -> Entry:
+        """Grant ``code``'s credits to the wallet, as one redemption by ``user_id``: the grant and the
+        redemption commit together, and the code's limits (in all, per user, expiry, disabled) hold
+        under any concurrency. Raises, having changed nothing: ``BadCode`` (not a code),
+        ``CodeNotFound``, ``CodeExpired``, ``CodeDisabled``, ``CodeExhausted``,
+        ``CodeAlreadyRedeemed`` (each a ``CodeRefused`` with its HTTP ``status`` and ``error``).
+        Sends ``credits_redeemed`` and ``credits_granted``."""
+        return codes.redeem(self, make_wallet(user_id, key_id), code)
 
     # -- the ledger --------------------------------------------------------------------------------
 

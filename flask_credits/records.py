@@ -235,3 +235,39 @@ class AutoTopUp:
             "failure": self.failure,
             "in_flight": self.in_flight,
         }
+
+
+@dataclass(frozen=True)
+class CreditCode:
+    """A redeemable credit code (``flask credits codes create``): each redemption grants ``credits``,
+    at most ``max_redemptions`` in all (``redeemed`` so far) and ``per_user`` per wallet owner, until
+    ``expires_at`` (None: never), unless ``disabled``. The credits granted expire
+    ``credits_expire_after`` seconds after each redemption (None: never). ``code`` is upper-case:
+    codes are matched case-insensitively. ``actor`` made it."""
+
+    id: int
+    code: str
+    credits: int
+    max_redemptions: int
+    redeemed: int
+    per_user: int
+    expires_at: datetime | None
+    credits_expire_after: int | None
+    disabled: bool
+    actor: str | None
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "code": self.code,
+            "credits": self.credits,
+            "max_redemptions": self.max_redemptions,
+            "redeemed": self.redeemed,
+            "per_user": self.per_user,
+            "expires_at": None if self.expires_at is None else self.expires_at.isoformat(),
+            "credits_expire_after": self.credits_expire_after,
+            "disabled": self.disabled,
+            "actor": self.actor,
+            "created_at": self.created_at.isoformat(),
+        }

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import limits
 from flask import Flask
 
 #: Every key this extension reads, with its default. Set with ``app.config.setdefault``.
@@ -64,6 +65,14 @@ DEFAULTS: dict[str, Any] = {
     # Send credits_low when a debit takes a wallet below this many credits (None: only wallets that
     # set their own threshold, credits.set_low_balance).
     "CREDITS_LOW_BALANCE": None,
+    # How many times one user may try to redeem a credit code (POST {prefix}/redeem), right or wrong:
+    # a rate limit as Flask-Limiter writes them ("10 per minute", "30/hour"); past it, 429 with
+    # Retry-After.
+    "CREDITS_REDEEM_RATE_LIMIT": "10 per minute",
+    # Where those attempts are counted: a storage URI of the `limits` library ("redis://host:6379",
+    # "memcached://..."). None: the app's RATELIMIT_STORAGE_URI (Flask-Limiter's), else "memory://",
+    # which counts per process (each worker of a server allows the limit).
+    "CREDITS_REDEEM_RATE_LIMIT_STORAGE": None,
     # Largest request body the blueprint's routes read (checkout, JSON endpoints), in bytes; the
     # webhook has CREDITS_WEBHOOK_MAX_BYTES. The app's MAX_CONTENT_LENGTH still applies if smaller.
     "CREDITS_MAX_CONTENT_LENGTH": 64 * 1024,
@@ -167,6 +176,9 @@ class Settings:
     hold_unsettled: Literal["charge", "release"]
     auto_top_up: bool
     low_balance: int | None
+    #: CREDITS_REDEEM_RATE_LIMIT, checked, and where attempts are counted (a `limits` storage URI).
+    redeem_rate_limit: str
+    redeem_rate_limit_storage: str
     max_content_length: int
     max_open_purchases: int
     success_check_interval: timedelta
@@ -236,6 +248,10 @@ def parse(config: Mapping[str, Any]) -> Settings:
         low_balance=None
         if config["CREDITS_LOW_BALANCE"] is None
         else _whole(config, "CREDITS_LOW_BALANCE", 0),
+        redeem_rate_limit=_rate_limit(config, "CREDITS_REDEEM_RATE_LIMIT"),
+        redeem_rate_limit_storage=str(
+            config["CREDITS_REDEEM_RATE_LIMIT_STORAGE"] or config.get("RATELIMIT_STORAGE_URI") or "memory://"
+        ),
         max_content_length=_whole(config, "CREDITS_MAX_CONTENT_LENGTH", 1),
         max_open_purchases=_whole(config, "CREDITS_MAX_OPEN_PURCHASES", 1),
         success_check_interval=_duration(config, "CREDITS_SUCCESS_CHECK_INTERVAL", minimum=1),
@@ -260,6 +276,17 @@ def _whole(config: Mapping[str, Any], key: str, minimum: int, maximum: int | Non
         raise RuntimeError(f"{key} must be a whole number of at least {minimum}, not {value!r}")
     if maximum is not None and value > maximum:
         raise RuntimeError(f"{key} must be at most {maximum}, not {value!r}")
+    return value
+
+
+def _rate_limit(config: Mapping[str, Any], key: str) -> str:
+    value = config[key]
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        limits.parse(value)
+    except ValueError:
+        raise RuntimeError(f'{key} must be a rate limit such as "10 per minute", not {value!r}') from None
     return value
 
 

@@ -102,6 +102,13 @@ auto_top_up_started = _signals.signal("auto-top-up-started")
 #: the user).
 auto_top_up_failed = _signals.signal("auto-top-up-failed")
 
+#: A credit code was redeemed (:meth:`FlaskCredits.redeem_code`, ``POST /credits/redeem``); its grant
+#: and the redemption committed together (``credits_granted`` is sent too).
+#: Arguments: ``wallet``, ``amount`` (int, credits granted), ``entry``, ``code`` (a
+#: :class:`flask_credits.CreditCode`, read just before this redemption: its ``redeemed`` does
+#: not count it).
+credits_redeemed = _signals.signal("credits-redeemed")
+
 __all__ = [
     "auto_top_up_failed",
     "auto_top_up_started",
@@ -113,6 +120,7 @@ __all__ = [
     "credits_overdrawn",
     "credits_payment_failed",
     "credits_purchased",
+    "credits_redeemed",
     "credits_refunded",
     "credits_released",
     "credits_revoked",

@@ -82,6 +82,7 @@ def test_signal_names_are_kebab_case_in_one_namespace():
         "credits-insufficient",
         "credits-expired",
         "credits-purchased",
+        "credits-redeemed",
         "credits-revoked",
         "credits-payment-failed",
         "credits-held",

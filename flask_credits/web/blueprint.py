@@ -12,9 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
-from ..services import auto_top_up, customers, plans, purchases, webhooks
+from ..services import auto_top_up, codes, customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
-from . import bodies, responses, urls
+from . import bodies, responses, throttle, urls
 from .responses import UNAVAILABLE, wants_json
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ def _page(
     next_before: int | None,
     error: str | None = None,
     submitted: dict[str, Any] | None = None,
+    message: str | None = None,
 ) -> str:
     ext = extension()
     keys, keys_held = [], {}
@@ -153,6 +154,7 @@ def _page(
         entries=entries,
         next_before=next_before,
         error=error,
+        message=message,
         submitted=submitted or {},
     )
 
@@ -315,6 +317,39 @@ def portal() -> ResponseReturnValue:
     if wants_json():
         return jsonify(url=session["url"])
     return redirect(session["url"], 303)
+
+
+@blueprint.post("/redeem")
+def redeem() -> ResponseReturnValue:
+    """Redeem a credit code (``code``, from a form or JSON) into the current wallet, or into one of the
+    user's API keys' named in ``key_id`` (as for checkout). A JSON client gets ``{"entry", "balance"}``,
+    a browser the credits page saying what was added. Refused, nothing is granted: 400
+    ``bad_request`` (not a code), 404 ``code_not_found``, 410 ``code_expired`` or ``code_disabled``,
+    409 ``code_exhausted`` or ``code_already_redeemed``; and 429 ``too_many_attempts`` with
+    ``Retry-After`` past ``CREDITS_REDEEM_RATE_LIMIT`` attempts by the user."""
+    ext = extension()
+    data = _checkout_data()
+    wallet = requested_wallet(data)
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key", data)
+    wait = throttle.redeem_attempt(ext.settings, wallet.user_id)
+    if wait is not None:
+        message = "Too many attempts at redeeming a code. Please wait a little and try again."
+        return _error(429, "too_many_attempts", message, data, {"Retry-After": str(wait)})
+    try:
+        entry = codes.redeem(ext, wallet, data.get("code"))
+    except codes.BadCode as exc:
+        return _error(400, "bad_request", str(exc), data)
+    except codes.CodeRefused as exc:
+        return _error(exc.status, exc.error, str(exc), data)
+    if wants_json():
+        return jsonify(entry=entry.to_dict(), balance=ext.ledger.balance(wallet))
+    # The page of the request's wallet (the account's, when the code went to one of its API keys).
+    page_wallet = current_wallet_or_401()
+    entries = ext.ledger.history(page_wallet, limit=ext.settings.history_page_size)
+    where = "" if wallet == page_wallet else f" to {credits_wallet_name(wallet)}"
+    added = f"Code redeemed: {entry.amount} credits added{where}."
+    return _page(page_wallet, entries, next_before=None, message=added)
 
 
 # -- auto top-up -----------------------------------------------------------------------------------------

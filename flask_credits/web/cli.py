@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, cast
 
@@ -30,15 +31,13 @@ def _known(user_id: str, key_id: str | None) -> None:
         raise click.ClickException(f"unknown {who}")
 
 
-def _iso(value: str | None) -> datetime | None:
+def _iso(value: str | None, option: str = "--expires") -> datetime | None:
     if value is None:
         return None
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an ISO 8601 date or time", param_hint="--expires"
-        ) from None
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time", param_hint=option) from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -236,3 +235,74 @@ def top_up_command(due: bool) -> None:
         click.echo("nothing due")
         return
     click.echo(", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
+
+
+codes_cli = AppGroup("codes", help="Make, list and disable redeemable credit codes.")
+credits_cli.add_command(codes_cli)
+
+
+def _os_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment (a container without one)
+        return None
+
+
+@codes_cli.command("create")
+@click.option("--credits", "amount", type=int, required=True, help="Credits each redemption grants.")
+@click.option("--max-redemptions", type=int, required=True, help="Redemptions allowed in all.")
+@click.option("--per-user", type=int, default=1, show_default=True, help="Redemptions per user.")
+@click.option("--expires", default=None, help="ISO 8601 time the code stops working (UTC if no zone).")
+@click.option("--code", default=None, help="The code itself (any case); a random readable one if absent.")
+@click.option(
+    "--credits-expire-after", type=int, default=None, help="Granted credits expire after this many seconds."
+)
+@click.option("--actor", default=None, help="Who makes it (default: the OS user).")
+def codes_create_command(
+    amount: int,
+    max_redemptions: int,
+    per_user: int,
+    expires: str | None,
+    code: str | None,
+    credits_expire_after: int | None,
+    actor: str | None,
+) -> None:
+    """Make a credit code and print it."""
+    try:
+        found = _ext().create_code(
+            credits=amount,
+            max_redemptions=max_redemptions,
+            per_user=per_user,
+            expires_at=_iso(expires),
+            code=code,
+            credits_expire_after=credits_expire_after,
+            actor=actor or _os_user(),
+        )
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(found.code)
+
+
+@codes_cli.command("list")
+def codes_list_command() -> None:
+    """List the codes, newest first: code, credits, redeemed/max, per user, expires, disabled."""
+    found = _ext().credit_codes()
+    for c in found:
+        expires = "never" if c.expires_at is None else c.expires_at.isoformat(timespec="seconds")
+        click.echo(
+            f"{c.code}\t{c.credits} credits\t{c.redeemed}/{c.max_redemptions} redeemed"
+            f"\t{c.per_user} per user\texpires {expires}" + ("\tdisabled" if c.disabled else "")
+        )
+    if not found:
+        click.echo("no codes")
+
+
+@codes_cli.command("disable")
+@click.argument("code")
+def codes_disable_command(code: str) -> None:
+    """Stop CODE from being redeemed (what was redeemed stays)."""
+    try:
+        found = _ext().disable_code(code)
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{found.code} disabled ({found.redeemed}/{found.max_redemptions} redeemed)")
