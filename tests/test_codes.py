@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from helpers import build_example_app, signed_up
 
 from flask_credits import (
     BadCode,
@@ -23,7 +24,6 @@ from flask_credits import (
 )
 from flask_credits.services import codes
 
-JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
 
 
@@ -169,7 +169,8 @@ def test_a_key_wallet_counts_for_its_owner(credits):
     credits.redeem_code("alice", code.code)
     with pytest.raises(CodeAlreadyRedeemed):
         credits.redeem_code("alice", code.code, key_id="k2")
-    assert (credits.balance("alice", "k1"), credits.balance("alice"), credits.balance("alice", "k2")) == (5, 5, 0)
+    balances = [credits.balance("alice", key_id) for key_id in ("k1", None, "k2")]
+    assert balances == [5, 5, 0]
     assert credits.credit_code(code.code).redeemed == 2
 
 
@@ -307,7 +308,8 @@ def test_the_page_has_an_accessible_code_form_that_redeems(client, login, credit
     assert form is not None
     assert "<legend>Have a code?</legend>" in form.group(0)
     assert '<label for="credits-code">' in form.group(0)
-    assert 'id="credits-code"' in form.group(0) and 'name="code"' in form.group(0)
+    assert 'id="credits-code"' in form.group(0)
+    assert 'name="code"' in form.group(0)
 
     done = client.post("/credits/redeem", data={"code": "page"}, headers=HTML)
     assert done.status_code == 200
@@ -334,7 +336,8 @@ def test_attempts_are_rate_limited_per_user(app, client, login, credits):
     assert limited.get_json()["error"] == "too_many_attempts"
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     page = client.post("/credits/redeem", data={"code": "REAL"}, headers=HTML)
-    assert page.status_code == 429 and "Too many attempts" in page.get_data(as_text=True)
+    assert page.status_code == 429
+    assert "Too many attempts" in page.get_data(as_text=True)
     assert credits.balance("alice") == 0
     # Another user has attempts of their own.
     other = app.test_client()
@@ -397,3 +400,36 @@ def test_one_user_racing_from_several_wallets_gets_exactly_per_user(app, credits
     assert credits.credit_code(code.code).redeemed == 2
     assert len(redemptions(credits)) == 2 == entries(credits)
     assert credits.audit() == []
+
+
+# -- CSRF, in the example app ------------------------------------------------------------------------
+
+
+def test_the_code_form_needs_the_csrf_token(empty_database):
+    from example_app.models import db
+
+    app = build_example_app(empty_database, WTF_CSRF_ENABLED=True)
+    ext = app.extensions["credits"]
+    try:
+        with app.app_context():
+            db.create_all()
+            ext.create_code(credits=60, max_redemptions=1, code="CSRF")
+        client = app.test_client()
+        user = signed_up(client, "ada")
+        page = client.get("/credits/").get_data(as_text=True)
+        form = re.search(r'<form method="post" action="/credits/redeem".*?</form>', page, re.S)
+        assert form is not None
+        token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', form.group(0))
+        assert token is not None
+        assert client.post("/credits/redeem", data={"code": "csrf"}).status_code == 400
+        with app.app_context():
+            assert ext.balance(user) == 0
+        answer = client.post("/credits/redeem", data={"code": "csrf", "csrf_token": token.group(1)})
+        assert answer.status_code == 200
+        assert "Code redeemed: 60 credits added." in answer.get_data(as_text=True)
+        with app.app_context():
+            assert ext.balance(user) == 60
+            assert ext.audit() == []
+    finally:
+        with app.app_context():
+            db.engine.dispose()
