@@ -269,7 +269,8 @@ def redeem(ext: FlaskCredits, wallet: Wallet, code: object) -> Entry:
     if ext.database.lock_rows:
         # A locking read, so that MariaDB's REPEATABLE READ reads the rows committed since this
         # transaction's snapshot (a redemption by the same owner into another of their wallets). Its
-        # gap locks are harmless: every transaction taking them holds this code's row already.
+        # gap locks are taken only while this code's row is held, so redemptions of one code never
+        # collide on them; one of a neighbouring code's may, rarely: Database.run retries the loser.
         mine = mine.with_for_update()
 
     def in_tx(conn: Connection, entry: Entry) -> None:
