@@ -21,7 +21,7 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import AutoTopUp, Entry, Hold, Subscription, Wallet
+from .records import AutoTopUp, Entry, Hold, Reconciled, ReconcileReport, Subscription, Wallet
 from .services.auto_top_up import CardRequired
 from .services.holds import MeteredHold
 from .web.bodies import SafeJSONProvider, read_body
@@ -51,6 +51,8 @@ __all__ = [
     "InvalidWallet",
     "MeteredHold",
     "NotRefundable",
+    "ReconcileReport",
+    "Reconciled",
     "SafeJSONProvider",
     "Subscription",
     "Wallet",

@@ -102,6 +102,13 @@ auto_top_up_started = _signals.signal("auto-top-up-started")
 #: the user).
 auto_top_up_failed = _signals.signal("auto-top-up-failed")
 
+#: ``flask credits reconcile`` (:meth:`FlaskCredits.reconcile`) found a purchase out of step with
+#: Stripe, a webhook lost for good, and fixed it (the usual signals, ``credits_purchased`` or
+#: ``credits_revoked``, are sent too): alert on it. Arguments: ``wallet``, ``purchase`` (as it is
+#: now), ``action`` (str: ``fulfilled``, ``expired``, ``failed``, ``mismatch``, ``refund``,
+#: ``dispute`` or ``dispute_won``).
+purchase_reconciled = _signals.signal("purchase-reconciled")
+
 __all__ = [
     "auto_top_up_failed",
     "auto_top_up_started",
@@ -122,4 +129,5 @@ __all__ = [
     "plan_changed",
     "plan_renewed",
     "plan_started",
+    "purchase_reconciled",
 ]
