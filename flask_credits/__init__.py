@@ -21,7 +21,7 @@ from .errors import (
     NotRefundable,
 )
 from .extension import FlaskCredits
-from .records import AutoTopUp, CreditCode, Entry, Hold, Subscription, Wallet
+from .records import AutoTopUp, CreditCode, Entry, Hold, Reconciled, ReconcileReport, Subscription, Wallet
 from .services.auto_top_up import CardRequired
 from .services.codes import (
     BadCode,
@@ -68,6 +68,8 @@ __all__ = [
     "InvalidWallet",
     "MeteredHold",
     "NotRefundable",
+    "ReconcileReport",
+    "Reconciled",
     "SafeJSONProvider",
     "Subscription",
     "Wallet",

@@ -17,8 +17,8 @@ from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
 from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
-from .records import AutoTopUp, CreditCode, Entry, Hold, Subscription, Wallet
-from .services import auto_top_up, codes, customers, plans, webhooks
+from .records import AutoTopUp, CreditCode, Entry, Hold, ReconcileReport, Subscription, Wallet
+from .services import auto_top_up, codes, customers, plans, reconcile, webhooks
 from .services.idempotency import RequestKeys
 from .services.simulated_mode import check_allowed
 from .services.simulated_stripe import SimulatedStripe
@@ -473,6 +473,16 @@ class FlaskCredits:
         ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, is over): their credits are returned and their key
         freed. Returns (keys deleted, runs whose credits were returned)."""
         return self.request_keys.prune(lock_timeout=self.settings.idempotency_lock_timeout)
+
+    def reconcile(self, since: timedelta, *, dry_run: bool = False) -> ReconcileReport:
+        """Ask Stripe how the Checkout Sessions created in the last ``since`` (and the automatic
+        purchases started then) stand, and do what their lost webhooks should have done, through the
+        webhooks' own exactly-once paths: credit paid checkouts, mark expired ones, apply missed
+        refunds and disputes, settle automatic purchases. Safe while webhooks arrive and when run twice
+        at once. Sends ``purchase_reconciled`` for each fix. ``dry_run`` changes nothing and reports
+        what it would do. Raises PaymentProviderError when Stripe cannot be reached (run it from cron
+        as ``flask credits reconcile``)."""
+        return reconcile.reconcile(self, since, dry_run=dry_run)
 
     def audit(self) -> list[str]:
         """Check every wallet: balance = sum of entries = credits left in lots, and more. Returns one

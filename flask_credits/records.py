@@ -271,3 +271,51 @@ class CreditCode:
             "actor": self.actor,
             "created_at": self.created_at.isoformat(),
         }
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One purchase :meth:`FlaskCredits.reconcile` found out of step with Stripe, and what it did (in a
+    dry run, would do). ``action`` is ``fulfilled`` (a paid checkout or automatic purchase credited),
+    ``expired``, ``failed`` (an automatic purchase Stripe declined), ``mismatch`` (Stripe reports
+    another amount: never credited), ``refund`` or ``dispute`` (a missed claw-back applied), or
+    ``dispute_won`` (a dispute's claw-back given back). ``done`` is False in a dry run."""
+
+    purchase_id: int
+    wallet: Wallet
+    reference: str  # the Checkout Session id, or the automatic purchase's PaymentIntent id
+    action: str
+    detail: str
+    done: bool
+
+
+@dataclass
+class ReconcileReport:
+    """What :meth:`FlaskCredits.reconcile` did: ``fixes``, one per action on a purchase, and
+    ``counts`` of what needed nothing (``in_step``, ``not_ours``, ``plan_checkouts``,
+    ``setup_checkouts``, ``still_open``, ``done_meanwhile``: a webhook or another run was first)."""
+
+    since: datetime
+    dry_run: bool
+    fixes: list[Reconciled] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    sessions: int = 0
+    automatic: int = 0
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def summary(self) -> str:
+        """One line: what was looked at, what was (or would be) fixed, and the rest counted."""
+        actions: dict[str, int] = {}
+        for fix in self.fixes:
+            actions[fix.action] = actions.get(fix.action, 0) + 1
+        fixed = ", ".join(f"{n} {action}" for action, n in sorted(actions.items()))
+        rest = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in sorted(self.counts.items()))
+        return (
+            f"{'dry run: ' if self.dry_run else ''}checked {self.sessions} checkout sessions and"
+            f" {self.automatic} automatic purchases since {self.since.isoformat(timespec='seconds')};"
+            f" {'would fix' if self.dry_run else 'fixed'} {len(self.fixes)}"
+            + (f" ({fixed})" if fixed else "")
+            + (f"; {rest}" if rest else "")
+        )

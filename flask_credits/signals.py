@@ -108,6 +108,12 @@ auto_top_up_failed = _signals.signal("auto-top-up-failed")
 #: :class:`flask_credits.CreditCode`, read just before this redemption: its ``redeemed`` does
 #: not count it).
 credits_redeemed = _signals.signal("credits-redeemed")
+#: ``flask credits reconcile`` (:meth:`FlaskCredits.reconcile`) found a purchase out of step with
+#: Stripe, a webhook lost for good, and fixed it (the usual signals, ``credits_purchased`` or
+#: ``credits_revoked``, are sent too): alert on it. Arguments: ``wallet``, ``purchase`` (as it is
+#: now), ``action`` (str: ``fulfilled``, ``expired``, ``failed``, ``mismatch``, ``refund``,
+#: ``dispute`` or ``dispute_won``).
+purchase_reconciled = _signals.signal("purchase-reconciled")
 
 __all__ = [
     "auto_top_up_failed",
@@ -130,4 +136,5 @@ __all__ = [
     "plan_changed",
     "plan_renewed",
     "plan_started",
+    "purchase_reconciled",
 ]

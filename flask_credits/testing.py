@@ -59,6 +59,8 @@ __all__ = [
     "mock_expire_session",
     "mock_find_session",
     "mock_invoice_payments",
+    "mock_list_sessions",
+    "mock_payment_intent",
     "mock_retrieve_session",
     "mock_setup_card",
     "payment_intent",
@@ -190,6 +192,85 @@ def mock_find_session(
         f"{STRIPE_API}/v1/checkout/sessions",
         json={"object": "list", "data": [session] if session else [], "has_more": False},
         match=[matchers.query_param_matcher({"payment_intent": payment_intent, "limit": "1"})],
+    )
+
+
+def mock_list_sessions(
+    rsps: responses.RequestsMock,
+    sessions: list[dict[str, Any]],
+    *,
+    page_size: int = 100,
+    status: int = 200,
+    error: dict[str, Any] | None = None,
+) -> list[dict[str, str]]:
+    """Answer ``GET /v1/checkout/sessions?created[gte]=...`` (what ``flask credits reconcile`` lists)
+    as Stripe does: ``sessions`` (newest first) created at or after ``created[gte]`` (a session
+    without ``created`` counts as just created), ``page_size`` a page, with ``has_more`` and
+    ``starting_after`` paging; or every call refused with ``error`` and ``status``. Lookups by
+    ``payment_intent`` (:func:`mock_find_session`) are left alone. Returns the query of each request
+    answered, in order."""
+    import time
+
+    import responses as responses_lib
+
+    asked: list[dict[str, str]] = []
+
+    def listing(request: Any) -> tuple[bool, str]:
+        query = dict(parse_qsl(request.url.partition("?")[2]))
+        return "payment_intent" not in query, "a lookup by payment_intent"
+
+    def reply(request: Any) -> tuple[int, dict[str, str], str]:
+        query = dict(parse_qsl(request.url.partition("?")[2]))
+        asked.append(query)
+        if error is not None:
+            return status, {"Request-Id": "req_test"}, json.dumps({"error": error})
+        since = int(query.get("created[gte]", "0"))
+        found = [s for s in sessions if int(s.get("created", time.time())) >= since]
+        after = query.get("starting_after")
+        if after is not None:
+            found = found[[s["id"] for s in found].index(after) + 1 :]
+        limit = min(page_size, int(query.get("limit", "10")))
+        body = {
+            "object": "list",
+            "url": "/v1/checkout/sessions",
+            "data": found[:limit],
+            "has_more": len(found) > limit,
+        }
+        return 200, {"Request-Id": "req_test"}, json.dumps(body)
+
+    rsps.add_callback(
+        responses_lib.GET,
+        f"{STRIPE_API}/v1/checkout/sessions",
+        callback=reply,
+        content_type="application/json",
+        match=[listing],
+    )
+    return asked
+
+
+def mock_payment_intent(
+    rsps: responses.RequestsMock,
+    intent: dict[str, Any],
+    *,
+    latest_charge: dict[str, Any] | None = None,
+    disputes: list[dict[str, Any]] | None = None,
+) -> None:
+    """Answer ``GET /v1/payment_intents/<id>`` with ``intent``, its ``latest_charge`` expanded to
+    ``latest_charge`` (see :func:`charge`), and ``GET /v1/disputes?payment_intent=<id>`` with
+    ``disputes`` (see :func:`dispute`)."""
+    import responses as responses_lib
+    from responses import matchers
+
+    rsps.add(
+        responses_lib.GET,
+        f"{STRIPE_API}/v1/payment_intents/{intent['id']}",
+        json={**intent, "latest_charge": latest_charge},
+    )
+    rsps.add(
+        responses_lib.GET,
+        f"{STRIPE_API}/v1/disputes",
+        json={"object": "list", "url": "/v1/disputes", "data": disputes or [], "has_more": False},
+        match=[matchers.query_param_matcher({"payment_intent": intent["id"], "limit": "100"})],
     )
 
 

@@ -96,4 +96,5 @@ def test_signal_names_are_kebab_case_in_one_namespace():
         "credits-low",
         "auto-top-up-started",
         "auto-top-up-failed",
+        "purchase-reconciled",
     }

@@ -151,3 +151,15 @@ def test_unknown_stripe_mode_is_refused(tmp_path):
     SQLAlchemy(app)
     with pytest.raises(RuntimeError, match="CREDITS_STRIPE_MODE"):
         FlaskCredits(app)
+
+
+def test_reconcile_finds_the_simulated_stripe_in_step_with_its_rows(app, client, login, credits, received):
+    login("alice")
+    choose(client, start(client), "pay")
+    start(client, quantity="3")  # left open
+    result = app.test_cli_runner().invoke(args=["credits", "reconcile", "--since", "1h"])
+    assert result.exit_code == 0, result.output
+    assert "checked 2 checkout sessions" in result.output
+    assert "fixed 0; 1 in step, 1 still open" in result.output
+    assert credits.balance("alice") == 200
+    assert "purchase_reconciled" not in [n for n, _, _ in received]

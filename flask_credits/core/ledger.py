@@ -1053,6 +1053,11 @@ class Ledger:
         def tx(conn: Connection) -> Revocation | None:
             if in_tx is not None:
                 in_tx(conn)
+            if not self.db.lock_rows:
+                # SQLite has no row locks and starts the transaction at its first write: without one
+                # first, two claw-backs (reconcile and a webhook) could both read the shares before
+                # either wrote, and both take the credits. This write takes the database's lock.
+                conn.execute(sa.update(p).where(p.c.id == purchase_id).values(updated_at=p.c.updated_at))
             purchase = conn.execute(self.db.lock(sa.select(p).where(p.c.id == purchase_id))).one()
             if purchase.status != "fulfilled" or purchase.lot_id is None:
                 return None

@@ -19,9 +19,10 @@ import hashlib
 import json
 import secrets
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from flask import current_app
 
 from ..records import Purchase, Wallet
@@ -209,6 +210,48 @@ class SimulatedStripe:
         # The simulated Stripe delivers an invoice's ``invoice.paid`` as it pays it, before anything
         # can refund it: a payment it does not know of as a purchase paid no invoice of its.
         return None
+
+    def list_checkout_sessions(self, created_since: int) -> list[dict[str, Any]]:
+        """The sessions of the checkouts (not automatic purchases) started since, newest first, as
+        :meth:`session` reports them: the rows are the simulated Stripe's state, so they agree."""
+        p = self.ext.tables.purchases
+        since = datetime.fromtimestamp(created_since, timezone.utc)
+        with self.ext.database.reader.connect() as conn:
+            ids = conn.execute(
+                sa.select(p.c.id)
+                .where(p.c.session_id.is_not(None), p.c.automatic.is_(False), p.c.created_at >= since)
+                .order_by(p.c.id.desc())
+            ).scalars()
+            found = [purchases.find(self.ext, id=purchase_id) for purchase_id in ids]
+        return [self.session(purchase) for purchase in found if purchase is not None]
+
+    def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
+        """The PaymentIntent of a purchase, as its row says it went; the simulated Stripe never
+        refunds, so its charge has nothing refunded and no dispute."""
+        purchase = purchases.find(self.ext, payment_intent=payment_intent)
+        if purchase is None:
+            raise PaymentProviderError("invalid_request", "No such payment intent.")
+        status = {"fulfilled": "succeeded", "failed": "requires_payment_method"}.get(
+            purchase.status, "processing"
+        )
+        metadata = {"userId": purchase.wallet.user_id, auto_top_up.PURCHASE: str(purchase.id)}
+        if purchase.wallet.key_id:
+            metadata["keyId"] = purchase.wallet.key_id
+        intent = stripe_objects.payment_intent(
+            payment_intent,
+            amount=purchase.amount,
+            currency=purchase.currency,
+            status=status,
+            metadata=metadata,
+        )
+        if status == "succeeded":
+            intent["latest_charge"] = stripe_objects.charge(
+                payment_intent, amount=purchase.amount, currency=purchase.currency
+            )
+        return intent
+
+    def list_disputes(self, payment_intent: str) -> list[dict[str, Any]]:
+        return []
 
     def _purchase(self, session_id: str) -> Purchase:
         purchase = purchases.find(self.ext, session_id=session_id)

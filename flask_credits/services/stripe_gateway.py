@@ -73,6 +73,21 @@ class Gateway(Protocol):
         names it; its paid InvoicePayment does."""
         ...
 
+    def list_checkout_sessions(self, created_since: int) -> list[dict[str, Any]]:
+        """Every Checkout Session of the account created at or after the Unix time
+        ``created_since``, newest first, all pages read before returning (so a failure part way
+        raises before the caller acts on any)."""
+        ...
+
+    def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
+        """A PaymentIntent as Stripe has it now, its ``latest_charge`` expanded (``amount_refunded``,
+        ``disputed``)."""
+        ...
+
+    def list_disputes(self, payment_intent: str) -> list[dict[str, Any]]:
+        """The disputes of ``payment_intent``'s charges (a Charge no longer names its dispute)."""
+        ...
+
     def create_payment_intent(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
         """Create (and, with ``confirm``, confirm) a PaymentIntent; returns it. A declined card is
         not an exception: the PaymentIntent comes back with status ``requires_payment_method`` and
@@ -150,6 +165,25 @@ class LiveStripe:
                 params={"invoice": invoice_id, "status": "paid", "limit": 10}
             )
         return paid_payment_intent(found.to_dict().get("data") or [])
+
+    def list_checkout_sessions(self, created_since: int) -> list[dict[str, Any]]:
+        with _translated("list checkout sessions"):
+            pages = self._client.v1.checkout.sessions.list(
+                params={"created": {"gte": created_since}, "limit": 100}
+            )
+            return [session.to_dict() for session in pages.auto_paging_iter()]
+
+    def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
+        with _translated("retrieve a payment"):
+            intent = self._client.v1.payment_intents.retrieve(
+                payment_intent, params={"expand": ["latest_charge"]}
+            )
+        return intent.to_dict()
+
+    def list_disputes(self, payment_intent: str) -> list[dict[str, Any]]:
+        with _translated("list a payment's disputes"):
+            pages = self._client.v1.disputes.list(params={"payment_intent": payment_intent, "limit": 100})
+            return [dispute.to_dict() for dispute in pages.auto_paging_iter()]
 
     def create_payment_intent(self, params: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
         with _translated("create a payment"):

@@ -72,9 +72,15 @@ def session_of(
 
 
 def charge(
-    payment_intent: str, *, amount: int, amount_refunded: int = 0, currency: str = "usd"
+    payment_intent: str,
+    *,
+    amount: int,
+    amount_refunded: int = 0,
+    currency: str = "usd",
+    disputed: bool = False,
 ) -> dict[str, Any]:
-    """A Charge object, as in ``charge.refunded`` (``amount_refunded`` is cumulative)."""
+    """A Charge object, as in ``charge.refunded`` (``amount_refunded`` is cumulative; ``disputed``
+    whether it has a dispute, which the Charge does not name: list the disputes by payment)."""
     return {
         "id": _id("ch"),
         "object": "charge",
@@ -83,6 +89,7 @@ def charge(
         "amount_refunded": amount_refunded,
         "currency": currency,
         "refunded": amount_refunded >= amount,
+        "disputed": disputed,
     }
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import getpass
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, cast
 
 import click
@@ -11,7 +12,9 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from ..errors import CreditsError
-from ..services import auto_top_up
+from ..records import ReconcileReport
+from ..services import auto_top_up, reconcile
+from ..services.stripe_gateway import PaymentProviderError
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
@@ -306,3 +309,45 @@ def codes_disable_command(code: str) -> None:
     except CreditsError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{found.code} disabled ({found.redeemed}/{found.max_redemptions} redeemed)")
+
+
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    found = re.fullmatch(r"([1-9][0-9]{0,5})([dhm])", value.strip())
+    if found is None:
+        raise click.BadParameter(f"{value!r} is not a duration like 3d, 12h or 30m")
+    return timedelta(**{_UNITS[found[2]]: int(found[1])})
+
+
+@credits_cli.command("reconcile")
+@click.option(
+    "--since",
+    default="3d",
+    show_default=True,
+    callback=_duration,
+    help="How far back to look: 3d, 12h, 30m (Checkout Sessions created since then).",
+)
+@click.option("--dry-run", is_flag=True, help="Change nothing; say what would be done.")
+def reconcile_command(since: timedelta, dry_run: bool) -> None:
+    """Do what lost Stripe webhooks should have done: ask Stripe about this app's Checkout Sessions
+    created since then and credit the paid ones never credited, mark expired ones, apply missed
+    refunds and disputes, and settle automatic purchases whose PaymentIntent finished. Prints a line
+    per purchase fixed and a summary; exits 1 if Stripe could not be reached. Safe to run while
+    webhooks arrive, and from cron."""
+    report = ReconcileReport(since=_ext().database.now() - since, dry_run=dry_run)
+    try:
+        reconcile.run(_ext(), report)
+    except PaymentProviderError as exc:
+        _print(report)
+        raise click.ClickException(f"Stripe could not be reached ({exc.kind}): {exc.user_message}") from None
+    _print(report)
+
+
+def _print(report: ReconcileReport) -> None:
+    for fix in report.fixes:
+        owner = fix.wallet.user_id + (f" key {fix.wallet.key_id}" if fix.wallet.key_id else "")
+        verb = "would be " if report.dry_run else ""
+        click.echo(f"purchase {fix.purchase_id}\t{fix.reference}\t{owner}\t{verb}{fix.action}: {fix.detail}")
+    click.echo(report.summary())
