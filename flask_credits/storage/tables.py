@@ -131,6 +131,9 @@ def _define(md: sa.MetaData) -> Tables:
         # The spend this entry returns (kind "refund"): unique, so a spend is returned at most once.
         sa.Column("reverses_id", _ID, sa.ForeignKey("credits_entries.id"), nullable=True),
         sa.Column("meta", sa.JSON(), nullable=True),
+        # Who made a change by hand (an admin's identity, the CLI's OS user or --actor); NULL for the
+        # app's own debits and purchases.
+        sa.Column("actor", sa.String(255), nullable=True),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.UniqueConstraint("wallet_id", "idempotency_key", name="uq_credits_entries_idempotency"),
         sa.UniqueConstraint("reverses_id", name="uq_credits_entries_reverses"),
