@@ -62,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
     # Auto top-up (buy a pack off-session with a saved card when a debit takes a wallet below its
     # threshold): False turns it off for every wallet (the kill switch); wallets keep their settings.
     "CREDITS_AUTO_TOP_UP": True,
+    # Let customers enter Stripe promotion codes at Checkout (allow_promotion_codes): a discounted
+    # purchase grants its full credits; refunds claw back in proportion to what was paid.
+    "CREDITS_ALLOW_PROMOTION_CODES": False,
     # Send credits_low when a debit takes a wallet below this many credits (None: only wallets that
     # set their own threshold, credits.set_low_balance).
     "CREDITS_LOW_BALANCE": None,
@@ -175,6 +178,7 @@ class Settings:
     hold_ttl: timedelta
     hold_unsettled: Literal["charge", "release"]
     auto_top_up: bool
+    allow_promotion_codes: bool
     low_balance: int | None
     #: CREDITS_REDEEM_RATE_LIMIT, checked, and where attempts are counted (a `limits` storage URI).
     redeem_rate_limit: str
@@ -245,6 +249,7 @@ def parse(config: Mapping[str, Any]) -> Settings:
         hold_ttl=_duration(config, "CREDITS_HOLD_TTL", minimum=1),
         hold_unsettled=unsettled,
         auto_top_up=_flag(config, "CREDITS_AUTO_TOP_UP"),
+        allow_promotion_codes=_flag(config, "CREDITS_ALLOW_PROMOTION_CODES"),
         low_balance=None
         if config["CREDITS_LOW_BALANCE"] is None
         else _whole(config, "CREDITS_LOW_BALANCE", 0),

@@ -116,6 +116,8 @@ def start_subscription(
         "success_url": success_url,
         "cancel_url": cancel_url,
     }
+    if ext.settings.allow_promotion_codes:
+        params["allow_promotion_codes"] = True
     try:
         session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
     except PaymentProviderError:

@@ -187,7 +187,7 @@ def start_checkout(
     metadata = {"userId": wallet.user_id, "credits": str(offer.credits), "purchaseId": str(purchase_id)}
     if wallet.key_id:
         metadata["keyId"] = wallet.key_id
-    params = {
+    params: dict[str, Any] = {
         "mode": "payment",
         # Receipts, cards and invoices of all the user's purchases in one place (with a customer,
         # Checkout creates none: no customer_creation).
@@ -201,6 +201,8 @@ def start_checkout(
         "success_url": _with_query(success_url, "session_id={CHECKOUT_SESSION_ID}"),
         "cancel_url": _with_query(cancel_url, f"attempt={attempt}"),
     }
+    if ext.settings.allow_promotion_codes:
+        params["allow_promotion_codes"] = True
     try:
         session = ext.gateway.create_checkout_session(params, idempotency_key=attempt)
     except PaymentProviderError:
@@ -380,6 +382,29 @@ def purchase_for_session(ext: FlaskCredits, session: Mapping[str, Any]) -> Purch
     return find(ext, session_id=session_id)
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _discounted(ext: FlaskCredits, session: Mapping[str, Any], purchase: Purchase) -> int | None:
+    """What was paid for ``purchase`` when a promotion code discounted it (CREDITS_ALLOW_PROMOTION_CODES):
+    the subtotal is the purchase's price and the total is it less Stripe's reported discount. None
+    otherwise (the amounts are then checked as they are)."""
+    if not ext.settings.allow_promotion_codes:
+        return None
+    subtotal, total = session.get("amount_subtotal"), session.get("amount_total")
+    details = session.get("total_details")
+    discount = details.get("amount_discount") if isinstance(details, Mapping) else None
+    if not (_count(subtotal) and _count(total) and _count(discount)):
+        return None
+    assert isinstance(subtotal, int)
+    assert isinstance(total, int)
+    assert isinstance(discount, int)
+    if discount == 0 or subtotal != purchase.amount or total != subtotal - discount:
+        return None
+    return total
+
+
 def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | None = None) -> str:
     """Credit the purchase of a Checkout Session if it is paid, exactly once; idempotent and safe to
     run concurrently from webhooks and the success page. Returns what happened."""
@@ -388,6 +413,18 @@ def fulfil(ext: FlaskCredits, session: Mapping[str, Any], *, record: Recorder | 
         return "unknown_session"
     in_tx = record.bind("processed", purchase.id) if record else None
     amount, currency = session.get("amount_total"), str(session.get("currency") or "").lower()
+    paid = _discounted(ext, session, purchase)
+    if paid is not None:
+        # A Stripe promotion code: the full credits for less; the row keeps what was paid, so refunds
+        # (which report amounts of the charge) claw back in proportion to it.
+        amount, recorded, pid = purchase.amount, in_tx, purchase.id
+
+        def in_tx(conn: Connection) -> None:
+            if recorded is not None:
+                recorded(conn)
+            p = ext.tables.purchases
+            conn.execute(sa.update(p).where(p.c.id == pid, p.c.status.in_(FULFILLABLE)).values(amount=paid))
+
     if amount != purchase.amount or currency != purchase.currency:
         log.error(
             "Checkout Session %s reports %s %s, but purchase %s was for %s %s: not credited",
