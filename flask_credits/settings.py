@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     # Send credits_low when a debit takes a wallet below this many credits (None: only wallets that
     # set their own threshold, credits.set_low_balance).
     "CREDITS_LOW_BALANCE": None,
+    # The admin console under {prefix}/admin (opt-in): needs a @credits.admin_checker callback.
+    "CREDITS_ADMIN": False,
     # How many times one user may try to redeem a credit code (POST {prefix}/redeem), right or wrong:
     # a rate limit as Flask-Limiter writes them ("10 per minute", "30/hour"); past it, 429 with
     # Retry-After.
@@ -176,6 +178,7 @@ class Settings:
     hold_unsettled: Literal["charge", "release"]
     auto_top_up: bool
     low_balance: int | None
+    admin: bool
     #: CREDITS_REDEEM_RATE_LIMIT, checked, and where attempts are counted (a `limits` storage URI).
     redeem_rate_limit: str
     redeem_rate_limit_storage: str
@@ -245,6 +248,7 @@ def parse(config: Mapping[str, Any]) -> Settings:
         hold_ttl=_duration(config, "CREDITS_HOLD_TTL", minimum=1),
         hold_unsettled=unsettled,
         auto_top_up=_flag(config, "CREDITS_AUTO_TOP_UP"),
+        admin=_flag(config, "CREDITS_ADMIN"),
         low_balance=None
         if config["CREDITS_LOW_BALANCE"] is None
         else _whole(config, "CREDITS_LOW_BALANCE", 0),
