@@ -62,7 +62,7 @@ def wallet_state(ext: FlaskCredits, wallet: Wallet) -> WalletState:
             []
             if row is None
             else conn.execute(
-                sa.select(lt.c.id, lt.c.entry_id, lt.c.amount, lt.c.remaining, lt.c.expires_at, lt.c.created_at)
+                sa.select(lt.c.id, lt.c.entry_id, lt.c.amount, lt.c.remaining, lt.c.expires_at)
                 .where(lt.c.wallet_id == row.id, lt.c.remaining > 0)
                 .order_by(lt.c.expires_at.is_(None), lt.c.expires_at, lt.c.id)
                 .limit(PAGE)
@@ -88,9 +88,7 @@ def purchases_of(ext: FlaskCredits, wallet: Wallet) -> list[Row[Any]]:
         )
 
 
-def events(
-    ext: FlaskCredits, *, page: int = 1, purchase_ids: list[int] | None = None
-) -> list[Row[Any]]:
+def events(ext: FlaskCredits, *, page: int = 1, purchase_ids: list[int] | None = None) -> list[Row[Any]]:
     """Webhook events received, newest first, :data:`PAGE` a page (``page`` counts from 1); only
     those about ``purchase_ids`` when given."""
     ev = ext.tables.stripe_events

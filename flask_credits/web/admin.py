@@ -84,6 +84,7 @@ def _wallet_page(wallet: Wallet, *, error: str | None = None, status: int = 200)
         abort(400, str(exc))
     purchases = admin.purchases_of(ext, wallet)
     refunded = {e.reverses_id for e in entries if e.reverses_id is not None}
+    paged = before is not None or (after is not None and len(entries) == limit)
     page = render_template(
         "credits/admin/wallet.html",
         wallet=wallet,
@@ -91,8 +92,7 @@ def _wallet_page(wallet: Wallet, *, error: str | None = None, status: int = 200)
         entries=entries,
         refunded=refunded,
         older=entries[-1].id if len(entries) == limit else None,
-        newer=entries[0].id if entries and (before is not None or (after is not None and len(entries) == limit))
-        else None,
+        newer=entries[0].id if entries and paged else None,
         purchases=purchases,
         events=admin.events(ext, purchase_ids=[int(p.id) for p in purchases]),
         dashboard_url=lambda stripe_id: admin.dashboard_url(ext, stripe_id),
