@@ -22,8 +22,10 @@ chunk counting whole, default 10), ``STORY_CHUNK_DELAY`` (seconds between two ch
 pace of a language model, default 0.05; 0 in testing), ``LOW_BALANCE_THRESHOLD`` (warn when a debit
 takes the balance below this, default 10; it sets ``CREDITS_LOW_BALANCE``), ``LOGIN_LIMIT_PER_IP`` and
 ``LOGIN_LIMIT_PER_USERNAME`` (posts of the login or sign-up form, flask-limiter notation, default "10 per
-minute" and "5 per minute"); Flask's ``MAX_CONTENT_LENGTH`` is 1 MiB (a larger body gets 413, chunked or
-not). The packs on the credits page are :data:`PACKS` unless ``CREDITS_PACKS`` is set.
+minute" and "5 per minute"), ``ADMIN_USERNAMES`` (the users, comma-separated, who may use the credits
+admin console at ``/credits/admin``; nobody by default); Flask's ``MAX_CONTENT_LENGTH`` is 1 MiB (a
+larger body gets 413, chunked or not). The packs on the credits page are :data:`PACKS` unless
+``CREDITS_PACKS`` is set.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ FROM_ENVIRONMENT = (
     "LOGIN_LIMIT_PER_IP",
     "LOGIN_LIMIT_PER_USERNAME",
     "CONTENT_SECURITY_POLICY",
+    "ADMIN_USERNAMES",
     *(f"PROXY_FIX_{name.upper()}" for name in deployment.PROXY_FIX_KEYS),
 )
 #: The packs on the credits page, priced in CREDITS_CURRENCY (cents): an ``amount`` rather than a Stripe
@@ -84,6 +87,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         MAX_CONTENT_LENGTH=1024 * 1024,
         LOGIN_LIMIT_PER_IP="10 per minute",
         LOGIN_LIMIT_PER_USERNAME="5 per minute",
+        # Who may use the credits admin console at /credits/admin (auth.credits_admin): user names,
+        # a list or comma-separated (the environment variable). Nobody by default.
+        ADMIN_USERNAMES=(),
+        CREDITS_ADMIN=True,
     )
     app.config.from_mapping({name: os.environ[name] for name in FROM_ENVIRONMENT if os.environ.get(name)})
     app.config.update(config or {})

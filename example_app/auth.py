@@ -81,6 +81,31 @@ def wallet_exists(user_id: str, key_id: str | None) -> bool:
     return key is not None and key.user_id == user.id and not key.revoked
 
 
+def admin_usernames() -> set[str]:
+    """``ADMIN_USERNAMES`` (a list, or comma-separated from the environment), lower-case as stored."""
+    names = current_app.config["ADMIN_USERNAMES"]
+    if isinstance(names, str):
+        names = names.split(",")
+    return {name.strip().lower() for name in names if name.strip()}
+
+
+@bp.app_template_global("is_admin")
+def is_admin() -> bool:
+    """Whether the logged-in user (not an API key) is one of ``ADMIN_USERNAMES``."""
+    return (
+        API_KEY_HEADER not in request.headers
+        and current_user.is_authenticated
+        and current_user.username in admin_usernames()
+    )
+
+
+@credits.admin_checker
+def credits_admin() -> str | None:
+    """The credits admin console is for ``ADMIN_USERNAMES``: their user name is recorded on each
+    change they make."""
+    return str(current_user.username) if is_admin() else None
+
+
 @credits.keys_loader
 def live_keys(user_id: str) -> list[tuple[str, str]]:
     """The user's keys that still work, as ``(key_id, name)``: the credits page shows their balances

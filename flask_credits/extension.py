@@ -25,7 +25,7 @@ from .services.simulated_stripe import SimulatedStripe
 from .services.stripe_gateway import Gateway, LiveStripe, PaymentProviderError
 from .storage.database import Database, utcnow, watch_for_transaction_pooler, without_server_side_prepares
 from .storage.tables import Tables, tables_for
-from .web import blueprint, cli, responses, simulated, urls
+from .web import admin, blueprint, cli, responses, simulated, urls
 
 if TYPE_CHECKING:
     from blinker import NamedSignal
@@ -38,6 +38,7 @@ WalletLoader = Callable[[], "tuple[Any, Any] | Wallet | None"]
 WalletChecker = Callable[[str, "str | None"], bool]
 KeysLoader = Callable[[str], "Iterable[tuple[str, str]]"]
 CustomerDetailsLoader = Callable[[str], "Mapping[str, Any] | None"]
+AdminChecker = Callable[[], "str | None"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -57,7 +58,7 @@ class FlaskCredits:
     ``CREDITS_STRIPE_MODE``, ``CREDITS_IDEMPOTENCY_HEADER``, ``CREDITS_IDEMPOTENCY_TTL``,
     ``CREDITS_IDEMPOTENCY_LOCK_TIMEOUT``, ``CREDITS_IDEMPOTENCY_MAX_RESPONSE_BYTES``,
     ``CREDITS_HOLD_TTL``, ``CREDITS_HOLD_UNSETTLED``, ``CREDITS_AUTO_TOP_UP``, ``CREDITS_LOW_BALANCE``,
-    ``CREDITS_ALLOW_PROMOTION_CODES``,
+    ``CREDITS_ALLOW_PROMOTION_CODES``, ``CREDITS_ADMIN``,
     ``CREDITS_REDEEM_RATE_LIMIT``, ``CREDITS_REDEEM_RATE_LIMIT_STORAGE``,
     ``CREDITS_MAX_CONTENT_LENGTH``, ``CREDITS_MAX_OPEN_PURCHASES``, ``CREDITS_SUCCESS_CHECK_INTERVAL``,
     ``CREDITS_SITE_URL``, ``CREDITS_DATABASE_POOLER``, ``CREDITS_STRIPE_TIMEOUT``,
@@ -75,6 +76,7 @@ class FlaskCredits:
         self._wallet_checker: WalletChecker | None = None
         self._keys_loader: KeysLoader | None = None
         self._customer_details: CustomerDetailsLoader | None = None
+        self._admin_checker: AdminChecker | None = None
         self._engines: weakref.WeakKeyDictionary[Engine, _OnEngine] = weakref.WeakKeyDictionary()
         self._settings: weakref.WeakKeyDictionary[Flask, settings.Settings] = weakref.WeakKeyDictionary()
         #: The time every write records; tests give a fake clock (a callable returning an aware UTC
@@ -123,6 +125,11 @@ class FlaskCredits:
         app.register_blueprint(blueprint.blueprint, url_prefix=parsed.url_prefix)
         if parsed.stripe_mode == "simulated":
             app.register_blueprint(simulated.blueprint, url_prefix=parsed.url_prefix)
+        if parsed.admin:
+            app.register_blueprint(admin.blueprint, url_prefix=f"{parsed.url_prefix.rstrip('/')}/admin")
+            # The checker is usually decorated after init_app: checked at each request (cheap), so the
+            # app refuses its very first one without it.
+            app.before_request(self._require_admin_checker)
         app.cli.add_command(cli.credits_cli)
         _exempt_webhook_from_csrf(app)
 
@@ -152,6 +159,31 @@ class FlaskCredits:
         the customer has no email until the user types one at Stripe Checkout."""
         self._customer_details = callback
         return callback
+
+    def admin_checker(self, callback: F) -> F:
+        """Decorate a function ``() -> str | None`` returning the identity of the current request's
+        admin (an email, a user name: recorded as the ``actor`` of every change they make) or ``None``
+        for anyone else (403). Required when ``CREDITS_ADMIN`` is on."""
+        self._admin_checker = callback
+        return callback
+
+    def admin_identity(self) -> str | None:
+        """The current request's admin identity by ``admin_checker`` (at most 255 characters), or
+        ``None``."""
+        if self._admin_checker is None:
+            self._require_admin_checker()
+        assert self._admin_checker is not None
+        identity = self._admin_checker()
+        if identity is None or identity == "":
+            return None
+        return str(identity)[:255]
+
+    def _require_admin_checker(self) -> None:
+        if self._admin_checker is None:
+            raise RuntimeError(
+                "CREDITS_ADMIN is True but no @credits.admin_checker callback is registered: decorate"
+                " a function returning the admin's identity (or None) with it, or turn CREDITS_ADMIN off."
+            )
 
     def customer_details_for(self, user_id: str) -> Mapping[str, Any]:
         """What ``customer_details`` says about the user (empty without a loader)."""
@@ -404,10 +436,12 @@ class FlaskCredits:
         expires_at: datetime | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        actor: str | None = None,
     ) -> Entry:
         """Add ``amount`` credits as a new lot, expiring at ``expires_at`` (aware datetime) or never.
         Atomic and committed on return. Replaying a committed ``idempotency_key`` returns the original
-        entry and writes nothing. Sends ``credits_granted``."""
+        entry and writes nothing. ``actor`` records who made the change by hand (shown in history).
+        Sends ``credits_granted``."""
         return self.ledger.grant(
             make_wallet(user_id, key_id),
             amount,
@@ -415,6 +449,7 @@ class FlaskCredits:
             expires_at=expires_at,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            actor=actor,
         )
 
     def spend(
@@ -426,11 +461,12 @@ class FlaskCredits:
         reason: str,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        actor: str | None = None,
     ) -> Entry:
         """Debit ``amount`` credits, drawing the soonest-expiring lots first. Atomic and committed on
         return. Raises :class:`InsufficientCredits` (HTTP 402) when the wallet cannot pay, writing
-        nothing, so the same ``idempotency_key`` may succeed later. Sends ``credits_spent`` or
-        ``credits_insufficient``."""
+        nothing, so the same ``idempotency_key`` may succeed later. ``actor`` records who made the
+        change by hand. Sends ``credits_spent`` or ``credits_insufficient``."""
         try:
             return self.ledger.spend(
                 make_wallet(user_id, key_id),
@@ -438,17 +474,24 @@ class FlaskCredits:
                 reason=reason,
                 idempotency_key=idempotency_key,
                 metadata=metadata,
+                actor=actor,
             )
         except InsufficientCredits as exc:
             exc.purchase_url = self.purchase_url()
             raise
 
     def refund(
-        self, user_id: str, entry_id: int, *, key_id: str | None = None, reason: str = "refund"
+        self,
+        user_id: str,
+        entry_id: int,
+        *,
+        key_id: str | None = None,
+        reason: str = "refund",
+        actor: str | None = None,
     ) -> Entry:
         """Return a spend's credits to the lots it drew from. Refunding the same spend again returns
-        the first refund. Sends ``credits_refunded``."""
-        return self.ledger.refund(make_wallet(user_id, key_id), entry_id, reason=reason)
+        the first refund. ``actor`` records who made the change by hand. Sends ``credits_refunded``."""
+        return self.ledger.refund(make_wallet(user_id, key_id), entry_id, reason=reason, actor=actor)
 
     def history(
         self,

@@ -26,6 +26,7 @@ class Entry:
 
     ``replayed`` is about the call that returned it, not the row: ``True`` when an idempotency key
     made ``grant()`` or ``spend()`` return an entry written earlier (nothing was written this time).
+    ``actor`` is who made a change by hand (an admin's identity, the CLI's user); ``None`` otherwise.
     """
 
     id: int
@@ -38,6 +39,7 @@ class Entry:
     metadata: dict[str, Any] | None
     created_at: datetime
     reverses_id: int | None = None
+    actor: str | None = None
     replayed: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +56,7 @@ class Entry:
             "metadata": self.metadata,
             "created_at": self.created_at.isoformat(),
             "reverses_id": self.reverses_id,
+            "actor": self.actor,
         }
 
 

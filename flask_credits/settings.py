@@ -68,6 +68,8 @@ DEFAULTS: dict[str, Any] = {
     # Send credits_low when a debit takes a wallet below this many credits (None: only wallets that
     # set their own threshold, credits.set_low_balance).
     "CREDITS_LOW_BALANCE": None,
+    # The admin console under {prefix}/admin (opt-in): needs a @credits.admin_checker callback.
+    "CREDITS_ADMIN": False,
     # How many times one user may try to redeem a credit code (POST {prefix}/redeem), right or wrong:
     # a rate limit as Flask-Limiter writes them ("10 per minute", "30/hour"); past it, 429 with
     # Retry-After.
@@ -180,6 +182,7 @@ class Settings:
     auto_top_up: bool
     allow_promotion_codes: bool
     low_balance: int | None
+    admin: bool
     #: CREDITS_REDEEM_RATE_LIMIT, checked, and where attempts are counted (a `limits` storage URI).
     redeem_rate_limit: str
     redeem_rate_limit_storage: str
@@ -250,6 +253,7 @@ def parse(config: Mapping[str, Any]) -> Settings:
         hold_unsettled=unsettled,
         auto_top_up=_flag(config, "CREDITS_AUTO_TOP_UP"),
         allow_promotion_codes=_flag(config, "CREDITS_ALLOW_PROMOTION_CODES"),
+        admin=_flag(config, "CREDITS_ADMIN"),
         low_balance=None
         if config["CREDITS_LOW_BALANCE"] is None
         else _whole(config, "CREDITS_LOW_BALANCE", 0),

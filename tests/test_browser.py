@@ -73,6 +73,7 @@ def base_url(tmp_path_factory):
             "CREDITS_STRIPE_MODE": "simulated",
             # A pause between a story's chunks, so that the page visibly fills in as they arrive.
             "STORY_CHUNK_DELAY": 0.05,
+            "ADMIN_USERNAMES": "chief",
         }
     )
     with app.app_context():
@@ -662,3 +663,28 @@ def test_a_declined_automatic_payment_turns_auto_top_up_off_and_says_why(page):
     assert page.testid("auto-top-up-cap") == (
         "Monthly cap: 20.00 USD; 0.00 USD spent on automatic purchases this month."
     )
+
+
+def test_an_admin_grants_credits_from_the_admin_wallet_page(page, screenshots):
+    page.sign_up("chief")
+    user_id = page.driver.execute_script(
+        """const request = new XMLHttpRequest();
+        request.open("GET", "/credits/balance", false);
+        request.setRequestHeader("Accept", "application/json");
+        request.send();
+        return String(JSON.parse(request.responseText).user_id);"""
+    )
+    page.nav("Admin")
+    assert page.heading == "Credits admin"
+    page.fill("#credits-admin-q", user_id)
+    page.press("Find")
+    page.follow_link(f"Open the wallet of user {user_id} anyway")
+    assert page.heading == f"Wallet of user {user_id}"
+    page.fill("#credits-admin-grant-amount", "25")
+    page.fill("#credits-admin-grant-reason", "welcome gift")
+    page.press("Grant")
+    assert page.status == 200
+    assert page.balance() == 25
+    assert page.testid("actor") == "chief"
+    assert "Grant: welcome gift" in page.text
+    page.screenshot(screenshots, "admin-wallet")

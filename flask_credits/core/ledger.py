@@ -152,27 +152,34 @@ class Ledger:
         return int(row.balance)
 
     @unavailable_on_database_errors
-    def history(self, wallet: Wallet, *, limit: int = 50, before: int | None = None) -> list[Entry]:
+    def history(
+        self, wallet: Wallet, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> list[Entry]:
+        """The wallet's entries, newest first: the newest ``limit``, those older than ``before``, or
+        the ``limit`` just newer than ``after`` (the page before, walking back towards the newest)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be a whole number from 1 to 1000, not {limit!r}")
-        if before is not None and (
-            isinstance(before, bool) or not isinstance(before, int) or not 1 <= before <= MAX_ID
-        ):
-            raise InvalidArgument(f"before must be an entry id, not {before!r}")
+        for name, value in (("before", before), ("after", after)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID
+            ):
+                raise InvalidArgument(f"{name} must be an entry id, not {value!r}")
+        if before is not None and after is not None:
+            raise InvalidArgument("pass before or after, not both")
         e = self.t.entries
         # The wallet id as a scalar subquery, not a join: the planner then walks the
         # (wallet_id, id) index backwards from a known wallet and stops after ``limit`` rows, however
         # long the history (a join let PostgreSQL scan entries by id instead).
-        query = (
-            sa.select(e)
-            .where(e.c.wallet_id == self._wallet_id_of(wallet))
-            .order_by(e.c.id.desc())
-            .limit(limit)
-        )
+        query = sa.select(e).where(e.c.wallet_id == self._wallet_id_of(wallet)).limit(limit)
+        if after is not None:
+            query = query.where(e.c.id > after).order_by(e.c.id.asc())
+        else:
+            query = query.order_by(e.c.id.desc())
         if before is not None:
             query = query.where(e.c.id < before)
         with self.db.reader.connect() as conn:
-            return [self._entry(row, wallet) for row in conn.execute(query)]
+            found = [self._entry(row, wallet) for row in conn.execute(query)]
+        return found[::-1] if after is not None else found
 
     @unavailable_on_database_errors
     def wallet_id(self, wallet: Wallet, *, create: bool = False) -> int | None:
@@ -227,13 +234,16 @@ class Ledger:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
         in_tx: Callable[[Connection, Entry], None] | None = None,
+        actor: str | None = None,
     ) -> Entry:
         """Add ``amount`` credits as a new lot. A replayed ``idempotency_key`` returns the original.
         ``in_tx(conn, entry)`` runs in the same transaction once the entry is written (the wallet row
-        locked): what it writes commits with the grant, and what it raises undoes both."""
+        locked): what it writes commits with the grant, and what it raises undoes both. ``actor``
+        records who made a change by hand (an admin, the CLI's user)."""
         amount = check_amount(amount)
         check_text(reason, "reason", 255, optional=False)
         check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        check_text(actor, "actor", 255, optional=True)
         self._metadata_json(metadata)
         if expires_at is not None and (not isinstance(expires_at, datetime) or expires_at.tzinfo is None):
             raise InvalidArgument("expires_at must be a timezone-aware datetime")
@@ -262,6 +272,7 @@ class Ledger:
                 idempotency_key=idempotency_key,
                 metadata=metadata,
                 now=now,
+                actor=actor,
             )
             conn.execute(
                 sa.insert(self.t.lots).values(
@@ -292,19 +303,22 @@ class Ledger:
         reason: str,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        actor: str | None = None,
     ) -> Entry:
         """Debit ``amount`` credits, soonest-expiring lots first, or raise InsufficientCredits (the
-        HTTP layer adds where to buy more)."""
+        HTTP layer adds where to buy more). ``actor`` records who made a change by hand."""
         amount = check_amount(amount)
         check_text(reason, "reason", 255, optional=False)
         check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        check_text(actor, "actor", 255, optional=True)
         meta_json = self._metadata_json(metadata)
         if idempotency_key is not None:
             done = self._replay(wallet, idempotency_key, "spend", amount)
             if done is not None:
                 return done
         now = self.db.now()
-        if self.db.one_statement:
+        # A spend by hand (an actor) is rare: it takes the long way, so the one statement stays as is.
+        if self.db.one_statement and actor is None:
             try:
                 fast = self._spend_in_one_statement(
                     wallet, amount, reason, idempotency_key, metadata, meta_json, now
@@ -353,6 +367,7 @@ class Ledger:
                 idempotency_key=idempotency_key,
                 metadata=metadata,
                 now=now,
+                actor=actor,
             )
             self._insert_draws(conn, entry.id, draws)
             return entry
@@ -431,10 +446,11 @@ class Ledger:
         return found
 
     @unavailable_on_database_errors
-    def refund(self, wallet: Wallet, spend_id: int, *, reason: str) -> Entry:
+    def refund(self, wallet: Wallet, spend_id: int, *, reason: str, actor: str | None = None) -> Entry:
         """Return a spend's credits to the very lots it drew from. Refunding twice returns the first
-        refund; only spends can be refunded."""
+        refund; only spends can be refunded. ``actor`` records who made a change by hand."""
         check_text(reason, "reason", 255, optional=False)
+        check_text(actor, "actor", 255, optional=True)
         spend = self.entry(wallet, spend_id)
         if spend.kind != "spend":
             raise NotRefundable(f"entry {spend_id} is a {spend.kind}, only a spend can be refunded")
@@ -470,6 +486,7 @@ class Ledger:
                 metadata={"spend_id": spend.id},
                 now=now,
                 reverses_id=spend.id,
+                actor=actor,
             )
             returned = [_Draw(r.lot_id, -int(r.amount)) for r in taken]
             for draw in returned:
@@ -1555,6 +1572,7 @@ class Ledger:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
         reverses_id: int | None = None,
+        actor: str | None = None,
     ) -> Entry:
         values = {
             "wallet_id": wallet_id,
@@ -1566,6 +1584,7 @@ class Ledger:
             "reverses_id": reverses_id,
             "meta": metadata,
             "created_at": now,
+            "actor": actor,
         }
         result = conn.execute(self.db.sql.insert_entry, values)
         assert result.inserted_primary_key is not None
@@ -1580,6 +1599,7 @@ class Ledger:
             metadata=metadata,
             created_at=now,
             reverses_id=reverses_id,
+            actor=actor,
         )
 
     def _insert_draws(self, conn: Connection, entry_id: int, draws: Sequence[_Draw]) -> None:
@@ -1601,6 +1621,7 @@ class Ledger:
             metadata=row.meta,
             created_at=row.created_at,
             reverses_id=row.reverses_id,
+            actor=row.actor,
         )
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:

@@ -66,6 +66,7 @@ def balance_command(user: str, key_id: str | None) -> None:
 @click.option("--reason", required=True, help="Shown in the user's history.")
 @click.option("--expires", default=None, help="ISO 8601 time the credits expire (UTC if no zone).")
 @click.option("--idempotency-key", default=None, help="Run twice, grant once.")
+@click.option("--actor", default=None, help="Who grants, shown in the history (default: the OS user).")
 @_key
 def grant_command(
     user: str,
@@ -73,9 +74,10 @@ def grant_command(
     reason: str,
     expires: str | None,
     idempotency_key: str | None,
+    actor: str | None,
     key_id: str | None,
 ) -> None:
-    """Give USER AMOUNT credits."""
+    """Give USER AMOUNT credits, recording who did it (--actor or the OS user)."""
     _known(user, key_id)
     try:
         entry = _ext().grant(
@@ -85,6 +87,7 @@ def grant_command(
             reason=reason,
             expires_at=_iso(expires),
             idempotency_key=idempotency_key,
+            actor=actor or _os_user(),
         )
     except CreditsError as exc:
         raise click.ClickException(str(exc)) from None
@@ -97,7 +100,7 @@ def grant_command(
 @click.option("--before", type=int, default=None, help="Entries older than this entry id.")
 @_key
 def history_command(user: str, limit: int, before: int | None, key_id: str | None) -> None:
-    """List USER's entries, newest first."""
+    """List USER's entries, newest first (a change made by hand ends with who made it)."""
     _known(user, key_id)
     try:
         entries = _ext().history(user, key_id, limit=limit, before=before)
@@ -106,7 +109,7 @@ def history_command(user: str, limit: int, before: int | None, key_id: str | Non
     for e in entries:
         click.echo(
             f"{e.id}\t{e.created_at.isoformat(timespec='seconds')}\t{e.kind}\t{e.amount:+d}"
-            f"\t{e.balance_after}\t{e.reason}"
+            f"\t{e.balance_after}\t{e.reason}" + (f"\tby {e.actor}" if e.actor else "")
         )
 
 
