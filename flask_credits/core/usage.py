@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from ..errors import InvalidArgument
 from ..records import Entry, Wallet
 from ..storage.database import Database, unavailable_on_database_errors
+from .ledger import entry_of
 
 UsageBy = Literal["day", "reason", "endpoint"]
 BY: tuple[UsageBy, ...] = ("day", "reason", "endpoint")
@@ -127,21 +128,4 @@ def _page(db: Database, wallet: Wallet, after: int, page_size: int) -> list[Expo
         .limit(page_size)
     )
     with db.reader.connect() as conn:
-        return [
-            Exported(
-                Entry(
-                    id=int(row.id),
-                    wallet=wallet,
-                    amount=int(row.amount),
-                    balance_after=int(row.balance_after),
-                    kind=row.kind,
-                    reason=row.reason,
-                    idempotency_key=row.idempotency_key,
-                    metadata=row.meta,
-                    created_at=row.created_at,
-                    reverses_id=row.reverses_id,
-                ),
-                row.actor,
-            )
-            for row in conn.execute(query)
-        ]
+        return [Exported(entry_of(row, wallet), row.actor) for row in conn.execute(query)]

@@ -101,7 +101,8 @@ def grant_command(
     "--csv",
     "as_csv",
     is_flag=True,
-    help="The whole history as CSV, oldest first, streamed (as GET /credits/transactions.csv).",
+    help="The whole history as CSV, oldest first, streamed (as GET /credits/transactions.csv); "
+    "--limit and --before do not apply.",
 )
 @_key
 def history_command(user: str, limit: int, before: int | None, as_csv: bool, key_id: str | None) -> None:
