@@ -13,6 +13,7 @@ from flask import Flask, current_app
 from werkzeug.wrappers import Response
 
 from . import settings
+from .core import usage as usage_report
 from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
@@ -504,6 +505,25 @@ class FlaskCredits:
         """The wallet's entries, newest first. Pass the last entry's ``id`` as ``before`` for the next
         page (keyset pagination: a page costs the same however long the history)."""
         return self.ledger.history(make_wallet(user_id, key_id), limit=limit, before=before)
+
+    def usage(
+        self,
+        user_id: str,
+        key_id: str | None = None,
+        *,
+        since: datetime,
+        until: datetime,
+        by: usage_report.UsageBy = "day",
+    ) -> dict[Any, int]:
+        """Credits the wallet spent in ``[since, until)`` (aware datetimes), net of the refunds of
+        those spends made before ``until``, grouped ``by``: ``"day"`` (UTC ``date`` keys, oldest
+        first, days without spends left out), ``"reason"`` or ``"endpoint"`` (the view's endpoint the
+        :func:`requires_credits` decorator records; ``None`` for direct :meth:`spend` calls), most
+        spent first. One query on the wallet's entries. Raises :class:`InvalidArgument` for a range
+        that is empty or not aware, or another ``by``."""
+        return usage_report.usage(
+            self.ledger.db, make_wallet(user_id, key_id), since=since, until=until, by=by
+        )
 
     def expire(self) -> int:
         """Expire the due lots and release the expired holds of every wallet (spends and balances

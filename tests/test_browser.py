@@ -359,6 +359,20 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     assert page.balance() == 0
     history = page.find("main table tbody").text
     assert history.count("Spend: generate persona") == 20  # a page of history: the 20 newest entries
+    # The usage chart: today's bar is the 100 credits spent, in an image with a title and a description,
+    # and the endpoint that spent them is in the table below it.
+    chart = page.find('main svg[data-testid="usage-chart"]')
+    assert chart.get_attribute("role") == "img"
+    bars = chart.find_elements(By.CSS_SELECTOR, "rect")
+    assert len(bars) == 30
+    assert bars[-1].get_attribute("data-credits") == "100"
+    assert bars[-1].size["height"] > 0
+    assert [b.get_attribute("data-credits") for b in bars[:-1]] == ["0"] * 29
+    assert "100 credits spent from" in chart.find_element(By.CSS_SELECTOR, "desc").get_attribute(
+        "textContent"
+    )
+    assert page.testid("usage-endpoints").splitlines()[-1] == "main.create_persona 100"
+    page.find(".credits-usage").screenshot(str(screenshots / "usage.png"))
     page.follow_link("Older entries")
     older = page.find("main table tbody").text.splitlines()
     assert len(older) == 1

@@ -78,6 +78,23 @@ def _naive_utc(when: datetime) -> datetime:
     return when.astimezone(timezone.utc).replace(tzinfo=None)
 
 
+def entry_of(row: Row[Any], wallet: Wallet) -> Entry:
+    """The :class:`Entry` of a ``credits_entries`` row of ``wallet``."""
+    return Entry(
+        id=int(row.id),
+        wallet=wallet,
+        amount=int(row.amount),
+        balance_after=int(row.balance_after),
+        kind=row.kind,
+        reason=row.reason,
+        idempotency_key=row.idempotency_key,
+        metadata=row.meta,
+        created_at=row.created_at,
+        reverses_id=row.reverses_id,
+        actor=row.actor,
+    )
+
+
 def _merge(draws: list[_Draw]) -> list[_Draw]:
     """One draw per lot (a settle may take from a lot both the held credits and more)."""
     merged: dict[int, int] = {}
@@ -1610,19 +1627,7 @@ class Ledger:
             )
 
     def _entry(self, row: Row[Any], wallet: Wallet) -> Entry:
-        return Entry(
-            id=int(row.id),
-            wallet=wallet,
-            amount=int(row.amount),
-            balance_after=int(row.balance_after),
-            kind=row.kind,
-            reason=row.reason,
-            idempotency_key=row.idempotency_key,
-            metadata=row.meta,
-            created_at=row.created_at,
-            reverses_id=row.reverses_id,
-            actor=row.actor,
-        )
+        return entry_of(row, wallet)
 
     def _replay(self, wallet: Wallet, key: str, kind: str, amount: int) -> Entry | None:
         """The committed entry for ``key`` in this wallet, if any, checked to be the same request."""

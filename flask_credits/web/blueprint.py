@@ -5,16 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+)
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..core import usage
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
 from ..services import auto_top_up, codes, customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
-from . import bodies, responses, throttle, urls
+from . import bodies, charts, exports, responses, throttle, urls
 from .responses import UNAVAILABLE, wants_json
 
 if TYPE_CHECKING:
@@ -110,6 +121,10 @@ def _page(
         key_balance, keys_held[key_id] = _balance_and_held(make_wallet(wallet.user_id, key_id))
         keys.append((key_id, label, key_balance))
     balance, held = _balance_and_held(wallet)
+    # Spent in the last 30 UTC days, per day (every day charted, 0 without spends) and per endpoint.
+    since, until = charts.last_days(ext.ledger.db.now())
+    per_day = usage.usage(ext.ledger.db, wallet, since=since, until=until, by="day")
+    days = charts.every_day(per_day, since)
     # No plans, no query: the page of an app that sells only packs is as before plans.
     subscription = plans.current(ext, wallet) if ext.settings.plans else None
     # Each key's live subscription, and the wallets that may subscribe now: (key id or "", name).
@@ -153,6 +168,12 @@ def _page(
         simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
         next_before=next_before,
+        usage_chart=charts.spent_per_day(days),
+        usage_days=days,
+        # No spends in the period, no second query.
+        usage_endpoints=usage.usage(ext.ledger.db, wallet, since=since, until=until, by="endpoint")
+        if per_day
+        else {},
         error=error,
         message=message,
         submitted=submitted or {},
@@ -188,6 +209,26 @@ def transactions() -> ResponseReturnValue:
     return jsonify(
         transactions=[e.to_dict() for e in entries],
         next_before=entries[-1].id if len(entries) == limit else None,
+    )
+
+
+@blueprint.get("/transactions.csv")
+def transactions_csv() -> ResponseReturnValue:
+    """The wallet's whole history as CSV, oldest first, streamed (read 500 entries at a time, never
+    whole): id, created_at (ISO 8601, UTC), kind, amount, balance_after, reason, endpoint, actor.
+    ``key_id`` names one of the user's API keys. Text cells that a spreadsheet would run as a
+    formula get a leading ``'``."""
+    wallet = requested_wallet(request.args.to_dict())
+    if wallet is None:
+        return _error(400, "bad_request", "unknown API key")
+    lines = exports.csv_lines(extension().ledger.db, wallet)
+    return Response(
+        stream_with_context(lines),
+        mimetype="text/csv",
+        headers={
+            "Content-Disposition": f'attachment; filename="{exports.filename(wallet)}"',
+            "Cache-Control": "no-store",
+        },
     )
 
 

@@ -11,10 +11,12 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from ..core.inputs import make_wallet
 from ..errors import CreditsError
 from ..records import ReconcileReport
 from ..services import auto_top_up, reconcile
 from ..services.stripe_gateway import PaymentProviderError
+from . import exports
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
@@ -98,11 +100,22 @@ def grant_command(
 @click.argument("user")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--before", type=int, default=None, help="Entries older than this entry id.")
+@click.option(
+    "--csv",
+    "as_csv",
+    is_flag=True,
+    help="The whole history as CSV, oldest first, streamed (as GET /credits/transactions.csv); "
+    "--limit and --before do not apply.",
+)
 @_key
-def history_command(user: str, limit: int, before: int | None, key_id: str | None) -> None:
+def history_command(user: str, limit: int, before: int | None, as_csv: bool, key_id: str | None) -> None:
     """List USER's entries, newest first (a change made by hand ends with who made it)."""
     _known(user, key_id)
     try:
+        if as_csv:
+            for chunk in exports.csv_lines(_ext().ledger.db, make_wallet(user, key_id)):
+                click.echo(chunk, nl=False)
+            return
         entries = _ext().history(user, key_id, limit=limit, before=before)
     except CreditsError as exc:
         raise click.ClickException(str(exc)) from None

@@ -1,0 +1,79 @@
+"""The credits page's chart of credits spent per day: inline SVG rendered on the server, no JavaScript."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta, timezone
+
+from markupsafe import Markup
+
+#: Days the credits page charts, today (UTC) included.
+DAYS = 30
+
+_WIDTH, _HEIGHT, _TOP, _BOTTOM = 600, 150, 18, 20
+
+
+def last_days(now: datetime, days: int = DAYS) -> tuple[datetime, datetime]:
+    """``(since, until)``: from the start of the UTC day ``days - 1`` days ago to the end of today."""
+    today = now.astimezone(timezone.utc).date()
+    start = datetime.combine(today - timedelta(days=days - 1), time(), timezone.utc)
+    return start, datetime.combine(today + timedelta(days=1), time(), timezone.utc)
+
+
+def every_day(spent: Mapping[date, int], since: datetime, days: int = DAYS) -> list[tuple[date, int]]:
+    """``(day, credits)`` for each of the ``days`` days from ``since``, 0 for days without spends."""
+    first = since.date()
+    return [(d, spent.get(d, 0)) for d in (first + timedelta(days=i) for i in range(days))]
+
+
+def spent_per_day(days: list[tuple[date, int]]) -> Markup:
+    """A bar per day, the highest labelled; its ``<title>`` and ``<desc>`` say what it shows for
+    screen readers, and the page gives the numbers in a table too."""
+    total = sum(n for _, n in days)
+    top = max((n for _, n in days), default=0)
+    first, last = days[0][0].isoformat(), days[-1][0].isoformat()
+    busiest = max(days, key=lambda d: d[1])[0].isoformat() if top else None
+    desc = f"{total} credits spent from {first} to {last}" + (
+        f"; the most, {top}, on {busiest}." if busiest else "."
+    )
+    slot = _WIDTH / len(days)
+    plot = _HEIGHT - _TOP - _BOTTOM
+    bar = Markup(
+        '<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" data-day="{day}" data-credits="{n}">'
+        "<title>{day}: {n} credits</title></rect>"
+    )
+    bars = []
+    for i, (day, n) in enumerate(days):
+        height = plot * n / top if top else 0
+        bars.append(
+            bar.format(
+                x=i * slot + slot * 0.15,
+                y=_TOP + plot - height,
+                w=slot * 0.7,
+                h=height,
+                day=day.isoformat(),
+                n=n,
+            )
+        )
+    return Markup(
+        '<svg class="credits-chart-svg" viewBox="0 0 {w} {h}" role="img" '
+        'aria-labelledby="credits-chart-title credits-chart-desc" data-testid="usage-chart">'
+        '<title id="credits-chart-title">Credits spent per day, last {n} days</title>'
+        '<desc id="credits-chart-desc">{desc}</desc>'
+        '<line x1="0" y1="{base}" x2="{w}" y2="{base}" class="credits-chart-axis"/>'
+        "{bars}"
+        '<text x="0" y="12" class="credits-chart-label">{top} max</text>'
+        '<text x="0" y="{h}" class="credits-chart-label">{first}</text>'
+        '<text x="{w}" y="{h}" text-anchor="end" class="credits-chart-label">{last}</text>'
+        "</svg>"
+    ).format(
+        w=_WIDTH,
+        h=_HEIGHT - 4,
+        base=_HEIGHT - _BOTTOM,
+        n=len(days),
+        desc=desc,
+        bars=Markup("").join(bars),
+        top=top,
+        first=first,
+        last=last,
+    )
