@@ -539,10 +539,11 @@ class FlaskCredits:
         return self.request_keys.prune(lock_timeout=self.settings.idempotency_lock_timeout)
 
     def reconcile(self, since: timedelta, *, dry_run: bool = False) -> ReconcileReport:
-        """Ask Stripe how the Checkout Sessions created in the last ``since`` (and the automatic
-        purchases started then) stand, and do what their lost webhooks should have done, through the
-        webhooks' own exactly-once paths: credit paid checkouts, mark expired ones, apply missed
-        refunds and disputes, settle automatic purchases. Safe while webhooks arrive and when run twice
+        """Ask Stripe how the Checkout Sessions and plans' paid invoices created in the last ``since``
+        (and the automatic purchases started then) stand, and do what their lost webhooks should have
+        done, through the webhooks' own exactly-once paths: credit paid checkouts, grant the allowance
+        of paid plan invoices, mark expired checkouts, apply missed refunds and disputes, settle
+        automatic purchases. Safe while webhooks arrive and when run twice
         at once. Sends ``purchase_reconciled`` for each fix. ``dry_run`` changes nothing and reports
         what it would do. Raises PaymentProviderError when Stripe cannot be reached (run it from cron
         as ``flask credits reconcile``)."""

@@ -282,11 +282,13 @@ class Reconciled:
     dry run, would do). ``action`` is ``fulfilled`` (a paid checkout or automatic purchase credited),
     ``expired``, ``failed`` (an automatic purchase Stripe declined), ``mismatch`` (Stripe reports
     another amount: never credited), ``refund`` or ``dispute`` (a missed claw-back applied), or
-    ``dispute_won`` (a dispute's claw-back given back). ``done`` is False in a dry run."""
+    ``dispute_won`` (a dispute's claw-back given back). ``done`` is False in a dry run.
+    ``purchase_id`` is None only in a dry run, for a paid plan invoice that has no purchase row yet
+    (granting it would insert one)."""
 
-    purchase_id: int
+    purchase_id: int | None
     wallet: Wallet
-    reference: str  # the Checkout Session id, or the automatic purchase's PaymentIntent id
+    reference: str  # the Checkout Session id, the automatic purchase's PaymentIntent id, or the invoice id
     action: str
     detail: str
     done: bool
@@ -296,13 +298,15 @@ class Reconciled:
 class ReconcileReport:
     """What :meth:`FlaskCredits.reconcile` did: ``fixes``, one per action on a purchase, and
     ``counts`` of what needed nothing (``in_step``, ``not_ours``, ``plan_checkouts``,
-    ``setup_checkouts``, ``still_open``, ``done_meanwhile``: a webhook or another run was first)."""
+    ``setup_checkouts``, ``no_allowance`` (a plan invoice that grants none, like a proration's),
+    ``still_open``, ``done_meanwhile``: a webhook or another run was first)."""
 
     since: datetime
     dry_run: bool
     fixes: list[Reconciled] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
+    invoices: int = 0
     automatic: int = 0
 
     def count(self, what: str) -> None:
@@ -316,8 +320,9 @@ class ReconcileReport:
         fixed = ", ".join(f"{n} {action}" for action, n in sorted(actions.items()))
         rest = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in sorted(self.counts.items()))
         return (
-            f"{'dry run: ' if self.dry_run else ''}checked {self.sessions} checkout sessions and"
-            f" {self.automatic} automatic purchases since {self.since.isoformat(timespec='seconds')};"
+            f"{'dry run: ' if self.dry_run else ''}checked {self.sessions} checkout sessions,"
+            f" {self.invoices} plan invoices and {self.automatic} automatic purchases"
+            f" since {self.since.isoformat(timespec='seconds')};"
             f" {'would fix' if self.dry_run else 'fixed'} {len(self.fixes)}"
             + (f" ({fixed})" if fixed else "")
             + (f"; {rest}" if rest else "")

@@ -59,6 +59,7 @@ __all__ = [
     "mock_expire_session",
     "mock_find_session",
     "mock_invoice_payments",
+    "mock_list_invoices",
     "mock_list_sessions",
     "mock_payment_intent",
     "mock_retrieve_session",
@@ -209,6 +210,32 @@ def mock_list_sessions(
     ``starting_after`` paging; or every call refused with ``error`` and ``status``. Lookups by
     ``payment_intent`` (:func:`mock_find_session`) are left alone. Returns the query of each request
     answered, in order."""
+    return _mock_listing(rsps, "/v1/checkout/sessions", sessions, page_size, status, error)
+
+
+def mock_list_invoices(
+    rsps: responses.RequestsMock,
+    invoices: list[dict[str, Any]],
+    *,
+    page_size: int = 100,
+    status: int = 200,
+    error: dict[str, Any] | None = None,
+) -> list[dict[str, str]]:
+    """Answer ``GET /v1/invoices?created[gte]=...&status=paid`` (the paid invoices ``flask credits
+    reconcile`` lists) as :func:`mock_list_sessions` answers its listing. List ``invoices`` without
+    ``payments`` (see :func:`invoice`), as Stripe does, and answer their payments' lookups with
+    :func:`mock_invoice_payments`. Returns the query of each request answered, in order."""
+    return _mock_listing(rsps, "/v1/invoices", invoices, page_size, status, error)
+
+
+def _mock_listing(
+    rsps: responses.RequestsMock,
+    path: str,
+    objects: list[dict[str, Any]],
+    page_size: int,
+    status: int,
+    error: dict[str, Any] | None,
+) -> list[dict[str, str]]:
     import time
 
     import responses as responses_lib
@@ -225,22 +252,17 @@ def mock_list_sessions(
         if error is not None:
             return status, {"Request-Id": "req_test"}, json.dumps({"error": error})
         since = int(query.get("created[gte]", "0"))
-        found = [s for s in sessions if int(s.get("created", time.time())) >= since]
+        found = [o for o in objects if int(o.get("created", time.time())) >= since]
         after = query.get("starting_after")
         if after is not None:
-            found = found[[s["id"] for s in found].index(after) + 1 :]
+            found = found[[o["id"] for o in found].index(after) + 1 :]
         limit = min(page_size, int(query.get("limit", "10")))
-        body = {
-            "object": "list",
-            "url": "/v1/checkout/sessions",
-            "data": found[:limit],
-            "has_more": len(found) > limit,
-        }
+        body = {"object": "list", "url": path, "data": found[:limit], "has_more": len(found) > limit}
         return 200, {"Request-Id": "req_test"}, json.dumps(body)
 
     rsps.add_callback(
         responses_lib.GET,
-        f"{STRIPE_API}/v1/checkout/sessions",
+        f"{STRIPE_API}{path}",
         callback=reply,
         content_type="application/json",
         match=[listing],

@@ -26,6 +26,7 @@ def credits_config():
         "STRIPE_WEBHOOK_SECRET": WHSEC,
         "CREDITS_STRIPE_MAX_RETRIES": 0,
         "CREDITS_PACKS": {"small": {"credits": 500, "amount": 500, "currency": "usd", "name": "Small"}},
+        "CREDITS_PLANS": {"pro": {"price": "price_pro", "credits": 2000, "name": "Pro"}},
         "SERVER_NAME": "shop.test",
     }
 
@@ -493,3 +494,210 @@ def test_two_reconciles_and_the_refund_webhooks_at_once_claw_back_once(
     )
     assert len(reconciled(received)) <= n
     assert credits.audit() == []
+
+
+# -- plans' invoices ------------------------------------------------------------------------------------
+
+DAY = 24 * 60 * 60
+
+
+class Subscribed:
+    """Alice's Pro subscription, which this app started: its invoices, as Stripe has them."""
+
+    stripe_id = "sub_test_alice"
+
+    def __init__(self, attempt):
+        self.attempt = attempt
+        self.start = int(time.time()) - DAY
+
+    def pi(self, n):
+        return f"pi_test_alice_plan_{n}"
+
+    def invoice(self, n, *, listed=False):
+        """The n-th period's paid invoice (0: the first); ``listed``: as Stripe lists it, without its
+        ``payments``."""
+        start = self.start + n * 30 * DAY
+        return testing.invoice(
+            f"in_test_alice_{n}",
+            subscription=self.stripe_id,
+            price="price_pro",
+            period_start=start,
+            period_end=start + 30 * DAY,
+            amount_paid=2000,
+            billing_reason="subscription_create" if n == 0 else "subscription_cycle",
+            payment_intent=None if listed else self.pi(n),
+            metadata={"userId": "alice", "plan": "pro", "subscriptionRef": self.attempt},
+        )
+
+
+@pytest.fixture
+def plan(client, login, stripe, credits):
+    """Alice subscribed to Pro, and the webhook of its first invoice arrived."""
+    testing.mock_create_session(stripe)
+    login("alice")
+    response = client.post("/credits/subscribe", json={"plan": "pro"})
+    assert response.status_code == 200, response.json
+    s = credits.tables.subscriptions
+    with credits.db.engine.connect() as conn:
+        attempt = conn.execute(
+            sa.select(s.c.attempt_key).where(s.c.checkout_session_id == response.json["id"])
+        ).scalar_one()
+    subscribed = Subscribed(attempt)
+    assert deliver(client, "invoice.paid", subscribed.invoice(0)).json["outcome"] == "fulfilled"
+    assert credits.balance("alice") == 2000
+    return subscribed
+
+
+def invoices_listed(stripe, invoices, **kwargs):
+    """Stripe lists no Checkout Sessions, and these paid invoices."""
+    listed(stripe, [])
+    stripe.remove(responses.GET, f"{testing.STRIPE_API}/v1/invoices")
+    return testing.mock_list_invoices(stripe, invoices, **kwargs)
+
+
+def invoice_row(credits, invoice_id):
+    p = credits.tables.purchases
+    with credits.db.engine.connect() as conn:
+        return conn.execute(sa.select(p).where(p.c.invoice_id == invoice_id)).one()
+
+
+def test_a_lost_renewal_invoice_is_granted_once_across_pages_and_its_late_webhook_grants_nothing(
+    app, credits, plan, stripe, received
+):
+    renewal = plan.invoice(1, listed=True)
+    asked = invoices_listed(stripe, [renewal, plan.invoice(0, listed=True)], page_size=1)
+    testing.mock_invoice_payments(stripe, renewal["id"], plan.pi(1))  # a listed invoice names none
+    at_stripe(stripe, plan.pi(0), amount=2000)
+    received.clear()
+
+    result = reconcile(app)
+    assert result.exit_code == 0, result.output
+    assert credits.balance("alice") == 4000
+    row = invoice_row(credits, renewal["id"])
+    assert (row.status, row.payment_intent, row.credits) == ("fulfilled", plan.pi(1), 2000)
+    assert (
+        f"purchase {row.id}\t{renewal['id']}\talice\tfulfilled: invoice paid 2000 USD at Stripe,"
+        " allowance never granted"
+    ) in result.output
+    assert "checked 0 checkout sessions, 2 plan invoices and 0 automatic purchases" in result.output
+    assert "fixed 1 (1 fulfilled); 1 in step" in result.output
+    assert len(asked) == 2  # two pages, the second after the first's last invoice
+    assert [q.get("starting_after") for q in asked] == [None, renewal["id"]]
+    assert {(q["status"], q["created[gte]"]) for q in asked} == {("paid", asked[0]["created[gte]"])}
+    names = [n for n, _, _ in received]
+    assert (names.count("plan_renewed"), names.count("credits_granted")) == (1, 1)
+    assert reconciled(received) == [(row.id, "fulfilled")]
+    assert credits.subscription("alice").status == "active"
+
+    at_stripe(stripe, plan.pi(1), amount=2000)
+    before = state(credits)
+    again = reconcile(app)
+    assert "fixed 0; 2 in step" in again.output, again.output
+    assert state(credits) == before
+    # The lost event, delivered at last, grants nothing more.
+    assert deliver(app.test_client(), "invoice.paid", plan.invoice(1)).json["outcome"] == "already_fulfilled"
+    assert credits.balance("alice") == 4000
+    assert credits.audit() == []
+
+
+def test_invoices_of_subscriptions_this_app_did_not_create_are_ignored(app, credits, plan, stripe, received):
+    foreign = {**plan.invoice(1, listed=True), "id": "in_test_foreign"}
+    foreign["parent"]["subscription_details"] = {"subscription": "sub_test_foreign", "metadata": {}}
+    made_up = {**plan.invoice(2, listed=True), "id": "in_test_made_up"}
+    made_up["parent"]["subscription_details"] = {
+        "subscription": "sub_test_made_up",
+        "metadata": {"subscriptionRef": "sub_" + "0" * 32},
+    }
+    one_off = {**plan.invoice(3, listed=True), "id": "in_test_one_off", "parent": None}
+    invoices_listed(stripe, [foreign, made_up, one_off])
+    before = state(credits)
+    received.clear()
+    result = reconcile(app)
+    assert result.exit_code == 0, result.output
+    assert "fixed 0; 3 not ours" in result.output
+    assert state(credits) == before
+    assert received == []
+
+
+def test_a_missed_refund_of_a_plan_invoice_is_clawed_back(app, client, credits, plan, stripe, received):
+    invoices_listed(stripe, [plan.invoice(0, listed=True)])
+    at_stripe(stripe, plan.pi(0), amount=2000, refunded=1000)
+    result = reconcile(app)
+    assert result.exit_code == 0, result.output
+    assert credits.balance("alice") == 1000
+    row = invoice_row(credits, "in_test_alice_0")
+    assert f"purchase {row.id}\tin_test_alice_0\talice\trefund: 1000 refunded at Stripe" in result.output
+    assert reconciled(received) == [(row.id, "refund")]
+    assert "fixed 0" in reconcile(app).output
+    late = testing.event("charge.refunded", testing.charge(plan.pi(0), amount=2000, amount_refunded=1000))
+    assert testing.post_event(client, late).json["outcome"] == "unchanged"
+    assert credits.balance("alice") == 1000
+    assert credits.audit() == []
+
+
+def test_a_dry_run_of_a_lost_invoice_changes_nothing(app, credits, plan, stripe, received):
+    renewal = plan.invoice(1, listed=True)
+    invoices_listed(stripe, [renewal])
+    before = state(credits)
+    received.clear()
+    result = reconcile(app, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"purchase new\t{renewal['id']}\talice\twould be fulfilled: invoice paid 2000 USD" in result.output
+    assert "would fix 1 (1 fulfilled)" in result.output
+    assert state(credits) == before
+    assert received == []
+    report = credits.reconcile(timedelta(days=1), dry_run=True)
+    assert [(f.purchase_id, f.reference, f.wallet, f.done) for f in report.fixes] == [
+        (None, renewal["id"], ALICE, False)
+    ]
+    testing.mock_invoice_payments(stripe, renewal["id"], plan.pi(1))
+    assert "fixed 1 (1 fulfilled)" in reconcile(app).output
+    assert credits.balance("alice") == 4000
+
+
+def test_reconciles_and_the_invoice_paid_webhooks_at_once_grant_each_invoice_once(
+    app, credits, plan, stripe, backend, received
+):
+    n = 3
+    renewals = [plan.invoice(k) for k in range(1, n + 1)]
+    invoices_listed(stripe, [{**i, "payments": None} for i in reversed(renewals)], page_size=2)
+    for k, invoice in enumerate(renewals, start=1):
+        testing.mock_invoice_payments(stripe, invoice["id"], plan.pi(k))
+        at_stripe(stripe, plan.pi(k), amount=2000)
+    received.clear()
+    barrier = threading.Barrier(2 + n)
+    errors = []
+
+    def reconciler():
+        with app.app_context():
+            credits.reconcile(timedelta(days=3))
+
+    def webhook(invoice):
+        response = deliver(app.test_client(), "invoice.paid", invoice)
+        if response.status_code != 200 or response.json["outcome"] not in ("fulfilled", "already_fulfilled"):
+            errors.append((invoice["id"], response.json))
+
+    def run(job, *args):
+        try:
+            barrier.wait(timeout=30)
+            job(*args)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    jobs = [(reconciler,), (reconciler,)] + [(webhook, i) for i in renewals]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert credits.balance("alice") == 2000 * (n + 1)
+    e = credits.tables.entries
+    with credits.db.engine.connect() as conn:
+        kinds = [r.kind for r in conn.execute(sa.select(e.c.kind))]
+    assert kinds.count("purchase") == n + 1
+    assert [name for name, _, _ in received].count("plan_renewed") == n
+    assert all(invoice_row(credits, i["id"]).status == "fulfilled" for i in renewals)
+    assert len(reconciled(received)) <= n
+    assert credits.audit() == []
+    assert "fixed 0" in reconcile(app).output

@@ -115,6 +115,20 @@ def test_renewal_grants_the_next_allowance_and_the_old_one_expires_at_its_period
     assert credits.subscription("alice").current_period_end == first_end + 2 * PERIOD
 
 
+def test_reconcile_finds_the_simulated_plan_invoices_in_step_with_their_rows(
+    app, client, login, credits, received
+):
+    login("alice")
+    subscribe(client)
+    portal(client, credits, "renew")
+    result = app.test_cli_runner().invoke(args=["credits", "reconcile", "--since", "1h"])
+    assert result.exit_code == 0, result.output
+    assert "checked 0 checkout sessions, 2 plan invoices and 0 automatic purchases" in result.output
+    assert "fixed 0; 2 in step" in result.output
+    assert credits.balance("alice") == 4000
+    assert "purchase_reconciled" not in [n for n, _, _ in received]
+
+
 def test_cancel_at_period_end_keeps_the_plan_until_the_period_ends(client, login, credits):
     login("alice")
     subscribe(client)

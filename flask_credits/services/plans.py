@@ -330,6 +330,21 @@ def _linked(ext: FlaskCredits, stripe_id: str | None, reference: object) -> Row[
     return _row(ext, s.c.stripe_subscription_id == stripe_id)
 
 
+def invoice_row(ext: FlaskCredits, invoice: Mapping[str, Any]) -> Row[Any] | None:
+    """The row of the subscription ``invoice`` bills, as :func:`invoice_paid` would link it, but
+    reading only: by its Stripe id, or by the attempt key it carries while the row has none yet.
+    None for an invoice of no subscription this app created."""
+    stripe_id, metadata = _invoice_subscription(invoice)
+    if stripe_id is None:
+        return None
+    s = ext.tables.subscriptions
+    row = _row(ext, s.c.stripe_subscription_id == stripe_id)
+    reference = metadata.get(REFERENCE)
+    if row is None and isinstance(reference, str) and reference.startswith("sub_"):
+        row = _row(ext, sa.and_(s.c.attempt_key == reference, s.c.stripe_subscription_id.is_(None)))
+    return row
+
+
 def _unknown(ext: FlaskCredits, record: Recorder | None, stripe_id: str | None) -> str:
     log.warning("Stripe subscription %s is not one this app created: nothing done", stripe_id)
     record_only(ext, record, "unknown_subscription", None)

@@ -1,15 +1,17 @@
 """Reconcile with Stripe: find what lost webhooks should have done, and do it through their own paths.
 
 A webhook can be lost for good (the endpoint was down longer than Stripe retries, a secret was rotated
-badly). This asks Stripe how things stand: the Checkout Sessions created since a time, and the
-PaymentIntents (their charges, refunds and disputes) of the purchases they paid and of automatic
-purchases, then acts through exactly the functions the webhook handlers call: ``purchases.fulfil``
-(exactly once, by the ledger's conditional update), ``purchases.mark`` (a conditional status change),
-``purchases.revoke`` (absolute claw-back targets, so a late event and this converge) and
-``auto_top_up.payment_intent_changed``. So it is safe while webhooks arrive, and run twice at once.
+badly). This asks Stripe how things stand: the Checkout Sessions and paid invoices created since a
+time, and the PaymentIntents (their charges, refunds and disputes) of the purchases they paid and of
+automatic purchases, then acts through exactly the functions the webhook handlers call:
+``purchases.fulfil`` (exactly once, by the ledger's conditional update), ``plans.invoice_paid`` (once
+per invoice, by its unique ``invoice_id`` and the same update), ``purchases.mark`` (a conditional
+status change), ``purchases.revoke`` (absolute claw-back targets, so a late event and this converge)
+and ``auto_top_up.payment_intent_changed``. So it is safe while webhooks arrive, and run twice at once.
 
-Plans' checkouts and invoices are not reconciled here (they are counted): their webhooks carry the
-subscription's state, which a lost one leaves for the next ``customer.subscription.updated``.
+Plans' checkouts are counted, not reconciled: a paid one's first invoice grants its allowance (and
+links the subscription), and the subscription's state comes with its next
+``customer.subscription.updated``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import sqlalchemy as sa
 
 from .. import signals
 from ..core.settlement import credits_for
-from ..records import FULFILLABLE, Purchase, Reconciled, ReconcileReport
-from . import auto_top_up, purchases
+from ..records import FULFILLABLE, Purchase, Reconciled, ReconcileReport, Wallet
+from . import auto_top_up, plans, purchases
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
@@ -44,12 +46,18 @@ def reconcile(ext: FlaskCredits, since: timedelta, *, dry_run: bool = False) -> 
 
 def run(ext: FlaskCredits, report: ReconcileReport) -> None:
     """Fill ``report`` as it goes (so a caller holding it sees what was done before a failure).
-    Raises PaymentProviderError when Stripe cannot be reached: listing the sessions reads every page
-    before anything is acted on, so a Stripe that is down changes nothing."""
-    sessions = ext.gateway.list_checkout_sessions(int(report.since.timestamp()))
+    Raises PaymentProviderError when Stripe cannot be reached: listing the sessions and invoices
+    reads every page before anything is acted on, so a Stripe that is down changes nothing."""
+    since = int(report.since.timestamp())
+    sessions = ext.gateway.list_checkout_sessions(since)
+    # An app that never started a subscription has no invoice of its to look for.
+    invoices = ext.gateway.list_paid_invoices(since) if _any_subscription(ext) else []
     for session in sessions:
         report.sessions += 1
         _session(ext, session, report)
+    for invoice in invoices:
+        report.invoices += 1
+        _invoice(ext, invoice, report)
     for purchase in _automatic(ext, report):
         report.automatic += 1
         _automatic_purchase(ext, purchase, report)
@@ -121,6 +129,49 @@ def _ours(ext: FlaskCredits, session: Mapping[str, Any]) -> Purchase | None:
         if found is not None and found.session_id not in (None, session_id):
             return None  # another session of the same attempt: not this one's purchase
     return found
+
+
+def _any_subscription(ext: FlaskCredits) -> bool:
+    s = ext.tables.subscriptions
+    with ext.database.reader.connect() as conn:
+        return conn.execute(sa.select(s.c.id).limit(1)).first() is not None
+
+
+def _invoice(ext: FlaskCredits, invoice: Mapping[str, Any], report: ReconcileReport) -> None:
+    """A paid invoice: grant its allowance if its ``invoice.paid`` was lost, else compare its charge."""
+    invoice_id = _id_of(invoice.get("id"))
+    row = plans.invoice_row(ext, invoice)
+    if invoice_id is None or row is None:
+        report.count("not_ours")
+        return
+    if invoice.get("billing_reason") not in plans.ALLOWANCE_REASONS:
+        report.count("no_allowance")  # a proration: the plan change's own event grants it
+        return
+    purchase = purchases.find(ext, invoice_id=invoice_id)
+    if purchase is not None and purchase.status == "fulfilled":
+        if purchase.payment_intent is None:  # paid without a charge (the customer's balance)
+            report.count("in_step")
+        else:
+            _compare_charge(ext, purchase, invoice_id, purchase.payment_intent, report)
+        return
+    if purchase is not None and purchase.status not in FULFILLABLE:
+        report.count("in_step")
+        return
+    amount, currency = invoice.get("amount_paid"), str(invoice.get("currency") or "").upper()
+    detail = f"invoice paid {amount} {currency} at Stripe, allowance never granted"
+    if report.dry_run:
+        wallet = Wallet(row.user_id, row.wallet_key_id or None)
+        purchase_id = None if purchase is None else purchase.id
+        report.fixes.append(Reconciled(purchase_id, wallet, invoice_id, "fulfilled", detail, done=False))
+        return
+    outcome = plans.invoice_paid(ext, invoice, None)
+    granted = purchases.find(ext, invoice_id=invoice_id)
+    if outcome == "fulfilled" and granted is not None:
+        _fix(ext, report, granted, invoice_id, "fulfilled", detail)
+    elif outcome == "already_fulfilled":
+        report.count("done_meanwhile")
+    else:
+        report.count(outcome)  # unknown_plan: logged by invoice_paid
 
 
 def _compare_charge(

@@ -225,6 +225,40 @@ class SimulatedStripe:
             found = [purchases.find(self.ext, id=purchase_id) for purchase_id in ids]
         return [self.session(purchase) for purchase in found if purchase is not None]
 
+    def list_paid_invoices(self, created_since: int) -> list[dict[str, Any]]:
+        """The invoices the simulated Stripe paid since (each delivered as it was paid, so each has its
+        purchase row), newest first, rebuilt from those rows."""
+        p, s = self.ext.tables.purchases, self.ext.tables.subscriptions
+        since = datetime.fromtimestamp(created_since, timezone.utc)
+        with self.ext.database.reader.connect() as conn:
+            found = conn.execute(
+                sa.select(
+                    p.c.invoice_id, p.c.pack, p.c.payment_intent, p.c.created_at, s.c.checkout_session_id
+                )
+                .join(s, s.c.id == p.c.subscription_id)
+                .where(p.c.invoice_id.is_not(None), p.c.created_at >= since)
+                .order_by(p.c.id.desc())
+            ).all()
+        invoices = []
+        for invoice_id, plan_id, payment_intent, created_at, session_id in found:
+            row = plans.stored_row(self.ext, checkout_session_id=session_id)
+            plan = self.ext.settings.plan(plan_id)
+            if row is None or plan is None or row.stripe_subscription_id is None:
+                continue
+            first = invoice_id == self._invoice_id(row.stripe_subscription_id, "create")
+            reason = "subscription_create" if first else "subscription_cycle"
+            invoices.append(
+                self._invoice(
+                    row,
+                    row.stripe_subscription_id,
+                    plan,
+                    created_at,
+                    reason,
+                    paid_as=(invoice_id, payment_intent),
+                )
+            )
+        return invoices
+
     def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
         """The PaymentIntent of a purchase, as its row says it went; the simulated Stripe never
         refunds, so its charge has nothing refunded and no dispute."""
@@ -385,11 +419,18 @@ class SimulatedStripe:
         *,
         status: str = "paid",
         invoice_key: object = None,
+        paid_as: tuple[str, str | None] | None = None,
     ) -> dict[str, Any]:
-        """The invoice for the period from ``start``; one id per subscription and period."""
+        """The invoice for the period from ``start``; one id per subscription and period (or, given
+        ``paid_as``, the invoice id and PaymentIntent a purchase row recorded)."""
         begins = int(start.timestamp())
+        invoice_id = self._invoice_id(stripe_id, begins if invoice_key is None else invoice_key)
+        # Stripe names it in ``payments``; so the webhook need not ask for it.
+        payment_intent = "pi_sim_" + secrets.token_hex(12) if status == "paid" else None
+        if paid_as is not None:
+            invoice_id, payment_intent = paid_as
         return stripe_objects.invoice(
-            self._invoice_id(stripe_id, begins if invoice_key is None else invoice_key),
+            invoice_id,
             subscription=stripe_id,
             price=plan.price,
             period_start=begins,
@@ -398,8 +439,7 @@ class SimulatedStripe:
             currency=self.ext.settings.currency,
             billing_reason=billing_reason,
             status=status,
-            # Stripe names it in ``payments``; so the webhook need not ask for it.
-            payment_intent="pi_sim_" + secrets.token_hex(12) if status == "paid" else None,
+            payment_intent=payment_intent,
             metadata=self._metadata(row),
             customer=customers.stored(self.ext, row.user_id),
         )

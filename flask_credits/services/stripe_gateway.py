@@ -79,6 +79,11 @@ class Gateway(Protocol):
         raises before the caller acts on any)."""
         ...
 
+    def list_paid_invoices(self, created_since: int) -> list[dict[str, Any]]:
+        """Every paid invoice of the account created at or after the Unix time ``created_since``
+        (with their lines; not their ``payments``), all pages read before returning."""
+        ...
+
     def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
         """A PaymentIntent as Stripe has it now, its ``latest_charge`` expanded (``amount_refunded``,
         ``disputed``)."""
@@ -172,6 +177,13 @@ class LiveStripe:
                 params={"created": {"gte": created_since}, "limit": 100}
             )
             return [session.to_dict() for session in pages.auto_paging_iter()]
+
+    def list_paid_invoices(self, created_since: int) -> list[dict[str, Any]]:
+        with _translated("list invoices"):
+            pages = self._client.v1.invoices.list(
+                params={"created": {"gte": created_since}, "status": "paid", "limit": 100}
+            )
+            return [invoice.to_dict() for invoice in pages.auto_paging_iter()]
 
     def retrieve_payment_intent(self, payment_intent: str) -> dict[str, Any]:
         with _translated("retrieve a payment"):

@@ -343,15 +343,15 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedel
     default="3d",
     show_default=True,
     callback=_duration,
-    help="How far back to look: 3d, 12h, 30m (Checkout Sessions created since then).",
+    help="How far back to look: 3d, 12h, 30m (Checkout Sessions and invoices created since then).",
 )
 @click.option("--dry-run", is_flag=True, help="Change nothing; say what would be done.")
 def reconcile_command(since: timedelta, dry_run: bool) -> None:
     """Do what lost Stripe webhooks should have done: ask Stripe about this app's Checkout Sessions
-    created since then and credit the paid ones never credited, mark expired ones, apply missed
-    refunds and disputes, and settle automatic purchases whose PaymentIntent finished. Prints a line
-    per purchase fixed and a summary; exits 1 if Stripe could not be reached. Safe to run while
-    webhooks arrive, and from cron."""
+    and plans' paid invoices created since then and credit the paid ones never credited, mark expired
+    checkouts, apply missed refunds and disputes, and settle automatic purchases whose PaymentIntent
+    finished. Prints a line per purchase fixed and a summary; exits 1 if Stripe could not be reached.
+    Safe to run while webhooks arrive, and from cron."""
     report = ReconcileReport(since=_ext().database.now() - since, dry_run=dry_run)
     try:
         reconcile.run(_ext(), report)
@@ -365,5 +365,6 @@ def _print(report: ReconcileReport) -> None:
     for fix in report.fixes:
         owner = fix.wallet.user_id + (f" key {fix.wallet.key_id}" if fix.wallet.key_id else "")
         verb = "would be " if report.dry_run else ""
-        click.echo(f"purchase {fix.purchase_id}\t{fix.reference}\t{owner}\t{verb}{fix.action}: {fix.detail}")
+        purchase = "new" if fix.purchase_id is None else fix.purchase_id  # a dry run's plan invoice
+        click.echo(f"purchase {purchase}\t{fix.reference}\t{owner}\t{verb}{fix.action}: {fix.detail}")
     click.echo(report.summary())
