@@ -1,5 +1,6 @@
 """The admin console (CREDITS_ADMIN): only for admin_checker's admins, every change through the ledger
-with the admin recorded as its actor, a double submit changing the wallet once, CSRF on every form."""
+with the admin recorded as its actor, a double submit changing the wallet once, CSRF on every form;
+the wallet's usage chart; credit codes made, listed and disabled."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from markupsafe import escape
 
 from example_app.extensions import credits as example_credits
 from example_app.models import db as example_db
+from flask_credits import CodeDisabled
 
 ADMIN = "/credits/admin"
 
@@ -126,6 +128,41 @@ def test_the_wallet_page_shows_balance_held_debt_and_lots_with_expiry(admin, cre
     assert re.search(r'data-testid="debt">0<', page)
     assert soon.strftime("%Y-%m-%d %H:%M") in page
     assert "never" in page
+
+
+def usage_section(page: str) -> str:
+    found = re.search(r'<section class="credits-usage".*?</section>', page, re.S)
+    assert found, "no usage section"
+    return found.group(0)
+
+
+def test_the_wallet_page_shows_the_usage_chart_and_endpoints_of_the_credits_page(app, admin, credits, clock):
+    credits.grant("bob", 100, reason="start")
+    credits.grant("alice", 100, reason="start")
+    credits.spend("bob", 5, reason="search", metadata={"endpoint": "search"})
+    credits.spend("bob", 7, reason="export")
+    credits.spend("alice", 50, reason="not bob's")
+    clock.advance(days=1)
+    credits.spend("bob", 4, reason="export")
+    section = usage_section(wallet_page(admin))
+    bars = re.findall(r'data-day="([\d-]+)" data-credits="(\d+)"', section)
+    assert len(bars) == 30
+    assert bars[-2:] == [("2030-01-01", "12"), ("2030-01-02", "4")]
+    assert sum(int(n) for _, n in bars) == 16
+    assert "16 credits spent from 2029-12-04 to 2030-01-02; the most, 12, on 2030-01-01." in section
+    cells = re.findall(r'<tr><td>(.*?)</td><td class="credits-amount">(\d+)</td></tr>', section)
+    assert cells == [("(direct)", "11"), ("<code>search</code>", "5")]
+    # The same section, from the same macro and numbers, as on bob's own credits page.
+    bob = logged_in_as(app, "bob")
+    own = bob.get("/credits/", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert usage_section(own) == section
+
+
+def test_the_wallet_page_of_a_wallet_without_spends_charts_thirty_empty_days(admin, credits, clock):
+    credits.grant("bob", 5, reason="start")
+    section = usage_section(wallet_page(admin))
+    assert re.findall(r'data-credits="(\d+)"', section) == ["0"] * 30
+    assert "No credits spent in the last 30 days." in section
 
 
 # -- changes through the ledger ----------------------------------------------------------------------
@@ -368,6 +405,149 @@ def test_the_cli_grant_records_the_os_user_or_actor_and_history_shows_it(app, cr
     assert credits.history("bob")[0].to_dict()["actor"] == "eve"
 
 
+# -- credit codes ------------------------------------------------------------------------------------
+
+
+def codes_page(client) -> str:
+    response = client.get(f"{ADMIN}/codes")
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
+def code_row(page: str, code: str) -> str:
+    found = re.search(rf'<tr data-testid="code-{code}">.*?</tr>', page, re.S)
+    assert found, f"no row for {code}"
+    return found.group(0)
+
+
+def prefilled_code(page: str) -> str:
+    found = re.search(r'name="code" maxlength="64" value="([A-Z0-9-]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+CODE_FORM = {"credits": "50", "max_redemptions": "10", "per_user": "2", "expires": "2031-02-01T12:30"}
+
+
+def test_the_codes_page_lists_every_code(admin, credits):
+    soon = datetime(2031, 3, 4, 5, 6, tzinfo=timezone.utc)
+    credits.create_code(credits=500, max_redemptions=3, code="SPRING", expires_at=soon, actor="ops")
+    credits.create_code(credits=20, max_redemptions=1, per_user=1, code="ONCE")
+    credits.redeem_code("bob", "spring")
+    page = codes_page(admin)
+    assert f'href="{ADMIN}/codes"' in page
+    spring = code_row(page, "SPRING")
+    assert ">500<" in spring
+    assert 'data-testid="redeemed">1/3<' in spring
+    assert "2031-03-04 05:06" in spring
+    assert 'data-testid="disabled">no<' in spring
+    assert 'data-testid="actor">ops<' in spring
+    assert "never" in code_row(page, "ONCE")
+    # Newest first.
+    assert page.index('data-testid="code-ONCE"') < page.index('data-testid="code-SPRING"')
+
+
+def test_create_a_code_records_the_admin_and_a_double_submit_makes_one(admin, credits):
+    page = codes_page(admin)
+    code = prefilled_code(page)
+    form = {**CODE_FORM, "code": code}
+    response = admin.post(f"{ADMIN}/codes", data=form)
+    assert response.status_code == 303
+    made = credits.credit_code(code)
+    assert made is not None
+    assert (made.credits, made.max_redemptions, made.per_user, made.actor) == (50, 10, 2, "alice@example.com")
+    assert made.expires_at == datetime(2031, 2, 1, 12, 30, tzinfo=timezone.utc)
+    listed = admin.get(response.headers["Location"]).get_data(as_text=True)
+    assert f"Created the code <code>{code}</code>" in listed
+    assert 'data-testid="actor">alice@example.com<' in code_row(listed, code)
+    # The same form again: the code exists, nothing more is made.
+    again = admin.post(f"{ADMIN}/codes", data=form)
+    assert again.status_code == 400
+    assert "exists already" in again.get_data(as_text=True)
+    assert [c.code for c in credits.credit_codes()] == [code]
+    # Each load offers another code.
+    assert prefilled_code(codes_page(admin)) != code
+
+
+def test_an_empty_code_field_makes_a_random_code_and_typed_codes_are_upper_cased(admin, credits):
+    assert admin.post(f"{ADMIN}/codes", data={**CODE_FORM, "code": "", "expires": ""}).status_code == 303
+    assert admin.post(f"{ADMIN}/codes", data={**CODE_FORM, "code": " summer-31 "}).status_code == 303
+    summer, generated = credits.credit_codes()
+    assert summer.code == "SUMMER-31"
+    assert re.fullmatch(r"[A-Z0-9]{4}-[A-Z0-9]{4}-[A-Z0-9]{4}", generated.code)
+    assert generated.expires_at is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("credits", "0"),
+        ("credits", "ten"),
+        ("credits", ""),
+        ("credits", "9" * 40),
+        ("max_redemptions", "-1"),
+        ("max_redemptions", "2147483648"),
+        ("per_user", "1.5"),
+        ("expires", "next week"),
+        ("expires", "2020-01-01T00:00"),
+        ("expires", "2031-01-01T00:00:00.000000+00:00" + "0" * 20),
+        ("code", "no spaces!"),
+        ("code", "X" * 65),
+    ],
+)
+def test_invalid_code_forms_are_400_and_make_nothing(admin, credits, field, value):
+    response = admin.post(f"{ADMIN}/codes", data={**CODE_FORM, "code": "PROMO", field: value})
+    assert response.status_code == 400
+    page = response.get_data(as_text=True)
+    assert 'data-testid="error"' in page
+    # The form comes back as it was sent.
+    assert f'value="{escape(value.strip())}"' in page
+    assert credits.credit_codes() == []
+
+
+def test_disable_a_code_then_redeeming_it_is_refused(app, admin, credits):
+    credits.create_code(credits=30, max_redemptions=5, code="AUTUMN")
+    credits.redeem_code("carol", "AUTUMN")
+    page = codes_page(admin)
+    assert f'action="{ADMIN}/codes/disable"' in code_row(page, "AUTUMN")
+    response = admin.post(f"{ADMIN}/codes/disable", data={"code": "autumn"})
+    assert response.status_code == 303
+    assert credits.credit_code("AUTUMN").disabled
+    listed = admin.get(response.headers["Location"]).get_data(as_text=True)
+    row = code_row(listed, "AUTUMN")
+    assert 'data-testid="disabled">yes<' in row
+    assert "/codes/disable" not in row
+    assert 'data-testid="redeemed">1/5<' in row
+    with pytest.raises(CodeDisabled):
+        credits.redeem_code("dave", "AUTUMN")
+    bob = logged_in_as(app, "bob")
+    refused = bob.post("/credits/redeem", json={"code": "AUTUMN"})
+    assert (refused.status_code, refused.get_json()["error"]) == (410, "code_disabled")
+    assert credits.balance("bob") == 0
+    assert credits.balance("carol") == 30
+
+
+def test_disabling_an_unknown_or_malformed_code_changes_nothing(admin, credits):
+    credits.create_code(credits=30, max_redemptions=5, code="WINTER")
+    assert admin.post(f"{ADMIN}/codes/disable", data={"code": "NOPE"}).status_code == 404
+    assert admin.post(f"{ADMIN}/codes/disable", data={"code": "not a code"}).status_code == 400
+    assert admin.post(f"{ADMIN}/codes/disable", data={}).status_code == 400
+    assert not credits.credit_code("WINTER").disabled
+
+
+def test_codes_pages_are_refused_to_non_admins(app, credits, checker):
+    credits.create_code(credits=30, max_redemptions=5, code="WINTER")
+    anonymous = app.test_client()
+    assert anonymous.get(f"{ADMIN}/codes").status_code == 401
+    assert anonymous.post(f"{ADMIN}/codes/disable", data={"code": "WINTER"}).status_code == 401
+    bob = logged_in_as(app, "bob")
+    assert bob.get(f"{ADMIN}/codes").status_code == 403
+    assert bob.post(f"{ADMIN}/codes", data={**CODE_FORM, "code": "MINE"}).status_code == 403
+    assert bob.post(f"{ADMIN}/codes/disable", data={"code": "WINTER"}).status_code == 403
+    assert [c.code for c in credits.credit_codes()] == ["WINTER"]
+    assert not credits.credit_code("WINTER").disabled
+
+
 # -- the example app: CSRF and its admins ------------------------------------------------------------
 
 
@@ -406,3 +586,24 @@ def test_the_example_app_admin_needs_csrf_on_every_form(example):
         (entry,) = example_credits.history(uid)
     assert (entry.amount, entry.actor) == (9, "root")
     assert 'data-testid="actor">root<' in wallet_page(root, uid)
+
+
+def test_the_example_app_codes_page_needs_csrf(example):
+    root = example.test_client()
+    assert sign_up(root, "root").status_code == 302
+    page = root.get(f"{ADMIN}/codes").get_data(as_text=True)
+    assert f'href="{ADMIN}/codes"' in page
+    form = {**CODE_FORM, "code": "LAUNCH"}
+    assert root.post(f"{ADMIN}/codes", data=form).status_code == 400
+    with example.app_context():
+        assert example_credits.credit_codes() == []
+    assert root.post(f"{ADMIN}/codes", data={**form, "csrf_token": page_csrf(page)}).status_code == 303
+    with example.app_context():
+        assert example_credits.credit_code("LAUNCH").actor == "root"
+    assert root.post(f"{ADMIN}/codes/disable", data={"code": "LAUNCH"}).status_code == 400
+    with example.app_context():
+        assert not example_credits.credit_code("LAUNCH").disabled
+    disable = {"code": "LAUNCH", "csrf_token": page_csrf(page)}
+    assert root.post(f"{ADMIN}/codes/disable", data=disable).status_code == 303
+    with example.app_context():
+        assert example_credits.credit_code("LAUNCH").disabled

@@ -1,13 +1,15 @@
 """The admin console (``CREDITS_ADMIN = True``): its own blueprint under ``{CREDITS_URL_PREFIX}/admin``,
 for the people ``@credits.admin_checker`` names. It finds wallets, shows one (balance, holds, debt,
 lots, history, purchases, webhook events) and changes it only through the ledger: grants, deductions
-and refunds, each recording the admin as its ``actor``. Every POST carries the host app's CSRF token
-(``credits/_csrf.html``) and a form nonce that becomes the idempotency key, so a double submit changes
-the wallet once."""
+and refunds, each recording the admin as its ``actor``. It also lists, makes and disables credit codes.
+Every POST carries the host app's CSRF token (``credits/_csrf.html``). A wallet's forms carry a nonce
+that becomes the idempotency key, so a double submit changes the wallet once; the code form carries a
+new code, so a double submit makes one code."""
 
 from __future__ import annotations
 
 import secrets
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
@@ -16,8 +18,8 @@ from flask.typing import ResponseReturnValue
 from ..core.inputs import make_wallet
 from ..errors import CreditsError, EntryNotFound, InsufficientCredits
 from ..records import Wallet
-from ..services import admin
-from . import responses
+from ..services import admin, codes
+from . import charts, responses
 from .blueprint import extension, read_body_within_limit
 
 blueprint = Blueprint("credits_admin", __name__)
@@ -95,6 +97,7 @@ def _wallet_page(wallet: Wallet, *, error: str | None = None, status: int = 200)
         newer=entries[0].id if entries and paged else None,
         purchases=purchases,
         events=admin.events(ext, purchase_ids=[int(p.id) for p in purchases]),
+        usage=charts.last_days_usage(ext.ledger.db, wallet),
         dashboard_url=lambda stripe_id: admin.dashboard_url(ext, stripe_id),
         when=admin.when,
         nonce=secrets.token_urlsafe(16),
@@ -203,3 +206,80 @@ def events() -> ResponseReturnValue:
 def audit() -> ResponseReturnValue:
     """The result of ``credits.audit()``: every wallet checked against its entries and lots."""
     return render_template("credits/admin/audit.html", problems=extension().audit())
+
+
+def _codes_page(*, error: str | None = None, form: Any = None, status: int = 200) -> ResponseReturnValue:
+    page = render_template(
+        "credits/admin/codes.html",
+        codes=extension().credit_codes(),
+        # A new code in the form: submitting the same form twice is refused the second time
+        # (codes are unique), so a double click makes one code.
+        form=form or {"code": codes.generate(), "per_user": "1"},
+        when=admin.when,
+        error=error,
+        # After a change, which code it was (the redirect says it; the page only echoes it, escaped).
+        created=request.args.get("created", "")[: codes.MAX_LENGTH],
+        disabled=request.args.get("disabled", "")[: codes.MAX_LENGTH],
+    )
+    return page, status
+
+
+def _whole(text: str, name: str, maximum: int) -> int:
+    if not text.isdigit() or len(text) > len(str(maximum)) or not 1 <= int(text) <= maximum:
+        raise codes.BadCode(f"{name} must be a whole number from 1 to {maximum}")
+    return int(text)
+
+
+def _expiry(text: str) -> datetime | None:
+    """An ISO 8601 time (``datetime-local`` inputs send ``2026-12-31T23:59``), UTC without a zone."""
+    if not text:
+        return None
+    try:
+        if len(text) > 40:
+            raise ValueError(text)
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise codes.BadCode(f"expires must be an ISO 8601 date or time, not {text[:40]!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+@blueprint.get("/codes")
+def codes_list() -> ResponseReturnValue:
+    """Every credit code, newest first, and the form that makes one."""
+    return _codes_page()
+
+
+@blueprint.post("/codes")
+def create_code() -> ResponseReturnValue:
+    """Make a code from the form (credits, max_redemptions, per_user, expires, code), the admin as its
+    actor; 400 (nothing made) for values that cannot work or a code that exists already."""
+    actor = admin_identity()
+    form = request.form
+    fields = {
+        k: form.get(k, "").strip() for k in ("credits", "max_redemptions", "per_user", "expires", "code")
+    }
+    try:
+        made = extension().create_code(
+            credits=_whole(fields["credits"], "credits", codes.MAX_CREDITS),
+            max_redemptions=_whole(fields["max_redemptions"], "max_redemptions", codes.MAX_COUNT),
+            per_user=_whole(fields["per_user"] or "1", "per_user", codes.MAX_COUNT),
+            expires_at=_expiry(fields["expires"]),
+            code=fields["code"] or None,
+            actor=actor,
+        )
+    except CreditsError as exc:
+        return _codes_page(error=str(exc), form=fields, status=400)
+    return redirect(url_for(".codes_list", created=made.code), 303)
+
+
+@blueprint.post("/codes/disable")
+def disable_code() -> ResponseReturnValue:
+    """Stop a code from being redeemed (redemptions made stay)."""
+    admin_identity()
+    try:
+        found = extension().disable_code(request.form.get("code", ""))
+    except codes.CodeNotFound as exc:
+        abort(404, f"no code {exc.code}")
+    except CreditsError as exc:
+        return _codes_page(error=str(exc), status=400)
+    return redirect(url_for(".codes_list", disabled=found.code), 303)

@@ -19,7 +19,6 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..core import usage
 from ..core.inputs import make_wallet
 from ..errors import CreditsUnavailable, InvalidArgument
 from ..records import FULFILLABLE
@@ -122,9 +121,7 @@ def _page(
         keys.append((key_id, label, key_balance))
     balance, held = _balance_and_held(wallet)
     # Spent in the last 30 UTC days, per day (every day charted, 0 without spends) and per endpoint.
-    since, until = charts.last_days(ext.ledger.db.now())
-    per_day = usage.usage(ext.ledger.db, wallet, since=since, until=until, by="day")
-    days = charts.every_day(per_day, since)
+    spent = charts.last_days_usage(ext.ledger.db, wallet)
     # No plans, no query: the page of an app that sells only packs is as before plans.
     subscription = plans.current(ext, wallet) if ext.settings.plans else None
     # Each key's live subscription, and the wallets that may subscribe now: (key id or "", name).
@@ -168,12 +165,9 @@ def _page(
         simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
         next_before=next_before,
-        usage_chart=charts.spent_per_day(days),
-        usage_days=days,
-        # No spends in the period, no second query.
-        usage_endpoints=usage.usage(ext.ledger.db, wallet, since=since, until=until, by="endpoint")
-        if per_day
-        else {},
+        usage_chart=spent.chart,
+        usage_days=spent.days,
+        usage_endpoints=spent.endpoints,
         error=error,
         message=message,
         submitted=submitted or {},

@@ -1,11 +1,19 @@
-"""The credits page's chart of credits spent per day: inline SVG rendered on the server, no JavaScript."""
+"""The chart of credits spent per day (inline SVG rendered on the server, no JavaScript) and the usage
+the credits page and the admin wallet page show with it (``credits/_usage.html``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta, timezone
+from typing import TYPE_CHECKING, NamedTuple
 
 from markupsafe import Markup
+
+from ..core import usage
+
+if TYPE_CHECKING:
+    from ..records import Wallet
+    from ..storage.database import Database
 
 #: Days the credits page charts, today (UTC) included.
 DAYS = 30
@@ -18,6 +26,25 @@ def last_days(now: datetime, days: int = DAYS) -> tuple[datetime, datetime]:
     today = now.astimezone(timezone.utc).date()
     start = datetime.combine(today - timedelta(days=days - 1), time(), timezone.utc)
     return start, datetime.combine(today + timedelta(days=1), time(), timezone.utc)
+
+
+class Usage(NamedTuple):
+    """What ``credits/_usage.html`` shows: the chart, ``(day, credits)`` for every charted day, and
+    credits per endpoint (most first; ``None`` for spends made without the decorator)."""
+
+    chart: Markup
+    days: list[tuple[date, int]]
+    endpoints: dict[str | None, int]
+
+
+def last_days_usage(db: Database, wallet: Wallet) -> Usage:
+    """The wallet's spends over the last :data:`DAYS` UTC days, per day and per endpoint."""
+    since, until = last_days(db.now())
+    per_day = usage.usage(db, wallet, since=since, until=until, by="day")
+    days = every_day(per_day, since)
+    # No spends in the period, no second query.
+    endpoints = usage.usage(db, wallet, since=since, until=until, by="endpoint") if per_day else {}
+    return Usage(spent_per_day(days), days, endpoints)
 
 
 def every_day(spent: Mapping[date, int], since: datetime, days: int = DAYS) -> list[tuple[date, int]]:
