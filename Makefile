@@ -9,15 +9,20 @@ BIN = $(VENV)/bin
 
 .PHONY: install run test lint reliability
 
-$(BIN)/.installed: pyproject.toml
+# `make run` needs only the package and the example app; tests, lint and benchmarks need the rest.
+$(BIN)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[example]'
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.installed-run
 	$(BIN)/pip install --quiet -e '.[test,example,bench]'
 	touch $@
 
 install: $(BIN)/.installed
 
-run: install
+run: $(BIN)/.installed-run
 	$(BIN)/flask --app example_app db upgrade --directory migrations
 	$(BIN)/flask --app example_app run --debug
 

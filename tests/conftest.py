@@ -312,3 +312,18 @@ def shop(shop_per_backend) -> Iterator[Shop]:
     yield found
     found.app.config.clear()
     found.app.config.update(config)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per skip reason, with how many tests it skipped (``-ra`` would print one line per test:
+    hundreds when a database is not configured)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped, by reason")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.line(f"SKIPPED {count}: {reason}")

@@ -29,6 +29,15 @@ def test_cli_grant_balance_and_history(cli, credits):
     assert credits.balance("alice") == 25
 
 
+def test_cli_grant_run_twice_with_one_idempotency_key_says_nothing_changed(cli, credits):
+    first = cli("grant", "alice", "25", "--reason", "r", "--idempotency-key", "ticket-12")
+    again = cli("grant", "alice", "25", "--reason", "r", "--idempotency-key", "ticket-12")
+    assert first.output.startswith("granted 25 credits (entry ")
+    entry = first.output.split("(entry ")[1].split(")")[0]
+    assert again.output.strip() == f"already granted 25 credits (entry {entry}); nothing changed"
+    assert credits.balance("alice") == 25
+
+
 def test_cli_grant_to_an_api_key_with_expiry(cli, credits, clock):
     expires = (clock.now + timedelta(days=3)).replace(tzinfo=None).isoformat()
     assert cli("grant", "alice", "5", "--reason", "r", "--key", "k1", "--expires", expires).exit_code == 0

@@ -93,6 +93,9 @@ def grant_command(
         )
     except CreditsError as exc:
         raise click.ClickException(str(exc)) from None
+    if entry.replayed:  # the same --idempotency-key again: nothing was granted this time
+        click.echo(f"already granted {entry.amount} credits (entry {entry.id}); nothing changed")
+        return
     click.echo(f"granted {entry.amount} credits (entry {entry.id}); balance {entry.balance_after}")
 
 
