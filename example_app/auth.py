@@ -68,6 +68,14 @@ def request_wallet() -> tuple[str, str | None] | None:
     return wallet
 
 
+@credits.user_lookup
+def user_by_name(text: str) -> str | None:
+    """``flask credits grant ada 50 ...``: the CLI's USER may be a user name (any case, as stored
+    lower-case) as well as an id; ``None`` lets the text be tried as the id."""
+    user_id = db.session.scalar(sa.select(User.id).where(User.username == text.strip().lower()))
+    return None if user_id is None else str(user_id)
+
+
 @credits.wallet_checker
 def wallet_exists(user_id: str, key_id: str | None) -> bool:
     """For ``flask credits grant`` and friends: the user exists and, for a key's wallet, the key is

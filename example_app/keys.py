@@ -1,7 +1,8 @@
 """The API keys page: create (the secret is shown once), list, revoke.
 
 Each key spends from its own credit wallet, separate from the user's: grant it credits with
-``flask --app example_app credits grant USER_ID 50 --reason ... --key KEY_ID``.
+``flask --app example_app credits grant USERNAME 50 --reason ... --key KEY_ID`` (the user id, shown
+on the credits page, works too).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ WalletChecker = Callable[[str, "str | None"], bool]
 KeysLoader = Callable[[str], "Iterable[tuple[str, str]]"]
 CustomerDetailsLoader = Callable[[str], "Mapping[str, Any] | None"]
 AdminChecker = Callable[[], "str | None"]
+UserLookup = Callable[[str], "str | None"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -78,6 +79,7 @@ class FlaskCredits:
         self._keys_loader: KeysLoader | None = None
         self._customer_details: CustomerDetailsLoader | None = None
         self._admin_checker: AdminChecker | None = None
+        self._user_lookup: UserLookup | None = None
         self._engines: weakref.WeakKeyDictionary[Engine, _OnEngine] = weakref.WeakKeyDictionary()
         self._settings: weakref.WeakKeyDictionary[Flask, settings.Settings] = weakref.WeakKeyDictionary()
         #: The time every write records; tests give a fake clock (a callable returning an aware UTC
@@ -147,6 +149,19 @@ class FlaskCredits:
         the CLI refuses unknown ones. Without one, the Flask-Login ``user_loader`` decides users."""
         self._wallet_checker = callback
         return callback
+
+    def user_lookup(self, callback: F) -> F:
+        """Decorate a function ``(text) -> user_id | None`` finding the user an operator means by
+        what they type as the CLI's ``USER`` (a user name, an email). When it returns ``None``, the
+        text is taken as the user id itself. Without one, ``USER`` is always the user id."""
+        self._user_lookup = callback
+        return callback
+
+    def find_user(self, text: str) -> str:
+        """The user id an operator means by ``text``: what ``user_lookup`` finds, else ``text``
+        itself. Whether that user exists is :meth:`wallet_exists`'s question."""
+        found = self._user_lookup(text) if self._user_lookup is not None else None
+        return text if found is None else str(found)
 
     def keys_loader(self, callback: F) -> F:
         """Decorate a function ``(user_id) -> [(key_id, label), ...]`` listing the user's live API

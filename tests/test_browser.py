@@ -378,6 +378,14 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     assert len(older) == 1
     assert "Purchase: bought 100 credits" in older[0]
     assert older[0].endswith("+100 100")
+    # And back: "Newer entries" is the 20 spends again, each naming the request that paid.
+    page.follow_link("Newer entries")
+    newer = page.find("main table tbody").text.splitlines()
+    assert len(newer) == 20
+    assert all("Spend: generate persona POST main.create_persona" in row for row in newer), newer[0]
+    page.follow_link("Older entries")
+    page.follow_link("Newest entries")
+    assert page.find("main table tbody").text.splitlines() == newer
 
     # An API key: the secret is shown once.
     page.nav("API keys")

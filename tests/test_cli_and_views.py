@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -169,3 +170,196 @@ def test_the_stylesheet_is_served(client):
     assert response.status_code == 200
     assert b".credits-badge" in response.data
     response.close()
+
+
+# -- what USER is -------------------------------------------------------------------------------------
+
+USER_COMMANDS = [
+    ["balance"],
+    ["grant"],
+    ["history"],
+    ["holds"],
+    ["subscription"],
+    ["auto-top-up"],
+]
+
+
+@pytest.mark.parametrize("command", USER_COMMANDS, ids=lambda c: c[0])
+def test_every_command_taking_a_user_says_what_user_is(cli, command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # click wraps the epilog
+    assert "USER is the user's id, as the app's Flask-Login user_loader reads it" in text
+    assert "@credits.user_lookup" in text
+
+
+@pytest.fixture
+def by_email(credits):
+    emails = {"alice@example.com": "alice", "bob@example.com": "bob"}
+    credits.user_lookup(emails.get)
+    yield
+    credits._user_lookup = None  # the fixture's instance is this test's alone; tidy all the same
+
+
+def test_user_lookup_lets_an_operator_type_an_email_and_still_an_id(cli, credits, by_email):
+    result = cli("grant", "alice@example.com", "25", "--reason", "r")
+    assert result.exit_code == 0, result.output
+    assert credits.balance("alice") == 25
+    assert cli("balance", "alice@example.com").output.strip() == "25"
+    # What the lookup does not know is tried as the user id itself.
+    assert cli("balance", "alice").output.strip() == "25"
+    assert credits.find_user("bob@example.com") == "bob"
+    assert credits.find_user("bob") == "bob"
+
+
+def test_text_neither_the_lookup_nor_the_loader_knows_is_an_unknown_user(cli, credits, by_email):
+    result = cli("grant", "carol@example.com", "5", "--reason", "r")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: unknown user 'carol@example.com'"
+    assert credits.history("carol@example.com") == []
+
+
+def test_a_loader_that_raises_on_what_was_typed_is_a_clean_unknown_user(cli, app, credits):
+    def load(user_id):  # a common loader: ids are integers, so a user name raises ValueError
+        return {1: object()}.get(int(user_id))
+
+    app.login_manager.user_loader(load)
+    for args in (["grant", "alice", "3", "--reason", "r"], ["balance", "alice"], ["history", "alice"]):
+        result = cli(*args)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == "Error: unknown user 'alice'"
+        assert "Traceback" not in result.output
+        assert isinstance(result.exception, SystemExit)
+    assert cli("grant", "1", "3", "--reason", "r").exit_code == 0
+    assert credits.balance("1") == 3
+    assert credits.history("alice") == []
+
+
+def test_a_lookup_that_raises_is_a_clean_unknown_user(cli, credits):
+    def lookup(text):
+        raise LookupError(text)
+
+    credits.user_lookup(lookup)
+    result = cli("balance", "alice")
+    assert (result.exit_code, result.output.strip()) == (1, "Error: unknown user 'alice'")
+
+
+@pytest.fixture
+def alices_key(credits):
+    @credits.wallet_checker
+    def owns(user_id, key_id):
+        return (user_id, key_id) in {("alice", None), ("bob", None), ("alice", "key-1")}
+
+
+def test_a_key_that_is_not_the_users_is_named_as_such(cli, credits, alices_key):
+    result = cli("grant", "alice", "10", "--reason", "r", "--key", "key-9")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: key 'key-9' is not one of user alice's keys (or it is revoked)"
+    bob = cli("balance", "bob", "--key", "key-1")
+    assert bob.output.strip() == "Error: key 'key-1' is not one of user bob's keys (or it is revoked)"
+    assert cli("grant", "alice", "10", "--reason", "r", "--key", "key-1").exit_code == 0
+    assert credits.balance("alice", "key-1") == 10
+    assert cli("balance", "mallory", "--key", "key-1").output.strip() == "Error: unknown user 'mallory'"
+
+
+def test_a_key_message_names_the_user_typed_and_the_id_found(cli, credits, alices_key, by_email):
+    result = cli("balance", "bob@example.com", "--key", "key-1")
+    assert result.output.strip() == (
+        "Error: key 'key-1' is not one of user bob@example.com (id bob)'s keys (or it is revoked)"
+    )
+
+
+# -- the credits page's history ------------------------------------------------------------------------
+
+HTML = {"Accept": "text/html"}
+
+
+def _history(client, query=""):
+    """The page's entry ids, newest first, and its paging links as {name: href}."""
+    response = client.get(f"/credits/{query}", headers=HTML)
+    assert response.status_code == 200, response.status_code
+    page = response.get_data(as_text=True)
+    ids = [int(i) for i in re.findall(r'<tr data-testid="entry-(\d+)">', page)]
+    links = {
+        name: href.replace("&amp;", "&")
+        for href, name in re.findall(r'<a href="([^"]+)" data-testid="history-(newest|newer|older)">', page)
+    }
+    return ids, links
+
+
+def test_history_pages_walk_older_then_newer_and_back_to_the_newest(client, login, credits):
+    ids = [credits.grant("alice", n, reason=f"g{n}").id for n in range(1, 6)][::-1]  # newest first
+    credits.grant("bob", 9, reason="not alice's")
+    login("alice")
+    first, links = _history(client, "?limit=2")
+    assert first == ids[:2]
+    assert links == {"older": f"/credits/?before={ids[1]}&limit=2"}
+    second, links = _history(client, links["older"].removeprefix("/credits/"))
+    assert second == ids[2:4]
+    assert links == {
+        "newest": "/credits/?limit=2",
+        "newer": f"/credits/?after={ids[2]}&limit=2",
+        "older": f"/credits/?before={ids[3]}&limit=2",
+    }
+    last, last_links = _history(client, links["older"].removeprefix("/credits/"))
+    assert last == ids[4:]
+    assert last_links == {"newest": "/credits/?limit=2", "newer": f"/credits/?after={ids[4]}&limit=2"}
+    # Newer from the last page is the second page again, and from there the first.
+    again, links = _history(client, last_links["newer"].removeprefix("/credits/"))
+    assert again == second
+    assert set(links) == {"newest", "newer", "older"}
+    newest, links = _history(client, links["newer"].removeprefix("/credits/"))
+    assert newest == first
+    assert links == {"older": f"/credits/?before={ids[1]}&limit=2"}  # the newest page, as first read
+    # A page past either end (an id from another page size, a hand-made URL) is empty, with the way back.
+    for query in (f"?after={ids[0]}", f"?before={ids[4]}"):
+        empty = client.get(f"/credits/{query}", headers=HTML).get_data(as_text=True)
+        assert "No entries on this page." in empty
+        assert _history(client, query) == ([], {"newest": "/credits/"})
+    assert _history(client, "")[0] == ids
+
+
+@pytest.mark.parametrize("query", ["after=x", "after=1.5", "after=0", "after=1&before=2"])
+def test_a_bad_newer_page_is_a_400(client, login, query):
+    login("alice")
+    assert client.get(f"/credits/?{query}", headers=HTML).status_code == 400
+
+
+def test_history_rows_say_what_tells_them_apart(client, login, credits):
+    by_hand = credits.grant("alice", 10, reason="support ticket 12", actor="ops@example.com")
+    request = {"endpoint": "main.create_persona", "method": "POST"}
+    paid = credits.spend("alice", 1, reason="generate persona", metadata=request)
+    named = credits.spend("alice", 2, reason="main.create_persona", metadata=request)
+    refund = credits.refund("alice", paid.id, reason="failed")
+    login("alice")
+    page = client.get("/credits/", headers=HTML).get_data(as_text=True)
+    rows = {
+        int(i): " ".join(re.sub(r"<[^>]+>", " ", row).split()[2:])  # after the date and time
+        for i, row in re.findall(r'<tr data-testid="entry-(\d+)">(.*?)</tr>', page, re.S)
+    }
+    assert rows[paid.id].startswith("Spend: generate persona POST main.create_persona -1 ")
+    assert rows[named.id].startswith("Spend: main.create_persona -2 ")  # the endpoint said once
+    assert rows[by_hand.id].startswith("Grant: support ticket 12 by ops@example.com +10 ")
+    assert rows[refund.id].startswith(f"Refund: failed of entry {paid.id} +1 ")
+
+
+def test_a_keys_history_names_the_key_that_paid(client, credits):
+    credits.wallet_loader(lambda: ("alice", "key-1"))
+    credits.grant("alice", 5, key_id="key-1", reason="r")
+    spent = credits.spend("alice", 2, key_id="key-1", reason="generate persona")
+    page = client.get("/credits/", headers=HTML).get_data(as_text=True)
+    row = re.search(rf'<tr data-testid="entry-{spent.id}">(.*?)</tr>', page, re.S)
+    assert row is not None
+    assert 'generate persona <small class="credits-detail">API key key-1</small>' in row[1]
+
+
+def test_a_loader_whose_database_is_down_is_not_called_an_unknown_user(cli, app):
+    def load(user_id):
+        raise sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+
+    app.login_manager.user_loader(load)
+    result = cli("balance", "alice")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: could not look up user 'alice': the database is unavailable (OperationalError)"
+    )

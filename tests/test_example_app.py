@@ -308,8 +308,8 @@ def test_keys_belong_to_their_owner(app, client):
     assert client.post(f"/keys/{key_id}/revoke").status_code == 404
     assert key_id not in client.get("/keys/").get_data(as_text=True)
     result = grant(app, bea, 5, key_id)
-    assert result.exit_code != 0
-    assert "unknown user" in result.output
+    assert result.exit_code == 1
+    assert f"key '{key_id}' is not one of user {bea}'s keys" in result.output
 
 
 def test_pages_need_a_login(client):
@@ -335,3 +335,31 @@ def test_forms_need_a_csrf_token_but_the_api_does_not(app, database_url):
 
     # No token, yet past CSRF: all this request lacks is credits.
     assert api_persona(client, secret).status_code == 402
+
+
+# -- the command line's USER ------------------------------------------------------------------------
+
+
+def test_the_cli_finds_a_user_by_user_name_and_the_page_shows_the_id(app, client):
+    user_id = signed_up(client, "ada")
+    page = client.get("/credits/", headers=HTML).get_data(as_text=True)
+    assert f'<p class="hint" data-testid="user-id">Your user id: {user_id}</p>' in page
+    for typed, amount in (("ada", 5), ("Ada", 3), (user_id, 2)):
+        result = grant(app, typed, amount)
+        assert result.exit_code == 0, result.output
+    assert balance(app, user_id) == 10
+    unknown = grant(app, "nobody", 5)
+    assert (unknown.exit_code, unknown.output.strip()) == (1, "Error: unknown user 'nobody'")
+
+
+def test_the_cli_names_a_revoked_key_rather_than_an_unknown_user(app, client):
+    user_id = signed_up(client, "ada")
+    key_id, _ = create_key(client, "laptop")
+    assert grant(app, "ada", 4, key_id).exit_code == 0
+    assert client.post(f"/keys/{key_id}/revoke").status_code == 302
+    refused = grant(app, "ada", 4, key_id)
+    assert refused.exit_code == 1
+    assert refused.output.strip() == (
+        f"Error: key '{key_id}' is not one of user ada (id {user_id})'s keys (or it is revoked)"
+    )
+    assert balance(app, user_id, key_id) == 4

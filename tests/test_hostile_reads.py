@@ -51,6 +51,11 @@ def test_bob_never_sees_alices_entries_whatever_he_asks(shop):
         assert {e["user_id"] for e in entries} <= {"bob"}, query
         page = bob.get(f"/credits/{query}", headers={"Accept": "text/html"}).get_data(as_text=True)
         assert "alice-private" not in page, query
+    # The credits page also walks towards the newest from any id, alice's included.
+    for after in sorted(alice_ids | {min(alice_ids) - 1 or 1}):
+        page = bob.get(f"/credits/?after={after}&limit=1", headers={"Accept": "text/html"})
+        assert page.status_code == 200
+        assert "alice-private" not in page.get_data(as_text=True), after
     assert bob.get("/credits/balance?user_id=alice").json == {
         "user_id": "bob",
         "key_id": None,
@@ -71,6 +76,8 @@ def test_history_with_an_out_of_range_cursor_is_not_a_500(shop, before):
     for path in ("/credits/transactions", "/credits/"):
         response = shop.client("alice").get(f"{path}?before={before}")
         assert response.status_code in (200, 400), (path, response.status_code)
+    response = shop.client("alice").get(f"/credits/?after={before}")
+    assert response.status_code in (200, 400), response.status_code
 
 
 @pytest.mark.parametrize(
@@ -86,6 +93,12 @@ def test_history_with_an_out_of_range_cursor_is_not_a_500(shop, before):
 )
 def test_history_with_a_bad_page_is_400(shop, query):
     assert shop.client("alice").get(f"/credits/transactions?{query}").status_code == 400
+    assert shop.client("alice").get(f"/credits/?{query}").status_code == 400
+
+
+@pytest.mark.parametrize("query", ["after=1.5", "after=abc", "after=-1", "after=1&before=5"])
+def test_the_credits_pages_bad_newer_page_is_400(shop, query):
+    assert shop.client("alice").get(f"/credits/?{query}").status_code == 400
 
 
 def test_random_query_strings_on_the_read_endpoints_are_never_a_500(shop, backend):
@@ -103,7 +116,7 @@ def test_random_query_strings_on_the_read_endpoints_are_never_a_500(shop, backen
     @given(
         path=st.sampled_from(["/credits/transactions", "/credits/", "/credits/balance", "/credits/success"]),
         query=st.dictionaries(
-            st.sampled_from(["limit", "before", "session_id", "user_id", "key_id"]), text, max_size=3
+            st.sampled_from(["limit", "before", "after", "session_id", "user_id", "key_id"]), text, max_size=3
         ),
     )
     def read(path: str, query: dict[str, str]) -> None:

@@ -29,7 +29,7 @@ from .responses import UNAVAILABLE, wants_json
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
-    from ..records import AutoTopUp, Purchase, Wallet
+    from ..records import AutoTopUp, Entry, Purchase, Wallet
 
 #: The package folder: the blueprint's templates and static files live there, where apps expect them.
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -99,10 +99,25 @@ def index() -> ResponseReturnValue:
     wallet = current_wallet_or_401()
     limit, before = _page_args()
     try:
-        entries = extension().ledger.history(wallet, limit=limit, before=before)
+        after = request.args.get("after", type=str)
+        after_id = None if after in (None, "") else int(after)
+    except ValueError:
+        abort(400, "after must be a whole number")
+    try:
+        entries = extension().ledger.history(wallet, limit=limit, before=before, after=after_id)
     except InvalidArgument as exc:
         abort(400, str(exc))
-    return _page(wallet, entries, next_before=entries[-1].id if len(entries) == limit else None)
+    # Whether a page lies beyond each end: one indexed row each way, so no link leads to an empty page.
+    older = bool(entries) and bool(extension().ledger.history(wallet, limit=1, before=entries[-1].id))
+    newer = bool(entries) and bool(extension().ledger.history(wallet, limit=1, after=entries[0].id))
+    return _page(
+        wallet,
+        entries,
+        next_before=entries[-1].id if older else None,
+        newer_after=entries[0].id if newer else None,
+        # Not the newest page: a link back to it (also from a page past either end, which is empty).
+        newest_link=newer or (not entries and (before is not None or after_id is not None)),
+    )
 
 
 def _page(
@@ -110,6 +125,8 @@ def _page(
     entries: list[Any],
     *,
     next_before: int | None,
+    newer_after: int | None = None,
+    newest_link: bool = False,
     error: str | None = None,
     submitted: dict[str, Any] | None = None,
     message: str | None = None,
@@ -165,6 +182,9 @@ def _page(
         simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
         next_before=next_before,
+        # The "Newer entries" link's ?after=, and whether to link to the newest page.
+        newer_after=newer_after,
+        newest_link=newest_link,
         usage_chart=spent.chart,
         usage_days=spent.days,
         usage_endpoints=spent.endpoints,
@@ -602,3 +622,23 @@ def credits_wallet_name(wallet: Wallet) -> str:
         return "your account"
     labels = dict(extension().api_keys(wallet.user_id))
     return f"API key {labels.get(wallet.key_id, wallet.key_id)}"
+
+
+@blueprint.app_template_global("credits_entry_detail")
+def credits_entry_detail(entry: Entry, key_name: str | None = None) -> str:
+    """What tells one history row from the next beyond its kind and reason, joined by " · ": the
+    request that paid (``POST personas.create``, from the metadata ``@requires_credits`` records,
+    unless the reason already is the endpoint), the API key that paid (``key_name``, for a key's
+    wallet), the entry a refund gives back, and who made a change by hand."""
+    meta = entry.metadata or {}
+    parts = []
+    endpoint, method = meta.get("endpoint"), meta.get("method")
+    if isinstance(endpoint, str) and endpoint != entry.reason:
+        parts.append(f"{method} {endpoint}" if isinstance(method, str) else endpoint)
+    if key_name and entry.kind == "spend":
+        parts.append(key_name)
+    if entry.reverses_id is not None:
+        parts.append(f"of entry {entry.reverses_id}")
+    if entry.actor:
+        parts.append(f"by {entry.actor}")
+    return " · ".join(parts)

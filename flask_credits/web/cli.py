@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import click
 from flask import current_app
@@ -16,10 +18,13 @@ from ..errors import CreditsError
 from ..records import ReconcileReport
 from ..services import auto_top_up, reconcile
 from ..services.stripe_gateway import PaymentProviderError
+from ..storage.database import UNAVAILABLE
 from . import exports
 
 if TYPE_CHECKING:
     from ..extension import FlaskCredits
+
+T = TypeVar("T")
 
 credits_cli = AppGroup("credits", help="Look at and adjust credit wallets.")
 
@@ -30,10 +35,48 @@ def _ext() -> FlaskCredits:
     return cast("FlaskCredits", current_app.extensions["credits"])
 
 
-def _known(user_id: str, key_id: str | None) -> None:
-    if not _ext().wallet_exists(user_id, key_id):
-        who = f"user {user_id!r}" + (f" with key {key_id!r}" if key_id else "")
-        raise click.ClickException(f"unknown {who}")
+#: Below the help of every command taking a USER.
+USER_HELP = (
+    "USER is the user's id, as the app's Flask-Login user_loader reads it (usually str(user.id));"
+    " an app that registers @credits.user_lookup also lets you type what it finds users by (a user"
+    " name, an email), trying that first."
+)
+
+
+def _user_command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+    """A ``flask credits NAME USER ...`` command, with :data:`USER_HELP` below its help."""
+
+    def decorator(function: Callable[..., None]) -> click.Command:
+        return credits_cli.command(name, epilog=USER_HELP)(click.argument("user")(function))
+
+    return decorator
+
+
+def _user(text: str, key_id: str | None) -> str:
+    """The id of the user an operator typed as USER (and, with --key, checks the key is theirs), or a
+    one-line error: the app's lookup and loader are its own code, and bad input must never end in a
+    traceback (a loader doing ``int(user_id)`` raises ``ValueError`` on a user name)."""
+    ext = _ext()
+    user_id = _ask(text, functools.partial(ext.find_user, text))
+    if user_id is None or not _ask(text, functools.partial(ext.wallet_exists, user_id)):
+        raise click.ClickException(f"unknown user {text!r}")
+    if key_id is not None and not _ask(text, functools.partial(ext.wallet_exists, user_id, key_id)):
+        who = text if text == user_id else f"{text} (id {user_id})"
+        raise click.ClickException(f"key {key_id!r} is not one of user {who}'s keys (or it is revoked)")
+    return user_id
+
+
+def _ask(text: str, question: Callable[[], T]) -> T | None:
+    """The app's answer, or ``None`` when its code raises on what was typed; an unreachable database
+    is said as such, not passed off as an unknown user."""
+    try:
+        return question()
+    except UNAVAILABLE as exc:
+        raise click.ClickException(
+            f"could not look up user {text!r}: the database is unavailable ({type(exc).__name__})"
+        ) from None
+    except Exception:
+        return None
 
 
 def _iso(value: str | None, option: str = "--expires") -> datetime | None:
@@ -46,12 +89,11 @@ def _iso(value: str | None, option: str = "--expires") -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
-@credits_cli.command("balance")
-@click.argument("user")
+@_user_command("balance")
 @_key
 def balance_command(user: str, key_id: str | None) -> None:
     """Print USER's balance: what can be spent now, then ``(N held)`` when live holds reserve credits."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         # Balance first: it expires what is due, so the held credits read next are the live ones.
         balance = _ext().balance(user, key_id)
@@ -62,8 +104,7 @@ def balance_command(user: str, key_id: str | None) -> None:
     click.echo(f"{balance} ({held} held)" if held else balance)
 
 
-@credits_cli.command("grant")
-@click.argument("user")
+@_user_command("grant")
 @click.argument("amount", type=int)
 @click.option("--reason", required=True, help="Shown in the user's history.")
 @click.option("--expires", default=None, help="ISO 8601 time the credits expire (UTC if no zone).")
@@ -80,7 +121,7 @@ def grant_command(
     key_id: str | None,
 ) -> None:
     """Give USER AMOUNT credits, recording who did it (--actor or the OS user)."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         entry = _ext().grant(
             user,
@@ -99,8 +140,7 @@ def grant_command(
     click.echo(f"granted {entry.amount} credits (entry {entry.id}); balance {entry.balance_after}")
 
 
-@credits_cli.command("history")
-@click.argument("user")
+@_user_command("history")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--before", type=int, default=None, help="Entries older than this entry id.")
 @click.option(
@@ -113,7 +153,7 @@ def grant_command(
 @_key
 def history_command(user: str, limit: int, before: int | None, as_csv: bool, key_id: str | None) -> None:
     """List USER's entries, newest first (a change made by hand ends with who made it)."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         if as_csv:
             for chunk in exports.csv_lines(_ext().ledger.db, make_wallet(user, key_id)):
@@ -129,12 +169,11 @@ def history_command(user: str, limit: int, before: int | None, as_csv: bool, key
         )
 
 
-@credits_cli.command("holds")
-@click.argument("user")
+@_user_command("holds")
 @_key
 def holds_command(user: str, key_id: str | None) -> None:
     """List USER's live holds, soonest expiry first: id, created, expires, credits, reason."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         holds = _ext().holds(user, key_id)
     except CreditsError as exc:
@@ -162,12 +201,11 @@ def plans_command() -> None:
         click.echo("no plans configured (CREDITS_PLANS)")
 
 
-@credits_cli.command("subscription")
-@click.argument("user")
+@_user_command("subscription")
 @_key
 def subscription_command(user: str, key_id: str | None) -> None:
     """Show the live subscription of USER's wallet: plan, status, renewal (or end) date, allowance."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         found = _ext().subscription(user, key_id)
     except CreditsError as exc:
@@ -209,13 +247,12 @@ def expire_command() -> None:
     )
 
 
-@credits_cli.command("auto-top-up")
-@click.argument("user")
+@_user_command("auto-top-up")
 @_key
 def auto_top_up_command(user: str, key_id: str | None) -> None:
     """Show USER's wallet's auto top-up: on or off (and why), threshold, what it buys, the month's cap
     and what was bought, the saved card."""
-    _known(user, key_id)
+    user = _user(user, key_id)
     try:
         found = _ext().auto_top_up(user, key_id)
     except CreditsError as exc:
