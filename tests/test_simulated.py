@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import responses
 import sqlalchemy as sa
@@ -67,6 +69,25 @@ def test_pay_later_is_pending_until_the_delayed_payment_settles(client, login, c
     assert credits.balance("alice") == 0
     choose(client, page, "settle")
     assert credits.balance("alice") == 200
+
+
+def test_the_credits_page_lists_a_pay_later_purchase_and_resumes_an_open_one(client, login, credits):
+    login("alice")
+    later = start(client)
+    choose(client, later, "pay_later")
+    open_page = start(client, quantity="1")
+    shown = client.get("/credits/", headers=HTML).get_data(as_text=True)
+    assert "Waiting for the payment" in shown
+    (resume,) = re.findall(r'href="([^"]*/credits/resume[^"]*)"', shown)
+    response = client.get(resume, headers=HTML)
+    assert response.status_code == 303
+    assert response.headers["Location"].endswith("/" + open_page)
+    choose(client, later, "settle")
+    choose(client, open_page, "pay")
+    assert credits.balance("alice") == 300
+    shown = client.get("/credits/", headers=HTML).get_data(as_text=True)
+    assert "Unfinished purchases" not in shown
+    assert client.get(resume).status_code == 409
 
 
 @pytest.mark.parametrize("first", [None, "pay_later"])

@@ -46,6 +46,11 @@ UNFINISHED = ("creating", "open")
 SESSION_LIFETIME = timedelta(hours=24)
 #: What ``start_checkout`` makes the attempt keys look like: the cancel page looks nothing else up.
 ATTEMPT_KEY = re.compile(r"chk_[0-9a-f]{32}")
+#: The checkouts the credits page lists as unfinished: ``open`` (the customer may still pay, or cancel,
+#: at Stripe) and ``unpaid`` (completed with a delayed payment method, waiting for the money).
+PENDING = ("open", "unpaid")
+#: At most this many of them are listed (``unpaid`` ones are not capped by CREDITS_MAX_OPEN_PURCHASES).
+PENDING_LISTED = 20
 
 
 class BadCheckout(InvalidArgument):
@@ -275,10 +280,8 @@ def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
     agreed (a session completed meanwhile cannot be expired: the row is left as it is, for the
     webhook). Only the owner's own ``open`` purchase, named by its attempt key, at most once per
     ``CREDITS_SUCCESS_CHECK_INTERVAL``. Returns the purchase (None if it is not this user's)."""
-    if not ATTEMPT_KEY.fullmatch(attempt):
-        return None
-    purchase = find(ext, attempt_key=attempt)
-    if purchase is None or purchase.wallet.user_id != user_id:
+    purchase = own_attempt(ext, user_id, attempt)
+    if purchase is None:
         return None
     if purchase.status != "open" or purchase.session_id is None or not claim_stripe_check(ext, purchase.id):
         return purchase
@@ -288,6 +291,58 @@ def cancel(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
         return purchase  # completed meanwhile, or Stripe unreachable (logged): its events will tell
     _set_status(ext, purchase.id, "expired", ("open",))
     return find(ext, id=purchase.id)
+
+
+def own_attempt(ext: FlaskCredits, user_id: str, attempt: str) -> Purchase | None:
+    """The user's purchase with this attempt key; None for anything else (not a key, another user's)."""
+    if not ATTEMPT_KEY.fullmatch(attempt):
+        return None
+    purchase = find(ext, attempt_key=attempt)
+    return purchase if purchase is not None and purchase.wallet.user_id == user_id else None
+
+
+def resume_url(ext: FlaskCredits, purchase: Purchase) -> str | None:
+    """Where the customer pays an ``open`` purchase: its Checkout Session's ``url``, asked of Stripe
+    now (one call, since the url is not stored), or None when the session is no longer open (paid,
+    completed with a delayed method, or expired: its webhook tells the rest)."""
+    if purchase.status != "open" or purchase.session_id is None:
+        return None
+    session = ext.gateway.retrieve_checkout_session(purchase.session_id)
+    url = session.get("url")
+    return url if session.get("status") == "open" and isinstance(url, str) and url else None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An unfinished checkout the buyer's credits page lists, with its attempt key (the secret that
+    resumes or cancels it: render it on the buyer's own page only)."""
+
+    purchase: Purchase
+    attempt: str
+
+
+def pending(ext: FlaskCredits, user_id: str, key_ids: list[str | None]) -> list[Pending]:
+    """The user's :data:`PENDING` checkouts in the wallets of ``key_ids`` (None is the account's own),
+    newest first, started within the last :data:`SESSION_LIFETIME` (an older open one has expired at
+    Stripe). Automatic (auto top-up) purchases are not checkouts and are left out."""
+    p, w = ext.tables.purchases, ext.tables.wallets
+    query = (
+        sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id"))
+        .join(w, w.c.id == p.c.wallet_id)
+        .where(
+            w.c.user_id == user_id,
+            w.c.key_id.in_([key_id or "" for key_id in key_ids]),
+            p.c.status.in_(PENDING),
+            p.c.automatic.is_(False),
+            p.c.session_id.is_not(None),
+            p.c.created_at > ext.database.now() - SESSION_LIFETIME,
+        )
+        .order_by(p.c.id.desc())
+        .limit(PENDING_LISTED)
+    )
+    with ext.database.reader.connect() as conn:
+        rows = conn.execute(query).all()
+    return [Pending(_purchase(ext, row), str(row.attempt_key)) for row in rows]
 
 
 def attempt_key_of(ext: FlaskCredits, purchase_id: int) -> str:

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from flask import current_app
+from flask import current_app, has_request_context
 
 from ..records import Purchase, Wallet
 from . import auto_top_up, customers, plans, purchases, stripe_objects, webhooks
@@ -124,7 +124,11 @@ class SimulatedStripe:
         }
 
     def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
-        return self.session(self._purchase(session_id))
+        """As Stripe: an open session's ``url`` is where it is paid, here the simulated page (whose
+        address needs the request's host; outside a request, as from the CLI, it is None)."""
+        session = self.session(self._purchase(session_id))
+        is_open = session["status"] == "open" and has_request_context()
+        return {**session, "url": self.page_url(session_id) if is_open else None}
 
     def find_checkout_session(self, payment_intent: str) -> dict[str, Any] | None:
         purchase = purchases.find(self.ext, payment_intent=payment_intent)

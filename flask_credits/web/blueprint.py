@@ -158,6 +158,8 @@ def _page(
         named: list[tuple[Wallet, str | None]] = [(wallet, None)]
         named += [(make_wallet(wallet.user_id, k), label) for k, label, _ in keys]
         auto_top_ups = [(w, label, auto_top_up.get(ext, w)) for w, label in named]
+    # Checkouts not finished (open or waiting for a delayed payment) of the wallet and its keys.
+    pending = purchases.pending(ext, wallet.user_id, [wallet.key_id, *(k for k, _, _ in keys)])
     return render_template(
         "credits/index.html",
         wallet=wallet,
@@ -178,6 +180,7 @@ def _page(
         keys=keys,
         keys_held=keys_held,
         auto_top_ups=auto_top_ups,
+        pending=pending,
         # The simulated Stripe's switches for the next automatic payment are offered beside the card.
         simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
@@ -585,6 +588,29 @@ def cancel() -> ResponseReturnValue:
     if wants_json():
         return jsonify(status="cancelled", purchase=purchase.to_dict() if purchase else None)
     return render_template("credits/cancel.html")
+
+
+@blueprint.get("/resume")
+def resume() -> ResponseReturnValue:
+    """Back to the Checkout of the user's own open purchase named by ``?attempt=`` (its "Resume" link
+    on the credits page): a 303 to the session's url, which Stripe is asked for once, on this click
+    only; a JSON client gets ``{"url"}``. A checkout no longer open is 409 ``checkout_not_open`` (a
+    browser gets the credits page saying so); an attempt that is not the user's, 404."""
+    ext = extension()
+    wallet = current_wallet_or_401()
+    purchase = purchases.own_attempt(ext, wallet.user_id, request.args.get("attempt") or "")
+    if purchase is None:
+        abort(404)
+    try:
+        url = purchases.resume_url(ext, purchase)
+    except PaymentProviderError as exc:
+        return _error(502, "payment_provider_error", exc.user_message)
+    if url is None:
+        message = "That checkout is no longer open: it was paid, cancelled or has expired."
+        return _error(409, "checkout_not_open", message)
+    if wants_json():
+        return jsonify(url=url)
+    return redirect(url, 303)
 
 
 @blueprint.app_template_global("format_money")
