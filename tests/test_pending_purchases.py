@@ -178,6 +178,23 @@ def test_fulfilled_failed_and_old_purchases_are_not_listed(app, client, login, c
     assert pending_rows(client) == []
 
 
+def test_a_pay_later_purchase_stays_listed_for_days_while_its_payment_settles(
+    client, login, credits, stripe, clock
+):
+    testing.mock_create_session(stripe, "cs_test_later")
+    login("alice")
+    assert client.post("/credits/checkout", json={"quantity": 2}).status_code == 200
+    with client.application.app_context():
+        later = testing.session_for("cs_test_later", payment_status="unpaid")
+    assert testing.post_event(client, testing.event("checkout.session.completed", later)).status_code == 200
+    clock.advance(days=10)  # a bank debit takes days
+    ((text, resume, cancel),) = pending_rows(client)
+    assert "Waiting for the payment" in text
+    assert (resume, cancel) == (None, None)
+    clock.advance(days=12)
+    assert pending_rows(client) == []
+
+
 def test_the_account_page_lists_its_keys_purchases_and_a_keys_page_only_its_own(
     client, login, credits, stripe
 ):

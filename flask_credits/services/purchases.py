@@ -51,6 +51,9 @@ ATTEMPT_KEY = re.compile(r"chk_[0-9a-f]{32}")
 PENDING = ("open", "unpaid")
 #: At most this many of them are listed (``unpaid`` ones are not capped by CREDITS_MAX_OPEN_PURCHASES).
 PENDING_LISTED = 20
+#: How long an ``unpaid`` checkout stays listed: delayed methods settle in days (a SEPA Direct Debit
+#: can take up to 14 business days), long after its session's 24 hours.
+UNPAID_LISTED_FOR = timedelta(days=21)
 
 
 class BadCheckout(InvalidArgument):
@@ -323,19 +326,23 @@ class Pending:
 
 def pending(ext: FlaskCredits, user_id: str, key_ids: list[str | None]) -> list[Pending]:
     """The user's :data:`PENDING` checkouts in the wallets of ``key_ids`` (None is the account's own),
-    newest first, started within the last :data:`SESSION_LIFETIME` (an older open one has expired at
-    Stripe). Automatic (auto top-up) purchases are not checkouts and are left out."""
+    newest first: open ones started within the last :data:`SESSION_LIFETIME` (an older open one has
+    expired at Stripe), unpaid ones within :data:`UNPAID_LISTED_FOR`. Automatic (auto top-up) purchases
+    are not checkouts and are left out."""
     p, w = ext.tables.purchases, ext.tables.wallets
+    now = ext.database.now()
     query = (
         sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id"))
         .join(w, w.c.id == p.c.wallet_id)
         .where(
             w.c.user_id == user_id,
             w.c.key_id.in_([key_id or "" for key_id in key_ids]),
-            p.c.status.in_(PENDING),
             p.c.automatic.is_(False),
             p.c.session_id.is_not(None),
-            p.c.created_at > ext.database.now() - SESSION_LIFETIME,
+            sa.or_(
+                sa.and_(p.c.status == "open", p.c.created_at > now - SESSION_LIFETIME),
+                sa.and_(p.c.status == "unpaid", p.c.created_at > now - UNPAID_LISTED_FOR),
+            ),
         )
         .order_by(p.c.id.desc())
         .limit(PENDING_LISTED)
