@@ -42,7 +42,7 @@ from flask.typing import ResponseReturnValue
 
 from flask_credits import CreditsUnavailable, SafeJSONProvider, read_body
 
-from . import auth, deployment, keys, notifications, views
+from . import auth, deployment, errors, keys, notifications, views
 from .deployment import DATABASE_UNAVAILABLE
 from .extensions import credits, csrf, limiter, login_manager, migrate
 from .models import db
@@ -184,6 +184,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(views.api)
     app.register_blueprint(keys.bp)
     deployment.install(app)
+    errors.install(app)
     return app
 
 

@@ -26,9 +26,11 @@ OCCUPATIONS = (
 CITIES = ("Lisbon", "Osaka", "Lagos", "Montréal", "Tromsø", "Valparaíso", "Tbilisi", "Adelaide")
 # Each starts with a consonant sound: the bio says "a {trait} {occupation}".
 TRAITS = ("patient", "curious", "meticulous", "cheerful", "stubborn", "soft-spoken", "restless", "witty")
+# Each is what someone does, starting with a verb ending in -ing: the bio says "spends most weekends
+# {hobby}", which needs one ("spends most weekends competitive chess" does not read).
 HOBBIES = (
-    "restoring old bicycles", "birdwatching", "competitive chess", "baking sourdough",
-    "trail running", "learning Icelandic", "growing chillies", "building model trains",
+    "restoring old bicycles", "birdwatching", "playing competitive chess", "baking sourdough",
+    "running mountain trails", "learning Icelandic", "growing chillies", "building model trains",
 )  # fmt: skip
 
 
@@ -56,8 +58,18 @@ def generate_persona(seed: str) -> Persona:
     trait, hobby = pick(TRAITS, 4), pick(HOBBIES, 5)
     age = 18 + digest[12] % 60
     years = 1 + digest[13] % max(1, age - 17)
-    bio = (
+    return Persona(
+        seed=seed,
+        name=f"{first} {last}",
+        age=age,
+        occupation=occupation,
+        bio=write_bio(first, trait, occupation, city, years, hobby),
+    )
+
+
+def write_bio(first: str, trait: str, occupation: str, city: str, years: int, hobby: str) -> str:
+    """The persona's two sentences, from one pick of each list."""
+    return (
         f"{first} is a {trait} {occupation} who has lived in {city} for {years} "
         f"year{'s' if years != 1 else ''}. Away from work, {first} spends most weekends {hobby}."
     )
-    return Persona(seed=seed, name=f"{first} {last}", age=age, occupation=occupation, bio=bio)

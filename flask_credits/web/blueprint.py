@@ -95,7 +95,9 @@ def read_body_within_limit(endpoint: str | None, values: dict[str, Any] | None) 
 @blueprint.get("/")
 def index() -> ResponseReturnValue:
     """The credits page: balance, the wallet's plan or the plans to subscribe to (when
-    ``CREDITS_PLANS`` is set), the purchase forms and the history (keyset-paginated)."""
+    ``CREDITS_PLANS`` is set), the purchase forms and the history (keyset-paginated). ``?key_id=``
+    naming one of the user's API keys selects it in the forms' "For" (a link such as "Buy credits
+    for it"); any other value is ignored."""
     wallet = current_wallet_or_401()
     limit, before = _page_args()
     try:
@@ -117,6 +119,7 @@ def index() -> ResponseReturnValue:
         newer_after=entries[0].id if newer else None,
         # Not the newest page: a link back to it (also from a page past either end, which is empty).
         newest_link=newer or (not entries and (before is not None or after_id is not None)),
+        for_key=request.args.get("key_id", type=str),
     )
 
 
@@ -130,12 +133,16 @@ def _page(
     error: str | None = None,
     submitted: dict[str, Any] | None = None,
     message: str | None = None,
+    for_key: str | None = None,
 ) -> str:
     ext = extension()
     keys, keys_held = [], {}
     for key_id, label in ext.api_keys(wallet.user_id) if wallet.key_id is None else []:
         key_balance, keys_held[key_id] = _balance_and_held(make_wallet(wallet.user_id, key_id))
         keys.append((key_id, label, key_balance))
+    # Only a key listed here can be preselected: another user's, or a made-up id, leaves "my account".
+    if not submitted and for_key is not None and any(k == for_key for k, _, _ in keys):
+        submitted = {"key_id": for_key}
     balance, held = _balance_and_held(wallet)
     # Spent in the last 30 UTC days, per day (every day charted, 0 without spends) and per endpoint.
     spent = charts.last_days_usage(ext.ledger.db, wallet)
