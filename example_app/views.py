@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import (
@@ -48,6 +48,18 @@ def persona_cost() -> int:
 def story_hold() -> int:
     """Credits reserved before a story starts: read per request, like the persona's price."""
     return int(current_app.config["STORY_HOLD"])
+
+
+def persona_reason(suffix: str = "") -> Callable[[], str]:
+    """The history's "What" for a persona: which seed it was generated from (read per request, after
+    ``seed_from_form`` or ``seed_from_json`` validated it and before anything is charged)."""
+
+    def reason() -> str:
+        body = request.get_json(silent=True) if request.is_json else request.form
+        seed = body.get("seed") if isinstance(body, Mapping) else None
+        return f'generate persona "{str(seed).strip()}"{suffix}'
+
+    return reason
 
 
 def seed_from_form(view: View) -> View:
@@ -107,7 +119,7 @@ def new_persona() -> ResponseReturnValue:
 @main.post("/personas")
 @login_required
 @seed_from_form
-@requires_credits(persona_cost, reason="generate persona")
+@requires_credits(persona_cost, reason=persona_reason())
 def create_persona(seed: str) -> ResponseReturnValue:
     return render_template(
         "personas/new.html",
@@ -123,7 +135,7 @@ def create_persona(seed: str) -> ResponseReturnValue:
 # before a credit is charged.
 @csrf.exempt
 @seed_from_json
-@requires_credits(persona_cost, reason="generate persona (API)")
+@requires_credits(persona_cost, reason=persona_reason(" (API)"))
 def api_create_persona(seed: str) -> ResponseReturnValue:
     return jsonify(persona=generate_persona(seed).to_dict(), **charged())
 

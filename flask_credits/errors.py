@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
     from werkzeug.sansio.response import Response
 
+    from .records import Wallet
+
 
 class CreditsError(Exception):
     """Root of every error this extension raises on purpose."""
@@ -73,30 +75,45 @@ class HoldAlreadySettled(CreditsError):
 class InsufficientCredits(HTTPCreditsError):
     """The wallet cannot pay: HTTP 402 Payment Required. Nothing was written.
 
-    Attributes: ``required`` (credits asked for), ``balance`` (what the wallet holds now) and
-    ``purchase_url`` (where to buy more, or ``None`` outside a request).
+    Attributes: ``required`` (credits asked for), ``balance`` (what the wallet holds now),
+    ``missing`` (``required - balance``), ``purchase_url`` (where to buy more, or ``None`` outside a
+    request) and ``wallet`` (the :class:`~flask_credits.records.Wallet` that was short, when known).
 
     The default response is JSON for clients that prefer it::
 
-        {"error": "insufficient_credits", "required": 5, "balance": 2, "purchase_url": "/credits/"}
+        {"error": "insufficient_credits", "required": 5, "balance": 2, "missing": 3,
+         "purchase_url": "/credits/", "packs": [{"id": "small", "credits": 500, ...}]}
 
-    and otherwise the ``credits/insufficient.html`` template. Apps replace both with
+    (``packs``: the ``CREDITS_PACKS`` that would cover what is missing), and otherwise the
+    ``credits/insufficient.html`` template. Apps replace both with
     ``@app.errorhandler(InsufficientCredits)``.
     """
 
     code = 402
     description = "This needs more credits than the wallet holds."
 
-    def __init__(self, required: int, balance: int, purchase_url: str | None = None) -> None:
+    def __init__(
+        self,
+        required: int,
+        balance: int,
+        purchase_url: str | None = None,
+        wallet: Wallet | None = None,
+    ) -> None:
         self.required = required
         self.balance = balance
         self.purchase_url = purchase_url
+        self.wallet = wallet
         super().__init__(
             f"This needs {required} credits; the wallet holds {balance}.",
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.required, self.balance, self.purchase_url))
+        return (type(self), (self.required, self.balance, self.purchase_url, self.wallet))
+
+    @property
+    def missing(self) -> int:
+        """How many more credits the wallet needs."""
+        return max(self.required - self.balance, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +121,7 @@ class InsufficientCredits(HTTPCreditsError):
             "message": self.description,
             "required": self.required,
             "balance": self.balance,
+            "missing": self.missing,
             "purchase_url": self.purchase_url,
         }
 

@@ -84,7 +84,9 @@ def test_insufficient_credits_is_402_json_for_api_clients_and_the_view_never_run
         "message": "This needs 5 credits; the wallet holds 4.",
         "required": 5,
         "balance": 4,
+        "missing": 1,
         "purchase_url": "/credits/",
+        "packs": [],  # no CREDITS_PACKS here
     }
     assert views == []
     assert credits.balance("alice") == 4

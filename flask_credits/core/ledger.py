@@ -419,7 +419,7 @@ class Ledger:
                 return entry
         held = balance()
         self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=held)
-        raise InsufficientCredits(amount, held)
+        raise InsufficientCredits(amount, held, wallet=wallet)
 
     @unavailable_on_database_errors
     def set_limits(
@@ -726,7 +726,7 @@ class Ledger:
         if placed is None:
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
-            raise InsufficientCredits(amount, balance)
+            raise InsufficientCredits(amount, balance, wallet=wallet)
         if not placed.replayed:
             self.emit(signals.credits_held, wallet=wallet, hold=placed, amount=amount)
         return placed
@@ -779,7 +779,7 @@ class Ledger:
                 raise HoldAlreadySettled(f"hold {hold_id} is {ended}: it cannot be extended")
             balance = self.balance(wallet)
             self.emit(signals.credits_insufficient, wallet=wallet, required=amount, balance=balance)
-            raise InsufficientCredits(amount, balance)
+            raise InsufficientCredits(amount, balance, wallet=wallet)
         self.emit(signals.credits_held, wallet=wallet, hold=extended, amount=amount)
         return extended
 

@@ -30,6 +30,7 @@ log = logging.getLogger("flask_credits")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Cost = int | Callable[[], int]
+Reason = str | Callable[[], str | None]
 Unsettled = Literal["charge", "release"]
 
 
@@ -37,7 +38,7 @@ def requires_credits(
     cost: Cost | None = None,
     *,
     hold: Cost | None = None,
-    reason: str | None = None,
+    reason: Reason | None = None,
     unsettled: Unsettled | None = None,
 ) -> Callable[[F], F]:
     """Charge the current wallet for the view: ``cost`` credits before it runs, or, with ``hold``,
@@ -48,7 +49,10 @@ def requires_credits(
     response with a 5xx status, the same credits go back to the same lots (a ``refund`` entry). With
     no wallet (nobody logged in) the login manager's ``unauthorized()`` answers; when the wallet cannot
     pay, the view does not run and :class:`InsufficientCredits` (402) is raised. The spend entry is
-    available to the view as ``flask.g.credits_spend``. ``reason`` defaults to the endpoint name.
+    available to the view as ``flask.g.credits_spend``. ``reason`` (the history's "What") defaults to
+    the endpoint name; like ``cost`` it may be a callable, called with no arguments per request before
+    the charge (so it can read ``flask.request``, e.g. the seed of what is generated). Its text is cut
+    to 255 characters; ``None`` or ``""`` means the endpoint name.
 
     ``hold=N`` (an int of at least 1, or a callable) is for views whose cost is known only afterwards:
     ``N`` credits are reserved before the view runs (402 if they cannot be), and inside it
@@ -94,13 +98,13 @@ def requires_credits(
             if hold is not None:
                 amount = hold() if callable(hold) else hold
                 check_amount(amount, "hold")
-                charge = _Held(ext, wallet, amount, reason, unsettled or ext.settings.hold_unsettled)
+                charge = _Held(ext, wallet, amount, _reason(reason), unsettled or ext.settings.hold_unsettled)
             else:
                 assert cost is not None
                 amount = cost() if callable(cost) else cost
                 if amount != 0 or not callable(cost):
                     check_amount(amount, "cost")
-                charge = _Fixed(ext, wallet, amount, reason)
+                charge = _Fixed(ext, wallet, amount, _reason(reason))
             key = _idempotency_key()
             run = functools.partial(current_app.ensure_sync(view), *args, **kwargs)
             if key is not None:
@@ -114,6 +118,19 @@ def requires_credits(
         return cast(F, wrapper)
 
     return decorator
+
+
+#: The longest reason the ledger stores.
+MAX_REASON_LENGTH = 255
+
+
+def _reason(reason: Reason | None) -> str | None:
+    """This request's reason: a callable's text, cut to what the ledger stores (it may carry what a
+    client sent, which must never make a paid request fail)."""
+    text = reason() if callable(reason) else reason
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"@requires_credits reason must return a string, not {type(text).__name__}")
+    return text[:MAX_REASON_LENGTH] if text else None
 
 
 class _Charge(abc.ABC):

@@ -9,12 +9,14 @@ own ``@app.errorhandler`` still takes precedence, as for any werkzeug HTTP excep
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flask import abort, current_app, has_request_context, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from markupsafe import escape
+from werkzeug.routing import BuildError
 from werkzeug.wrappers import Response
 
 from ..errors import (
@@ -25,6 +27,9 @@ from ..errors import (
     InsufficientCredits,
 )
 from ..storage.database import UNAVAILABLE
+
+if TYPE_CHECKING:
+    from ..settings import Pack, Settings
 
 #: The webhook's endpoint: Stripe, its only legitimate client, always gets JSON.
 WEBHOOK_ENDPOINT = "credits.stripe_webhook"
@@ -79,8 +84,12 @@ def render(error: HTTPCreditsError) -> Response:
     if isinstance(error, InsufficientCredits):
         if error.purchase_url is None:
             error.purchase_url = purchase_url()
+        settings: Settings = current_app.extensions["credits"].settings
+        covering = packs_covering(settings, error.missing)
         return negotiated(
-            402, error.to_dict, lambda: render_template("credits/insufficient.html", error=error)
+            402,
+            lambda: {**error.to_dict(), "packs": [_pack_dict(p) for p in covering]},
+            lambda: _insufficient_page(error, settings, covering),
         )
     if isinstance(error, CreditsUnavailable):
         return negotiated(
@@ -112,6 +121,71 @@ def render(error: HTTPCreditsError) -> Response:
         lambda: {"error": "error", "message": error.description},
         _page(error.code or 500, error.name, error.description or ""),
     )
+
+
+def packs_covering(settings: Settings, missing: int) -> list[Pack]:
+    """The ``CREDITS_PACKS`` that bring at least ``missing`` credits, fewest credits first."""
+    return sorted((p for p in settings.packs if p.credits >= missing), key=lambda p: p.credits)
+
+
+def _pack_dict(pack: Pack) -> dict[str, Any]:
+    return {
+        "id": pack.id,
+        "name": pack.name,
+        "credits": pack.credits,
+        "amount": pack.amount,
+        "currency": pack.currency,
+    }
+
+
+#: A refused form post is offered back ("Try again") only within these bounds: it is re-rendered
+#: into the 402 page, whose size a client must not be able to blow up.
+MAX_KEPT_FIELDS = 50
+MAX_KEPT_CHARACTERS = 16 * 1024
+
+
+def _insufficient_page(error: InsufficientCredits, settings: Settings, covering: list[Pack]) -> str:
+    """The 402 page: how many credits are missing, one-click checkouts that cover them (for the wallet
+    that was short), and, for a refused form post, the same post again once credits are bought."""
+    wallet = current_app.extensions["credits"].current_wallet()
+    # The wallet that was short, when it is one the checkout takes for the current user; else none.
+    buyable = wallet is not None and (error.wallet is None or error.wallet.user_id == wallet.user_id)
+    units = math.ceil(error.missing / settings.per_unit) if error.missing else 0
+    return render_template(
+        "credits/insufficient.html",
+        error=error,
+        packs=covering if buyable else [],
+        units=units if buyable and 0 < units <= settings.max_quantity else None,
+        per_unit=settings.per_unit,
+        unit_amount=settings.unit_amount,
+        currency=settings.currency,
+        key_id=(error.wallet.key_id if error.wallet else None) or "",
+        kept=_kept_form(),
+    )
+
+
+def _kept_form() -> tuple[str, list[tuple[str, str]]] | None:
+    """(URL, fields) to post the refused form again, or None: not a form post, a file upload (it
+    cannot be carried), or too many or too long fields. The CSRF token is left out: the page adds a
+    fresh one."""
+    if request.method != "POST" or request.mimetype not in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ):
+        return None
+    if request.files or request.endpoint is None:
+        return None
+    skip = {"csrf_token", current_app.config.get("WTF_CSRF_FIELD_NAME", "csrf_token")}
+    fields = [(name, value) for name, value in request.form.items(multi=True) if name not in skip]
+    query = request.query_string.decode("latin-1")
+    size = len(query) + sum(len(name) + len(value) for name, value in fields)
+    if len(fields) > MAX_KEPT_FIELDS or size > MAX_KEPT_CHARACTERS:
+        return None
+    try:  # built from the route, never from what the client sent as its path or Host
+        url = url_for(request.endpoint, **(request.view_args or {}))
+    except BuildError:
+        return None
+    return (f"{url}?{query}" if query else url), fields
 
 
 def refuse(status: int, error: str, message: str, headers: dict[str, str] | None = None) -> NoReturn:
