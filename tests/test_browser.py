@@ -382,7 +382,9 @@ def test_buy_credits_spend_them_and_fund_an_api_key(page, base_url, screenshots)
     page.follow_link("Newer entries")
     newer = page.find("main table tbody").text.splitlines()
     assert len(newer) == 20
-    assert all("Spend: generate persona POST main.create_persona" in row for row in newer), newer[0]
+    assert all('Spend: generate persona "lighthouse" POST main.create_persona' in row for row in newer), (
+        newer[0]
+    )
     page.follow_link("Older entries")
     page.follow_link("Newest entries")
     assert page.find("main table tbody").text.splitlines() == newer
@@ -710,3 +712,134 @@ def test_an_admin_grants_credits_from_the_admin_wallet_page(page, screenshots):
     assert page.testid("actor") == "chief"
     assert "Grant: welcome gift" in page.text
     page.screenshot(screenshots, "admin-wallet")
+
+
+# -- issue 17: pending purchases, cancel, a new key's wallet, error pages, the 402's packs, narrow keys --
+
+
+def test_issue_17_pending_purchases_error_pages_the_402s_packs_and_a_narrow_keys_page(page, screenshots):
+    from example_app.personas import generate_persona
+
+    driver = page.driver
+
+    def pending_states() -> list[str]:
+        return [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="pending-state"]')]
+
+    page.sign_up("margaret")
+
+    # 3: a checkout left unpaid is listed on the credits page; Resume goes back to the same checkout.
+    page.nav("Buy credits")
+    session_id = page.start_checkout(quantity=2)
+    page.nav("Buy credits")
+    assert [state.startswith("Not paid yet:") for state in pending_states()] == [True]
+    page.follow(page.find('[data-testid="pending-resume"]'), "Resume")
+    assert page.path == f"/credits/simulated-checkout/{session_id}"
+    # Paid later: listed as waiting for the payment until it goes through, then gone.
+    page.press("Pay later (delayed method)")
+    assert page.heading == "Payment pending"
+    page.follow_link("Back to your credits")
+    assert pending_states() == ["Waiting for the payment: the credits are added once it goes through."]
+    page.open(f"/credits/simulated-checkout/{session_id}")
+    page.press("Delayed payment succeeds")
+    page.nav("Buy credits")
+    assert page.balance() == 200
+    assert pending_states() == []
+
+    # 4: Cancel from the list expires that checkout: it can no longer be paid.
+    cancelled = page.start_checkout(quantity=1)
+    page.nav("Buy credits")
+    page.press("Cancel")
+    assert page.heading == "Purchase cancelled"
+    page.open(f"/credits/simulated-checkout/{cancelled}")
+    assert "This checkout expired." in page.text
+    assert not driver.find_elements(By.XPATH, "//main//button")
+    page.nav("Buy credits")
+    assert pending_states() == []
+    assert page.balance() == 200
+
+    # 5: "Buy credits for it" after creating a key selects that key in every "For".
+    page.nav("API keys")
+    page.fill("#name", "build server of the night shift")
+    page.press("Create key")
+    key_id = page.testid("key-id")
+    page.follow_link("Buy credits for it")
+    for select in ("#credits-pack-for", "#credits-quantity-for"):
+        chosen = Select(page.find(select)).first_selected_option
+        assert (chosen.get_attribute("value"), chosen.text) == (
+            key_id,
+            "API key build server of the night shift",
+        )
+
+    # 8: an unknown URL and a bad session_id: pages in the app's layout, with the right status.
+    page.open("/no-such-page")
+    assert (page.status, page.testid("error-title")) == (404, "Page not found")
+    assert driver.find_elements(By.CSS_SELECTOR, "header nav .brand")
+    page.open("/credits/success?session_id=cs_sim_not_one_of_yours")
+    assert (page.status, page.testid("error-title")) == (404, "Page not found")
+    page.open("/credits/success")
+    assert page.status == 400
+    assert page.testid("error-title") == "That request could not be understood"
+
+    # 10: the 402 says what is missing and offers the packs that cover it, for the wallet that was
+    # short; the checkout opens in a new tab, and "Try again" sends the same seed once it is paid.
+    driver.delete_all_cookies()
+    page.sign_up("joan")
+    page.nav("Generate a persona")
+    page.generate_persona("harbour")
+    assert_insufficient(page, 0)
+    assert page.testid("missing") == f"You are {COST} credits short."
+    assert page.find('[data-testid="cover-pack-small"]').text == "Buy Small: 500 credits for 5.00 USD"
+    assert page.find('[data-testid="cover-pack-large"]').text == "Buy Large: 2000 credits for 18.00 USD"
+    original = driver.current_window_handle
+    before = set(driver.window_handles)
+    page.find('[data-testid="cover-pack-small"] button').click()
+    page.wait().until(lambda d: len(d.window_handles) > len(before))
+    driver.switch_to.window((set(driver.window_handles) - before).pop())
+    page.wait().until(lambda d: "/credits/simulated-checkout/" in d.current_url)
+    page.loaded()
+    assert page.heading == "Simulated Stripe Checkout"
+    assert "500 credits for 5.00 USD" in page.text
+    page.press("Pay")
+    assert page.testid("purchase-status") == "500 credits were added. Your balance is now 500."
+    driver.close()
+    driver.switch_to.window(original)
+    assert page.heading == "Not enough credits"  # still here, with what was sent
+    page.press("Try again")
+    assert page.status == 200
+    assert page.heading == generate_persona("harbour").name
+    assert page.testid("balance") == str(500 - COST)
+    page.nav("Buy credits")
+    assert 'Spend: generate persona "harbour"' in page.find("main table tbody").text  # 9: the seed
+
+    # 10: at 500 px the keys table fits: every key's Revoke is on screen, nothing scrolls sideways.
+    page.nav("API keys")
+    page.fill("#name", "a key with a rather long name for a phone")
+    page.press("Create key")
+    page.nav("API keys")
+    try:
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 500, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
+        page.open("/keys/")
+        fits = driver.execute_script(
+            """const root = document.documentElement;
+            const revoke = [...document.querySelectorAll("main button")]
+              .filter((b) => b.textContent.trim() === "Revoke");
+            return {
+              scroll: root.scrollWidth, client: root.clientWidth, width: window.innerWidth,
+              revoke: revoke.map((b) => b.getBoundingClientRect().right),
+            };"""
+        )
+        assert fits["scroll"] <= fits["client"], fits
+        assert fits["revoke"], fits
+        assert all(right <= fits["width"] for right in fits["revoke"]), fits
+        page.screenshot(screenshots, "api-keys-narrow")
+    finally:
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
+
+    console = [entry["message"] for entry in driver.get_log("browser")]
+    assert not [message for message in console if "Content Security Policy" in message], console
