@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from flask_wtf.csrf import CSRFProtect
 from helpers import logged_in
-from test_concurrency import race
+from test_concurrency import Workers, race
 
 from flask_credits import (
     IdempotencyConflict,
@@ -269,6 +269,34 @@ def test_concurrent_transfers_with_one_key_move_once_and_all_get_the_entry(app, 
     assert sum(not e.replayed for e in found) == 1
     assert (credits.balance("alice"), credits.balance("bob")) == (90, 10)
     assert credits.audit() == []
+
+
+@pytest.fixture(scope="module")
+def workers():
+    pool = Workers(4)
+    yield pool
+    pool.close()
+
+
+def test_processes_transferring_both_ways_at_once_conserve_every_credit_and_move_a_key_once(
+    app, credits, database_url, backend, workers
+):
+    if backend == "sqlite":
+        pytest.skip("SQLite has one writer at a time: no lock order to get wrong")
+    credits.grant("alice", 300, reason="a")
+    credits.grant("bob", 300, reason="b")
+    moves = [["alice", "bob", 7, None], ["bob", "alice", 11, None], ["alice", "bob", 5, "same-for-all"]] * 8
+    outcomes = workers.run({"url": database_url, "transfers": moves})
+
+    keyed = [m for o in outcomes for m in o["moved"] if m[1] == 5]  # only the keyed transfer moves 5
+    assert len({entry_id for entry_id, _, _ in keyed}) == 1
+    assert [replayed for _, _, replayed in keyed].count(False) == 1
+    assert credits.balance("alice") + credits.balance("bob") == 600
+    assert credits.audit() == []
+    e = credits.tables.entries
+    with credits.db.engine.connect() as conn:
+        lowest = conn.execute(sa.select(sa.func.min(e.c.balance_after))).scalar_one()
+    assert lowest >= 0
 
 
 # -- the credits page ------------------------------------------------------------------------------
