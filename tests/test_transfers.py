@@ -415,6 +415,23 @@ def test_a_bad_amount_is_400(app, credits, keys, amount):
     assert credits.balance("alice") == 5
 
 
+@pytest.mark.parametrize("key", ["", "a\x00b", "x" * 256, "sp ace", 5, ["k"]])
+def test_a_bad_idempotency_key_is_400(app, credits, keys, key):
+    credits.grant("alice", 5, reason="welcome")
+    body = {"from_key_id": "", "to_key_id": "key-1", "amount": 1, "idempotency_key": key}
+    response = logged_in(app).post("/credits/transfer", json=body)
+    assert response.status_code == (200 if key == "" else 400)  # empty: no key
+    assert credits.balance("alice") == (4 if key == "" else 5)
+
+
+def test_a_nul_byte_in_a_key_id_is_404_not_a_database_error(app, credits, keys):
+    credits.grant("alice", 5, reason="welcome")
+    response = logged_in(app).post(
+        "/credits/transfer", json={"from_key_id": "k\x00", "to_key_id": "", "amount": 1}
+    )
+    assert response.status_code == 404
+
+
 def test_the_same_wallet_twice_is_400_and_an_api_key_request_is_403(app, credits, keys):
     credits.grant("alice", 5, reason="welcome")
     response = logged_in(app).post(
@@ -513,6 +530,11 @@ def test_the_cli_refuses_clearly(cli, credits, alices_keys):
         (["transfer", "alice", "1", "--reason", "r"], "same wallet"),
         (["transfer", "mallory", "1", "--reason", "r"], "unknown user 'mallory'"),
         (["transfer", "alice", "0", "--to-key", "key-1", "--reason", "r"], "amount must be at least 1"),
+        (
+            ["transfer", "alice", "1", "--from-key", "k" * 300, "--reason", "r"],
+            "is not one of user alice's keys",
+        ),
+        (["grant", "alice", "1", "--key", "k" * 300, "--reason", "r"], "is not one of user alice's keys"),
     ]
     for args, said in cases:
         result = cli(*args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -475,6 +476,10 @@ def transfer() -> ResponseReturnValue:
     if source == target:
         return _error(400, "bad_request", "Choose two different wallets to move credits between.", data)
     key = data.get("idempotency_key") or None
+    if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key)):
+        return _error(
+            400, "bad_request", "idempotency_key must be 1 to 255 letters, digits, '_', '-', '.' or ':'", data
+        )
     # Each history row names the other wallet beside this (credits_entry_detail).
     reason = "moved on the credits page"
     try:
@@ -502,6 +507,11 @@ def transfer() -> ResponseReturnValue:
     where = f"from {credits_wallet_name(source)} to {credits_wallet_name(target)}"
     flash(f"{done} {-entry.amount} credits {where}.", "info")
     return redirect(urls.external_url("credits.index"), 303)
+
+
+#: What ``POST /credits/transfer`` takes as an idempotency key (the form sends ``move-`` and a random
+#: token): nothing a database could choke on (PostgreSQL refuses a NUL byte in text).
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 
 
 def _own_wallet(user_id: str, key_id: object, *, stranded: bool = False) -> Wallet | None:

@@ -69,10 +69,10 @@ def _not_a_live_key(text: str, user_id: str, key_id: str) -> str:
     """Why ``key_id`` is refused: a key whose wallet the ledger has was the user's and is revoked (or
     no longer theirs), and the way to rescue what it holds; any other is not one of their keys."""
     who = text if text == user_id else f"{text} (id {user_id})"
-    wallet = make_wallet(user_id, key_id)
-    if _ask(text, functools.partial(_ext().ledger.wallet_id, wallet)) is None:
+    ledger = _ext().ledger
+    if _ask(text, lambda: ledger.wallet_id(make_wallet(user_id, key_id))) is None:
         return f"key {key_id!r} is not one of user {who}'s keys (or it is revoked)"
-    left = _ask(text, functools.partial(_ext().ledger.balance, wallet)) or 0
+    left = _ask(text, lambda: ledger.balance(make_wallet(user_id, key_id))) or 0
     rescue = (
         f"; it still holds {left} credits: `flask credits transfer {text} {left} --from-key {key_id}"
         " --reason ...` moves them to the user's account"
@@ -184,7 +184,7 @@ def transfer_command(
     ext = _ext()
     if from_key is not None and not _ask(user, functools.partial(ext.wallet_exists, user_id, from_key)):
         # A revoked key's wallet may still be moved out of: that is how its credits are rescued.
-        known = _ask(user, functools.partial(ext.ledger.wallet_id, make_wallet(user_id, from_key)))
+        known = _ask(user, lambda: ext.ledger.wallet_id(make_wallet(user_id, from_key)))
         if known is None:
             who = user if user == user_id else f"{user} (id {user_id})"
             raise click.ClickException(f"key {from_key!r} is not one of user {who}'s keys")
