@@ -1,4 +1,5 @@
-"""The API keys page: create (the secret is shown once), list, revoke.
+"""The API keys page: create (the secret is shown once), list, revoke (a key holding credits after
+asking, moving them to the user's account).
 
 Each key spends from its own credit wallet, separate from the user's: grant it credits with
 ``flask --app example_app credits grant USERNAME 50 --reason ... --key KEY_ID`` (the user id, shown
