@@ -271,6 +271,25 @@ def test_concurrent_transfers_with_one_key_move_once_and_all_get_the_entry(app, 
     assert credits.audit() == []
 
 
+def test_concurrent_transfers_into_a_wallet_in_debt_pay_it_exactly_once(app, credits, backend):
+    count = 6 if backend == "sqlite" else 16
+    # The givers' wallets first: each transfer locks its source, then waits for the target's row,
+    # and must read the target's debt as the previous transfer left it.
+    for i in range(count):
+        credits.grant(f"giver-{i}", 5, reason="to give")
+    credits.grant("bob", 10, reason="start")
+    hold = credits.hold("bob", 10, ttl=600)
+    credits.settle(hold.id, 60)
+    assert wallet_row(credits, BOB).debt == 50
+    race(app, count, lambda i: credits.transfer(Wallet(f"giver-{i}"), BOB, 5, reason="help"))
+    assert (wallet_row(credits, BOB).debt, credits.balance("bob")) == (
+        max(0, 50 - 5 * count),
+        max(0, 5 * count - 50),
+    )
+    assert sum(-e.amount for e in credits.history("bob", limit=100) if e.kind == "debt") == min(50, 5 * count)
+    assert credits.audit() == []
+
+
 @pytest.fixture(scope="module")
 def workers():
     pool = Workers(4)
