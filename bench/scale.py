@@ -227,8 +227,8 @@ AUDIT = {
     "entries whose draws do not add up to them": (
         "SELECT count(*) FROM credits_entries e LEFT JOIN (SELECT entry_id, sum(amount) AS total"
         " FROM credits_draws GROUP BY entry_id) d ON d.entry_id = e.id"
-        " WHERE e.kind IN ('spend', 'refund', 'expire', 'revoke', 'reinstate', 'debt')"
-        " AND coalesce(d.total, 0) <> e.amount"
+        " WHERE (e.kind IN ('spend', 'refund', 'expire', 'revoke', 'reinstate', 'debt')"
+        " OR (e.kind = 'transfer' AND e.amount < 0)) AND coalesce(d.total, 0) <> e.amount"
     ),
 }
 

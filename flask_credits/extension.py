@@ -17,7 +17,7 @@ from .core import usage as usage_report
 from .core.audit import audit
 from .core.inputs import make_wallet
 from .core.ledger import Ledger
-from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument
+from .errors import HTTPCreditsError, InsufficientCredits, InvalidArgument, InvalidWallet
 from .records import AutoTopUp, CreditCode, Entry, Hold, ReconcileReport, Subscription, Wallet
 from .services import auto_top_up, codes, customers, plans, reconcile, webhooks
 from .services.idempotency import RequestKeys
@@ -491,6 +491,39 @@ class FlaskCredits:
                 idempotency_key=idempotency_key,
                 metadata=metadata,
                 actor=actor,
+            )
+        except InsufficientCredits as exc:
+            exc.purchase_url = self.purchase_url()
+            raise
+
+    def transfer(
+        self,
+        from_wallet: Wallet,
+        to_wallet: Wallet,
+        amount: int,
+        *,
+        reason: str,
+        idempotency_key: str | None = None,
+        actor: str | None = None,
+    ) -> Entry:
+        """Move ``amount`` credits from one wallet to another (``Wallet(user_id, key_id=None)``), in
+        one transaction: the source pays as a spend does (soonest-expiring lots first; credits held
+        by live holds cannot move), the target gets them with their expiry kept and pays its debt
+        with them first, as a purchase would. Each wallet's history gets a ``transfer`` entry naming
+        the other (``metadata["to"]`` / ``metadata["from"]``). Makes the target wallet if it does not
+        exist. Returns the source's entry; replaying a committed ``idempotency_key`` returns it and
+        writes nothing (the key with another amount or target: :class:`IdempotencyConflict`).
+        Raises :class:`InsufficientCredits` (HTTP 402) when the source cannot pay, writing nothing,
+        and :class:`InvalidArgument` for the same wallet on both sides. ``actor`` records who made
+        the change by hand. Sends ``credits_transferred`` (a transfer out is a debit: it may also
+        send ``credits_low`` or start an auto top-up, as a spend does)."""
+        for name, wallet in (("from_wallet", from_wallet), ("to_wallet", to_wallet)):
+            if not isinstance(wallet, tuple) or not 1 <= len(wallet) <= 2:
+                raise InvalidWallet(f"{name} must be a Wallet(user_id, key_id=None), not {wallet!r}")
+        source, target = make_wallet(*from_wallet), make_wallet(*to_wallet)
+        try:
+            return self.ledger.transfer(
+                source, target, amount, reason=reason, idempotency_key=idempotency_key, actor=actor
             )
         except InsufficientCredits as exc:
             exc.purchase_url = self.purchase_url()

@@ -22,7 +22,9 @@ class Entry:
     ``amount`` is signed (credits in are positive), ``balance_after`` is what the wallet held once this
     entry applied (credits reserved by live holds included: it is the running sum of the amounts),
     ``kind`` is one of ``grant``, ``purchase``, ``spend``, ``refund``, ``expire``,
-    ``revoke``, ``reinstate``, ``debt``.
+    ``revoke``, ``reinstate``, ``debt``, ``transfer`` (credits moved to another wallet, negative, with
+    ``metadata["to"]``, or from one, positive, with ``metadata["from"]``: each names the other wallet's
+    ``user_id`` and ``key_id``, and ``to`` also the target's ``entry_id``).
 
     ``replayed`` is about the call that returned it, not the row: ``True`` when an idempotency key
     made ``grant()`` or ``spend()`` return an entry written earlier (nothing was written this time).

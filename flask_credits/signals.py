@@ -108,6 +108,13 @@ auto_top_up_failed = _signals.signal("auto-top-up-failed")
 #: :class:`flask_credits.CreditCode`, read just before this redemption: its ``redeemed`` does
 #: not count it).
 credits_redeemed = _signals.signal("credits-redeemed")
+
+#: Credits moved from one wallet to another (:meth:`FlaskCredits.transfer`, ``flask credits
+#: transfer``, the credits page's "Move credits"); committed as one transaction.
+#: Arguments: ``from_wallet``, ``to_wallet`` (:class:`flask_credits.Wallet`), ``amount`` (int),
+#: ``entry`` (the source's transfer entry), ``to_entry`` (the target's).
+credits_transferred = _signals.signal("credits-transferred")
+
 #: ``flask credits reconcile`` (:meth:`FlaskCredits.reconcile`) found a purchase out of step with
 #: Stripe, a webhook lost for good, and fixed it (the usual signals, ``credits_purchased`` or
 #: ``credits_revoked``, are sent too): alert on it. Arguments: ``wallet``, ``purchase`` (as it is
@@ -132,6 +139,7 @@ __all__ = [
     "credits_revoked",
     "credits_settled",
     "credits_spent",
+    "credits_transferred",
     "plan_cancelled",
     "plan_changed",
     "plan_renewed",

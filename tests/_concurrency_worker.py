@@ -16,6 +16,10 @@ the process with a traceback on stderr and a non-zero status. End of input ends 
 A job ``{"url": DATABASE_URL, "user": USER_ID, "checkouts": N}`` instead posts N checkouts one after
 another as that user (the app has a test Stripe key, and Stripe is answered by ``responses``, as in
 the tests) and prints ``{"codes": [...], "stripe_calls": n}`` (n: Checkout Sessions created).
+
+A job ``{"url": DATABASE_URL, "transfers": [[FROM_USER, TO_USER, AMOUNT, KEY_OR_NULL], ...]}`` makes
+those transfers in turn (tests/test_transfers.py) and prints ``{"moved": [[entry id, amount,
+replayed], ...], "refused": n}``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from helpers import make_app
 
-from flask_credits import FlaskCredits, InsufficientCredits, testing
+from flask_credits import FlaskCredits, InsufficientCredits, Wallet, testing
 
 #: Config of the worker's apps: what a checkout needs (spends need nothing).
 STRIPE_CONFIG = {"STRIPE_SECRET_KEY": "sk_test_worker", "CREDITS_STRIPE_MAX_RETRIES": 0}
@@ -65,6 +69,21 @@ def drain(credits: FlaskCredits, user: str, amounts: list[int], limit: int) -> d
     return {"spent": spent, "refused": refused, "stopped": stopped}
 
 
+def transfers(credits: FlaskCredits, moves: list[list[Any]]) -> dict[str, Any]:
+    moved: list[list[Any]] = []
+    refused = 0
+    for source, target, amount, key in moves:
+        try:
+            entry = credits.transfer(
+                Wallet(source), Wallet(target), amount, reason="process", idempotency_key=key
+            )
+        except InsufficientCredits:
+            refused += 1
+        else:
+            moved.append([entry.id, -entry.amount, entry.replayed])
+    return {"moved": moved, "refused": refused}
+
+
 def checkouts(app: Flask, user: str, count: int) -> dict[str, Any]:
     client = app.test_client()
     assert client.post(f"/_login/{user}").status_code == 200
@@ -93,10 +112,16 @@ def main() -> None:
         app, db, credits = apps[job["url"]]
         retries.count = 0
         with app.app_context():
-            credits.balance(job["user"])  # connect before the start signal, so the start is not staggered
+            credits.balance(
+                job.get("user", "nobody")
+            )  # connect before the start signal, so the start is not staggered
         try:
             if "checkouts" in job:
                 result = checkouts(app, job["user"], job["checkouts"])
+            elif "transfers" in job:
+                with app.app_context():
+                    started()
+                    result = transfers(credits, job["transfers"])
             else:
                 with app.app_context():
                     started()

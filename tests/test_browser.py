@@ -843,3 +843,52 @@ def test_issue_17_pending_purchases_error_pages_the_402s_packs_and_a_narrow_keys
 
     console = [entry["message"] for entry in driver.get_log("browser")]
     assert not [message for message in console if "Content Security Policy" in message], console
+
+
+def test_credits_move_between_account_and_key_and_revoking_the_key_moves_its_credits_back(page, screenshots):
+    page.sign_up("moira")
+    page.nav("Buy credits")
+    page.start_checkout(quantity=3)
+    page.press("Pay")
+    page.nav("API keys")
+    page.fill("#name", "laptop")
+    page.press("Create key")
+    key_id = page.testid("key-id")
+
+    # "Move credits" on the credits page: from the account to the key.
+    page.nav("Buy credits")
+    assert page.balance() == 300
+    Select(page.find("#credits-move-from")).select_by_visible_text("my account (300 credits)")
+    Select(page.find("#credits-move-to")).select_by_visible_text("API key laptop")
+    page.fill("#credits-move-amount", "120")
+    page.press("Move credits")
+    assert page.path == "/credits/"
+    assert "Moved 120 credits from your account to API key laptop." in page.flashes()
+    assert page.balance() == 180
+    assert page.testid(f"key-balance-{key_id}") == "120"
+    assert (
+        "Transfer: moved on the credits page to API key laptop"
+        in page.find("main table.credits-history").text
+    )
+    page.screenshot(screenshots, "move-credits")
+
+    # Revoking the key asks first (Revoke is not the primary action), then moves its credits back.
+    page.nav("API keys")
+    revoke = page.button("Revoke")
+    assert "danger" in revoke.get_attribute("class")
+    page.follow(revoke, "Revoke")
+    assert page.heading == "Revoke the key “laptop”?"
+    assert page.testid("revoke-credits") == "120"
+    assert "Revoke it and move them to your account?" in page.testid("revoke-question")
+    page.screenshot(screenshots, "revoke-key")
+    page.press("Revoke and move 120 credits")
+    assert page.path == "/keys/"
+    flashes = " ".join(page.flashes())
+    assert "Revoked the key 'laptop'" in flashes
+    assert "Moved 120 credits from it to your account." in flashes
+    assert "Revoked" in page.text
+
+    page.nav("Buy credits")
+    assert page.balance() == 300
+    history = page.find("main table.credits-history").text
+    assert f"Transfer: the key laptop was revoked from API key {key_id}" in history, history

@@ -281,15 +281,16 @@ def test_revoked_and_unknown_keys_get_401(app, client):
     key_id, secret = create_key(client)
     grant(app, uid, 20, key_id)
 
-    assert client.post(f"/keys/{key_id}/revoke").status_code == 302
+    assert client.post(f"/keys/{key_id}/revoke", data={"confirm": "yes"}).status_code == 302
     assert "Revoked" in client.get("/keys/").get_data(as_text=True)
     for key in (secret, "sk_not-a-key", ""):
         response = api_persona(client, key)
         assert response.status_code == 401
         assert response.get_json()["error"] == "unauthorized"
-    # The session is still logged in: a bad key is refused, not charged to the user instead.
-    assert balance(app, uid) == 20
-    assert balance(app, uid, key_id) == 20
+    # The session is still logged in: a bad key is refused, not charged to the user instead (the
+    # key's credits moved to the account when it was revoked).
+    assert balance(app, uid) == 40
+    assert balance(app, uid, key_id) == 0
     assert grant(app, uid, 5, key_id).exit_code != 0  # nor can it be topped up
 
 
@@ -356,10 +357,72 @@ def test_the_cli_names_a_revoked_key_rather_than_an_unknown_user(app, client):
     user_id = signed_up(client, "ada")
     key_id, _ = create_key(client, "laptop")
     assert grant(app, "ada", 4, key_id).exit_code == 0
-    assert client.post(f"/keys/{key_id}/revoke").status_code == 302
+    assert client.post(f"/keys/{key_id}/revoke", data={"confirm": "yes"}).status_code == 302
     refused = grant(app, "ada", 4, key_id)
     assert refused.exit_code == 1
-    assert refused.output.strip() == (
-        f"Error: key '{key_id}' is not one of user ada (id {user_id})'s keys (or it is revoked)"
+    assert (
+        refused.output.strip()
+        == f"Error: key '{key_id}' of user ada (id {user_id}) is revoked (or no longer theirs)"
     )
-    assert balance(app, user_id, key_id) == 4
+    assert (balance(app, user_id), balance(app, user_id, key_id)) == (4, 0)
+    never, _ = create_key(client, "never-used")
+    assert client.post(f"/keys/{never}/revoke").status_code == 302  # no credits: no question
+    refused = grant(app, "ada", 4, never)
+    assert refused.output.strip() == (
+        f"Error: key '{never}' is not one of user ada (id {user_id})'s keys (or it is revoked)"
+    )
+
+
+# -- revoking a key that holds credits --------------------------------------------------------------
+
+
+def test_revoking_a_key_with_credits_asks_first_then_moves_them_to_the_account_once(app, client):
+    user_id = signed_up(client, "ada")
+    key_id, secret = create_key(client, "laptop")
+    assert grant(app, "ada", 30, key_id).exit_code == 0
+    keys_page = client.get("/keys/").get_data(as_text=True)
+    assert 'class="danger" aria-label="Revoke the key laptop"' in keys_page  # not the primary action
+
+    asked = client.post(f"/keys/{key_id}/revoke")
+    page = asked.get_data(as_text=True)
+    assert asked.status_code == 200
+    assert (
+        f'Key <code>{key_id}</code> holds <strong data-testid="revoke-credits">30</strong> credits.' in page
+    )
+    assert "Revoke it and move them to your account?" in page
+    with_key = {"X-API-Key": secret}
+    assert client.get("/credits/balance", headers=with_key).status_code == 200  # asking revoked nothing
+    assert balance(app, user_id, key_id) == 30
+
+    done = client.post(f"/keys/{key_id}/revoke", data={"confirm": "yes"})
+    assert done.status_code == 302
+    keys_page = client.get("/keys/").get_data(as_text=True)
+    assert "Moved 30 credits from it to your account." in keys_page
+    assert (balance(app, user_id), balance(app, user_id, key_id)) == (30, 0)
+    assert client.get("/credits/balance", headers=with_key).status_code == 401
+    # A retried confirm moves nothing more, and the account's history says where they came from.
+    assert client.post(f"/keys/{key_id}/revoke", data={"confirm": "yes"}).status_code == 302
+    assert (balance(app, user_id), balance(app, user_id, key_id)) == (30, 0)
+    with app.app_context():
+        [moved] = [e for e in credits.history(user_id) if e.kind == "transfer"]
+        assert (moved.amount, moved.metadata["from"]["key_id"]) == (30, key_id)
+        out = credits.history(user_id, key_id)[0]
+        assert (out.kind, out.amount, out.idempotency_key) == ("transfer", -30, f"revoke-{key_id}")
+        assert credits.audit() == []
+
+
+def test_a_revoked_keys_held_credits_stay_with_it_and_the_message_says_so(app, client):
+    user_id = signed_up(client, "ada")
+    key_id, _ = create_key(client, "laptop")
+    assert grant(app, "ada", 30, key_id).exit_code == 0
+    with app.app_context():
+        credits.hold(user_id, 12, key_id=key_id, ttl=600, reason="running")
+    page = client.post(f"/keys/{key_id}/revoke").get_data(as_text=True)
+    assert 'holds <strong data-testid="revoke-credits">18</strong> credits' in page
+    assert "The 12 credits reserved by its running" in page
+    client.post(f"/keys/{key_id}/revoke", data={"confirm": "yes"})
+    said = client.get("/keys/").get_data(as_text=True)
+    assert (
+        "Moved 18 credits from it to your account; 12 credits reserved by its running requests stay" in said
+    )
+    assert (balance(app, user_id), balance(app, user_id, key_id)) == (18, 0)

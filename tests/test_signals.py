@@ -78,6 +78,7 @@ def test_signal_names_are_kebab_case_in_one_namespace():
     assert names == {
         "credits-granted",
         "credits-spent",
+        "credits-transferred",
         "credits-refunded",
         "credits-insufficient",
         "credits-expired",

@@ -45,7 +45,13 @@ def audit(db: Database) -> list[str]:
         bad_draws = conn.execute(
             sa.select(e.c.id, e.c.wallet_id, e.c.amount, drawn.label("drawn"))
             .outerjoin(d, d.c.entry_id == e.c.id)
-            .where(e.c.kind.in_(("spend", "refund", "expire", "revoke", "reinstate", "debt")))
+            .where(
+                sa.or_(
+                    e.c.kind.in_(("spend", "refund", "expire", "revoke", "reinstate", "debt")),
+                    # A transfer's source entry drew from lots; its target entry created lots.
+                    sa.and_(e.c.kind == "transfer", e.c.amount < 0),
+                )
+            )
             .group_by(e.c.id, e.c.wallet_id, e.c.amount)
             .having(drawn != e.c.amount)
         ).all()
@@ -68,10 +74,18 @@ def audit(db: Database) -> list[str]:
             .group_by(h.c.id, h.c.wallet_id, h.c.status, h.c.amount)
             .having(sa.case((h.c.status == "held", h.c.amount), else_=0) != held_draws)
         ).all()
+        # An entry creates one lot (a transfer in: one per expiry it brought): they hold its amount.
+        created = sa.func.sum(lt.c.amount)
         bad_lots = conn.execute(
-            sa.select(lt.c.id, lt.c.wallet_id, lt.c.amount, e.c.amount.label("entry_amount"))
-            .join(e, e.c.id == lt.c.entry_id)
-            .where(lt.c.amount != e.c.amount)
+            sa.select(
+                e.c.id,
+                e.c.wallet_id,
+                created.label("amount"),
+                e.c.amount.label("entry_amount"),
+            )
+            .join(lt, lt.c.entry_id == e.c.id)
+            .group_by(e.c.id, e.c.wallet_id, e.c.amount)
+            .having(created != e.c.amount)
         ).all()
     for wid, row in wallets.items():
         name = f"wallet {Wallet(row.user_id, row.key_id or None)}"
@@ -105,5 +119,7 @@ def audit(db: Database) -> list[str]:
             " drawn from lots"
         )
     for r in bad_lots:
-        problems.append(f"wallet id {r.wallet_id}: lot {r.id} holds {r.amount}, its entry {r.entry_amount}")
+        problems.append(
+            f"wallet id {r.wallet_id}: the lots of entry {r.id} hold {r.amount}, the entry {r.entry_amount}"
+        )
     return problems

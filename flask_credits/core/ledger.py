@@ -145,6 +145,22 @@ class _Settled:
     limits: Limits | None = None
 
 
+@dataclass(frozen=True)
+class _Transferred:
+    entry: Entry  # the source's
+    to_entry: Entry
+    limits: Limits  # the source's thresholds, as its debit left the row
+
+
+class _Refused(Exception):
+    """Raised inside a transfer's transaction when the source cannot pay, to roll it back."""
+
+
+def _owner_dict(wallet: Wallet) -> dict[str, str | None]:
+    """A wallet as a transfer entry's metadata names the other side."""
+    return {"user_id": wallet.user_id, "key_id": wallet.key_id or None}
+
+
 class Ledger:
     """Balance arithmetic for one engine and one set of tables. Each public method is one atomic,
     committed operation; ``emit(signal, **kwargs)`` is called after the commit."""
@@ -210,6 +226,19 @@ class Ledger:
             with self.db.reader.connect() as conn:
                 found = conn.execute(query).scalar_one()
         return None if found is None else int(found)
+
+    @unavailable_on_database_errors
+    def key_wallets_holding_credits(self, user_id: str) -> list[str]:
+        """The key ids of the user's key wallets whose balance is above 0 (expired credits not yet
+        swept included: :meth:`balance` says what each can spend), revoked keys' too."""
+        w = self.t.wallets
+        with self.db.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(w.c.key_id)
+                .where(w.c.user_id == user_id, w.c.key_id != "", w.c.balance > 0)
+                .order_by(w.c.id)
+            ).all()
+        return [str(r.key_id) for r in rows]
 
     @unavailable_on_database_errors
     def entry(self, wallet: Wallet, entry_id: int) -> Entry:
@@ -966,6 +995,228 @@ class Ledger:
         if released is not None:
             hold, held = released
             self.emit(signals.credits_released, wallet=wallet, hold=hold, amount=held, expired=False)
+
+    # -- transfers ---------------------------------------------------------------------------------
+
+    @unavailable_on_database_errors
+    def transfer(
+        self,
+        from_wallet: Wallet,
+        to_wallet: Wallet,
+        amount: int,
+        *,
+        reason: str,
+        idempotency_key: str | None = None,
+        actor: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Entry:
+        """Move ``amount`` credits from one wallet to another in one transaction, or raise
+        InsufficientCredits, nothing written. The source pays as a spend does (soonest-expiring lots
+        first; credits of live holds cannot move) and the target gets one lot per expiry it drew
+        from, so the credits keep their expiry; an incoming transfer pays the target's debt first, as
+        a purchase does. Both wallets get a ``transfer`` entry naming the other (``metadata["to"]``,
+        with the target entry's id, and ``metadata["from"]``). Returns the source's entry; a replayed
+        ``idempotency_key`` returns it again, marked replayed."""
+        amount = check_amount(amount)
+        check_text(reason, "reason", 255, optional=False)
+        check_text(idempotency_key, "idempotency_key", 255, optional=True)
+        check_text(actor, "actor", 255, optional=True)
+        self._metadata_json(metadata)
+        source, target = _owner_dict(from_wallet), _owner_dict(to_wallet)
+        if source == target:
+            raise InvalidArgument(f"cannot transfer credits from {from_wallet} to the same wallet")
+        if idempotency_key is not None:
+            done = self._transfer_replay(from_wallet, to_wallet, idempotency_key, amount)
+            if done is not None:
+                return done
+        now = self.db.now()
+        with self.db.reader.connect() as conn:
+            row = conn.execute(self.db.sql.balance, self.db.sql.owner(from_wallet)).first()
+        due = row is not None and row.next_expiry is not None and row.next_expiry <= now
+        if row is None or (int(row.balance) < amount and not due):
+            # Answered before the target wallet is made: a refused transfer writes nothing at all.
+            return self._transfer_refused(from_wallet, to_wallet, amount, idempotency_key)
+        source_id = int(row.id)
+        target_id = self.wallet_id(to_wallet, create=True)
+        assert target_id is not None
+        w, lt = self.t.wallets, self.t.lots
+        extra = dict(metadata or {})
+
+        debit = (
+            sa.update(w)
+            .where(
+                w.c.id == source_id,
+                w.c.balance >= amount,
+                sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > now),
+            )
+            .values(balance=w.c.balance - amount, updated_at=now)
+        )
+        touch = sa.update(w).where(w.c.id == target_id).values(updated_at=now)
+
+        def tx(conn: Connection) -> _Transferred:
+            # Both rows locked by writes in the order of their ids, so two opposite transfers cannot
+            # deadlock, and nothing read before both are held: on InnoDB (REPEATABLE READ) the first
+            # plain read fixes the snapshot every later one sees, and one taken while waiting for the
+            # second lock would miss what its holder committed (its lots, the target's debt).
+            for wallet_id in sorted((source_id, target_id)):
+                if wallet_id == target_id:
+                    conn.execute(touch)
+                elif conn.execute(debit).rowcount != 1:
+                    raise _Refused  # undoes the target's lock write too: nothing is committed
+            found = conn.execute(sa.select(w).where(w.c.id == source_id)).one()
+            locked = conn.execute(sa.select(w).where(w.c.id == target_id)).one()
+            draws = self._draw(conn, source_id, amount)
+            expiries = dict(
+                conn.execute(
+                    sa.select(lt.c.id, lt.c.expires_at).where(lt.c.id.in_([d.lot_id for d in draws]))
+                ).all()
+            )
+            moved: dict[datetime | None, int] = {}
+            for draw in draws:
+                moved[expiries[draw.lot_id]] = moved.get(expiries[draw.lot_id], 0) - draw.amount
+            # Soonest expiry first, as a spend draws: the target's debt takes those first.
+            lots = sorted(moved.items(), key=lambda lot: (lot[0] is None, lot[0] or now))
+            paid = debt_payment(int(locked.debt), amount)
+            owed, new_lots = paid, []
+            for expires_at, credits in lots:
+                take = min(owed, credits)
+                owed -= take
+                new_lots.append((expires_at, credits, take))
+            soonest = min((when for when, n, take in new_lots if when is not None and n > take), default=None)
+            changed = conn.execute(
+                sa.update(w)
+                .where(w.c.id == target_id, w.c.debt >= paid)
+                .values(
+                    balance=w.c.balance + (amount - paid),
+                    debt=w.c.debt - paid,
+                    next_expiry=sooner(w.c.next_expiry, soonest),
+                    updated_at=now,
+                )
+            )
+            if changed.rowcount != 1:  # pragma: no cover - the wallet row is locked
+                raise RuntimeError(f"wallet {to_wallet} changed under its lock")
+            before = int(locked.balance) + int(locked.held)
+            came_from = {**extra, "from": source}
+            to_entry = self._insert_entry(
+                conn,
+                to_wallet,
+                target_id,
+                amount=amount,
+                balance_after=before + amount,
+                kind="transfer",
+                reason=reason,
+                metadata=came_from,
+                now=now,
+                actor=actor,
+            )
+            debt_draws = []
+            for expires_at, credits, take in new_lots:
+                lot_id = conn.execute(
+                    sa.insert(lt).values(
+                        wallet_id=target_id,
+                        entry_id=to_entry.id,
+                        amount=credits,
+                        remaining=credits - take,
+                        expires_at=expires_at,
+                        created_at=now,
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+                if take:
+                    debt_draws.append(_Draw(int(lot_id), -take))
+            if paid:
+                debt_entry = self._insert_entry(
+                    conn,
+                    to_wallet,
+                    target_id,
+                    amount=-paid,
+                    balance_after=before + amount - paid,
+                    kind="debt",
+                    reason="paid credits owed (a refund, a dispute, or a settle beyond the balance)",
+                    metadata=came_from,
+                    now=now,
+                )
+                self._insert_draws(conn, debt_entry.id, debt_draws)
+            entry = self._insert_entry(
+                conn,
+                from_wallet,
+                source_id,
+                amount=-amount,
+                balance_after=int(found.balance) + int(found.held),
+                kind="transfer",
+                reason=reason,
+                idempotency_key=idempotency_key,
+                metadata={**extra, "to": {**target, "entry_id": to_entry.id}},
+                now=now,
+                actor=actor,
+            )
+            self._insert_draws(conn, entry.id, draws)
+            return _Transferred(entry, to_entry, _limits(found))
+
+        result = self._run_transfer(tx, from_wallet, to_wallet, idempotency_key, amount)
+        if result is None and self._expiry_due(from_wallet, now):
+            self.expire(from_wallet, now=now)
+            result = self._run_transfer(tx, from_wallet, to_wallet, idempotency_key, amount)
+        if isinstance(result, Entry):
+            return result
+        if result is None:
+            return self._transfer_refused(from_wallet, to_wallet, amount, idempotency_key)
+        self.emit(
+            signals.credits_transferred,
+            from_wallet=from_wallet,
+            to_wallet=to_wallet,
+            amount=amount,
+            entry=result.entry,
+            to_entry=result.to_entry,
+        )
+        self._debited(from_wallet, result.entry, result.limits)
+        return result.entry
+
+    def _run_transfer(
+        self,
+        tx: Callable[[Connection], _Transferred],
+        from_wallet: Wallet,
+        to_wallet: Wallet,
+        key: str | None,
+        amount: int,
+    ) -> _Transferred | Entry | None:
+        try:
+            return self.db.run(tx)
+        except _Refused:
+            return None
+        except sa.exc.IntegrityError:
+            # A concurrent call with the same key committed first: answer with its entry.
+            done = None if key is None else self._transfer_replay(from_wallet, to_wallet, key, amount)
+            if done is None:
+                raise
+            return done
+
+    def _transfer_replay(self, from_wallet: Wallet, to_wallet: Wallet, key: str, amount: int) -> Entry | None:
+        """The committed transfer for ``key`` out of ``from_wallet``, checked to be the same request
+        (kind, amount and target)."""
+        entry = self._replay(from_wallet, key, "transfer", amount)
+        if entry is None:
+            return None
+        went = dict((entry.metadata or {}).get("to") or {})
+        went.pop("entry_id", None)
+        if entry.amount > 0 or went != _owner_dict(to_wallet):
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was used for a transfer of {abs(entry.amount)} to another wallet,"
+                f" not to {to_wallet}"
+            )
+        return entry
+
+    def _transfer_refused(
+        self, from_wallet: Wallet, to_wallet: Wallet, amount: int, key: str | None
+    ) -> Entry:
+        """A transfer the source could not pay: the replay if a concurrent call with the same key took
+        the credits and committed while this one waited for the wallet row, else InsufficientCredits."""
+        if key is not None:
+            entry = self._transfer_replay(from_wallet, to_wallet, key, amount)
+            if entry is not None:
+                return entry
+        held = self.balance(from_wallet)
+        self.emit(signals.credits_insufficient, wallet=from_wallet, required=amount, balance=held)
+        raise InsufficientCredits(amount, held)
 
     # -- purchases ---------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -10,6 +12,7 @@ from flask import (
     Response,
     abort,
     current_app,
+    flash,
     jsonify,
     redirect,
     render_template,
@@ -20,7 +23,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..core.inputs import make_wallet
-from ..errors import CreditsUnavailable, InvalidArgument
+from ..errors import CreditsUnavailable, IdempotencyConflict, InsufficientCredits, InvalidArgument
 from ..records import FULFILLABLE
 from ..services import auto_top_up, codes, customers, plans, purchases, webhooks
 from ..services.stripe_gateway import PaymentProviderError, WebhookError
@@ -167,6 +170,7 @@ def _page(
         auto_top_ups = [(w, label, auto_top_up.get(ext, w)) for w, label in named]
     # Checkouts not finished (open or waiting for a delayed payment) of the wallet and its keys.
     pending = purchases.pending(ext, wallet.user_id, [wallet.key_id, *(k for k, _, _ in keys)])
+    move_from, move_to = _move_choices(wallet, keys) if wallet.key_id is None else ([], [])
     return render_template(
         "credits/index.html",
         wallet=wallet,
@@ -188,6 +192,11 @@ def _page(
         keys_held=keys_held,
         auto_top_ups=auto_top_ups,
         pending=pending,
+        # "Move credits": (key id or "", name, balance) it may move from, (key id or "", name) to, and
+        # the form's idempotency key, new on each render, so that a double submit moves once.
+        move_from=move_from,
+        move_to=move_to,
+        move_token=secrets.token_urlsafe(16),
         # The simulated Stripe's switches for the next automatic payment are offered beside the card.
         simulated=ext.settings.stripe_mode == "simulated",
         entries=entries,
@@ -202,6 +211,30 @@ def _page(
         message=message,
         submitted=submitted or {},
     )
+
+
+def _move_choices(
+    wallet: Wallet, keys: list[tuple[str, str, int]]
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
+    """Where the account's "Move credits" form may move from and to (empty when there is only one
+    wallet): the account and its live keys, and as a source also each key no longer live whose wallet
+    still holds credits."""
+    ext = extension()
+    ledger = ext.ledger
+    live = [(k, f"API key {label}", b) for k, label, b in keys]
+    stranded = []
+    for key_id in ledger.key_wallets_holding_credits(wallet.user_id):
+        if key_id in {k for k, _, _ in keys}:
+            continue
+        key_wallet = make_wallet(wallet.user_id, key_id)
+        if ext.owns_key(wallet.user_id, key_id):  # an app with a wallet_checker and no keys_loader
+            live.append((key_id, f"API key {key_id}", ledger.balance(key_wallet)))
+        elif left := ledger.balance(key_wallet):
+            stranded.append((key_id, f"revoked API key {key_id}", left))
+    if not live and not stranded:
+        return [], []
+    sources = [("", "my account", ledger.balance(wallet)), *live, *stranded]
+    return sources, [(k, name) for k, name, _ in sources[: len(live) + 1]]
 
 
 def _balance_and_held(wallet: Wallet) -> tuple[int, int]:
@@ -415,6 +448,86 @@ def redeem() -> ResponseReturnValue:
     where = "" if wallet == page_wallet else f" to {credits_wallet_name(wallet)}"
     added = f"Code redeemed: {entry.amount} credits added{where}."
     return _page(page_wallet, entries, next_before=None, message=added)
+
+
+@blueprint.post("/transfer")
+def transfer() -> ResponseReturnValue:
+    """Move ``amount`` credits between two of the user's wallets: ``from_key_id`` and ``to_key_id``
+    name one of the user's API keys, or the account when empty (or JSON ``null``); ``from_key_id``
+    may also name a revoked key whose wallet still holds credits (the only way they move on). The
+    credits page's form sends a random ``idempotency_key`` rendered into it, so a double submit moves
+    once. A JSON client gets ``{"from": entry, "to": entry}`` (the two ``transfer`` entries), a
+    browser goes back to the credits page with a flashed message (303). Refused, nothing moves: 400
+    ``bad_request`` (amount, the same wallet twice), 402 (the source cannot pay: credits reserved by
+    running requests cannot move), 403 ``forbidden`` (a request made with an API key), 404
+    ``not_found`` (a wallet that is not the user's), 409 ``idempotency_conflict``."""
+    ext = extension()
+    data = _checkout_data()
+    wallet = current_wallet_or_401()
+    if wallet.key_id is not None:
+        return _error(403, "forbidden", "Credits are moved by the account, not with an API key.")
+    source = _own_wallet(wallet.user_id, data.get("from_key_id"), stranded=True)
+    target = _own_wallet(wallet.user_id, data.get("to_key_id"))
+    if source is None or target is None:
+        return _error(404, "not_found", "No such wallet among yours.", data)
+    amount: Any = data.get("amount")
+    if isinstance(amount, str) and amount.strip().isdecimal() and len(amount.strip()) <= 16:
+        amount = int(amount.strip())
+    if source == target:
+        return _error(400, "bad_request", "Choose two different wallets to move credits between.", data)
+    key = data.get("idempotency_key") or None
+    if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key)):
+        return _error(
+            400, "bad_request", "idempotency_key must be 1 to 255 letters, digits, '_', '-', '.' or ':'", data
+        )
+    # Each history row names the other wallet beside this (credits_entry_detail).
+    reason = "moved on the credits page"
+    try:
+        entry = ext.transfer(source, target, amount, reason=reason, idempotency_key=key)
+    except InsufficientCredits as exc:
+        if wants_json():
+            return responses.render(exc)
+        name = credits_wallet_name(source).capitalize()
+        message = f"{name} has {exc.balance} credits to move, not {exc.required}."
+        return _error(402, "insufficient_credits", message, data)
+    except IdempotencyConflict as exc:
+        return _error(409, "idempotency_conflict", str(exc), data)
+    except InvalidArgument as exc:
+        return _error(400, "bad_request", str(exc), data)
+    to_entry = ext.ledger.entry(target, int(entry.metadata["to"]["entry_id"])) if entry.metadata else None
+    if wants_json():
+        return jsonify(
+            {
+                "from": entry.to_dict(),
+                "to": None if to_entry is None else to_entry.to_dict(),
+                "replayed": entry.replayed,
+            }
+        )
+    done = "Already moved" if entry.replayed else "Moved"
+    where = f"from {credits_wallet_name(source)} to {credits_wallet_name(target)}"
+    flash(f"{done} {-entry.amount} credits {where}.", "info")
+    return redirect(urls.external_url("credits.index"), 303)
+
+
+#: What ``POST /credits/transfer`` takes as an idempotency key (the form sends ``move-`` and a random
+#: token): nothing a database could choke on (PostgreSQL refuses a NUL byte in text).
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+
+
+def _own_wallet(user_id: str, key_id: object, *, stranded: bool = False) -> Wallet | None:
+    """The user's account (``key_id`` empty) or the wallet of one of their live API keys; with
+    ``stranded``, also a key wallet of theirs that still holds credits though its key is no longer
+    live (revoked). None for anything else."""
+    if key_id in (None, ""):
+        return make_wallet(user_id)
+    if not isinstance(key_id, str):
+        return None
+    ext = extension()
+    if ext.owns_key(user_id, key_id):
+        return make_wallet(user_id, key_id)
+    if stranded and key_id in ext.ledger.key_wallets_holding_credits(user_id):
+        return make_wallet(user_id, key_id)
+    return None
 
 
 # -- auto top-up -----------------------------------------------------------------------------------------
@@ -662,7 +775,8 @@ def credits_entry_detail(entry: Entry, key_name: str | None = None) -> str:
     """What tells one history row from the next beyond its kind and reason, joined by " · ": the
     request that paid (``POST personas.create``, from the metadata ``@requires_credits`` records,
     unless the reason already is the endpoint), the API key that paid (``key_name``, for a key's
-    wallet), the entry a refund gives back, and who made a change by hand."""
+    wallet), the wallet a transfer went to or came from, the entry a refund gives back, and who made
+    a change by hand."""
     meta = entry.metadata or {}
     parts = []
     endpoint, method = meta.get("endpoint"), meta.get("method")
@@ -670,6 +784,17 @@ def credits_entry_detail(entry: Entry, key_name: str | None = None) -> str:
         parts.append(f"{method} {endpoint}" if isinstance(method, str) else endpoint)
     if key_name and entry.kind == "spend":
         parts.append(key_name)
+    if entry.kind == "transfer":  # where the credits went, or came from
+        for side, word in (("to", "to"), ("from", "from")):
+            other = meta.get(side)
+            if isinstance(other, dict) and isinstance(other.get("user_id"), str):
+                there = make_wallet(other["user_id"], other.get("key_id"))
+                if there.user_id == entry.wallet.user_id:
+                    parts.append(f"{word} {credits_wallet_name(there)}")
+                else:  # another user's wallet (an app's own transfer between users)
+                    parts.append(
+                        f"{word} user {there.user_id}" + (f" key {there.key_id}" if there.key_id else "")
+                    )
     if entry.reverses_id is not None:
         parts.append(f"of entry {entry.reverses_id}")
     if entry.actor:

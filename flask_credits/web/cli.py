@@ -14,8 +14,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from ..core.inputs import make_wallet
-from ..errors import CreditsError
-from ..records import ReconcileReport
+from ..errors import CreditsError, InsufficientCredits
+from ..records import ReconcileReport, Wallet
 from ..services import auto_top_up, reconcile
 from ..services.stripe_gateway import PaymentProviderError
 from ..storage.database import UNAVAILABLE
@@ -61,9 +61,25 @@ def _user(text: str, key_id: str | None) -> str:
     if user_id is None or not _ask(text, functools.partial(ext.wallet_exists, user_id)):
         raise click.ClickException(f"unknown user {text!r}")
     if key_id is not None and not _ask(text, functools.partial(ext.wallet_exists, user_id, key_id)):
-        who = text if text == user_id else f"{text} (id {user_id})"
-        raise click.ClickException(f"key {key_id!r} is not one of user {who}'s keys (or it is revoked)")
+        raise click.ClickException(_not_a_live_key(text, user_id, key_id))
     return user_id
+
+
+def _not_a_live_key(text: str, user_id: str, key_id: str) -> str:
+    """Why ``key_id`` is refused: a key whose wallet the ledger has was the user's and is revoked (or
+    no longer theirs), and the way to rescue what it holds; any other is not one of their keys."""
+    who = text if text == user_id else f"{text} (id {user_id})"
+    ledger = _ext().ledger
+    if _ask(text, lambda: ledger.wallet_id(make_wallet(user_id, key_id))) is None:
+        return f"key {key_id!r} is not one of user {who}'s keys (or it is revoked)"
+    left = _ask(text, lambda: ledger.balance(make_wallet(user_id, key_id))) or 0
+    rescue = (
+        f"; it still holds {left} credits: `flask credits transfer {text} {left} --from-key {key_id}"
+        " --reason ...` moves them to the user's account"
+        if left
+        else ""
+    )
+    return f"key {key_id!r} of user {who} is revoked (or no longer theirs){rescue}"
 
 
 def _ask(text: str, question: Callable[[], T]) -> T | None:
@@ -138,6 +154,69 @@ def grant_command(
         click.echo(f"already granted {entry.amount} credits (entry {entry.id}); nothing changed")
         return
     click.echo(f"granted {entry.amount} credits (entry {entry.id}); balance {entry.balance_after}")
+
+
+@_user_command("transfer")
+@click.argument("amount", type=int)
+@click.option(
+    "--from-key",
+    default=None,
+    help="Move from this API key's wallet instead of the user's; a revoked key's too (its credits"
+    " are otherwise stranded).",
+)
+@click.option("--to-key", default=None, help="Move to this live API key's wallet instead of the user's.")
+@click.option("--reason", required=True, help="Shown in both wallets' histories.")
+@click.option("--idempotency-key", default=None, help="Run twice, move once.")
+@click.option("--actor", default=None, help="Who moves them, shown in the history (default: the OS user).")
+def transfer_command(
+    user: str,
+    amount: int,
+    from_key: str | None,
+    to_key: str | None,
+    reason: str,
+    idempotency_key: str | None,
+    actor: str | None,
+) -> None:
+    """Move AMOUNT of USER's credits from one of their wallets to another: from the user's own (or
+    --from-key's) to --to-key's (or the user's own). Lots keep their expiry; credits held by live
+    holds stay."""
+    user_id = _user(user, to_key)
+    ext = _ext()
+    if from_key is not None and not _ask(user, functools.partial(ext.wallet_exists, user_id, from_key)):
+        # A revoked key's wallet may still be moved out of: that is how its credits are rescued.
+        known = _ask(user, lambda: ext.ledger.wallet_id(make_wallet(user_id, from_key)))
+        if known is None:
+            who = user if user == user_id else f"{user} (id {user_id})"
+            raise click.ClickException(f"key {from_key!r} is not one of user {who}'s keys")
+    source, target = Wallet(user_id, from_key), Wallet(user_id, to_key)
+    try:
+        entry = ext.transfer(
+            source,
+            target,
+            amount,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            actor=actor or _os_user(),
+        )
+    except InsufficientCredits as exc:
+        raise click.ClickException(
+            f"{_wallet_name(source)} has {exc.balance} credits that can move, not {exc.required}"
+            " (credits reserved by running requests stay)"
+        ) from None
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    where = f"from {_wallet_name(source)} to {_wallet_name(target)}"
+    if entry.replayed:
+        click.echo(f"already moved {-entry.amount} credits {where} (entry {entry.id}); nothing changed")
+        return
+    click.echo(
+        f"moved {-entry.amount} credits {where} (entry {entry.id});"
+        f" {entry.balance_after} left in {_wallet_name(source)}"
+    )
+
+
+def _wallet_name(wallet: Wallet) -> str:
+    return "the user's account" if wallet.key_id is None else f"key {wallet.key_id!r}"
 
 
 @_user_command("history")
