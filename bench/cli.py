@@ -704,7 +704,11 @@ def checks(
         if best is not None:
             factor = r.spend.throughput / best[1].throughput
             out.append(
-                Check(f"spend >= 2x the best peer ({best[0]}), {r.load.name}", f"{factor:.2f}x", factor >= 2)
+                Check(
+                    f"spend >= 2x the best peer ({best[0]}), {r.load.name}",
+                    f"{factor:.2f}x",
+                    factor >= 2 if pg else None,
+                )
             )
     fulfil, duplicate = one.against(hooks.fulfil), one.against(hooks.duplicate)
     out.append(Check(f"webhook fulfilment >= 30% of {ref}", pct(fulfil), fulfil >= 0.3 if pg else None))
