@@ -15,8 +15,10 @@ HEADER = """# Benchmarks
 
 How much does flask-credits cost beyond the one database transaction a correct debit needs? The
 `bench` package measures it against that physical limit, in the same run and the same database, on
-SQLite and PostgreSQL (issue 6). The numbers below come from a real run on the machine described; this
-file is rewritten by `python -m bench --write docs/benchmarks.md`.
+SQLite and PostgreSQL (issue 6): on PostgreSQL against the floor, one statement in autocommit (one
+round trip, one durable commit), with the hand-written three-round-trip debit as a second reference,
+and beside the peers credit-ledger and gringotts-api (issue 18). The numbers below come from a real
+run on the machine described; this file is rewritten by `python -m bench --write docs/benchmarks.md`.
 """
 
 METHOD = """### Method
