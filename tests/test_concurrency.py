@@ -27,7 +27,7 @@ import pytest
 import sqlalchemy as sa
 from helpers import also_through_pgbouncer
 
-from flask_credits import InsufficientCredits
+from flask_credits import CreditsUnavailable, InsufficientCredits
 from flask_credits.core.inputs import make_wallet
 from flask_credits.storage.database import utcnow
 
@@ -501,6 +501,52 @@ def test_postgresql_one_statement_on_the_driver_connection_answers_like_sqlalche
         assert dbapi is not None
         assert not dbapi.autocommit
     assert credits.balance("twice") == 5
+    assert credits.audit() == []
+
+
+def test_postgresql_one_statement_whose_connection_dies_answers_unavailable_and_the_next_spend_works(
+    app, db, credits, backend
+):
+    """The one statement on psycopg's own connection: the server ends that connection while the
+    statement waits for the wallet row. The spend raises CreditsUnavailable (503), the pool drops the
+    dead connection, nothing is written, and the next spend debits normally."""
+    if backend != "postgresql":
+        pytest.skip("the one-statement debit is PostgreSQL's")
+    credits.grant("cut", 5, reason="r")
+    assert credits.ledger.db.direct
+    t = credits.tables
+    blocker = db.engine.connect()
+    try:
+        with blocker.begin():
+            blocker.execute(
+                sa.update(t.wallets).where(t.wallets.c.user_id == "cut").values(balance=t.wallets.c.balance)
+            )
+            with ThreadPoolExecutor(max_workers=1) as pool:
+
+                def spend() -> object:
+                    with app.app_context():
+                        return credits.spend("cut", 1, reason="cut off")
+
+                future = pool.submit(spend)
+                waiting = (
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE 'WITH w AS%'"
+                )
+                for _ in range(WAIT * 20):
+                    with db.engine.connect() as probe:
+                        pid = probe.execute(sa.text(waiting)).scalar()
+                        if pid is not None:
+                            probe.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                            break
+                    threading.Event().wait(0.05)
+                else:
+                    pytest.fail("the spend never waited for the wallet row")
+                with pytest.raises(CreditsUnavailable):
+                    future.result(timeout=WAIT)
+    finally:
+        blocker.close()
+    assert credits.balance("cut") == 5
+    assert credits.spend("cut", 1, reason="after").balance_after == 4
     assert credits.audit() == []
 
 

@@ -189,7 +189,8 @@ class Database:
         on the server as any other does (``prepare_threshold``; ``None`` behind a transaction
         pooler). While anything listens for the engine's ``before_cursor_execute`` or
         ``after_cursor_execute`` (query recorders, tracing, tests counting statements), the statement
-        goes through SQLAlchemy, so that they see it."""
+        goes through SQLAlchemy, so that they see it. The engine's ``handle_error`` listeners do not
+        see the direct path's errors (the advice for a transaction pooler is logged here instead)."""
         dispatch = self.engine.dispatch
         if not self.direct or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
 
@@ -201,7 +202,11 @@ class Database:
 
     def _direct(self, statement: str, params: dict[str, Any]) -> Any:
         dialect = self.engine.dialect
-        pooled = self.engine.raw_connection()
+        error = dialect.loaded_dbapi.Error
+        try:
+            pooled = self.engine.raw_connection()
+        except error as exc:  # no connection: wrapped as Engine.connect() wraps it
+            raise self._wrapped(exc, None, None, dialect.is_disconnect(exc, None, None)) from exc
         cursor = None
         try:
             conn: Any = pooled.driver_connection
@@ -221,24 +226,32 @@ class Database:
             finally:
                 if cursor is not None:
                     cursor.close()
-                conn.autocommit = False
-        except dialect.loaded_dbapi.Error as exc:
-            disconnected = dialect.is_disconnect(exc, pooled.dbapi_connection, cursor)
+                if not conn.broken:  # a lost connection cannot change mode; it is invalidated below
+                    conn.autocommit = False
+        except error as exc:
+            disconnected = bool(conn.broken) or dialect.is_disconnect(exc, pooled.dbapi_connection, cursor)
             if disconnected:
                 pooled.invalidate(exc)
             if getattr(exc, "sqlstate", None) in LOST_PREPARED_STATEMENT:
                 log.error("credits: the database lost a prepared statement of this connection: %s", ADVICE)
-            raise sa.exc.DBAPIError.instance(
-                statement,
-                params,
-                exc,
-                dialect.loaded_dbapi.Error,
-                hide_parameters=self.engine.hide_parameters,
-                connection_invalidated=disconnected,
-                dialect=dialect,
-            ) from exc
+            raise self._wrapped(exc, statement, params, disconnected) from exc
         finally:
             pooled.close()
+
+    def _wrapped(
+        self, exc: Exception, statement: str | None, params: dict[str, Any] | None, disconnected: bool
+    ) -> sa.exc.StatementError:
+        """The driver's error as SQLAlchemy raises it (``IntegrityError``, ``OperationalError``...)."""
+        dialect = self.engine.dialect
+        return sa.exc.DBAPIError.instance(
+            statement,
+            params,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=self.engine.hide_parameters,
+            connection_invalidated=disconnected,
+            dialect=dialect,
+        )
 
     def write(self, statement: sa.Executable) -> int:
         """Run one statement as its own transaction (autocommit on PostgreSQL), retried like any
