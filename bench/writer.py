@@ -59,7 +59,9 @@ METHOD = """### Method
   {linear}x). In the same rounds, `spend()` on a wallet of one lot and on one with {emptied} emptied
   lots before its live one.
 - **Statements** are counted with SQLAlchemy's `before_cursor_execute` event on the engine (and its
-  `commit`/`rollback` events); PostgreSQL round trips with the libpq protocol trace.
+  `commit`/`rollback` events); PostgreSQL round trips with the libpq protocol trace. While that
+  listener is on, PostgreSQL's one statements go through SQLAlchemy so that it sees them; the timed
+  runs send the same statement on psycopg's connection directly (one round trip either way).
 - Machines here are shared and noisy: read the ratios, not the absolute numbers. No test asserts a
   time; `tests/test_query_counts.py` asserts the statement counts exactly.
 """
