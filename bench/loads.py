@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +19,7 @@ from flask_credits.storage.statements import SPEND
 
 from .app import BIG
 from .env import Target
+from .peers import Peer
 from .settings import Settings
 from .timing import Measurement, Worker, compare, run_threads
 
@@ -238,28 +239,51 @@ class LoadResult:
     ladder: dict[str, Measurement]  # one connection only: the limit plus the lot's writes
     hold_settle: Measurement
     floor: Measurement | None  # PostgreSQL only
+    peers: dict[str, Measurement] = field(default_factory=dict)  # peer name -> its debit
+
+    @property
+    def reference(self) -> Measurement:
+        """What every ratio is taken against: the one-statement floor (PostgreSQL), else the limit."""
+        return self.floor or self.limit
+
+    def against(self, m: Measurement) -> float:
+        return m.throughput / self.reference.throughput
+
+    def round_ratios_of(self, m: Measurement) -> list[float]:
+        return [x / ref for x, ref in zip(m.rounds, self.reference.rounds, strict=True) if ref]
 
     @property
     def hold_ratio(self) -> float:
         """hold + settle against the one-statement floor (PostgreSQL) or the limit (elsewhere)."""
-        return self.hold_settle.throughput / (self.floor or self.limit).throughput
+        return self.against(self.hold_settle)
 
     @property
     def hold_round_ratios(self) -> list[float]:
-        reference = (self.floor or self.limit).rounds
-        return [h / f for h, f in zip(self.hold_settle.rounds, reference, strict=True) if f]
+        return self.round_ratios_of(self.hold_settle)
 
     @property
     def sql_ratio(self) -> float:
-        return self.spend_sql.throughput / self.limit.throughput
+        return self.against(self.spend_sql)
 
     @property
     def ratio(self) -> float:
+        """spend() against the reference (the floor on PostgreSQL)."""
+        return self.against(self.spend)
+
+    @property
+    def limit_ratio(self) -> float:
+        """spend() against the three-round-trip hand-written debit."""
         return self.spend.throughput / self.limit.throughput
 
     @property
     def round_ratios(self) -> list[float]:
-        return [s / lim for s, lim in zip(self.spend.rounds, self.limit.rounds, strict=True) if lim]
+        return self.round_ratios_of(self.spend)
+
+    @property
+    def best_peer(self) -> tuple[str, Measurement] | None:
+        if not self.peers:
+            return None
+        return max(self.peers.items(), key=lambda item: item[1].throughput)
 
 
 def prepare_wallets(app: Flask, credits: FlaskCredits, settings: Settings) -> dict[str, int]:
@@ -295,10 +319,27 @@ def limit_run(
     return run_load(load, "limit", lambda name: limit_worker(target, wallet_ids[name]), settings)
 
 
+def floor_run(
+    target: Target, load: Load, settings: Settings, floor_ids: dict[str, int]
+) -> Callable[[], Measurement]:
+    """The one-statement floor under ``load`` (PostgreSQL), as a contender for ``compare``."""
+    return run_load(load, "floor", lambda name: floor_worker(target, floor_ids[name]), settings)
+
+
+def peer_names(settings: Settings) -> list[str]:
+    """The wallets every peer gets: one per name the loads use."""
+    return sorted({name for load in loads(settings) for name in load.wallets("peer")})
+
+
 def run_loads(
-    target: Target, app: Flask, credits: FlaskCredits, settings: Settings, wallet_ids: dict[str, int]
+    target: Target,
+    app: Flask,
+    credits: FlaskCredits,
+    settings: Settings,
+    wallet_ids: dict[str, int],
+    floor_ids: dict[str, int],
+    peers: Sequence[Peer] = (),
 ) -> list[LoadResult]:
-    floor_ids = prepare_floor(target, settings) if target.backend == "postgresql" else {}
     results = []
     for load in loads(settings):
 
@@ -314,9 +355,9 @@ def run_loads(
             ("hold", contender("hold", lambda name: hold_settle_worker(app, credits, name))),
         ]
         if floor_ids:
-            contenders.append(
-                ("floor", contender("floor", lambda name: floor_worker(target, floor_ids[name])))
-            )
+            contenders.append(("floor", floor_run(target, load, settings, floor_ids)))
+        for peer in peers:
+            contenders.append((f"peer:{peer.name}", contender("peer", peer.make)))
         if load.kind == "one":
             contenders += [
                 ("ladder3", contender("ladder3", lambda name: ladder_worker(target, wallet_ids[name], 3))),
@@ -332,6 +373,7 @@ def run_loads(
                 {name: m for name, m in pooled.items() if name.startswith("ladder")},
                 pooled["hold"],
                 pooled.get("floor"),
+                {name[5:]: m for name, m in pooled.items() if name.startswith("peer:")},
             )
         )
     return results

@@ -29,6 +29,7 @@ class BackendReport:
     version: str
     tables: list[Table] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # peers that did not run, and why
 
 
 def num(value: float, digits: int = 0) -> str:
@@ -86,14 +87,14 @@ def markdown_table(table: Table, level: str = "###") -> str:
 
 
 def checks_table(reports: list[BackendReport]) -> Table:
-    table = Table("Targets of issues 6 and 13", ["database", "target", "measured", "met"])
+    table = Table("Targets of issues 6, 13 and 18", ["database", "target", "measured", "met"])
     for report in reports:
         for check in report.checks:
             met = "n/a" if check.met is None else "yes" if check.met else "NO"
             table.rows.append([report.backend, check.target, check.measured, met])
     if any(check.met is None for report in reports for check in report.checks):
         table.notes.append(
-            "n/a: the issues set the spend() and hold + settle targets on PostgreSQL only; other ratios"
-            " are for reference."
+            "n/a: the issues set the spend(), hold + settle and webhook targets on PostgreSQL only; other"
+            " ratios are for reference."
         )
     return table

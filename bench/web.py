@@ -28,6 +28,11 @@ class WebResult:
     paid: Measurement
     limit: Measurement  # the hand-written debit at the same concurrency, in the same rounds
     concurrency: int
+    floor: Measurement | None = None  # the one-statement floor (PostgreSQL), same concurrency and rounds
+
+    @property
+    def reference(self) -> Measurement:
+        return self.floor or self.limit
 
     @property
     def ratio(self) -> float:
@@ -40,15 +45,21 @@ class WebResult:
 
     @property
     def target_ratio(self) -> float:
-        """Decorated throughput over that of "undecorated plus the limit's own cost": per-request time
-        of the undecorated view plus that of one hand-written debit at the same concurrency."""
-        expected = 1 / (1 / self.free.throughput + 1 / self.limit.throughput)
+        """Decorated throughput over that of "undecorated plus the reference's own cost": per-request
+        time of the undecorated view plus that of one reference debit (the one-statement floor on
+        PostgreSQL, else the hand-written limit) at the same concurrency."""
+        expected = 1 / (1 / self.free.throughput + 1 / self.reference.throughput)
         return self.paid.throughput / expected
 
 
-def in_process(app: Flask, settings: Settings, limit: Callable[[], Measurement]) -> WebResult:
-    """One thread, ``app.test_client()``: the whole Flask request cycle without a socket; ``limit`` (one
-    connection) takes turns with the two views."""
+def in_process(
+    app: Flask,
+    settings: Settings,
+    limit: Callable[[], Measurement],
+    floor: Callable[[], Measurement] | None = None,
+) -> WebResult:
+    """One thread, ``app.test_client()``: the whole Flask request cycle without a socket; ``limit`` and
+    ``floor`` (one connection) take turns with the two views."""
 
     def worker(path: str) -> Callable[[], Measurement]:
         def make(_: int) -> Worker:
@@ -64,10 +75,16 @@ def in_process(app: Flask, settings: Settings, limit: Callable[[], Measurement])
 
         return lambda: run_threads(make, 1, settings.duration, settings.warmup)
 
-    pooled = compare(
-        [("free", worker("/free")), ("paid", worker("/paid")), ("limit", limit)], settings.rounds
+    references = [("limit", limit)] + ([("floor", floor)] if floor is not None else [])
+    pooled = compare([("free", worker("/free")), ("paid", worker("/paid")), *references], settings.rounds)
+    return WebResult(
+        "in process (test client, 1 thread)",
+        pooled["free"],
+        pooled["paid"],
+        pooled["limit"],
+        1,
+        pooled.get("floor"),
     )
-    return WebResult("in process (test client, 1 thread)", pooled["free"], pooled["paid"], pooled["limit"], 1)
 
 
 def _free_port() -> int:
@@ -180,9 +197,14 @@ def fire(port: int, path: str, clients: int, total: int) -> Measurement:
     return result
 
 
-def through_server(target: Target, settings: Settings, limit: Callable[[], Measurement]) -> WebResult:
-    """``settings.threads`` clients on their own wallets; ``limit`` (as many threads and wallets) takes
-    turns with the two views."""
+def through_server(
+    target: Target,
+    settings: Settings,
+    limit: Callable[[], Measurement],
+    floor: Callable[[], Measurement] | None = None,
+) -> WebResult:
+    """``settings.threads`` clients on their own wallets; ``limit`` and ``floor`` (as many threads and
+    wallets) take turns with the two views."""
     server = Server(target, settings.server_workers)
     try:
         server.wait_ready()
@@ -195,10 +217,11 @@ def through_server(target: Target, settings: Settings, limit: Callable[[], Measu
                 ("free", lambda: fire(server.port, "/free", clients, settings.server_requests)),
                 ("paid", lambda: fire(server.port, "/paid", clients, settings.server_requests)),
                 ("limit", limit),
+                *([("floor", floor)] if floor is not None else []),
             ],
             max(2, settings.rounds) if not settings.quick else 1,
         )
     finally:
         server.stop()
     where = f"gunicorn, {settings.server_workers} sync workers, {clients} client threads, loopback"
-    return WebResult(where, pooled["free"], pooled["paid"], pooled["limit"], clients)
+    return WebResult(where, pooled["free"], pooled["paid"], pooled["limit"], clients, pooled.get("floor"))

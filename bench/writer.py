@@ -15,30 +15,40 @@ HEADER = """# Benchmarks
 
 How much does flask-credits cost beyond the one database transaction a correct debit needs? The
 `bench` package measures it against that physical limit, in the same run and the same database, on
-SQLite and PostgreSQL (issue 6). The numbers below come from a real run on the machine described; this
-file is rewritten by `python -m bench --write docs/benchmarks.md`.
+SQLite and PostgreSQL (issue 6): on PostgreSQL against the floor, one statement in autocommit (one
+round trip, one durable commit), with the hand-written three-round-trip debit as a second reference,
+and beside the peers credit-ledger and gringotts-api (issue 18). The numbers below come from a real
+run on the machine described; this file is rewritten by `python -m bench --write docs/benchmarks.md`.
 """
 
 METHOD = """### Method
 
-- **The limit** is the cheapest correct debit, written by hand with the raw driver (psycopg 3,
-  sqlite3): one conditional `UPDATE credits_wallets SET balance = balance - 1 WHERE id = ? AND
-  balance >= 1 RETURNING balance` (no row back = not enough credits), one `INSERT` of the entry,
-  `COMMIT`, on the schema `FlaskCredits` + `db.create_all()` creates.
+- **The floor** (PostgreSQL; issue 18) is the reference of every ratio: the cheapest debit one
+  statement in autocommit can make, `WITH w AS (UPDATE wallet SET balance = balance - 1 WHERE id = $1
+  AND balance >= 1 RETURNING balance) INSERT INTO entry (wallet_id, amount, balance_after) SELECT $1,
+  -1, balance FROM w`, raw psycopg with `autocommit=True`, on two tables of its own: one round trip,
+  one durable commit, nothing else.
+- **The three-round-trip debit** (the earlier "limit"; the reference on SQLite, which has no
+  data-modifying `WITH`) is the second reference: one conditional `UPDATE credits_wallets SET balance =
+  balance - 1 WHERE id = ? AND balance >= 1 RETURNING balance` (no row back = not enough credits), one
+  `INSERT` of the entry, `COMMIT`, with the raw driver (psycopg 3, sqlite3), on the schema
+  `FlaskCredits` + `db.create_all()` creates.
 - **Loads**: one connection (one thread); {threads} threads on one hot wallet; {threads} threads on
   {threads} wallets. Closed loop: each thread debits back to back for {duration:g} s after a {warmup:g} s
-  warm-up; the limit, `credits.spend()` and the diagnostic contenders alternate, {rounds} round(s)
-  each, and the ratio is taken from totals in the same run. "per round" shows the spread of the ratio
-  between rounds.
+  warm-up; the floor, the limit, `credits.spend()`, the peers and the diagnostic contenders alternate,
+  {rounds} round(s) each, and the ratio is taken from totals in the same run. "per round" shows the
+  spread of the ratio between rounds.
+- **Peers** (issue 18): credit-ledger 0.3 (`metering.decrement`, its schema.sql tables) and
+  gringotts-api 0.4 (`crud.charge_user`, its models), installed by the `bench` extra, each on its own
+  PostgreSQL schema (SQLite: gringotts on a file of its own; credit-ledger is PostgreSQL-only), debiting
+  1 credit under the same loads, in the same rounds.
 - **Holds** (issue 13): one operation is `credits.hold(user_id, 2)` then `credits.settle(hold.id, 1)`,
-  under the same loads and in the same rounds. On PostgreSQL its reference is **the one-statement
-  floor**: `WITH w AS (UPDATE wallet SET balance = balance - 1 WHERE id = $1 AND balance >= 1
-  RETURNING balance) INSERT INTO entry (wallet_id, amount, balance_after) SELECT $1, -1, balance FROM
-  w`, raw psycopg in autocommit, on two tables of its own; on SQLite, the limit.
+  under the same loads and in the same rounds, against the same reference.
 - **Requests**: `POST /free` and `POST /paid` (the same view, decorated with `@requires_credits(1)`),
   the wallet taken from an `X-Wallet` header by a `wallet_loader`; in process with `app.test_client()`
   and through gunicorn ({workers} sync workers) on 127.0.0.1 with {threads} client threads,
-  {requests} requests per variant and round; the limit at the same concurrency takes turns with them.
+  {requests} requests per variant and round; the floor and the limit at the same concurrency take turns
+  with them.
 - **Webhooks**: {events} purchases started through `POST /credits/checkout` with Stripe mocked by
   `responses`; their `checkout.session.completed` events signed beforehand, then posted to
   `/credits/stripe-webhook` one after another, then all posted again (duplicates).
@@ -49,7 +59,9 @@ METHOD = """### Method
   {linear}x). In the same rounds, `spend()` on a wallet of one lot and on one with {emptied} emptied
   lots before its live one.
 - **Statements** are counted with SQLAlchemy's `before_cursor_execute` event on the engine (and its
-  `commit`/`rollback` events); PostgreSQL round trips with the libpq protocol trace.
+  `commit`/`rollback` events); PostgreSQL round trips with the libpq protocol trace. While that
+  listener is on, PostgreSQL's one statements go through SQLAlchemy so that it sees them; the timed
+  runs send the same statement on psycopg's connection directly (one round trip either way).
 - Machines here are shared and noisy: read the ratios, not the absolute numbers. No test asserts a
   time; `tests/test_query_counts.py` asserts the statement counts exactly.
 """

@@ -27,7 +27,8 @@ import pytest
 import sqlalchemy as sa
 from helpers import also_through_pgbouncer
 
-from flask_credits import InsufficientCredits
+from flask_credits import CreditsUnavailable, InsufficientCredits
+from flask_credits.core.inputs import make_wallet
 from flask_credits.storage.database import utcnow
 
 #: Every race also runs through PgBouncer in transaction mode: many hosts' connections share a few
@@ -472,8 +473,86 @@ def test_concurrent_grants_spends_refunds_and_expiry_keep_balance_entries_and_lo
     assert credits.audit() == []
 
 
-def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit_writes_nothing_half(
+def test_postgresql_one_statement_on_the_driver_connection_answers_like_sqlalchemy(credits, backend):
+    """The one statements skip SQLAlchemy's execution layer on psycopg: their rows, errors (what the
+    ledger catches: DataError 22012, IntegrityError) and the pooled connection's state after them are
+    what SQLAlchemy would give."""
+    if backend != "postgresql":
+        pytest.skip("the one-statement debit is PostgreSQL's")
+    database = credits.ledger.db
+    assert database.direct
+    row = database.one("SELECT %(a)s::bigint AS a, 'x' AS b", {"a": 7})
+    assert (row.a, row.b) == (7, "x")
+    assert database.one("SELECT 1 WHERE false", {}) is None
+    with pytest.raises(sa.exc.DataError) as raised:
+        database.one("SELECT 1 / 0", {})
+    assert raised.value.orig.sqlstate == "22012"
+    credits.grant("twice", 5, reason="first", idempotency_key="k")
+    wallet_id = credits.ledger.wallet_id(make_wallet("twice"))
+    taken = (
+        "INSERT INTO credits_entries (wallet_id, amount, balance_after, kind, idempotency_key, created_at)"
+        " VALUES (%(w)s, 1, 1, 'grant', 'k', now()) RETURNING id"
+    )
+    with pytest.raises(sa.exc.IntegrityError):
+        database.one(taken, {"w": wallet_id})
+    # Every pooled connection is back in its transaction mode, with nothing left open.
+    with database.engine.connect() as conn:
+        dbapi = conn.connection.driver_connection
+        assert dbapi is not None
+        assert not dbapi.autocommit
+    assert credits.balance("twice") == 5
+    assert credits.audit() == []
+
+
+def test_postgresql_one_statement_whose_connection_dies_answers_unavailable_and_the_next_spend_works(
     app, db, credits, backend
+):
+    """The one statement on psycopg's own connection: the server ends that connection while the
+    statement waits for the wallet row. The spend raises CreditsUnavailable (503), the pool drops the
+    dead connection, nothing is written, and the next spend debits normally."""
+    if backend != "postgresql":
+        pytest.skip("the one-statement debit is PostgreSQL's")
+    credits.grant("cut", 5, reason="r")
+    assert credits.ledger.db.direct
+    t = credits.tables
+    blocker = db.engine.connect()
+    try:
+        with blocker.begin():
+            blocker.execute(
+                sa.update(t.wallets).where(t.wallets.c.user_id == "cut").values(balance=t.wallets.c.balance)
+            )
+            with ThreadPoolExecutor(max_workers=1) as pool:
+
+                def spend() -> object:
+                    with app.app_context():
+                        return credits.spend("cut", 1, reason="cut off")
+
+                future = pool.submit(spend)
+                waiting = (
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE 'WITH w AS%'"
+                )
+                for _ in range(WAIT * 20):
+                    with db.engine.connect() as probe:
+                        pid = probe.execute(sa.text(waiting)).scalar()
+                        if pid is not None:
+                            probe.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                            break
+                    threading.Event().wait(0.05)
+                else:
+                    pytest.fail("the spend never waited for the wallet row")
+                with pytest.raises(CreditsUnavailable):
+                    future.result(timeout=WAIT)
+    finally:
+        blocker.close()
+    assert credits.balance("cut") == 5
+    assert credits.spend("cut", 1, reason="after").balance_after == 4
+    assert credits.audit() == []
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["through SQLAlchemy", "on the driver connection"])
+def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit_writes_nothing_half(
+    app, db, credits, backend, watched, monkeypatch
 ):
     """PostgreSQL debits in one statement whose parts all see the snapshot taken when it began. Here a
     concurrent debit empties the soonest lot while the statement waits for the wallet row: the lot's
@@ -495,7 +574,24 @@ def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit
         if threading.current_thread() is not threading.main_thread():
             sent.append(statement.split(None, 1)[0].upper())
 
-    sa.event.listen(db.engine, "before_cursor_execute", record)
+    # Watched: a cursor event listener makes the ledger send its one statement through SQLAlchemy.
+    # Unwatched: on psycopg's own connection (Database._direct), whose errors must come out the same.
+    database = credits.ledger.db
+    direct = database._direct
+
+    def on_the_driver(statement: str, params: dict[str, Any]) -> Any:
+        try:
+            row = direct(statement, params)
+        except sa.exc.DataError as exc:
+            sent.append(f"{statement.split(None, 1)[0]} {exc.orig.sqlstate}")
+            raise
+        sent.append(f"{statement.split(None, 1)[0]} {row}")
+        return row
+
+    if watched:
+        sa.event.listen(db.engine, "before_cursor_execute", record)
+    else:
+        monkeypatch.setattr(database, "_direct", on_the_driver)
     blocker = db.engine.connect()
     try:
         with blocker.begin():
@@ -540,11 +636,17 @@ def test_postgresql_one_statement_debit_that_loses_its_lot_to_a_concurrent_debit
                 entry = future.result(timeout=WAIT)
     finally:
         blocker.close()
-        sa.event.remove(db.engine, "before_cursor_execute", record)
+        if watched:
+            sa.event.remove(db.engine, "before_cursor_execute", record)
     # The one statement ran and was undone by its guard; a fresh read found credits enough, and the
     # long way (UPDATE the wallet ...) did the debit.
-    assert sent[0] == "WITH", sent
-    assert "UPDATE" in sent[1:], sent
+    if watched:
+        assert sent[0] == "WITH", sent
+        assert "UPDATE" in sent[1:], sent
+    else:
+        # Its wallet update re-checked the soonest lot after the wait and matched nothing (or the
+        # guard undid it): no row back, nothing written.
+        assert sent in (["WITH None"], ["WITH 22012"]), sent
     assert (entry.amount, entry.balance_after) == (-2, 8)
     assert credits.balance("racer") == 8
     with db.engine.connect() as conn:

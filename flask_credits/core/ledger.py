@@ -1547,15 +1547,11 @@ class Ledger:
         )
         return _Settled(hold, entry, held, 0, _limits(row))
 
-    def _one_statement(self, statement: str, params: dict[str, Any]) -> Row[Any] | None:
-        """Run one of PostgreSQL's one-statement writes in autocommit: its row, or ``None`` when it
-        wrote nothing (no row back, or its guard undid it: SQLSTATE 22012)."""
-
-        def run(conn: Connection) -> Row[Any] | None:
-            return conn.exec_driver_sql(statement, params).first()
-
+    def _one_statement(self, statement: str, params: dict[str, Any]) -> Any:
+        """Run one of PostgreSQL's one-statement writes in autocommit: its row (a named tuple), or
+        ``None`` when it wrote nothing (no row back, or its guard undid it: SQLSTATE 22012)."""
         try:
-            return self.db.run(run, autocommit=True)
+            return self.db.one(statement, params)
         except sa.exc.DataError as exc:
             if sqlstate(exc) != "22012":
                 raise

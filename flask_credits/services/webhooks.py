@@ -84,9 +84,9 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
 
 
 def _seen(ext: FlaskCredits, event_id: str) -> bool:
-    t = ext.tables.stripe_events
-    with ext.database.reader.connect() as conn:
-        return conn.execute(sa.select(t.c.id).where(t.c.id == event_id)).first() is not None
+    database = ext.database
+    with database.reader.connect() as conn:
+        return conn.execute(database.sql.event_seen, {"b_event_id": event_id}).first() is not None
 
 
 def _ignore(ext: FlaskCredits, obj: Mapping[str, Any], record: Recorder) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+from collections import namedtuple
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ParamSpec, TypeVar
@@ -135,6 +136,9 @@ class Database:
         #: round trip instead of BEGIN, SELECT, ROLLBACK, and no ROLLBACK to make psycopg forget its
         #: prepared statements. Elsewhere it is the engine itself.
         self.reader = engine.execution_options(isolation_level="AUTOCOMMIT") if self.pg else engine
+        # The one statements run on the pooled connection's psycopg (3) connection itself (``one``).
+        self.direct = self.one_statement and engine.dialect.driver == "psycopg"
+        self._row_types: dict[str, Any] = {}
         self.sql = Statements(tables, returning=self.returning)
         # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
         # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
@@ -154,20 +158,103 @@ class Database:
     def run(self, tx: Callable[[Connection], T], *, autocommit: bool = False) -> T:
         """Run ``tx`` in one transaction, again if the database chose it as a deadlock victim. With
         ``autocommit`` (PostgreSQL), ``tx`` sends one statement, which is its own transaction."""
-        for attempt in range(RETRIES):
-            try:
-                if autocommit:
-                    with self.reader.connect() as conn:
-                        return tx(conn)
-                with self.engine.begin() as conn:
+
+        def attempt() -> T:
+            if autocommit:
+                with self.reader.connect() as conn:
                     return tx(conn)
+            with self.engine.begin() as conn:
+                return tx(conn)
+
+        return self._retried(attempt)
+
+    def _retried(self, attempt: Callable[[], T]) -> T:
+        for tries in range(RETRIES):
+            try:
+                return attempt()
             except sa.exc.OperationalError as exc:
-                if attempt == RETRIES - 1 or not retryable(exc):
+                if tries == RETRIES - 1 or not retryable(exc):
                     raise
                 log.warning("credits transaction retried after %s", type(exc.orig).__name__)
                 # Randomised, growing pause so the transactions that collided do not collide again.
-                time.sleep(random.uniform(0, min(0.005 * 2**attempt, 0.2)))  # noqa: S311 - not cryptography
+                time.sleep(random.uniform(0, min(0.005 * 2**tries, 0.2)))  # noqa: S311 - not cryptography
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def one(self, statement: str, params: dict[str, Any]) -> Any:
+        """PostgreSQL: run one of the ledger's one-statement writes (``pyformat`` SQL) in autocommit,
+        retried like a transaction; its first row (a named tuple) or ``None``. Errors are SQLAlchemy's,
+        as from ``Connection.exec_driver_sql``.
+
+        On psycopg 3 the hot path skips SQLAlchemy's execution layer (the connection switched to and
+        from autocommit by the engine, the result object and its metadata built from the cursor's
+        description each time): the statement goes to the pooled connection's driver connection,
+        which is back in its transaction mode before it returns to the pool. The statement prepares
+        on the server as any other does (``prepare_threshold``; ``None`` behind a transaction
+        pooler). While anything listens for the engine's ``before_cursor_execute`` or
+        ``after_cursor_execute`` (query recorders, tracing, tests counting statements), the statement
+        goes through SQLAlchemy, so that they see it. The engine's ``handle_error`` listeners do not
+        see the direct path's errors (the advice for a transaction pooler is logged here instead)."""
+        dispatch = self.engine.dispatch
+        if not self.direct or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+
+            def tx(conn: Connection) -> Any:
+                return conn.exec_driver_sql(statement, params).first()
+
+            return self.run(tx, autocommit=True)
+        return self._retried(lambda: self._direct(statement, params))
+
+    def _direct(self, statement: str, params: dict[str, Any]) -> Any:
+        dialect = self.engine.dialect
+        error = dialect.loaded_dbapi.Error
+        try:
+            pooled = self.engine.raw_connection()
+        except error as exc:  # no connection: wrapped as Engine.connect() wraps it
+            raise self._wrapped(exc, None, None, dialect.is_disconnect(exc, None, None)) from exc
+        cursor = None
+        try:
+            conn: Any = pooled.driver_connection
+            conn.autocommit = True
+            try:
+                cursor = conn.cursor()
+                cursor.execute(statement, params)
+                row = cursor.fetchone()
+                if row is None:
+                    return None
+                make = self._row_types.get(statement)
+                if make is None:
+                    names = tuple(c[0] for c in cursor.description)
+                    make = namedtuple("Row", names, rename=True)._make  # type: ignore[attr-defined]
+                    self._row_types[statement] = make
+                return make(row)
+            finally:
+                if cursor is not None:
+                    cursor.close()
+                if not conn.broken:  # a lost connection cannot change mode; it is invalidated below
+                    conn.autocommit = False
+        except error as exc:
+            disconnected = bool(conn.broken) or dialect.is_disconnect(exc, pooled.dbapi_connection, cursor)
+            if disconnected:
+                pooled.invalidate(exc)
+            if getattr(exc, "sqlstate", None) in LOST_PREPARED_STATEMENT:
+                log.error("credits: the database lost a prepared statement of this connection: %s", ADVICE)
+            raise self._wrapped(exc, statement, params, disconnected) from exc
+        finally:
+            pooled.close()
+
+    def _wrapped(
+        self, exc: Exception, statement: str | None, params: dict[str, Any] | None, disconnected: bool
+    ) -> sa.exc.StatementError:
+        """The driver's error as SQLAlchemy raises it (``IntegrityError``, ``OperationalError``...)."""
+        dialect = self.engine.dialect
+        return sa.exc.DBAPIError.instance(
+            statement,
+            params,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=self.engine.hide_parameters,
+            connection_invalidated=disconnected,
+            dialect=dialect,
+        )
 
     def write(self, statement: sa.Executable) -> int:
         """Run one statement as its own transaction (autocommit on PostgreSQL), retried like any

@@ -70,6 +70,9 @@ class Statements:
         )
         self.insert_entry = sa.insert(e)
         self.insert_draws = sa.insert(t.draws)
+        # A webhook's duplicate check, the whole work of a duplicate delivery.
+        se = t.stripe_events
+        self.event_seen = sa.select(se.c.id).where(se.c.id == sa.bindparam("b_event_id"))
 
     @staticmethod
     def owner(wallet: Wallet) -> dict[str, str]:
