@@ -136,7 +136,7 @@ class Database:
         # The one statements run on the pooled connection's psycopg (3) connection itself (``one``).
         self.direct = self.one_statement and engine.dialect.driver == "psycopg"
         self._row_types: dict[str, Any] = {}
-        self.sql = Statements(tables, returning=self.returning)
+        self.sql = Statements(tables, returning=self.returning, lock_rows=self.lock_rows)
         # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
         # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
         self.json: Callable[[Any], str] = getattr(
