@@ -178,9 +178,9 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def one(self, statement: str, params: dict[str, Any]) -> Any:
-        """PostgreSQL: run one of the ledger's one-statement writes (``pyformat`` SQL) in autocommit,
-        retried like a transaction; its first row (a named tuple) or ``None``. Errors are SQLAlchemy's,
-        as from ``Connection.exec_driver_sql``.
+        """PostgreSQL: run one of the one statements (``pyformat`` SQL: the ledger's writes, the
+        webhook's duplicate check) in autocommit, retried like a transaction; its first row (a named
+        tuple) or ``None``. Errors are SQLAlchemy's, as from ``Connection.exec_driver_sql``.
 
         On psycopg 3 the hot path skips SQLAlchemy's execution layer (the connection switched to and
         from autocommit by the engine, the result object and its metadata built from the cursor's
