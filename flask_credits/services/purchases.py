@@ -369,7 +369,7 @@ def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
     if len(where) == 1:
         [(column, value)] = where.items()
         built = ext.database.sql.purchase_by.get(column)
-        if built is not None:
+        if built is not None and value is not None:  # None: the query below says IS NULL
             with ext.database.reader.connect() as conn:
                 return conn.execute(built, {"b_value": value}).first()
     p, w = ext.tables.purchases, ext.tables.wallets
