@@ -36,7 +36,7 @@ from ..errors import (
     InvalidArgument,
     NotRefundable,
 )
-from ..records import FULFILLABLE, Entry, Hold, Wallet
+from ..records import Entry, Hold, Wallet
 from ..storage.database import Database, sqlstate, unavailable_on_database_errors
 from ..storage.statements import HOLD, SETTLE, SPEND, sooner
 from .inputs import MAX_ID, check_amount, check_text
@@ -1237,42 +1237,33 @@ class Ledger:
         there, so both commit or neither does). The credits expire at ``expires_at`` when given (a
         plan's allowance: the end of the period its invoice pays for), else the purchase's own
         ``expires_after_seconds`` after now."""
-        p, w, lt = self.t.purchases, self.t.wallets, self.t.lots
-        now = self.db.now()
+        sql, now = self.db.sql, self.db.now()
 
         def tx(conn: Connection) -> Fulfilment | None:
             if in_tx is not None:
                 in_tx(conn)
-            win = (
-                sa.update(p)
-                .where(p.c.id == purchase_id, p.c.status.in_(FULFILLABLE))
-                .values(status="fulfilled", payment_intent=payment_intent, updated_at=now)
-            )
+            key = {"b_purchase_id": purchase_id}
+            won = conn.execute(sql.purchase_win, {**key, "b_payment_intent": payment_intent, "b_now": now})
             if self.db.returning:
-                purchase = conn.execute(win.returning(*p.c)).first()
+                purchase = won.first()
                 if purchase is None:
                     return None
             else:
-                if conn.execute(win).rowcount != 1:
+                if won.rowcount != 1:
                     return None
-                purchase = conn.execute(sa.select(p).where(p.c.id == purchase_id)).one()
-            owner = conn.execute(self.db.lock(sa.select(w).where(w.c.id == purchase.wallet_id))).one()
+                purchase = conn.execute(sql.purchase, key).one()
+            owner = conn.execute(sql.wallet_locked, {"b_wallet_id": purchase.wallet_id}).one()
             wallet = Wallet(owner.user_id, owner.key_id or None)
             credits = int(purchase.credits)
             paid = debt_payment(int(owner.debt), credits)
             expiry = expires_at
             if expiry is None and purchase.expires_after_seconds is not None:
                 expiry = now + timedelta(seconds=int(purchase.expires_after_seconds))
-            changed = conn.execute(
-                sa.update(w)
-                .where(w.c.id == owner.id, w.c.debt >= paid)
-                .values(
-                    balance=w.c.balance + (credits - paid),
-                    debt=w.c.debt - paid,
-                    next_expiry=sooner(w.c.next_expiry, expiry),
-                    updated_at=now,
-                )
-            )
+            gain = {"b_wallet_id": owner.id, "b_paid": paid, "b_amount": credits - paid, "b_now": now}
+            if expiry is None:
+                changed = conn.execute(sql.credit, gain)
+            else:
+                changed = conn.execute(sql.credit_expiring, {**gain, "b_expiry": expiry})
             if changed.rowcount != 1:  # pragma: no cover - the wallet row is locked
                 raise RuntimeError(f"wallet {wallet} changed under its lock")
             balance = int(owner.balance) + int(owner.held) + credits
@@ -1291,14 +1282,15 @@ class Ledger:
                 now=now,
             )
             lot_id = conn.execute(
-                sa.insert(lt).values(
-                    wallet_id=owner.id,
-                    entry_id=entry.id,
-                    amount=credits,
-                    remaining=credits - paid,
-                    expires_at=expiry,
-                    created_at=now,
-                )
+                sql.insert_lot,
+                {
+                    "wallet_id": owner.id,
+                    "entry_id": entry.id,
+                    "amount": credits,
+                    "remaining": credits - paid,
+                    "expires_at": expiry,
+                    "created_at": now,
+                },
             ).inserted_primary_key[0]  # type: ignore[index]
             if paid:
                 debt_entry = self._insert_entry(
@@ -1313,7 +1305,7 @@ class Ledger:
                     now=now,
                 )
                 self._insert_draws(conn, debt_entry.id, [_Draw(int(lot_id), -paid)])
-            conn.execute(sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id))
+            conn.execute(sql.purchase_lot, {**key, "b_lot_id": lot_id})
             return Fulfilment(wallet, entry, paid)
 
         return self.db.run(tx)

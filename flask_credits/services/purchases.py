@@ -366,6 +366,12 @@ def find(ext: FlaskCredits, **where: Any) -> Purchase | None:
 
 
 def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
+    if len(where) == 1:
+        [(column, value)] = where.items()
+        built = ext.database.sql.purchase_by.get(column)
+        if built is not None and value is not None:  # None: the query below says IS NULL
+            with ext.database.reader.connect() as conn:
+                return conn.execute(built, {"b_value": value}).first()
     p, w = ext.tables.purchases, ext.tables.wallets
     query = sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id")).join(w, w.c.id == p.c.wallet_id)
     for column, value in where.items():
@@ -619,14 +625,16 @@ class Recorder:
     def bind(self, outcome: str, purchase_id: int | None) -> InTx:
         def insert(conn: Connection) -> None:
             self.recorded = True
+            database = self.ext.database
             conn.execute(
-                sa.insert(self.ext.tables.stripe_events).values(
-                    id=self.event_id,
-                    type=self.event_type,
-                    outcome=outcome,
-                    purchase_id=purchase_id,
-                    received_at=self.ext.database.now(),
-                )
+                database.sql.insert_event,
+                {
+                    "id": self.event_id,
+                    "type": self.event_type,
+                    "outcome": outcome,
+                    "purchase_id": purchase_id,
+                    "received_at": database.now(),
+                },
             )
 
         return insert

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ..core.settlement import credits_for
 from ..records import FULFILLABLE, Purchase
+from ..storage.statements import EVENT_SEEN
 from . import auto_top_up, plans, purchases
 from .purchases import Recorder
 from .simulated_mode import webhook_secret
@@ -85,6 +86,8 @@ def process(ext: FlaskCredits, payload: bytes, signature: str | None) -> dict[st
 
 def _seen(ext: FlaskCredits, event_id: str) -> bool:
     database = ext.database
+    if database.one_statement:
+        return database.one(EVENT_SEEN, {"event_id": event_id}) is not None
     with database.reader.connect() as conn:
         return conn.execute(database.sql.event_seen, {"b_event_id": event_id}).first() is not None
 

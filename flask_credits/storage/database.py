@@ -139,7 +139,7 @@ class Database:
         # The one statements run on the pooled connection's psycopg (3) connection itself (``one``).
         self.direct = self.one_statement and engine.dialect.driver == "psycopg"
         self._row_types: dict[str, Any] = {}
-        self.sql = Statements(tables, returning=self.returning)
+        self.sql = Statements(tables, returning=self.returning, lock_rows=self.lock_rows)
         # The app's JSON serializer if it set one (create_engine(json_serializer=...)); by default
         # strict JSON: NaN and Infinity are not JSON, and PostgreSQL would refuse them.
         self.json: Callable[[Any], str] = getattr(
@@ -181,9 +181,9 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def one(self, statement: str, params: dict[str, Any]) -> Any:
-        """PostgreSQL: run one of the ledger's one-statement writes (``pyformat`` SQL) in autocommit,
-        retried like a transaction; its first row (a named tuple) or ``None``. Errors are SQLAlchemy's,
-        as from ``Connection.exec_driver_sql``.
+        """PostgreSQL: run one of the one statements (``pyformat`` SQL: the ledger's writes, the
+        webhook's duplicate check) in autocommit, retried like a transaction; its first row (a named
+        tuple) or ``None``. Errors are SQLAlchemy's, as from ``Connection.exec_driver_sql``.
 
         On psycopg 3 the hot path skips SQLAlchemy's execution layer (the connection switched to and
         from autocommit by the engine, the result object and its metadata built from the cursor's

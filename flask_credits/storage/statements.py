@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..records import Wallet
+from ..records import FULFILLABLE, Wallet
 from .tables import Tables
 
 #: Lots fetched per round while drawing a debit.
@@ -19,7 +19,7 @@ class Statements:
     """The statements of the hot paths, built once per ledger with bind parameters: building a
     SQLAlchemy expression and its cache key on every call cost more than running it."""
 
-    def __init__(self, t: Tables, *, returning: bool) -> None:
+    def __init__(self, t: Tables, *, returning: bool, lock_rows: bool) -> None:
         w, lt = t.wallets, t.lots
         # Bind names must differ from column names: SQLAlchemy reserves those in INSERT and UPDATE.
         owner = (w.c.user_id == sa.bindparam("b_user_id"), w.c.key_id == sa.bindparam("b_key_id"))
@@ -73,6 +73,46 @@ class Statements:
         # A webhook's duplicate check, the whole work of a duplicate delivery.
         se = t.stripe_events
         self.event_seen = sa.select(se.c.id).where(se.c.id == sa.bindparam("b_event_id"))
+        self.insert_event = sa.insert(se)
+        # A purchase with its wallet's owner, by one column (``purchases.find``).
+        p = t.purchases
+        owner_key = w.c.key_id.label("wallet_key_id")
+        with_owner = sa.select(p, w.c.user_id, owner_key).join(w, w.c.id == p.c.wallet_id)
+        self.purchase_by = {
+            column: with_owner.where(p.c[column] == sa.bindparam("b_value"))
+            for column in ("id", "session_id", "payment_intent")
+        }
+        # Fulfilment (``Ledger.fulfil_purchase``): the conditional win, the wallet locked and
+        # credited, the lot, and the lot's id back on the purchase.
+        purchase_id = sa.bindparam("b_purchase_id", type_=sa.BigInteger())
+        win = (
+            sa.update(p)
+            .where(p.c.id == purchase_id, p.c.status.in_(FULFILLABLE))
+            .values(
+                status="fulfilled",
+                payment_intent=sa.bindparam("b_payment_intent", type_=p.c.payment_intent.type),
+                updated_at=now,
+            )
+        )
+        self.purchase_win = win.returning(*p.c) if returning else win
+        self.purchase = sa.select(p).where(p.c.id == purchase_id)
+        wallet_row = sa.select(w).where(w.c.id == wallet_id)
+        self.wallet_locked = wallet_row.with_for_update() if lock_rows else wallet_row
+        paid = sa.bindparam("b_paid", type_=sa.BigInteger())
+        credit = sa.update(w).where(w.c.id == wallet_id, w.c.debt >= paid)
+        gained = {"balance": w.c.balance + amount, "debt": w.c.debt - paid, "updated_at": now}
+        self.credit = credit.values(**gained)
+        # ``sooner(next_expiry, b_expiry)`` with the expiry bound rather than rendered.
+        expiry = sa.bindparam("b_expiry", type_=w.c.next_expiry.type)
+        self.credit_expiring = credit.values(
+            **gained,
+            next_expiry=sa.case(
+                (sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > expiry), expiry), else_=w.c.next_expiry
+            ),
+        )
+        self.insert_lot = sa.insert(lt)
+        lot_id = sa.bindparam("b_lot_id", type_=sa.BigInteger())
+        self.purchase_lot = sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id)
 
     @staticmethod
     def owner(wallet: Wallet) -> dict[str, str]:
@@ -123,6 +163,11 @@ WITH w AS (
 SELECT w.id, w.balance, w.held, w.top_up_below, w.low_below, d.entry_id, 1 / (SELECT count(*) FROM d) AS guard
 FROM w LEFT JOIN d ON true
 """
+
+
+#: PostgreSQL: a webhook's duplicate check (``Statements.event_seen``) as ``Database.one`` runs it, on
+#: the driver's connection in autocommit: the whole work of a duplicate delivery.
+EVENT_SEEN = "SELECT id FROM credits_stripe_events WHERE id = %(event_id)s"
 
 
 def sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnElement[Any]:
