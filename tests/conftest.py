@@ -38,6 +38,7 @@ from helpers import (
     SECRET_KEY,
     WHSEC,
     Shop,
+    build_example_app,
     clear,
     drop_all_tables,
     fresh_user_per_request,
@@ -114,6 +115,22 @@ def empty_database(database_url: str) -> Iterator[str]:
         yield database_url
     finally:
         drop_all_tables(database_url)
+
+
+@pytest.fixture
+def example(empty_database: str) -> Iterator[Flask]:
+    """The example app on an empty database, migrated to head. No app context is held: each request
+    gets its own ``g`` and session."""
+    import flask_migrate
+
+    from example_app.models import db
+
+    app = build_example_app(empty_database)
+    with app.app_context():
+        flask_migrate.upgrade()
+    yield app
+    with app.app_context():
+        db.engine.dispose()
 
 
 @pytest.fixture

@@ -3,13 +3,11 @@ history's "What" (issue 17, item 9); the example app names the persona's seed.""
 
 from __future__ import annotations
 
-import flask_migrate
 import pytest
 from flask import request
-from helpers import build_example_app, create_key, grant, signed_up
+from helpers import create_key, grant, signed_up
 
 from example_app.extensions import credits as example_credits
-from example_app.models import db
 from flask_credits import current_hold, requires_credits
 from flask_credits.web.decorators import MAX_REASON_LENGTH
 
@@ -92,16 +90,6 @@ def test_a_held_views_callable_reason_names_its_settled_spend(client, login, cre
 
 
 # -- the example app: the persona's seed -------------------------------------------------------------
-
-
-@pytest.fixture
-def example(empty_database):
-    app = build_example_app(empty_database)
-    with app.app_context():
-        flask_migrate.upgrade()
-    yield app
-    with app.app_context():
-        db.engine.dispose()
 
 
 def test_the_example_apps_history_names_each_personas_seed(example):

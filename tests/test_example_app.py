@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import flask_migrate
 import pytest
 import sqlalchemy as sa
 from helpers import (
@@ -28,13 +27,8 @@ HTML = {"Accept": "text/html"}
 
 
 @pytest.fixture
-def app(empty_database):
-    app = build_example_app(empty_database)
-    with app.app_context():
-        flask_migrate.upgrade()
-    yield app  # no app context held: each request gets its own g and session
-    with app.app_context():
-        db.engine.dispose()
+def app(example):
+    return example
 
 
 @pytest.fixture

@@ -6,12 +6,10 @@ from __future__ import annotations
 import itertools
 import re
 
-import flask_migrate
 import pytest
-from helpers import build_example_app, create_key, signed_up
+from helpers import create_key, signed_up
 from werkzeug.exceptions import InternalServerError
 
-from example_app.models import db
 from example_app.personas import (
     CITIES,
     FIRST_NAMES,
@@ -27,13 +25,8 @@ JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture
-def app(empty_database):
-    app = build_example_app(empty_database)
-    with app.app_context():
-        flask_migrate.upgrade()
-    yield app
-    with app.app_context():
-        db.engine.dispose()
+def app(example):
+    return example
 
 
 @pytest.fixture
