@@ -170,7 +170,7 @@ def _page(
         auto_top_ups = [(w, label, auto_top_up.get(ext, w)) for w, label in named]
     # Checkouts not finished (open or waiting for a delayed payment) of the wallet and its keys.
     pending = purchases.pending(ext, wallet.user_id, [wallet.key_id, *(k for k, _, _ in keys)])
-    move_from, move_to = _move_choices(wallet, keys) if wallet.key_id is None else ([], [])
+    move_from, move_to = _move_choices(wallet, balance, keys) if wallet.key_id is None else ([], [])
     return render_template(
         "credits/index.html",
         wallet=wallet,
@@ -214,17 +214,18 @@ def _page(
 
 
 def _move_choices(
-    wallet: Wallet, keys: list[tuple[str, str, int]]
+    wallet: Wallet, balance: int, keys: list[tuple[str, str, int]]
 ) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
     """Where the account's "Move credits" form may move from and to (empty when there is only one
-    wallet): the account and its live keys, and as a source also each key no longer live whose wallet
-    still holds credits."""
+    wallet): the account (holding ``balance``) and its live keys, and as a source also each key no
+    longer live whose wallet still holds credits."""
     ext = extension()
     ledger = ext.ledger
     live = [(k, f"API key {label}", b) for k, label, b in keys]
+    listed = {k for k, _, _ in keys}
     stranded = []
     for key_id in ledger.key_wallets_holding_credits(wallet.user_id):
-        if key_id in {k for k, _, _ in keys}:
+        if key_id in listed:
             continue
         key_wallet = make_wallet(wallet.user_id, key_id)
         if ext.owns_key(wallet.user_id, key_id):  # an app with a wallet_checker and no keys_loader
@@ -233,7 +234,7 @@ def _move_choices(
             stranded.append((key_id, f"revoked API key {key_id}", left))
     if not live and not stranded:
         return [], []
-    sources = [("", "my account", ledger.balance(wallet)), *live, *stranded]
+    sources = [("", "my account", balance), *live, *stranded]
     return sources, [(k, name) for k, name, _ in sources[: len(live) + 1]]
 
 
@@ -494,8 +495,9 @@ def transfer() -> ResponseReturnValue:
         return _error(409, "idempotency_conflict", str(exc), data)
     except InvalidArgument as exc:
         return _error(400, "bad_request", str(exc), data)
-    to_entry = ext.ledger.entry(target, int(entry.metadata["to"]["entry_id"])) if entry.metadata else None
     if wants_json():
+        # The target's entry is read only for a JSON client: a browser's answer names no entry.
+        to_entry = ext.ledger.entry(target, int(entry.metadata["to"]["entry_id"])) if entry.metadata else None
         return jsonify(
             {
                 "from": entry.to_dict(),
