@@ -372,8 +372,8 @@ def _row(ext: FlaskCredits, **where: Any) -> Row[Any] | None:
         if built is not None and value is not None:  # None: the query below says IS NULL
             with ext.database.reader.connect() as conn:
                 return conn.execute(built, {"b_value": value}).first()
-    p, w = ext.tables.purchases, ext.tables.wallets
-    query = sa.select(p, w.c.user_id, w.c.key_id.label("wallet_key_id")).join(w, w.c.id == p.c.wallet_id)
+    p = ext.tables.purchases
+    query = ext.database.sql.purchase_with_owner
     for column, value in where.items():
         query = query.where(p.c[column] == value)
     with ext.database.reader.connect() as conn:

@@ -77,9 +77,9 @@ class Statements:
         # A purchase with its wallet's owner, by one column (``purchases.find``).
         p = t.purchases
         owner_key = w.c.key_id.label("wallet_key_id")
-        with_owner = sa.select(p, w.c.user_id, owner_key).join(w, w.c.id == p.c.wallet_id)
+        self.purchase_with_owner = sa.select(p, w.c.user_id, owner_key).join(w, w.c.id == p.c.wallet_id)
         self.purchase_by = {
-            column: with_owner.where(p.c[column] == sa.bindparam("b_value"))
+            column: self.purchase_with_owner.where(p.c[column] == sa.bindparam("b_value"))
             for column in ("id", "session_id", "payment_intent")
         }
         # Fulfilment (``Ledger.fulfil_purchase``): the conditional win, the wallet locked and
@@ -104,12 +104,7 @@ class Statements:
         self.credit = credit.values(**gained)
         # ``sooner(next_expiry, b_expiry)`` with the expiry bound rather than rendered.
         expiry = sa.bindparam("b_expiry", type_=w.c.next_expiry.type)
-        self.credit_expiring = credit.values(
-            **gained,
-            next_expiry=sa.case(
-                (sa.or_(w.c.next_expiry.is_(None), w.c.next_expiry > expiry), expiry), else_=w.c.next_expiry
-            ),
-        )
+        self.credit_expiring = credit.values(**gained, next_expiry=earlier(w.c.next_expiry, expiry))
         self.insert_lot = sa.insert(lt)
         lot_id = sa.bindparam("b_lot_id", type_=sa.BigInteger())
         self.purchase_lot = sa.update(p).where(p.c.id == purchase_id).values(lot_id=lot_id)
@@ -174,7 +169,11 @@ def sooner(column: sa.ColumnElement[Any], when: datetime | None) -> sa.ColumnEle
     """``LEAST(column, when)`` where NULL means "never", portable to SQLite and MySQL."""
     if when is None:
         return column
-    bound = sa.literal(when, column.type)
+    return earlier(column, sa.literal(when, column.type))
+
+
+def earlier(column: sa.ColumnElement[Any], bound: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """``sooner`` with ``bound`` an expression (a bind parameter in a statement built once)."""
     return sa.case((sa.or_(column.is_(None), column > bound), bound), else_=column)
 
 
